@@ -1,0 +1,133 @@
+"""Shared benchmark machinery: timing, memory, the CSV all benchmarks append to, the machine's name.
+
+A benchmark module ``benchmarks/bench_<op>.py`` defines ``cases(quick: bool) -> list[Case]``. Cases
+that share ``kernel``, ``mode`` and ``size`` are one comparison: ``run.py`` times their providers
+interleaved (round-robin over repeats) in one process, so the ratios between them are side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CSV_PATH = RESULTS / "results.csv"
+FIELDS = ["kernel", "provider", "mode", "metric", "size", "p50", "p20", "p80", "unit", "machine", "timestamp"]
+
+
+@dataclass
+class Case:
+    kernel: str  # e.g. "phm_linear"
+    provider: str  # e.g. "prompt_kernels", "torch_reference", "nn.Linear", "peft"
+    mode: str  # "forward", "forward+backward", "step", ...
+    size: str  # a short description of the shape, e.g. "x[2048,384]->64 n=4"
+    fn: Callable[[], object]  # one timed call; must do the whole work (no lazy results)
+    setup: Callable[[], None] | None = None  # run once before timing (e.g. zero grads)
+    extra: dict = field(default_factory=dict)  # optional extra columns for notes (not written)
+    measure_memory: bool = False  # also record peak extra CPU memory of one call (bytes)
+
+
+def machine_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_interleaved(cases: list[Case], repeats: int, warmup: int = 2, min_time_s: float = 0.0) -> dict[int, list[float]]:
+    """Time each case ``repeats`` times, round-robin, after ``warmup`` calls each. Returns ms per call."""
+    for c in cases:
+        if c.setup:
+            c.setup()
+        for _ in range(warmup):
+            c.fn()
+    _sync()
+    times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
+    for _ in range(repeats):
+        for i, c in enumerate(cases):
+            gc.collect()
+            _sync()
+            t0 = time.perf_counter()
+            c.fn()
+            _sync()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def percentiles(xs: list[float]) -> tuple[float, float, float]:
+    qs = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else [xs[0]] * 9
+    return statistics.median(xs), qs[1], qs[7]
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> int:
+    """Peak extra memory of one call: CUDA allocator peak on GPU, else the CPU allocator's peak as
+    seen by torch's profiler (sum of live tensor bytes allocated during the call)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    events = sorted(
+        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0) != 0 and not e.cpu_children),
+        key=lambda e: e.time_range.start,
+    )
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def append_rows(rows: list[dict], path: Path = CSV_PATH) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in FIELDS})
+
+
+def row(case: Case, metric: str, p50: float, p20: float, p80: float, unit: str) -> dict:
+    return {
+        "kernel": case.kernel,
+        "provider": case.provider,
+        "mode": case.mode,
+        "metric": metric,
+        "size": case.size,
+        "p50": f"{p50:.6g}",
+        "p20": f"{p20:.6g}",
+        "p80": f"{p80:.6g}",
+        "unit": unit,
+        "machine": machine_name(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }

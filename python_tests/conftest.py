@@ -1,0 +1,30 @@
+"""Test-session set-up: the Triton interpreter for the kernels, NaN-poisoned outputs, offline hub.
+
+TRITON_INTERPRET must be set before prompt_kernels' kernel modules are imported, so it is set here,
+before any test module imports the package. On a GPU machine run with TRITON_INTERPRET=0 to test
+the Triton kernels on CUDA tensors instead.
+"""
+
+import os
+import random
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["PROMPT_KERNELS_POISON"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SEED = int(os.environ.get("PROMPT_KERNELS_TEST_SEED", random.randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"prompt_kernels: random seed {SEED} (set PROMPT_KERNELS_TEST_SEED={SEED} to repeat)"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Every test gets fresh random inputs, reproducible from the seed printed in the header."""
+    torch.manual_seed(SEED + hash(request.node.nodeid) % 100_003)
+    yield
