@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The references also take float64: they are the ground truth the tests compare every backend with.
+REFERENCE_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
 def tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:

@@ -21,12 +21,9 @@ import torch
 from prompt_kernels import _validate
 
 
-def _check(query, key, value, prompt_key, prompt_value, gate, attention_mask, scale):
-    _validate.tensor("query", query, ndim=4)
-    _validate.tensor("key", key, ndim=4)
-    _validate.tensor("value", value, ndim=4)
-    _validate.tensor("prompt_key", prompt_key, ndim=4)
-    _validate.tensor("prompt_value", prompt_value, ndim=4)
+def _check(query, key, value, prompt_key, prompt_value, gate, attention_mask, scale, dtypes=_validate.FLOAT_DTYPES):
+    for name, t in (("query", query), ("key", key), ("value", value), ("prompt_key", prompt_key), ("prompt_value", prompt_value)):
+        _validate.tensor(name, t, ndim=4, dtypes=dtypes)
     _validate.same_dtype("query", query, key=key, value=value, prompt_key=prompt_key, prompt_value=prompt_value)
     _validate.same_device(
         "query", query, key=key, value=value, prompt_key=prompt_key, prompt_value=prompt_value, gate=gate,
@@ -89,7 +86,9 @@ def gated_prefix_attention_reference(
     The gate multiplies the prompt keys' unnormalised weights, which is ``+ log(gate)`` on their
     logits but stays differentiable at ``gate = 0``.
     """
-    B, H, T, Dh, Hkv, S, P = _check(query, key, value, prompt_key, prompt_value, gate, attention_mask, scale)
+    B, H, T, Dh, Hkv, S, P = _check(
+        query, key, value, prompt_key, prompt_value, gate, attention_mask, scale, _validate.REFERENCE_DTYPES
+    )
     scale = Dh**-0.5 if scale is None else float(scale)
     rep = H // Hkv
     k = torch.cat([prompt_key.expand(B, -1, -1, -1), key], dim=2).repeat_interleave(rep, dim=1)
