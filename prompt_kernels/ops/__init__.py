@@ -1,6 +1,7 @@
 """The fused ops. Each dispatches per call to Triton (CUDA), C++ (CPU) or the PyTorch reference."""
 
+from prompt_kernels.ops.gated_prefix_attention import gated_prefix_attention
 from prompt_kernels.ops.phm_linear import phm_linear
 from prompt_kernels.ops.prompt_pool import prompt_pool
 
-__all__ = ["phm_linear", "prompt_pool"]
+__all__ = ["gated_prefix_attention", "phm_linear", "prompt_pool"]

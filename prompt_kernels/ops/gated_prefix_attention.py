@@ -12,21 +12,54 @@ Softmax over the P + S scores ``scale * q.k`` where each prompt key's weight is 
 ``gate`` before normalisation (its logit gets ``+ log(gate)``). With ``is_causal`` query ``t`` sees
 every prompt key and the keys ``0 .. t + S - T`` (bottom-right alignment). A query row with no
 visible key and no weight on the prompt gives zeros.
+
+Backends (chosen per call by ``prompt_kernels._backend.select``; this op has no C++ kernel):
+  * ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): the FlashAttention-2
+    style kernels of ``prompt_kernels.kernels.gated_prefix_attention``, never concatenating.
+  * ``torch`` on CPU: the prompt and keys concatenated ([B, Hkv, P + S, Dh], one copy each), the gate
+    and the masks folded into one additive bias (``log gate`` on the prompt columns, broadcast
+    dimensions kept at size 1) and ATen's fused CPU flash attention, forward and backward; dgate
+    from the saved log-sum-exp (see :func:`cpu_backward`). Measured faster than the reference and
+    than autograd through ``scaled_dot_product_attention`` on the concatenation
+    (benchmarks/notes/gated_prefix_attention.md).
+  * ``torch`` on other devices (CUDA without Triton): the reference, differentiated by autograd.
+
+Both custom ops share one convention for the saved ``lse`` [B, H, T] (float32, natural log of the
+row's total weight, ``+inf`` on rows with no weight), so a backward may run on another backend than
+its forward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from prompt_kernels import _validate
+from prompt_kernels import _backend, _validate
+
+OP = "gated_prefix_attention"
 
 
-def _check(query, key, value, prompt_key, prompt_value, gate, attention_mask, scale, dtypes=_validate.FLOAT_DTYPES):
-    for name, t in (("query", query), ("key", key), ("value", value), ("prompt_key", prompt_key), ("prompt_value", prompt_value)):
+def _check(
+    query, key, value, prompt_key, prompt_value, gate, attention_mask, scale, dtypes=_validate.FLOAT_DTYPES
+):
+    for name, t in (
+        ("query", query),
+        ("key", key),
+        ("value", value),
+        ("prompt_key", prompt_key),
+        ("prompt_value", prompt_value),
+    ):
         _validate.tensor(name, t, ndim=4, dtypes=dtypes)
-    _validate.same_dtype("query", query, key=key, value=value, prompt_key=prompt_key, prompt_value=prompt_value)
+    _validate.same_dtype(
+        "query", query, key=key, value=value, prompt_key=prompt_key, prompt_value=prompt_value
+    )
     _validate.same_device(
-        "query", query, key=key, value=value, prompt_key=prompt_key, prompt_value=prompt_value, gate=gate,
+        "query",
+        query,
+        key=key,
+        value=value,
+        prompt_key=prompt_key,
+        prompt_value=prompt_value,
+        gate=gate,
         attention_mask=attention_mask,
     )
     B, H, T, Dh = query.shape
@@ -56,10 +89,14 @@ def _check(query, key, value, prompt_key, prompt_value, gate, attention_mask, sc
         raise ValueError("gate values must lie in [0, 1]")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+            raise TypeError(
+                f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}"
+            )
         if attention_mask.dtype == torch.bool:
             if tuple(attention_mask.shape) != (B, S):
-                raise ValueError(f"a bool attention_mask must have shape [B={B}, S={S}], got {tuple(attention_mask.shape)}")
+                raise ValueError(
+                    f"a bool attention_mask must have shape [B={B}, S={S}], got {tuple(attention_mask.shape)}"
+                )
         elif attention_mask.is_floating_point():
             if (
                 attention_mask.dim() != 4
@@ -72,7 +109,9 @@ def _check(query, key, value, prompt_key, prompt_value, gate, attention_mask, sc
                     f"got {tuple(attention_mask.shape)}"
                 )
         else:
-            raise TypeError(f"attention_mask must be bool (key padding) or floating point (additive), got {attention_mask.dtype}")
+            raise TypeError(
+                f"attention_mask must be bool (key padding) or floating point (additive), got {attention_mask.dtype}"
+            )
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     return B, H, T, Dh, Hkv, S, P
@@ -116,12 +155,356 @@ def gated_prefix_attention_reference(
     return torch.where(z > 0, num / safe_z, torch.zeros_like(num)).to(query.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# Floors
+
+
+def visible_key_pairs(T: int, S: int, is_causal: bool) -> int:
+    """Number of (query, key) pairs among the S keys that attention reads: T * S, or with bottom-right
+    causality sum_t clamp(t + S - T + 1, 0, S)."""
+    if not is_causal:
+        return T * S
+    d = S - T
+    if d >= 0:
+        return T * (d + 1) + T * (T - 1) // 2
+    return S * (S + 1) // 2
+
+
+def gated_prefix_attention_floors(
+    B: int,
+    H: int,
+    Hkv: int,
+    T: int,
+    S: int,
+    P: int,
+    Dh: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    prompt_batch: int = 1,
+    gate_numel: int = 1,
+    gate_dtype: torch.dtype = torch.float32,
+    mask: str = "none",
+    mask_heads: int = 1,
+    is_causal: bool = False,
+) -> dict[str, dict[str, int]]:
+    """Byte and flop floors of one call: each input read once, each output written once.
+
+    Forward reads q, k, v, prompt_key, prompt_value, gate and the mask (``"none"``, ``"bool"`` [B, S]
+    or ``"additive"`` [B, mask_heads, T, S] in ``dtype``) and writes out plus the float32
+    log-sum-exp [B, H, T] the backward needs. Flops: two matmuls (q.k and p.v), 4 * Dh per visible
+    (query, key) pair, the P prompt keys always visible. Backward reads the forward's inputs, out,
+    grad_out and lse, writes dq, dk, dv, dprompt_key, dprompt_value and dgate; 5 matmuls, 2.5x the
+    forward's flops (the recomputation of q.k counted once).
+    """
+    es = torch.empty((), dtype=dtype).element_size()
+    gs = torch.empty((), dtype=gate_dtype).element_size()
+    q = B * H * T * Dh * es
+    kv = 2 * B * Hkv * S * Dh * es
+    pkv = 2 * prompt_batch * Hkv * P * Dh * es
+    g = gate_numel * gs
+    mask_bytes = {"none": 0, "bool": B * S, "additive": B * mask_heads * T * S * es}[mask]
+    lse = B * H * T * 4
+    pairs = T * P + visible_key_pairs(T, S, is_causal)
+    fwd_flops = 4 * B * H * Dh * pairs
+    return {
+        "forward": {"bytes": q + kv + pkv + g + mask_bytes + q + lse, "flops": fwd_flops},
+        "backward": {
+            "bytes": (q + kv + pkv + g + mask_bytes + 2 * q + lse) + (q + kv + pkv + g),
+            "flops": fwd_flops * 5 // 2,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU path: fused ATen flash attention on the concatenation, the gate as a bias
+
+
+def _gate_2d(gate: torch.Tensor) -> torch.Tensor:
+    """The gate as float32 [1 or B, 1 or H] (its broadcast dimensions kept at size 1)."""
+    g = gate.detach().to(torch.float32)
+    return g.reshape((1,) * (2 - g.dim()) + tuple(g.shape))
+
+
+def _reduce_gate_grad(dgate_bh: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Sum dgate [B, H] over the dimensions the gate was broadcast along; the gate's shape and dtype."""
+    shape2 = (1,) * (2 - gate.dim()) + tuple(gate.shape)
+    return dgate_bh.sum_to_size(shape2).reshape(gate.shape).to(gate.dtype).contiguous()
+
+
+def _key_bias(attention_mask, is_causal: bool, B: int, T: int, S: int, dtype, device) -> torch.Tensor | None:
+    """Additive float32 bias on the S key columns, [B or 1, 1 or H, T or 1, S], or None."""
+    bias = None
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            bias = torch.zeros(B, 1, 1, S, dtype=torch.float32, device=device)
+            bias.masked_fill_(~attention_mask[:, None, None, :], float("-inf"))
+        else:
+            # The reference adds the mask in the query dtype: round it there first, as it does.
+            bias = attention_mask.to(dtype).to(torch.float32)
+    if is_causal:
+        t = torch.arange(T, device=device)[:, None]
+        s = torch.arange(S, device=device)[None, :]
+        causal = torch.zeros(T, S, dtype=torch.float32, device=device).masked_fill_(
+            s > t + S - T, float("-inf")
+        )
+        bias = causal[None, None] if bias is None else bias + causal
+    return bias
+
+
+def _cpu_operands(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal):
+    """-> (keys [B, Hkv, L, Dh], values, bias [.., .., .., L] float32 or None, key bias or None, gate 2d).
+
+    L = P + S with the prompt in front, or L = S when no prompt weight is nonzero (gate = 0 removes
+    the prompt exactly, so it is left out)."""
+    B, _, T, Dh = query.shape
+    Hkv, S, P = key.shape[1], key.shape[2], prompt_key.shape[2]
+    kb = _key_bias(attention_mask, is_causal, B, T, S, query.dtype, query.device)
+    g2 = _gate_2d(gate)
+    if P == 0 or not bool((g2 != 0).any()):
+        return key, value, kb, kb, g2
+    L = P + S
+    kc = query.new_empty((B, Hkv, L, Dh))
+    vc = query.new_empty((B, Hkv, L, Dh))
+    kc[:, :, :P] = prompt_key
+    kc[:, :, P:] = key
+    vc[:, :, :P] = prompt_value
+    vc[:, :, P:] = value
+    if kb is None and bool((g2 == 1).all()):
+        return kc, vc, None, None, g2
+    kshape = kb.shape[:3] if kb is not None else (1, 1, 1)
+    bias = torch.empty(
+        max(kshape[0], g2.shape[0]),
+        max(kshape[1], g2.shape[1]),
+        kshape[2],
+        L,
+        dtype=torch.float32,
+        device=query.device,
+    )
+    bias[..., :P] = torch.log(g2)[:, :, None, None]  # log(0) = -inf: those prompt weights are exactly 0
+    bias[..., P:] = 0.0 if kb is None else kb
+    return kc, vc, bias, kb, g2
+
+
+def cpu_forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
+    """-> (out [B, H, T, Dh], lse [B, H, T] float32, +inf on rows with no weight)."""
+    B, H, T, _Dh = query.shape
+    S, P = key.shape[2], prompt_key.shape[2]
+    kc, vc, bias, kb, g2 = _cpu_operands(
+        query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal
+    )
+    if kc.shape[2] == 0 or query.numel() == 0:  # no key at all (ATen's kernel would divide by zero)
+        out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)
+        return out, torch.full((B, H, T), float("inf"), device=query.device)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, kc, vc, 0.0, False, attn_mask=bias, scale=scale
+    )
+    lse = lse.contiguous()
+    # ATen gives out = 0 and lse = 0 on a row with no weight; the shared convention is lse = +inf.
+    # Such rows exist only when the prompt has no weight (P = 0 is left as is: nothing reads it).
+    if P > 0 and (kb is not None or S == 0):
+        g_zero = g2 == 0
+        if bool(g_zero.any()):
+            keys_dead = (
+                (kb == float("-inf")).all(dim=-1)
+                if kb is not None
+                else torch.ones(1, 1, 1, dtype=torch.bool, device=query.device)
+            )
+            dead = keys_dead & g_zero[:, :, None]
+            lse = lse.masked_fill(dead.expand(B, H, T), float("inf"))
+    return out.contiguous(), lse
+
+
+def _dgate_from_lse(grad_out, query, prompt_key, prompt_value, out, lse, scale) -> torch.Tensor:
+    """dgate [B, H] float32 = sum_t sum_j exp(s_tj - lse_t) (grad_out_t . pv_j - delta_t), with s the
+    UNGATED prompt logit: equal to sum P_tj (dP_tj - delta_t) / gate, and finite at gate = 0."""
+    B, H, T, Dh = query.shape
+    Hkv, P = prompt_key.shape[1], prompt_key.shape[2]
+    f = torch.float32
+    do = grad_out.to(f)
+    s = torch.matmul(query.to(f).reshape(B, Hkv, -1, Dh), prompt_key.to(f).transpose(-1, -2))
+    dp = torch.matmul(do.reshape(B, Hkv, -1, Dh), prompt_value.to(f).transpose(-1, -2))
+    delta = (do * out.to(f)).sum(-1, keepdim=True)  # [B, H, T, 1]
+    pu = torch.exp(s.view(B, H, T, P).mul_(scale).sub_(lse[..., None]))  # lse = +inf -> 0
+    return (pu * (dp.view(B, H, T, P) - delta)).sum(dim=(2, 3))
+
+
+def cpu_backward(
+    grad_out, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
+):
+    """-> (dq, dk, dv, dprompt_key, dprompt_value, dgate [B, H] float32)."""
+    B, H, _T, _Dh = query.shape
+    S, P = key.shape[2], prompt_key.shape[2]
+    dt = query.dtype
+    kc, vc, bias, _, _ = _cpu_operands(
+        query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal
+    )
+    do = grad_out.to(dt).contiguous()
+    if kc.shape[2] == 0 or query.numel() == 0:
+        dq, dkc, dvc = torch.zeros_like(query), torch.zeros_like(kc), torch.zeros_like(vc)
+    else:
+        dq, dkc, dvc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, query, kc, vc, out, lse, 0.0, False, attn_mask=bias, scale=scale
+        )
+    if kc.shape[2] == P + S and P > 0:
+        dk, dv = dkc[:, :, P:].contiguous(), dvc[:, :, P:].contiguous()
+        dpk, dpv = dkc[:, :, :P], dvc[:, :, :P]
+        if prompt_key.shape[0] == 1 and B > 1:
+            dpk = dpk.sum(0, keepdim=True, dtype=torch.float32).to(dt)
+            dpv = dpv.sum(0, keepdim=True, dtype=torch.float32).to(dt)
+        dpk, dpv = dpk.contiguous(), dpv.contiguous()
+    else:
+        dk, dv = dkc.contiguous(), dvc.contiguous()
+        dpk = torch.zeros(prompt_key.shape, dtype=dt, device=query.device)
+        dpv = torch.zeros(prompt_value.shape, dtype=dt, device=query.device)
+    if P > 0 and query.numel() > 0:
+        dgate = _dgate_from_lse(do, query, prompt_key, prompt_value, out, lse, scale)
+    else:
+        dgate = torch.zeros(B, H, dtype=torch.float32, device=query.device)
+    return dq.contiguous(), dk, dv, dpk, dpv, dgate
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic torch path (non-CPU tensors without Triton): the reference, autograd for the backward
+
+
+def _lse_torch(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
+    B, H, T, _Dh = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    f, rep = torch.float32, H // Hkv
+    q = query.to(f)
+    sk = torch.matmul(q, key.to(f).repeat_interleave(rep, 1).transpose(-1, -2)) * scale
+    kb = _key_bias(attention_mask, is_causal, B, T, S, query.dtype, query.device)
+    if kb is not None:
+        sk = sk + kb
+    pk = prompt_key.to(f).expand(B, -1, -1, -1).repeat_interleave(rep, 1)
+    sp = torch.matmul(q, pk.transpose(-1, -2)) * scale + torch.log(_gate_2d(gate))[:, :, None, None]
+    lse = torch.logsumexp(torch.cat([sp, sk], dim=-1), dim=-1)
+    return lse.masked_fill(lse == float("-inf"), float("inf")).contiguous()
+
+
+def _generic_backward(
+    grad_out, query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale
+):
+    leaves = [t.detach().requires_grad_() for t in (query, key, value, prompt_key, prompt_value, gate)]
+    with torch.enable_grad():
+        out = gated_prefix_attention_reference(*leaves, attention_mask, is_causal, scale)
+        grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, leaves))
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops and autograd
+
+
+@torch.library.custom_op("prompt_kernels::gated_prefix_attention", mutates_args=())
+def _gpa_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prompt_key: torch.Tensor,
+    prompt_value: torch.Tensor,
+    gate: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out [B, H, T, Dh], lse [B, H, T] float32)."""
+    args = (query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
+    backend = _backend.select(OP, query.device, has_cpp=False)
+    if backend == "triton":
+        from prompt_kernels.kernels import gated_prefix_attention as kernels
+
+        return kernels.forward(*args)
+    if query.device.type == "cpu":
+        return cpu_forward(*args)
+    return gated_prefix_attention_reference(*args), _lse_torch(*args)
+
+
+@_gpa_op.register_fake
+def _(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
+    B, H, T, _ = query.shape
+    return query.new_empty(query.shape), query.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("prompt_kernels::gated_prefix_attention_backward", mutates_args=())
+def _gpa_backward_op(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prompt_key: torch.Tensor,
+    prompt_value: torch.Tensor,
+    gate: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv, dprompt_key, dprompt_value, dgate), dgate in the gate's shape and dtype."""
+    backend = _backend.select(OP, query.device, has_cpp=False)
+    ins = (query, key, value, prompt_key, prompt_value, gate, attention_mask)
+    if backend == "triton":
+        from prompt_kernels.kernels import gated_prefix_attention as kernels
+
+        *grads, dgate = kernels.backward(grad_out, *ins, out, lse, is_causal, scale)
+    elif query.device.type == "cpu":
+        *grads, dgate = cpu_backward(grad_out, *ins, out, lse, is_causal, scale)
+    else:
+        return _generic_backward(grad_out, *ins, is_causal, scale)
+    return (*grads, _reduce_gate_grad(dgate, gate))
+
+
+@_gpa_backward_op.register_fake
+def _(
+    grad_out, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
+):
+    return tuple(t.new_empty(t.shape) for t in (query, key, value, prompt_key, prompt_value, gate))
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse)
+    ctx.is_causal, ctx.scale = is_causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grads = _gpa_backward_op(
+        grad_out,
+        query,
+        key,
+        value,
+        prompt_key,
+        prompt_value,
+        gate,
+        attention_mask,
+        out,
+        lse,
+        ctx.is_causal,
+        ctx.scale,
+    )
+    return (*grads, None, None, None)
+
+
+_gpa_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def gated_prefix_attention(
     query, key, value, prompt_key, prompt_value, gate, attention_mask=None, is_causal=False, scale=None
 ):
-    """See the module docstring. Dispatches to Triton (CUDA), C++/SDPA (CPU) or the reference."""
-    # Backends (Triton forward/backward, CPU path) are added by the gated-prefix-attention work;
-    # until then every call runs the reference.
-    return gated_prefix_attention_reference(
-        query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale
-    )
+    """Attention over P gated prompt keys/values and S keys/values (see the module docstring).
+
+    Dispatches per call to the Triton kernels (CUDA) or the fused CPU path; differentiable with
+    respect to query, key, value, prompt_key, prompt_value and gate.
+    """
+    Dh = _check(query, key, value, prompt_key, prompt_value, gate, attention_mask, scale)[3]
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    scale = Dh**-0.5 if scale is None else float(scale)
+    out, _ = _gpa_op(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
+    return out
