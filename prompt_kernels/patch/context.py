@@ -1,0 +1,141 @@
+"""ForwardContext: the per-forward state a PromptedModel hands to its method's hooks.
+
+One context is created by the model's forward pre-hook for every forward call of an attached model
+(nested forwards, e.g. a method running the batch again inside ``aux_losses``, get their own) and is
+owned by that PromptedModel: nothing lives in module globals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from prompt_kernels.patch.attention import convert_mask
+
+if TYPE_CHECKING:
+    from prompt_kernels.patch.info import ModelInfo
+    from prompt_kernels.patch.model import PromptedModel
+
+
+class ForwardContext:
+    """What a method can read (and memoise) during one forward.
+
+    Attributes (``B`` batch, ``T`` real tokens of this call, ``d`` hidden size):
+        info: :class:`~prompt_kernels.patch.info.ModelInfo` (dims, layers, projections).
+        kwargs: the keyword arguments of the call as the user passed them (positional ones bound
+            to their names), before any prompt was added. Do not modify.
+        input_ids: ``[B, T]`` or None (when the caller passed ``inputs_embeds``).
+        attention_mask: ``[B, T]`` bool, True = real token (all True when the caller passed none). For a
+            cached decoding step ``T`` is the number of new tokens; ``past_attention_mask`` is then the
+            caller's full 2D mask ``[B, past + T]`` (or None).
+        labels: the caller's labels or None.
+        batch_size, seq_len, device: of this call.
+        past_length: tokens already in the key/value cache (0 without a cache), as the model counts them.
+        decoding: ``past_length > 0`` (a generation step after the prefill).
+        training: ``model.training``.
+        depth: 0 for an outermost forward, 1 for a forward run inside another one (e.g. from ``aux_losses``).
+        cache: a dict for the method's own per-forward values (see :meth:`memo`).
+        output: the model's output, set before ``aux_losses`` is called.
+        sequence_rows: ``[B|1, p, d]`` the sequence-style rows after the last layer (set after the forward).
+    """
+
+    def __init__(self, owner: PromptedModel, kwargs: dict[str, Any], depth: int):
+        self.owner = owner
+        self.info: ModelInfo = owner.info
+        self.kwargs = kwargs
+        self.depth = depth
+        self.cache: dict[Any, Any] = {}
+        self.output = None
+        self.sequence_rows: torch.Tensor | None = None
+        self.training = owner.model.training
+
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        self.input_ids = ids
+        self._inputs_embeds = embeds
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            raise ValueError("prompt_kernels: the forward call needs input_ids or inputs_embeds")
+        self.batch_size, self.seq_len = int(ref.shape[0]), int(ref.shape[1])
+        self.device = ref.device
+        self.labels = kwargs.get("labels")
+
+        past = kwargs.get("past_key_values")
+        self.past_length = (
+            int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        )
+        self.decoding = self.past_length > 0
+        mask = kwargs.get("attention_mask")
+        self.past_attention_mask = None
+        if mask is not None and mask.dim() == 2:
+            if mask.shape[1] != self.seq_len:
+                self.past_attention_mask = mask.bool()
+                mask = mask[:, -self.seq_len :]
+            self.attention_mask = mask.bool()
+        else:
+            self.attention_mask = torch.ones(
+                self.batch_size, self.seq_len, dtype=torch.bool, device=self.device
+            )
+
+        # Filled by the PromptedModel while the forward runs.
+        self.layer_inputs: dict[int, torch.Tensor] = {}
+        self.rows_in_front: dict[int, int] = {}  # prompt rows in front of layer_inputs[l]
+        self.input_prompt_length = 0
+        self._masks: dict[int, tuple] = {}
+
+    # -- what methods read --------------------------------------------------------------------------
+    @property
+    def input_embeddings(self) -> torch.Tensor:
+        """``[B, T, d]`` the input embedding module's output for the real tokens (no prompt).
+
+        Computed on first use (or the caller's ``inputs_embeds``); carries no gradient to the frozen table.
+        """
+        if self._inputs_embeds is None:
+            self._inputs_embeds = self.info.input_embeddings(self.input_ids)
+        return self._inputs_embeds
+
+    def layer_input(self, layer_idx: int, real_only: bool = False) -> torch.Tensor:
+        """``X^l``: the hidden states entering layer ``layer_idx`` (``[B, n + T, d]``), where ``n`` prompt rows
+        (input style, or sequence style from an earlier layer) sit in front; ``real_only`` drops them.
+        ``layer_input(0)`` is the embedding block's output. Only layers already reached are available
+        (``prefix(ctx, l)`` may read layers ``<= l``)."""
+        if layer_idx not in self.layer_inputs:
+            raise KeyError(f"layer {layer_idx} has not been reached yet in this forward")
+        x = self.layer_inputs[layer_idx]
+        n = self.rows_in_front.get(layer_idx, 0)
+        return x[:, n:] if real_only and n else x
+
+    @property
+    def embedding_output(self) -> torch.Tensor:
+        """``[B, T, d]`` the real tokens' output of the embedding block (= ``layer_input(0, real_only=True)``)."""
+        return self.layer_input(0, real_only=True)
+
+    def project_key_value(self, layer_idx: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden-space prompts ``[B|1, p, d]`` -> layer ``layer_idx``'s (key, value) ``[B|1, Hkv, p, Dh]``
+        through its frozen projections (no rotary on the keys). See ModelInfo.project_key_value."""
+        return self.info.project_key_value(layer_idx, hidden)
+
+    def memo(self, key, fn: Callable[[], Any]):
+        """``fn()`` computed once per forward under ``key`` (e.g. all layers' prefixes at once)."""
+        if key not in self.cache:
+            self.cache[key] = fn()
+        return self.cache[key]
+
+    def forward_without_prompts(self, **overrides):
+        """Run the same call through the model with every prompt disabled (nested forward).
+
+        Returns the model's output; ``overrides`` replace keyword arguments (e.g. ``labels=None``).
+        """
+        kwargs = {**self.kwargs, **overrides}
+        with self.owner.disabled():
+            return self.owner.model(**kwargs)
+
+    # -- used by the PromptedModel -------------------------------------------------------------------
+    def converted_mask(self, mask: torch.Tensor, causal: bool):
+        """convert_mask() once per forward per mask object (layers usually share one)."""
+        hit = self._masks.get(id(mask))
+        if hit is None or hit[0] is not mask:
+            hit = (mask, *convert_mask(mask, self.batch_size, causal))
+            self._masks[id(mask)] = hit
+        return hit[1], hit[2]

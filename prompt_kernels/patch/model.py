@@ -1,0 +1,537 @@
+"""PromptedModel: a transformers model with a prompt method attached through hooks.
+
+``attach(model, config)`` leaves the model's classes, its ``forward`` and every module global alone:
+
+- the base model's parameters are frozen (flags remembered);
+- its attention implementation becomes ``"prompt_kernels"`` (``model.set_attn_implementation``),
+  which wraps the previous one (see ``patch/attention.py``); each attention module gets an
+  ``AttentionBinding`` attribute;
+- hooks: a forward pre-hook and a forward hook on the model (per-call context, input style, aux
+  losses), a forward hook on the input embedding module (input-style vectors), a forward pre-hook on
+  every layer (records ``X^l``, inserts sequence rows, extends masks, hands the layer's prompt
+  keys/values to its attention as a keyword argument) and a forward hook on the layers of sequence
+  style (rewrites / strips the rows).
+
+``detach()`` undoes all of it. Per-forward state lives in a stack of ForwardContexts on the
+PromptedModel. Because transformers (>= 5) checkpoints a layer's ``forward`` (not ``__call__``), the
+layer hooks run once per forward even with gradient checkpointing, and the recomputation replays the
+layer's keyword arguments, prompts included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import itertools
+import types
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from prompt_kernels.configs import PromptConfig
+from prompt_kernels.methods.base import PromptMethod, build_method
+from prompt_kernels.patch import architectures as archs
+from prompt_kernels.patch import sequence as seq
+from prompt_kernels.patch.attention import (
+    BINDING_ATTR,
+    IMPLEMENTATION,
+    PREFIX_KWARG,
+    WRAPPABLE,
+    AttentionBinding,
+    PrefixKV,
+    model_eager_function,
+)
+from prompt_kernels.patch.context import ForwardContext
+from prompt_kernels.patch.info import ModelInfo
+
+
+def _param_index(fn, name: str) -> int | None:
+    """Position of parameter ``name`` among the positional parameters of ``fn`` (bound method)."""
+    for i, prm in enumerate(inspect.signature(fn).parameters.values()):
+        if prm.kind not in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD):
+            return None
+        if prm.name == name:
+            return i
+    return None
+
+
+class _Generation:
+    """Prompts computed on the first forward of a ``generate`` call, reused for every new token."""
+
+    def __init__(self):
+        self.prefix: dict[int, PrefixKV | None] = {}
+
+
+class PromptedModel(nn.Module):
+    """A transformers model with a prompt method attached. Build it with :func:`attach`.
+
+    ``forward(**kwargs)`` takes the model's own arguments and returns its own output type (plus the
+    method's auxiliary losses in ``loss`` when labels are given). Attribute lookups the
+    PromptedModel does not know go to the model (``config``, ``generation_config``, ...).
+    """
+
+    def __init__(self, model: nn.Module, config: PromptConfig, **options):
+        super().__init__()
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"attach needs a transformers PreTrainedModel, got {type(model).__name__}")
+        if not isinstance(config, PromptConfig):
+            raise TypeError(f"config must be a prompt_kernels PromptConfig, got {type(config).__name__}")
+        info = ModelInfo(model)  # ValueError for unsupported architectures
+        if any(hasattr(m, BINDING_ATTR) for m in model.modules()):
+            raise ValueError("this model already has prompts attached; detach() them first")
+        inner = model.config._attn_implementation
+        if inner not in WRAPPABLE:
+            raise ValueError(
+                f"prompt_kernels wraps the 'eager' or 'sdpa' attention implementation; this model uses {inner!r}. "
+                "Call model.set_attn_implementation('sdpa') first."
+            )
+        if config.trainable_head and not info.head_parameters():
+            raise ValueError(
+                f"trainable_head=True but {type(model).__name__} has no task head outside its backbone"
+            )
+
+        self.model = model
+        self.info = info
+        self.prompt_config = config
+        self.method: PromptMethod = build_method(config, info, **options)
+        self.method.to(info.device)
+        self.last_aux_losses: dict[str, torch.Tensor] = {}
+
+        self._stack: list[ForwardContext | None] = []
+        self._disabled = 0
+        self._generation: _Generation | None = None
+        self._cached_input_prompt = 0  # input-style rows in the key/value cache of the last prefill
+        self._detached = False
+        self._one = torch.ones(1, device=info.device)
+        self._forward_params = list(inspect.signature(model.forward).parameters.values())
+        self._accepts = {p.name for p in self._forward_params}
+        self._placeholder = int(getattr(model.config, "pad_token_id", None) or 0)
+        self._sequence_layer = self._resolve_sequence_layer()
+
+        # Freeze (remembering every flag), bind the attention modules, switch the implementation.
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if config.trainable_head:
+            for p in info.head_parameters().values():
+                p.requires_grad_(True)
+        self._bound: list[nn.Module] = []
+        eager = model_eager_function(info.attentions[0])
+        for idx, attn in enumerate(info.attentions):
+            self._bind(attn, AttentionBinding(inner, eager, idx))
+        for m in model.modules():  # cross-attention and other modules calling the interface: unprompted
+            if "Attention" in type(m).__name__ and not hasattr(m, BINDING_ATTR):
+                with contextlib.suppress(ValueError):
+                    self._bind(m, AttentionBinding(inner, model_eager_function(m), None))
+        self._previous_attn = inner
+        try:
+            model.set_attn_implementation(IMPLEMENTATION)
+            if model.config._attn_implementation != IMPLEMENTATION:
+                raise ValueError(f"{type(model).__name__} does not let its attention implementation be set")
+            self._register_hooks()
+        except BaseException:
+            self._undo()
+            raise
+        # The model's forward signature on our forward (Trainer keeps the columns it names).
+        self.forward = types.MethodType(self._make_forward(), self)
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _make_forward(self):
+        def forward(self, *args, **kwargs):
+            return PromptedModel._call_model(self, *args, **kwargs)
+
+        first = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        forward.__signature__ = inspect.Signature([first, *self._forward_params])
+        forward.__doc__ = PromptedModel._call_model.__doc__
+        return forward
+
+    def _resolve_sequence_layer(self) -> int | None:
+        layer = self.method.sequence_layer
+        if layer is None:
+            return None
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.info.num_layers:
+            raise ValueError(f"sequence_layer must be an int in [0, {self.info.num_layers}), got {layer!r}")
+        return layer
+
+    def _bind(self, module: nn.Module, binding: AttentionBinding) -> None:
+        setattr(module, BINDING_ATTR, binding)
+        self._bound.append(module)
+
+    def _register_hooks(self) -> None:
+        h = []
+        h.append(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+        h.append(self.model.register_forward_hook(self._on_model_end, always_call=True))
+        h.append(self.info.input_embeddings.register_forward_hook(self._on_embeddings))
+        self._mask_index = []
+        for idx, layer in enumerate(self.info.layers):
+            self._mask_index.append(_param_index(layer.forward, "attention_mask"))
+            h.append(layer.register_forward_pre_hook(self._layer_start_hook(idx), with_kwargs=True))
+            if self._sequence_layer is not None and idx >= self._sequence_layer:
+                h.append(layer.register_forward_hook(self._layer_end_hook(idx)))
+        self._handles = h
+
+    def _undo(self) -> None:
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        self._handles = []
+        for m in self._bound:
+            if hasattr(m, BINDING_ATTR):
+                delattr(m, BINDING_ATTR)
+        self._bound = []
+        if self.model.config._attn_implementation != self._previous_attn:
+            self.model.set_attn_implementation(self._previous_attn)
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
+
+    # -- public API --------------------------------------------------------------------------------
+    def _call_model(self, *args, **kwargs):
+        """Run the model with the prompts: the model's own arguments and output type."""
+        if self._detached:
+            raise RuntimeError("this PromptedModel was detached")
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """``model.generate`` with the prompts at every step (computed once, on the prefill)."""
+        if self._detached:
+            raise RuntimeError("this PromptedModel was detached")
+        if not (hasattr(self.model, "can_generate") and self.model.can_generate()):
+            raise TypeError(f"{type(self.model).__name__} cannot generate (not a causal LM)")
+        if self._sequence_layer is not None:
+            raise NotImplementedError(
+                "generate() with sequence-style prompts is not supported (the rows would "
+                "sit in part of the key/value cache only)"
+            )
+        self._generation = _Generation()
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            self._generation = None
+
+    def detach(self) -> nn.Module:
+        """Remove the prompts: hooks, bindings, attention implementation and requires_grad flags restored.
+        Returns the model (its parameters were never modified)."""
+        if self._detached:
+            raise RuntimeError("this PromptedModel was already detached")
+        model = self.model
+        self._undo()
+        self._detached = True
+        del self._modules["model"]
+        return model
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Within this block, forwards of the model run without any prompt (as the frozen model)."""
+        self._disabled += 1
+        try:
+            yield
+        finally:
+            self._disabled -= 1
+
+    def prompt_parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable parameters: the method's prompts (and the task head with ``trainable_head``)."""
+        head = self.info.head_parameters().values() if self.prompt_config.trainable_head else ()
+        return itertools.chain(self.method.prompt_parameters(), head)
+
+    @property
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @property
+    def config(self):
+        """The model's (transformers) config; the prompt config is ``prompt_config``."""
+        return self.model.config
+
+    def save_prompts(self, path) -> None:
+        from prompt_kernels.patch.io import save_prompts
+
+        save_prompts(self, path)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__["_modules"].get("model")
+            if model is None or name.startswith("_"):
+                raise
+            return getattr(model, name)
+
+    # -- hooks: the model ------------------------------------------------------------------------------
+    def _current(self) -> ForwardContext | None:
+        return self._stack[-1] if self._stack else None
+
+    def _on_model_start(self, module, args, kwargs):
+        if self._disabled or self._detached:
+            self._stack.append(None)
+            return None
+        if args:
+            names = [
+                p.name for p in self._forward_params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+            if len(args) > len(names):
+                raise TypeError("too many positional arguments for the model's forward")
+            kwargs = {**dict(zip(names, args)), **kwargs}
+        depth = sum(c is not None for c in self._stack)
+        ctx = ForwardContext(self, dict(kwargs), depth)
+        self._stack.append(ctx)
+        try:
+            kwargs = self._apply_input_style(ctx, dict(kwargs))
+            if self._sequence_layer is not None:
+                if ctx.decoding:
+                    raise NotImplementedError(
+                        "sequence-style prompts do not support decoding with a key/value cache"
+                    )
+                if "use_cache" in self._accepts:
+                    kwargs["use_cache"] = False
+        except BaseException:
+            self._stack.pop()
+            raise
+        return (), kwargs
+
+    def _on_model_end(self, module, args, output):
+        ctx = self._stack.pop() if self._stack else None
+        if ctx is None or output is None:
+            return None
+        ctx.output = output
+        aux = self.method.aux_losses(ctx, output) or {}
+        if ctx.depth == 0:
+            self.last_aux_losses = dict(aux)
+        if not aux or ctx.labels is None:
+            return None
+        total = sum(aux.values())
+        if isinstance(output, dict) and output.get("loss") is not None:
+            output["loss"] = output["loss"] + total
+            return output
+        if isinstance(output, tuple) and output and torch.is_tensor(output[0]) and output[0].dim() == 0:
+            return (output[0] + total, *output[1:])
+        return None
+
+    def _apply_input_style(self, ctx: ForwardContext, kwargs: dict) -> dict:
+        info = self.info
+        B, T = ctx.batch_size, ctx.seq_len
+        if ctx.decoding:
+            p = self._cached_input_prompt
+            if p and ctx.depth == 0:
+                mask = kwargs.get("attention_mask")
+                if mask is not None and mask.dim() == 2 and mask.shape[1] + p == ctx.past_length + T:
+                    kwargs["attention_mask"] = torch.cat([mask.new_ones(B, p), mask], dim=1)
+                if kwargs.get("position_ids") is None and "position_ids" in self._accepts:
+                    kwargs["position_ids"] = archs.default_position_ids(
+                        info.arch, info.config, None, T, ctx.past_length - p, ctx.device
+                    ).expand(B, -1)
+            return kwargs
+        prompts = self.method.input_prompts(ctx)
+        if ctx.depth == 0:
+            self._cached_input_prompt = 0
+        if prompts is None:
+            return kwargs
+        if prompts.dim() != 3 or prompts.shape[0] not in (1, B) or prompts.shape[2] != info.hidden_size:
+            raise ValueError(
+                f"input_prompts must have shape [B={B} or 1, p, d={info.hidden_size}], got {tuple(prompts.shape)}"
+            )
+        p = prompts.shape[1]
+        ctx.input_prompt_length = p
+        if ctx.depth == 0:
+            self._cached_input_prompt = p
+        if kwargs.get("inputs_embeds") is not None:
+            embeds = kwargs["inputs_embeds"]
+            kwargs["inputs_embeds"] = torch.cat([prompts.to(embeds.dtype).expand(B, -1, -1), embeds], dim=1)
+        else:
+            ids = kwargs["input_ids"]
+            kwargs["input_ids"] = torch.cat([ids.new_full((B, p), self._placeholder), ids], dim=1)
+            ctx.cache["_pending_input_prompts"] = prompts
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError("input-style prompts need a 2D attention_mask [B, T] (or none)")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(B, p), mask], dim=1)
+        tt = kwargs.get("token_type_ids")
+        if tt is not None:
+            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(tt.shape[0], p), tt], dim=1)
+        if "position_ids" in self._accepts:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = archs.default_position_ids(
+                    info.arch, info.config, ctx.input_ids, T, ctx.past_length, ctx.device
+                )
+            first = info.arch.first_position(info.config)
+            kwargs["position_ids"] = torch.cat([pos.new_full((pos.shape[0], p), first), pos], dim=1)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() >= 2 and labels.shape[1] == T:
+            kwargs["labels"] = torch.cat(
+                [labels.new_full((labels.shape[0], p, *labels.shape[2:]), -100), labels], dim=1
+            )
+        return kwargs
+
+    def _on_embeddings(self, module, args, output):
+        ctx = self._current()
+        if ctx is None:
+            return None
+        prompts = ctx.cache.pop("_pending_input_prompts", None)
+        if prompts is None:
+            return None
+        p = prompts.shape[1]
+        return torch.cat([prompts.to(output.dtype).expand(output.shape[0], -1, -1), output[:, p:]], dim=1)
+
+    # -- hooks: the layers -----------------------------------------------------------------------------
+    def _layer_start_hook(self, idx: int):
+        def hook(layer, args, kwargs):
+            ctx = self._current()
+            return None if ctx is None else self._on_layer_start(ctx, idx, args, kwargs)
+
+        return hook
+
+    def _layer_end_hook(self, idx: int):
+        def hook(layer, args, output):
+            ctx = self._current()
+            return None if ctx is None else self._on_layer_end(ctx, idx, output)
+
+        return hook
+
+    def _on_layer_start(self, ctx: ForwardContext, idx: int, args, kwargs):
+        args = list(args)
+        from_args = bool(args)
+        hidden = args[0] if from_args else kwargs["hidden_states"]
+        seq_p = ctx.cache.get("_sequence_rows", 0)
+        ctx.layer_inputs[idx] = hidden
+        ctx.rows_in_front[idx] = ctx.input_prompt_length + seq_p
+        mi = self._mask_index[idx]
+        in_args = mi is not None and mi < len(args)
+        mask = args[mi] if in_args else kwargs.get("attention_mask")
+        changed = False
+
+        if self._sequence_layer is not None and idx >= self._sequence_layer:
+            if idx == self._sequence_layer:
+                rows = self.method.sequence_init(ctx)
+                if rows is not None:
+                    rows = self._check_rows(rows, ctx, "sequence_init")
+                    hidden = torch.cat([rows.to(hidden.dtype).expand(hidden.shape[0], -1, -1), hidden], dim=1)
+                    seq_p = rows.shape[1]
+                    ctx.cache["_sequence_rows"] = seq_p
+                    changed = True
+            if seq_p:
+                key = ("_sequence_mask", id(mask))
+                hit = ctx.cache.get(key)
+                if hit is None or hit[0] is not mask:
+                    hit = (mask, seq.extend_mask(mask, seq_p, self.info.causal))
+                    ctx.cache[key] = hit
+                mask = hit[1]
+                pe = kwargs.get("position_embeddings")
+                if pe is not None:
+                    key = ("_sequence_rotary", id(pe))
+                    hit = ctx.cache.get(key)
+                    if hit is None or hit[0] is not pe:
+                        hit = (pe, seq.extend_rotary(pe, seq_p))
+                        ctx.cache[key] = hit
+                    kwargs["position_embeddings"] = hit[1]
+                changed = True
+
+        prefix = self._layer_prefix(ctx, idx, mask)
+        if prefix is not None:
+            kwargs[PREFIX_KWARG] = prefix
+            changed = True
+        if not changed:
+            return None
+        if from_args:
+            args[0] = hidden
+        else:
+            kwargs["hidden_states"] = hidden
+        if in_args:
+            args[mi] = mask
+        elif "attention_mask" in kwargs or seq_p:
+            kwargs["attention_mask"] = mask
+        return tuple(args), kwargs
+
+    def _on_layer_end(self, ctx: ForwardContext, idx: int, output):
+        p = ctx.cache.get("_sequence_rows", 0)
+        if not p:
+            return None
+        hidden = output if torch.is_tensor(output) else output[0]
+        rows, rest = hidden[:, :p], hidden[:, p:]
+        new_rows = self.method.sequence_update(ctx, idx, rows)
+        if new_rows is None or tuple(new_rows.shape) != tuple(rows.shape):
+            raise ValueError(
+                f"sequence_update must return rows of shape {tuple(rows.shape)}, got "
+                f"{None if new_rows is None else tuple(new_rows.shape)}"
+            )
+        if idx == self.info.num_layers - 1:
+            ctx.sequence_rows = new_rows
+            ctx.cache["_sequence_rows"] = 0
+            hidden = rest
+        else:
+            hidden = torch.cat([new_rows.to(hidden.dtype), rest], dim=1)
+        return hidden if torch.is_tensor(output) else (hidden, *output[1:])
+
+    def _check_rows(self, rows, ctx, hook: str) -> torch.Tensor:
+        d = self.info.hidden_size
+        if rows.dim() != 3 or rows.shape[0] not in (1, ctx.batch_size) or rows.shape[2] != d:
+            raise ValueError(
+                f"{hook} must return [B={ctx.batch_size} or 1, p, d={d}], got {tuple(rows.shape)}"
+            )
+        return rows
+
+    def _layer_prefix(self, ctx: ForwardContext, idx: int, mask) -> PrefixKV | None:
+        gen = self._generation if ctx.depth == 0 else None
+        if gen is not None and idx in gen.prefix:
+            prefix = gen.prefix[idx]
+        else:
+            raw = self.method.prefix(ctx, idx)
+            prefix = None if raw is None else self._normalize_prefix(raw, ctx)
+            if gen is not None:
+                gen.prefix[idx] = prefix
+        if prefix is None:
+            return None
+        if mask is not None and torch.is_tensor(mask) and mask.dim() == 4:
+            op_mask, op_causal = ctx.converted_mask(mask, self.info.causal)
+            return dataclasses.replace(prefix, mask_in=mask, mask_op=op_mask, mask_causal=op_causal)
+        return dataclasses.replace(prefix, mask_in=None, mask_op=None, mask_causal=False)
+
+    def _normalize_prefix(self, raw, ctx: ForwardContext) -> PrefixKV:
+        if isinstance(raw, PrefixKV):
+            key, value, gate = raw.key, raw.value, raw.gate
+        else:
+            key, value, gate = raw
+        info, B = self.info, ctx.batch_size
+        shape = (info.num_kv_heads, None, info.head_dim)
+        for name, t in (("key", key), ("value", value)):
+            if (
+                not torch.is_tensor(t)
+                or t.dim() != 4
+                or t.shape[0] not in (1, B)
+                or t.shape[1] != shape[0]
+                or t.shape[3] != shape[2]
+            ):
+                got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                raise ValueError(
+                    f"prefix {name} must have shape [B={B} or 1, Hkv={info.num_kv_heads}, p, Dh={info.head_dim}], got {got}"
+                )
+        if value.shape != key.shape:
+            raise ValueError(
+                f"prefix value shape {tuple(value.shape)} differs from key shape {tuple(key.shape)}"
+            )
+        dtype = info.dtype
+        gate_is_one = gate is None
+        if gate is None:
+            if self._one.device != key.device:
+                self._one = torch.ones(1, device=key.device)
+            gate = self._one
+        return PrefixKV(
+            key.to(dtype),
+            value.to(dtype),
+            gate,
+            gate_is_one=gate_is_one,
+            attention_dropout=self.prompt_config.attention_dropout,
+        )
+
+
+def attach(model: nn.Module, config: PromptConfig, **options) -> PromptedModel:
+    """Attach the prompt method described by ``config`` to ``model`` (a transformers PreTrainedModel).
+
+    Freezes the model, routes its attention through the ``prompt_kernels`` implementation and returns
+    the :class:`PromptedModel`. ``options`` go to the method (e.g. ``tokenizer=`` for
+    ``PromptTuningConfig(init="text", init_text=...)``). Raises ValueError for an unsupported model.
+    """
+    return PromptedModel(model, config, **options)
