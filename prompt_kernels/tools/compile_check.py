@@ -346,6 +346,26 @@ def results_to_json(results: list[CompileResult]) -> list[dict]:
     return out
 
 
+def report(specs: list[tuple[str, object]], archs=ARCHS, jobs: int = 1, json_path: str | None = None) -> int:
+    """Compile, print the table and the failures, optionally write JSON; return the exit status."""
+    t0 = time.perf_counter()
+    results = check(specs, tuple(archs), jobs=jobs)
+    print(format_table(results))
+    failed = [(r, f) for r in results for f in r.failures()]
+    for r, why in failed:
+        print(f"FAIL {r.name} sm_{r.arch}: {why}")
+        if not r.ok:
+            print("    " + r.error.replace("\n", "\n    ")[:4000])
+    if json_path:
+        Path(json_path).write_text(json.dumps(results_to_json(results), indent=1))
+    n_bad = len({(r.name, r.arch) for r, _ in failed})
+    print(
+        f"compile_check: {len(results)} compiles ({len(specs)} specs x {len(archs)} archs) in "
+        f"{time.perf_counter() - t0:.1f} s, {n_bad} failing"
+    )
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -370,22 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if not specs:
             print(f"compile_check: no CompileSpec matches --filter {args.filter!r}")
             return 1
-    t0 = time.perf_counter()
-    results = check(specs, tuple(args.arch), jobs=args.jobs)
-    print(format_table(results))
-    failed = [(r, f) for r in results for f in r.failures()]
-    for r, why in failed:
-        print(f"FAIL {r.name} sm_{r.arch}: {why}")
-        if not r.ok:
-            print("    " + r.error.replace("\n", "\n    ")[:4000])
-    if args.json:
-        Path(args.json).write_text(json.dumps(results_to_json(results), indent=1))
-    n_bad = len({(r.name, r.arch) for r, _ in failed})
-    print(
-        f"compile_check: {len(results)} compiles ({len(specs)} specs x {len(args.arch)} archs) in "
-        f"{time.perf_counter() - t0:.1f} s, {n_bad} failing"
-    )
-    return 1 if failed else 0
+    return report(specs, tuple(args.arch), jobs=args.jobs, json_path=args.json)
 
 
 if __name__ == "__main__":
