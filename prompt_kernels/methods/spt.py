@@ -1,0 +1,731 @@
+"""SPT: selective prompt tuning (Zhu & Tan, EMNLP 2023, "Learning to Selectively Insert Prompts").
+
+A :class:`~prompt_kernels.nn.PromptGenerator` at every layer, each behind a learnable gate; the gates
+are searched bi-level (first-order DARTS), the top-K layers are kept and the discrete model is
+retrained. See METHODS.md ("SPT") for the formulation; here is how it maps onto the model.
+
+Layers and generators (``L`` layers, indices ``0 .. L-1``). Generator/gate ``l`` reads ``X^l``, the
+real tokens' hidden states *entering* layer ``l`` (``ctx.layer_input(l, real_only=True)``), and
+produces the prompt that layer ``l`` uses. Generator 0 therefore reads the embedding output: it is
+"the generator on the embedding output", gated like the others (``P^0 = a_0 G^0``). There are ``L``
+generators and ``L`` gates::
+
+    G^l = Generator_l(X^l, mask)                         [B, p, d]
+    P^0 = a_0 G^0
+    P^l = (1 - λ a_l) P^{l-1} + a_l G^l                  l = 1 .. L-1
+
+- ``style="prefix"`` (default): ``P^l`` becomes layer ``l``'s prompt keys/values through layer
+  ``l``'s frozen key/value projections (``ctx.project_key_value``), passed with gate 1 (None): the
+  gate already acts in the propagation, so it is not applied a second time in the attention.
+- ``style="sequence"``: ``P^0`` rows are inserted in front of the hidden states entering layer 0;
+  after layer ``l-1`` the rows it output are ``P^{l-1}`` (processed by the layer), and
+  ``P^l = (1 - λ a_l) P^{l-1} + a_l G^l`` (with ``X^l`` = the real tokens that layer ``l-1``
+  output, i.e. the real tokens entering layer ``l``) is written back into those rows. The rows are
+  removed after the last layer.
+
+Gates (search super-network, ``selected_layers=None``): ``a_l = σ(α_l)``, ``α`` zero-initialised
+(``gate_logits [L]``). The forward uses the re-parameterised ``ã_l = a_l * sg(S) / S``,
+``S = sum_j a_j``: the same values, with ``dã_l / da_k = δ_lk - a_l / S``, so
+
+    dLoss/dα_k = a_k (1 - a_k) (g_k - sum_l g_l a_l / S),   g_l = dLoss/dã_l.
+
+Architecture consistency: while training (``model.training``, outermost forward, super-network,
+``consistency_weight > 0``) ``aux_losses`` draws ``m_l ~ Bern(1 - mask_rate)`` (``mask_rate`` = the
+probability that a gate is *dropped*; 0.5 = Bern(0.5)), runs the same call again as a nested
+forward of the model with gates ``ã_l * m_l`` (the random-number state is replayed so both runs see
+the same dropout masks: the loss measures the architecture difference only) and returns
+``{"spt_consistency": w_c * MSE(h_masked, h_full)}`` where ``h`` is the final hidden state of the
+classification token: the first real token (``[CLS]``) for encoders, the last real token for causal
+models, read from the output's ``last_hidden_state`` (else ``hidden_states[-1]``, else the
+classification token's ``logits``). The PromptedModel adds it to ``loss`` when labels are given and
+exposes it in ``last_aux_losses``.
+
+Discrete model (``selected_layers=[...]``): generators only at the selected layers, gates fixed at
+1, no gate parameters and no consistency loss: ``P^l = (1 - λ) P^{l-1} + G^l`` at a selected layer,
+``P^l = P^{l-1}`` at the others, and no prompt before the first selected layer.
+
+Training (:func:`search`, :func:`select_layers`, :func:`build_discrete`, :func:`retrain`,
+:func:`search_and_retrain`; :func:`cli_train` for ``prompt-kernels train --method spt``): see their
+docstrings. The chosen layers and the gate trajectory are saved as ``spt_search.json`` next to the
+prompts (:class:`SearchRecord`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prompt_kernels.configs import (
+    PromptConfig,
+    check_choice,
+    check_float,
+    check_int,
+    register_config,
+)
+from prompt_kernels.methods.base import PromptMethod, register_method
+from prompt_kernels.nn.prompt_generator import ACTIVATIONS, PromptGenerator
+
+SEARCH_FILE = "spt_search.json"
+
+
+@register_config
+@dataclass
+class SPTConfig(PromptConfig):
+    """Selective prompt tuning (SPT).
+
+    prompt_length: ``p``, prompt vectors produced by each generator.
+    bottleneck: ``m``, the PHM bottleneck width of the generators (divisible by ``phm_n``). Default 64.
+    phm_n: ``n``, the number of PHM rule matrices (the hidden size must be divisible by it). Default 4.
+    activation: generator non-linearity: ``"relu"`` (default), ``"gelu"``, ``"silu"``, ``"tanh"``,
+        ``"identity"``.
+    dropout: dropout on each generator's output (after ``Up``). Default 0.1.
+    lambda_: ``λ`` in ``P^l = (1 - λ a_l) P^{l-1} + a_l G^l``, in [0, 1]. 1 (default) lets a strong
+        gate replace the incoming prompt; 0 only adds to it.
+    style: ``"prefix"`` (default; ``P^l`` through layer ``l``'s frozen key/value projections) or
+        ``"sequence"`` (prompt rows travelling through the layers and rewritten at each layer,
+        closest to the paper).
+    consistency_weight: ``w_c``, weight of the architecture-consistency loss (0 disables it and its
+        second forward). Default 1.
+    mask_rate: probability that the consistency mask drops a gate: ``m_l ~ Bern(1 - mask_rate)``.
+        Default 0.5. 0 keeps every gate (the loss is then exactly 0).
+    budget_k: ``K``, the number of layers kept after the search (capped at the number of layers).
+        Default 4.
+    gate_lr: learning rate of the gate parameters ``α`` in the bi-level search (their own AdamW).
+        Default 1e-2.
+    selected_layers: None (default) = the search super-network (a generator and a gate at every
+        layer); a list of layer indices = the discrete model retrained after the search
+        (generators only there, gates fixed at 1). Stored sorted, without duplicates.
+    """
+
+    method: ClassVar[str] = "spt"
+    bottleneck: int = 64
+    phm_n: int = 4
+    activation: str = "relu"
+    dropout: float = 0.1
+    lambda_: float = 1.0
+    style: str = "prefix"
+    consistency_weight: float = 1.0
+    mask_rate: float = 0.5
+    budget_k: int = 4
+    gate_lr: float = 1e-2
+    selected_layers: list[int] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("bottleneck", self.bottleneck)
+        check_int("phm_n", self.phm_n)
+        if self.bottleneck % self.phm_n:
+            raise ValueError(f"bottleneck={self.bottleneck} must be divisible by phm_n={self.phm_n}")
+        check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        check_float("dropout", self.dropout, 0.0, 1.0)
+        if self.dropout == 1.0:
+            raise ValueError("dropout must be < 1")
+        check_float("lambda_", self.lambda_, 0.0, 1.0)
+        check_choice("style", self.style, ("prefix", "sequence"))
+        check_float("consistency_weight", self.consistency_weight, 0.0)
+        check_float("mask_rate", self.mask_rate, 0.0, 1.0)
+        check_int("budget_k", self.budget_k)
+        check_float("gate_lr", self.gate_lr, 0.0, open_low=True)
+        if self.selected_layers is not None:
+            layers = self.selected_layers
+            if isinstance(layers, tuple):
+                layers = list(layers)
+            if not isinstance(layers, list) or not layers:
+                raise ValueError("selected_layers must be None or a non-empty list of layer indices")
+            for v in layers:
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ValueError(f"selected_layers must hold non-negative ints, got {v!r}")
+            self.selected_layers = sorted(set(layers))
+
+
+def propagate(previous: torch.Tensor, generated: torch.Tensor, gate, lambda_: float) -> torch.Tensor:
+    """``P^l = (1 - λ a) P^{l-1} + a G^l`` (``previous``, ``generated``: ``[B, p, d]``; ``gate``: scalar)."""
+    return (1 - lambda_ * gate) * previous + gate * generated
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@register_method(SPTConfig)
+class SPT(PromptMethod):
+    """The SPT prompt module (see the module docstring for the formulation).
+
+    Parameters: ``generators`` (``ModuleDict`` keyed by the layer index as a string: every layer in
+    the super-network, the selected ones in the discrete model) and, in the super-network only,
+    ``gate_logits [L]`` (``α``, zeros at init).
+
+    Runtime attributes (not saved): ``gate_mask`` (None or ``[L]``: multiplies the gates of every
+    forward; for experiments and tests), ``record_prompts`` (keep the outermost forward's
+    ``P^l`` in ``last_prompts`` and its gates in ``last_gates``), :meth:`consistency` (context
+    manager switching the consistency loss off, e.g. for the gate step of the search).
+    """
+
+    def __init__(self, config: SPTConfig, info, **options):
+        super().__init__(config, info)
+        L, d = info.num_layers, info.hidden_size
+        if d % config.phm_n:
+            raise ValueError(f"SPT: hidden size {d} must be divisible by phm_n={config.phm_n}")
+        self.discrete = config.selected_layers is not None
+        if self.discrete:
+            bad = [v for v in config.selected_layers if v >= L]
+            if bad:
+                raise ValueError(f"selected_layers {bad} out of range for a model with {L} layers")
+            layers = list(config.selected_layers)
+        else:
+            layers = list(range(L))
+        self.layers = tuple(layers)
+        self.generators = nn.ModuleDict(
+            {
+                str(layer): PromptGenerator(
+                    d,
+                    config.prompt_length,
+                    config.bottleneck,
+                    config.phm_n,
+                    config.activation,
+                    config.dropout,
+                    device=info.device,
+                )
+                for layer in layers
+            }
+        )
+        if not self.discrete:
+            self.gate_logits = nn.Parameter(torch.zeros(L, device=info.device))
+        if config.style == "sequence":
+            self.sequence_layer = layers[0]
+        self.gate_mask: torch.Tensor | None = None
+        self.record_prompts = False
+        self.last_prompts: dict[int, torch.Tensor] = {}
+        self.last_gates: torch.Tensor | None = None
+        self._consistency_enabled = True
+        self._masked_run: torch.Tensor | None = None
+
+    # -- gates --------------------------------------------------------------------------------------
+    def gates(self) -> torch.Tensor:
+        """``a = σ(α)`` ``[L]`` (the discrete model: 1 at the selected layers, 0 elsewhere)."""
+        if self.discrete:
+            g = torch.zeros(self.info.num_layers, device=self.info.device)
+            g[list(self.layers)] = 1.0
+            return g
+        return torch.sigmoid(self.gate_logits)
+
+    def reparameterised_gates(self) -> torch.Tensor:
+        """``ã = a * sg(S) / S``, ``S = sum_j a_j`` ``[L]``: the values of ``a``, coupled gradients."""
+        a = torch.sigmoid(self.gate_logits)
+        s = a.sum()
+        return a * (s.detach() / s)
+
+    def _forward_gates(self, ctx) -> torch.Tensor:
+        def compute():
+            g = self.reparameterised_gates()
+            if self.gate_mask is not None:
+                g = g * self.gate_mask.to(g)
+            if self._masked_run is not None:
+                g = g * self._masked_run.to(g)
+            if self.record_prompts and self._outermost(ctx):
+                self.last_gates = g
+            return g
+
+        return ctx.memo("spt_gates", compute)
+
+    @contextlib.contextmanager
+    def consistency(self, enabled: bool):
+        """Within the block, the architecture-consistency loss is computed only if ``enabled``."""
+        old = self._consistency_enabled
+        self._consistency_enabled = enabled
+        try:
+            yield
+        finally:
+            self._consistency_enabled = old
+
+    # -- propagation --------------------------------------------------------------------------------
+    def _step(self, ctx, layer: int, previous: torch.Tensor | None, tokens: Callable[[], torch.Tensor]):
+        """``P^layer`` from ``P^{layer-1}`` (None: no prompt yet) and the layer's real tokens ``X^layer``."""
+        if self.discrete:
+            if layer not in self.layers:
+                return previous
+            generated = self.generators[str(layer)](tokens(), ctx.attention_mask)
+            return generated if previous is None else propagate(previous, generated, 1.0, self.config.lambda_)
+        gate = self._forward_gates(ctx)[layer]
+        generated = self.generators[str(layer)](tokens(), ctx.attention_mask)
+        if previous is None:
+            return gate * generated
+        return propagate(previous, generated, gate, self.config.lambda_)
+
+    def _record(self, ctx, layer: int, prompt: torch.Tensor | None) -> None:
+        if self.record_prompts and self._outermost(ctx) and prompt is not None:
+            self.last_prompts[layer] = prompt.detach()
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def input_prompts(self, ctx):
+        # Not an input-style method: this hook runs before any dropout of the forward, so it is
+        # where the random state is captured for the consistency run to replay.
+        if self._outermost(ctx):
+            self.last_prompts = {}
+            if self._wants_consistency(ctx):
+                ctx.cache["spt_rng"] = _rng_state(ctx.device)
+        return None
+
+    def prefix(self, ctx, layer_idx):
+        if self.config.style != "prefix":
+            return None
+        state = ctx.cache.setdefault("spt_prefix", {"next": 0, "prompt": None})
+        if layer_idx == 0:
+            state.update(next=0, prompt=None)
+        if state["next"] != layer_idx:
+            raise RuntimeError(
+                f"SPT: layer {layer_idx} ran before layer {state['next']}; layers must run in order"
+            )
+        prompt = self._step(
+            ctx, layer_idx, state["prompt"], lambda: ctx.layer_input(layer_idx, real_only=True)
+        )
+        state.update(next=layer_idx + 1, prompt=prompt)
+        self._record(ctx, layer_idx, prompt)
+        if prompt is None:
+            return None
+        key, value = ctx.project_key_value(layer_idx, prompt)
+        return key, value, None  # gate 1: the gating is in the propagation
+
+    def sequence_init(self, ctx):
+        layer = self.sequence_layer
+        prompt = self._step(ctx, layer, None, lambda: ctx.layer_input(layer, real_only=True))
+        self._record(ctx, layer, prompt)
+        return prompt
+
+    def sequence_update(self, ctx, layer_idx, rows):
+        layer = layer_idx + 1
+        if layer >= self.info.num_layers or (self.discrete and layer not in self.layers):
+            if layer < self.info.num_layers:
+                self._record(ctx, layer, rows)
+            return rows
+        prompt = self._step(ctx, layer, rows, lambda: _tokens_after_rows(rows, ctx))
+        self._record(ctx, layer, prompt)
+        return prompt.to(rows.dtype)
+
+    # -- architecture consistency -------------------------------------------------------------------
+    def _outermost(self, ctx) -> bool:
+        # The PromptedModel pops a forward's context before calling aux_losses, so the masked run
+        # started from there has depth 0 too: ``_masked_run`` tells it apart.
+        return ctx.depth == 0 and self._masked_run is None
+
+    def _wants_consistency(self, ctx) -> bool:
+        return (
+            not self.discrete
+            and self._consistency_enabled
+            and self.config.consistency_weight > 0
+            and ctx.training
+            and not ctx.decoding
+            and self._outermost(ctx)
+        )
+
+    def aux_losses(self, ctx, output):
+        if not self._wants_consistency(ctx) or "spt_rng" not in ctx.cache:
+            return {}
+        h_full = classification_hidden(output, ctx.attention_mask, self.info.causal)
+        keep = torch.rand(self.info.num_layers, generator=None) >= self.config.mask_rate
+        kwargs = dict(ctx.kwargs)
+        if "labels" in kwargs:
+            kwargs["labels"] = None
+        after = _rng_state(ctx.device)
+        _set_rng_state(ctx.device, ctx.cache["spt_rng"])
+        self._masked_run = keep.to(self.info.device, torch.float32)
+        try:
+            masked = ctx.owner.model(**kwargs)
+        finally:
+            self._masked_run = None
+            _set_rng_state(ctx.device, after)
+        h_masked = classification_hidden(masked, ctx.attention_mask, self.info.causal)
+        loss = F.mse_loss(h_masked.float(), h_full.float())
+        return {"spt_consistency": self.config.consistency_weight * loss}
+
+
+def _tokens_after_rows(rows: torch.Tensor, ctx) -> torch.Tensor:
+    """The real tokens output by the layer whose prompt rows are ``rows`` (``[B, T, d]``).
+
+    ``sequence_update`` receives the rows as the view ``hidden[:, :p]`` of the layer's output
+    ``hidden [B, p + T, d]``; the tokens are the rest of that tensor (``rows._base``).
+    """
+    base, p = rows._base, rows.shape[1]
+    ok = (
+        base is not None
+        and base.dim() == 3
+        and tuple(base.shape) == (rows.shape[0], p + ctx.seq_len, rows.shape[2])
+        and base.data_ptr() == rows.data_ptr()
+        and base.stride() == rows.stride()
+    )
+    if not ok:
+        raise RuntimeError(
+            "SPT sequence style: cannot find the layer output's real tokens behind the prompt rows "
+            "(sequence_update no longer receives a view of the layer output)"
+        )
+    return base[:, p:]
+
+
+def classification_hidden(output, attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The final hidden state of the classification token ``[B, d]``: the first real token of
+    encoders, the last real token of causal models. Read from ``last_hidden_state``, else
+    ``hidden_states[-1]``, else ``logits`` (``[B, C]`` as is, ``[B, T, V]`` at that token)."""
+    h = None
+    if isinstance(output, dict):
+        h = output.get("last_hidden_state")
+        if h is None and output.get("hidden_states") is not None:
+            h = output["hidden_states"][-1]
+        if h is None:
+            h = output.get("logits")
+    elif isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        h = output[0]
+    if h is None:
+        raise ValueError(
+            "SPT consistency: the model output has no last_hidden_state, hidden_states or logits"
+        )
+    if h.dim() == 2:
+        return h
+    mask = attention_mask.bool()
+    T = mask.shape[1]
+    h = h[:, -T:]
+    if causal:
+        index = T - 1 - mask.flip(1).int().argmax(1)
+    else:
+        index = mask.int().argmax(1)
+    return h[torch.arange(h.shape[0], device=h.device), index]
+
+
+# ================================ training: search, selection, retraining ================================
+
+
+@dataclass
+class SearchRecord:
+    """What the search decided: saved as ``spt_search.json`` next to the prompts.
+
+    gate_trajectory: ``a = σ(α)`` (one list of ``L`` floats) before the search and after each gate step.
+    selected_layers: the top-K layers (None before selection).
+    search_steps / retrain_steps: steps run (one search step = one ω step + one α step).
+    """
+
+    gate_trajectory: list[list[float]] = field(default_factory=list)
+    selected_layers: list[int] | None = None
+    search_steps: int = 0
+    retrain_steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, SEARCH_FILE), "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path) -> SearchRecord:
+        with open(os.path.join(path, SEARCH_FILE)) as f:
+            return cls(**json.load(f))
+
+
+def _spt(pm) -> SPT:
+    method = getattr(pm, "method", None)
+    if not isinstance(method, SPT):
+        raise TypeError(f"expected a PromptedModel with an SPT method, got {type(method).__name__}")
+    return method
+
+
+def omega_parameters(pm, head: nn.Module | None = None) -> list[nn.Parameter]:
+    """``ω``: the trainable parameters except the gates (generators, a trainable head, ``head``)."""
+    gates = {id(p) for p in alpha_parameters(pm)}
+    params = [p for p in pm.prompt_parameters() if id(p) not in gates]
+    return params + ([p for p in head.parameters() if p.requires_grad] if head is not None else [])
+
+
+def alpha_parameters(pm) -> list[nn.Parameter]:
+    """``α``: the gate logits (empty for the discrete model)."""
+    method = _spt(pm)
+    return [] if method.discrete else [method.gate_logits]
+
+
+@contextlib.contextmanager
+def _frozen(params: Iterable[nn.Parameter]):
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def epoch_halves(n: int, batch_size: int, seed: int = 0) -> Iterator[tuple[list[int], list[int]]]:
+    """Endless ``(D1 batch, D2 batch)`` index pairs: each epoch the ``n`` examples are shuffled and split
+    into halves D1, D2, and batches are drawn from both in step (an epoch ends with the shorter half)."""
+    if n < 2:
+        raise ValueError(f"the bi-level search needs at least 2 training examples, got {n}")
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        d1, d2 = order[: n // 2], order[n // 2 :]
+        bs = min(batch_size, len(d1))
+        for i in range(0, len(d1) - bs + 1, bs):
+            yield d1[i : i + bs], d2[i : i + bs]
+
+
+def _total(pm, task_loss: torch.Tensor, add_aux: bool) -> torch.Tensor:
+    aux = pm.last_aux_losses if add_aux else {}
+    return task_loss + sum(aux.values()) if aux else task_loss
+
+
+def search(
+    pm,
+    head: nn.Module | None,
+    d1_batches: Iterable,
+    d2_batches: Iterable | None,
+    steps: int,
+    loss_fn: Callable[[Any, Any, Any], torch.Tensor],
+    lr: float = 5e-3,
+    gate_lr: float | None = None,
+    weight_decay: float = 0.0,
+    add_aux_losses: bool = True,
+    record: SearchRecord | None = None,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> SearchRecord:
+    """Bi-level gate search on the super-network (first-order DARTS).
+
+    Each of ``steps`` steps: one AdamW step of ``ω`` (generators, and ``head``) on the next D1 batch
+    with the task loss plus the consistency loss, then one AdamW step of ``α`` (learning rate
+    ``gate_lr``, default ``config.gate_lr``) on the next D2 batch with the task loss only (the
+    consistency loss and its second forward are switched off for the gate step). The parameters not
+    being stepped are frozen during the other's step, so ``ω`` steps never change ``α`` and vice versa.
+
+    Args:
+        pm: a PromptedModel with an SPT super-network (``selected_layers=None``).
+        head: an extra trainable module trained with ``ω`` (e.g. a classifier) or None.
+        d1_batches, d2_batches: iterables of batches (endless, or at least ``steps`` long); with
+            ``d2_batches=None``, ``d1_batches`` yields ``(d1_batch, d2_batch)`` pairs (see
+            :func:`epoch_halves`, which re-splits the data into halves each epoch).
+        loss_fn: ``loss_fn(pm, head, batch) -> scalar`` task loss; ``pm.last_aux_losses`` (the
+            consistency loss) is added to it unless ``add_aux_losses=False`` (use that if ``loss_fn``
+            passes labels to a model that already adds them).
+        progress: called as ``progress(step, omega_loss, alpha_loss)`` after each step.
+
+    Returns the :class:`SearchRecord` (``record`` extended if given) with the gate trajectory.
+    """
+    method = _spt(pm)
+    if method.discrete:
+        raise ValueError("search needs the SPT super-network (selected_layers=None)")
+    omega, alpha = omega_parameters(pm, head), alpha_parameters(pm)
+    opt_w = torch.optim.AdamW(omega, lr=lr, weight_decay=weight_decay)
+    opt_a = torch.optim.AdamW(alpha, lr=gate_lr or method.config.gate_lr, weight_decay=0.0)
+    record = record if record is not None else SearchRecord()
+    if not record.gate_trajectory:
+        record.gate_trajectory.append(method.gates().tolist())
+    pm.train()
+    if head is not None:
+        head.train()
+    if d2_batches is None:
+        pairs = iter(d1_batches)
+        it1 = it2 = None
+    else:
+        it1, it2 = iter(d1_batches), iter(d2_batches)
+    for step in range(steps):
+        if it1 is None:
+            b1, b2 = next(pairs)
+        else:
+            b1, b2 = next(it1), next(it2)
+        with _frozen(alpha):
+            loss_w = _total(pm, loss_fn(pm, head, b1), add_aux_losses)
+            opt_w.zero_grad(set_to_none=True)
+            loss_w.backward()
+            opt_w.step()
+        with _frozen(omega), method.consistency(False):
+            loss_a = _total(pm, loss_fn(pm, head, b2), add_aux_losses)
+            opt_a.zero_grad(set_to_none=True)
+            loss_a.backward()
+            opt_a.step()
+        record.gate_trajectory.append(method.gates().tolist())
+        record.search_steps += 1
+        if progress is not None:
+            progress(step, float(loss_w), float(loss_a))
+    return record
+
+
+def select_layers(pm, k: int | None = None) -> list[int]:
+    """The ``k`` (default ``config.budget_k``, capped at ``L``) layers with the largest ``a_l``, sorted
+    (ties go to the lower layer)."""
+    method = _spt(pm)
+    if method.discrete:
+        raise ValueError("select_layers needs the SPT super-network (selected_layers=None)")
+    k = method.config.budget_k if k is None else k
+    check_int("k", k)
+    gates = method.gates().tolist()
+    order = sorted(range(len(gates)), key=lambda i: (-gates[i], i))
+    return sorted(order[: min(k, len(gates))])
+
+
+def build_discrete(pm, layers: list[int]):
+    """The discrete model: detaches ``pm``'s super-network and attaches ``SPTConfig(selected_layers=layers)``
+    (other fields unchanged) to the same base model, with the searched generators of ``layers``.
+    ``pm`` is unusable afterwards; returns the new PromptedModel (same train/eval mode)."""
+    from prompt_kernels.patch.model import attach
+
+    method = _spt(pm)
+    layers = sorted(set(layers))
+    config = dataclasses.replace(pm.prompt_config, selected_layers=layers)
+    keep = {str(v) for v in layers}
+    state = {
+        k: v.detach().clone()
+        for k, v in method.state_dict().items()
+        if k.startswith("generators.") and k.split(".")[1] in keep
+    }
+    training = method.training
+    model = pm.detach()
+    new = attach(model, config)
+    new.method.load_state_dict(state, strict=True)
+    new.train(training)
+    return new
+
+
+def retrain(
+    pm,
+    head: nn.Module | None,
+    batches: Iterable,
+    steps: int,
+    loss_fn: Callable[[Any, Any, Any], torch.Tensor],
+    lr: float = 5e-3,
+    weight_decay: float = 0.0,
+    add_aux_losses: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> torch.optim.Optimizer:
+    """Train the discrete model's parameters (and ``head``) for ``steps`` steps of AdamW on ``batches``.
+    ``optimizer`` defaults to AdamW over ``[*pm.prompt_parameters(), *head.parameters()]``. Returns it."""
+    _spt(pm)
+    if optimizer is None:
+        params = [*pm.prompt_parameters(), *(head.parameters() if head is not None else ())]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    pm.train()
+    if head is not None:
+        head.train()
+    it = iter(batches)
+    for step in range(steps):
+        loss = _total(pm, loss_fn(pm, head, next(it)), add_aux_losses)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress(step, float(loss))
+    return optimizer
+
+
+def search_and_retrain(
+    pm,
+    head,
+    search_batches: Iterable,
+    retrain_batches: Iterable,
+    search_steps: int,
+    retrain_steps: int,
+    loss_fn,
+    lr: float = 5e-3,
+    gate_lr: float | None = None,
+    k: int | None = None,
+    out: str | None = None,
+):
+    """:func:`search` (``search_batches`` yields ``(D1, D2)`` pairs), :func:`select_layers`,
+    :func:`build_discrete`, :func:`retrain`. Returns ``(discrete PromptedModel, SearchRecord, optimizer)``;
+    with ``out``, saves the prompts (``config.selected_layers`` included) and ``spt_search.json`` there."""
+    record = search(pm, head, search_batches, None, search_steps, loss_fn, lr=lr, gate_lr=gate_lr)
+    record.selected_layers = select_layers(pm, k)
+    discrete = build_discrete(pm, record.selected_layers)
+    opt = retrain(discrete, head, retrain_batches, retrain_steps, loss_fn, lr=lr)
+    record.retrain_steps = retrain_steps
+    if out is not None:
+        discrete.save_prompts(out)
+        record.save(out)
+    return discrete, record, opt
+
+
+def cli_train(args, pm, head, tok, data, encode, forward, lr: float):
+    """``prompt-kernels train --method spt``: search for ``max(1, steps // 2)`` steps (each an ω step on a
+    D1 batch and an α step on a D2 batch), keep the top ``budget_k`` layers, retrain the discrete model
+    for the remaining steps; writes ``spt_search.json`` to ``args.out``. Returns ``(discrete pm, optimizer)``
+    (the optimizer over ``[*pm.prompt_parameters(), *head.parameters()]``, as ``--resume`` expects)."""
+    from tqdm.auto import tqdm
+
+    search_steps = max(1, args.steps // 2)
+    retrain_steps = args.steps - search_steps
+    n = len(data.train_texts)
+
+    def loss_fn(pm_, head_, idx):
+        enc = encode(tok, [data.train_texts[i] for i in idx], args.max_length)
+        labels = torch.tensor([data.train_labels[i] for i in idx])
+        return F.cross_entropy(forward(pm_, head_, enc), labels)
+
+    def plain_batches(seed):
+        rng = random.Random(seed)
+        bs = min(args.batch_size, n)
+        while True:
+            order = list(range(n))
+            rng.shuffle(order)
+            for i in range(0, n - bs + 1, bs):
+                yield order[i : i + bs]
+
+    bar = tqdm(total=args.steps, disable=args.no_progress, desc="spt", unit="step")
+
+    def on_search(step, lw, la):
+        bar.update(1)
+        bar.set_postfix(phase="search", loss=f"{lw:.3f}", gate_loss=f"{la:.3f}")
+
+    def on_retrain(step, loss):
+        bar.update(1)
+        bar.set_postfix(phase="retrain", loss=f"{loss:.3f}")
+
+    record = search(
+        pm,
+        head,
+        epoch_halves(n, args.batch_size, args.seed),
+        None,
+        search_steps,
+        loss_fn,
+        lr=lr,
+        progress=on_search,
+    )
+    record.selected_layers = select_layers(pm)
+    pm = build_discrete(pm, record.selected_layers)
+    opt = retrain(pm, head, plain_batches(args.seed + 1), retrain_steps, loss_fn, lr=lr, progress=on_retrain)
+    bar.close()
+    record.retrain_steps = retrain_steps
+    record.save(args.out)
+    return pm, opt
+
+
+__all__ = [
+    "SPT",
+    "SPTConfig",
+    "SearchRecord",
+    "alpha_parameters",
+    "build_discrete",
+    "classification_hidden",
+    "cli_train",
+    "epoch_halves",
+    "omega_parameters",
+    "propagate",
+    "retrain",
+    "search",
+    "search_and_retrain",
+    "select_layers",
+]
