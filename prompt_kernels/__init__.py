@@ -8,10 +8,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "InfoPromptConfig",
     "PrefixTuningConfig",
     "PromptConfig",
     "PromptTuningConfig",
     "PromptedModel",
+    "VIPConfig",
     "__version__",
     "attach",
     "load_prompts",
@@ -20,6 +22,8 @@ __all__ = [
 ]
 
 _PATCH_EXPORTS = ("attach", "load_prompts", "PromptedModel")
+# Configs of methods whose modules import the patch layer (transformers): loaded on first use.
+_METHOD_CONFIGS = {"VIPConfig": "vip", "InfoPromptConfig": "infoprompt"}
 
 
 def __getattr__(name):
@@ -28,4 +32,8 @@ def __getattr__(name):
         from prompt_kernels import patch
 
         return getattr(patch, name)
+    if name in _METHOD_CONFIGS:
+        import importlib
+
+        return getattr(importlib.import_module(f"prompt_kernels.methods.{_METHOD_CONFIGS[name]}"), name)
     raise AttributeError(f"module 'prompt_kernels' has no attribute {name!r}")

@@ -43,6 +43,8 @@ def build_config(method: str, prompt_length: int):
 
     name = CONFIG_NAMES[method]
     cls = getattr(prompt_kernels, name, None)
+    if cls is None and method == "spt":
+        from prompt_kernels.methods.spt import SPTConfig as cls
     if cls is None:
         raise ValueError(f"--method {method}: {name} is not available in this build of prompt_kernels")
     return cls(prompt_length=prompt_length)
@@ -130,6 +132,8 @@ def run_training(args) -> dict:
     else:
         pm = prompt_kernels.attach(model, build_config(args.method, args.prompt_length))
     head = Head(model.config.hidden_size, data.num_labels, causal)
+    if hasattr(pm.method, "set_label_embeddings"):  # InfoPrompt's head loss reads the classifier rows
+        pm.method.set_label_embeddings(lambda: head.linear.weight)
     params = [*pm.prompt_parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr or DEFAULT_LR[args.method], weight_decay=0.0)
     start = 0
@@ -141,8 +145,18 @@ def run_training(args) -> dict:
     batches = _batches(len(data.train_texts), args.batch_size, args.seed + start)
     t0 = time.perf_counter()
     seen = 0
-    bar = tqdm(range(start, start + args.steps), disable=args.no_progress, desc=f"{args.method}", unit="step")
+    loop_steps = args.steps
+    if args.method == "spt" and not args.resume:
+        # SPT: gate search (half the steps), top-K layers, retraining of the discrete model (the rest);
+        # --resume continues retraining the saved discrete model in the loop below.
+        from prompt_kernels.methods.spt import cli_train
+
+        pm, opt = cli_train(args, pm, head, tok, data, _encode, _forward, lr=args.lr or DEFAULT_LR[args.method])
+        loop_steps = 0
+    bar = tqdm(range(start, start + loop_steps), disable=args.no_progress, desc=f"{args.method}", unit="step")
     for _step in bar:
+        if hasattr(pm.method, "set_progress"):  # InfoPrompt's decay="linear"
+            pm.method.set_progress(_step, start + args.steps)
         _, idx = next(batches)
         enc = _encode(tok, [data.train_texts[i] for i in idx], args.max_length)
         labels = torch.tensor([data.train_labels[i] for i in idx])

@@ -1,0 +1,236 @@
+"""VIP: vector-quantised input-contextualised prompts (Bhardwaj et al., EMNLP 2022). Input style.
+
+Shapes (``B`` batch, ``T`` tokens, ``p`` prompt length, ``d`` hidden size, ``h`` contextualiser dim,
+``K`` codes, ``S`` samples)::
+
+    P        [p, d]          soft prompt (parameter ``prompt``, init from vocabulary rows)
+    E(x)     [B, T, d]       the input embedding module's output for the real tokens (frozen)
+    U        [B, p + T, h]   [P; E(x)] W_in        (``contextualizer_in``: d -> h, with bias)
+    U'       [B, p + T, h]   2-layer nn.TransformerEncoder (key-padding mask, the prompt always valid)
+    C        [B, p, d]       U'[:, :p] W_out       (``contextualizer_out``: h -> d, with bias)
+    C~       [B, p, d]       C's rows L2-normalised and scaled to ``codebook_norm`` (if set)
+    Q        [B, p, d]       mean of S codes sampled from softmax_k(-||C~ - e_k||^2 / temperature)
+                             (``ops.vq_sample``), straight-through to C~
+    prompt   [B, p, d]       P + Q  (skip connection), prepended to the input embeddings
+
+The codebook ``[K, d]`` is a buffer (no gradient) of the quantiser module, updated by EMA in training
+mode only (see :class:`EMACodebook`). The commitment loss ``commitment_weight * mean((C~ - sg(Q))^2)``
+is the method's auxiliary loss ``"vip_commitment"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prompt_kernels.configs import (
+    PromptConfig,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    register_config,
+)
+from prompt_kernels.methods.base import PromptMethod, register_method
+
+
+@register_config
+@dataclass
+class VIPConfig(PromptConfig):
+    """VIP (METHODS.md). Defaults follow the paper's setting.
+
+    contextualizer_dim: width ``h`` of the contextualiser (``W_in: d -> h``, ``W_out: h -> d``). 32.
+    contextualizer_layers / contextualizer_heads / contextualizer_ff: the ``nn.TransformerEncoder``
+        (post-norm ``nn.TransformerEncoderLayer``, ReLU). 2 / 4 / 64. ``h`` must divide by the heads.
+    contextualizer_dropout: dropout inside the encoder layers while training. 0.0.
+    codebook_size: ``K``; None (default) = ``10 * prompt_length``.
+    codebook_norm: the codebook is initialised from ``K`` vocabulary rows (uniformly sampled token
+        ids), L2-normalised and scaled to this norm; the rows of ``C`` are normalised and scaled the
+        same way before quantisation so both live on one sphere. 100.0. None = no normalisation
+        (vocabulary rows and ``C`` as they are).
+    temperature: ``τ`` of ``softmax(-||C~ - e_k||^2 / τ)``. 100.0.
+    num_samples: ``S`` codes drawn per row. 10.
+    commitment_weight: weight of the commitment loss. 0.1.
+    ema_decay: ``γ`` of the codebook's EMA update. 0.99.
+    ema_eps: Laplace smoothing ``ε`` of the EMA counts. 0.01.
+    mode: ``"sample"`` (default; ``ops.vq_sample``) or ``"nearest"`` (``ops.vq_quantize``, the nearest
+        code). In eval mode ``"sample"`` uses the nearest code too (deterministic outputs) unless
+        ``sample_in_eval`` is True.
+    sample_in_eval: keep sampling in eval mode. False.
+    """
+
+    method: ClassVar[str] = "vip"
+    contextualizer_dim: int = 32
+    contextualizer_layers: int = 2
+    contextualizer_heads: int = 4
+    contextualizer_ff: int = 64
+    contextualizer_dropout: float = 0.0
+    codebook_size: int | None = None
+    codebook_norm: float | None = 100.0
+    temperature: float = 100.0
+    num_samples: int = 10
+    commitment_weight: float = 0.1
+    ema_decay: float = 0.99
+    ema_eps: float = 0.01
+    mode: str = "sample"
+    sample_in_eval: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("contextualizer_dim", self.contextualizer_dim)
+        check_int("contextualizer_layers", self.contextualizer_layers)
+        check_int("contextualizer_heads", self.contextualizer_heads)
+        check_int("contextualizer_ff", self.contextualizer_ff)
+        if self.contextualizer_dim % self.contextualizer_heads:
+            raise ValueError(
+                f"contextualizer_dim ({self.contextualizer_dim}) must be divisible by contextualizer_heads "
+                f"({self.contextualizer_heads})"
+            )
+        check_float("contextualizer_dropout", self.contextualizer_dropout, 0.0, 1.0)
+        if self.contextualizer_dropout == 1.0:
+            raise ValueError("contextualizer_dropout must be < 1")
+        if self.codebook_size is None:
+            self.codebook_size = 10 * self.prompt_length
+        check_int("codebook_size", self.codebook_size)
+        if self.codebook_norm is not None:
+            check_float("codebook_norm", self.codebook_norm, 0.0, open_low=True)
+            self.codebook_norm = float(self.codebook_norm)
+        check_float("temperature", self.temperature, 0.0, open_low=True)
+        check_int("num_samples", self.num_samples)
+        check_float("commitment_weight", self.commitment_weight, 0.0)
+        check_float("ema_decay", self.ema_decay, 0.0, 1.0)
+        if self.ema_decay == 1.0:
+            raise ValueError("ema_decay must be < 1 (1 would freeze the codebook)")
+        check_float("ema_eps", self.ema_eps, 0.0, open_low=True)
+        check_choice("mode", self.mode, ("sample", "nearest"))
+        check_bool("sample_in_eval", self.sample_in_eval)
+
+
+def _scale_rows(x: torch.Tensor, norm: float | None) -> torch.Tensor:
+    return x if norm is None else F.normalize(x, dim=-1) * norm
+
+
+class EMACodebook(nn.Module):
+    """A ``[K, d]`` codebook updated by exponential moving averages only (no gradient).
+
+    Buffers: ``codebook [K, d]``, ``cluster_size [K]`` (EMA counts ``N``), ``embed_sum [K, d]`` (EMA of
+    the assigned rows' sums ``M``); initially ``N = 1`` and ``M = codebook`` (so ``M / N`` is the
+    initial codebook). One update with the batch's code counts ``c_k`` (over all rows and samples)
+    and assigned sums ``m_k = sum_i count_ik x_i`` (``S`` samples per row)::
+
+        N_k <- γ N_k + (1 - γ) c_k / S
+        N_k <- (N_k + ε) / (sum N + K ε) * sum N            (Laplace smoothing)
+        M_k <- γ M_k + (1 - γ) m_k / S
+        e_k <- M_k / N_k
+
+    This is the standard VQ-VAE EMA (van den Oord et al. 2017), which VIP uses: the average is kept on
+    the sums ``M`` rather than on ``e`` directly, so a code drawn in no batch keeps its value instead
+    of shrinking towards 0.
+    """
+
+    def __init__(self, initial: torch.Tensor, decay: float, eps: float):
+        super().__init__()
+        self.decay, self.eps = float(decay), float(eps)
+        K = initial.shape[0]
+        self.register_buffer("codebook", initial.clone())
+        self.register_buffer("cluster_size", torch.ones(K, dtype=initial.dtype, device=initial.device))
+        self.register_buffer("embed_sum", initial.clone())
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor, indices: torch.Tensor) -> None:
+        """rows ``[N, d]`` (any float dtype), indices int64 ``[N, S]`` (the codes each row drew)."""
+        K, S = self.codebook.shape[0], indices.shape[-1]
+        rows = rows.detach().to(self.codebook.dtype)
+        flat = indices.reshape(-1)
+        counts = torch.bincount(flat, minlength=K).to(self.codebook.dtype)
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, flat, rows.repeat_interleave(S, dim=0))
+        g = self.decay
+        self.cluster_size.mul_(g).add_(counts / S, alpha=1 - g)
+        total = self.cluster_size.sum()
+        self.cluster_size.copy_((self.cluster_size + self.eps) / (total + K * self.eps) * total)
+        self.embed_sum.mul_(g).add_(sums / S, alpha=1 - g)
+        self.codebook.copy_(self.embed_sum / self.cluster_size[:, None])
+
+
+@register_method(VIPConfig)
+class VIP(PromptMethod):
+    """VIP: ``P + Q`` with ``Q`` the quantised contextualised prompt (module docstring).
+
+    Trainable parameters (``h`` = contextualizer_dim, ``f`` = contextualizer_ff, ``n`` = layers)::
+
+        p d  +  (d h + h)  +  n (4 h^2 + 2 h f + 9 h + f)  +  (h d + d)
+
+    (prompt, W_in, the encoder layers: attention in/out projections 4h^2 + 4h, feed-forward
+    2hf + h + f, two LayerNorms 4h; W_out). The codebook is a buffer: saved with the prompts, not
+    trained by gradient.
+    """
+
+    def __init__(self, config: VIPConfig, info, **options):
+        super().__init__(config, info)
+        d, h, dev = info.hidden_size, config.contextualizer_dim, info.device
+        vocab = info.input_embeddings.weight.shape[0]
+        ids = torch.randint(0, vocab, (config.prompt_length,), device=info.input_embeddings.weight.device)
+        self.prompt = nn.Parameter(info.embed_tokens(ids).float().to(dev))
+        self.contextualizer_in = nn.Linear(d, h, device=dev)
+        layer = nn.TransformerEncoderLayer(
+            h,
+            config.contextualizer_heads,
+            config.contextualizer_ff,
+            dropout=config.contextualizer_dropout,
+            batch_first=True,
+            device=dev,
+        )
+        self.contextualizer = nn.TransformerEncoder(
+            layer, config.contextualizer_layers, enable_nested_tensor=False
+        )
+        self.contextualizer_out = nn.Linear(h, d, device=dev)
+        code_ids = torch.randint(
+            0, vocab, (config.codebook_size,), device=info.input_embeddings.weight.device
+        )
+        codes = _scale_rows(info.embed_tokens(code_ids).float().to(dev), config.codebook_norm)
+        self.quantizer = EMACodebook(codes, config.ema_decay, config.ema_eps)
+
+    def contextualize(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``C [B, p, d]`` from ``E(x) [B, T, d]`` and the real-token mask ``[B, T]`` (bool)."""
+        B, p = embeddings.shape[0], self.config.prompt_length
+        x = torch.cat([self.prompt[None].expand(B, -1, -1), embeddings.float()], dim=1)
+        pad = torch.cat([attention_mask.new_zeros(B, p), ~attention_mask.bool()], dim=1)
+        u = self.contextualizer(self.contextualizer_in(x), src_key_padding_mask=pad)
+        return self.contextualizer_out(u[:, :p])
+
+    def quantize(self, rows: torch.Tensor, training: bool):
+        """rows ``[B, p, d]`` -> ``(Q [B, p, d], indices [B, p] or [B, p, S], commitment loss [])``;
+        updates the codebook by EMA when ``training``."""
+        from prompt_kernels.ops.vq import vq_quantize, vq_sample
+
+        cfg, codebook = self.config, self.quantizer.codebook
+        sample = cfg.mode == "sample" and (training or cfg.sample_in_eval)
+        if sample:
+            q, idx, loss = vq_sample(
+                rows, codebook, cfg.num_samples, cfg.temperature, commitment_weight=cfg.commitment_weight
+            )
+        else:
+            q, idx, loss = vq_quantize(rows, codebook, commitment_weight=cfg.commitment_weight)
+        if training:
+            d = rows.shape[-1]
+            self.quantizer.update(rows.reshape(-1, d), idx.reshape(rows.shape[0] * rows.shape[1], -1))
+        return q, idx, loss
+
+    def input_prompts(self, ctx):
+        C = self.contextualize(ctx.input_embeddings, ctx.attention_mask)
+        rows = _scale_rows(C, self.config.codebook_norm)
+        q, idx, loss = self.quantize(rows, ctx.training)
+        ctx.cache["vip_commitment"] = loss
+        ctx.cache["vip_indices"] = idx
+        return self.prompt[None] + q
+
+    def aux_losses(self, ctx, output):
+        loss = ctx.cache.get("vip_commitment")
+        return {} if loss is None else {"vip_commitment": loss}
+
+
+__all__ = ["VIP", "EMACodebook", "VIPConfig"]
