@@ -560,7 +560,7 @@ def search(
         record.gate_trajectory.append(method.gates().tolist())
         record.search_steps += 1
         if progress is not None:
-            progress(step, float(loss_w), float(loss_a))
+            progress(step, loss_w.item(), loss_a.item())
     return record
 
 
@@ -628,7 +628,7 @@ def retrain(
         loss.backward()
         optimizer.step()
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, loss.item())
     return optimizer
 
 
