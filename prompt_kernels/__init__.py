@@ -13,6 +13,7 @@ __all__ = [
     "PromptConfig",
     "PromptTuningConfig",
     "PromptedModel",
+    "SPTConfig",
     "VIPConfig",
     "__version__",
     "attach",
@@ -23,7 +24,7 @@ __all__ = [
 
 _PATCH_EXPORTS = ("attach", "load_prompts", "PromptedModel")
 # Configs of methods whose modules import the patch layer (transformers): loaded on first use.
-_METHOD_CONFIGS = {"VIPConfig": "vip", "InfoPromptConfig": "infoprompt"}
+_METHOD_CONFIGS = {"VIPConfig": "vip", "InfoPromptConfig": "infoprompt", "SPTConfig": "spt"}
 
 
 def __getattr__(name):
