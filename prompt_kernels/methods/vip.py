@@ -110,6 +110,17 @@ class VIPConfig(PromptConfig):
         check_bool("sample_in_eval", self.sample_in_eval)
 
 
+def vocabulary_rows(info, n: int) -> torch.Tensor:
+    """``[n, d]`` float32 input embeddings of ``n`` token ids drawn uniformly among the vocabulary rows
+    that are not all zero (a padding row would give a degenerate code)."""
+    weight = info.input_embeddings.weight
+    candidates = (weight.detach() != 0).any(-1).nonzero().squeeze(-1)
+    if candidates.numel() == 0:
+        candidates = torch.arange(weight.shape[0], device=weight.device)
+    ids = candidates[torch.randint(0, candidates.numel(), (n,), device=weight.device)]
+    return info.embed_tokens(ids).float().to(info.device)
+
+
 def _scale_rows(x: torch.Tensor, norm: float | None) -> torch.Tensor:
     return x if norm is None else F.normalize(x, dim=-1) * norm
 
@@ -172,9 +183,7 @@ class VIP(PromptMethod):
     def __init__(self, config: VIPConfig, info, **options):
         super().__init__(config, info)
         d, h, dev = info.hidden_size, config.contextualizer_dim, info.device
-        vocab = info.input_embeddings.weight.shape[0]
-        ids = torch.randint(0, vocab, (config.prompt_length,), device=info.input_embeddings.weight.device)
-        self.prompt = nn.Parameter(info.embed_tokens(ids).float().to(dev))
+        self.prompt = nn.Parameter(vocabulary_rows(info, config.prompt_length))
         self.contextualizer_in = nn.Linear(d, h, device=dev)
         layer = nn.TransformerEncoderLayer(
             h,
@@ -188,10 +197,7 @@ class VIP(PromptMethod):
             layer, config.contextualizer_layers, enable_nested_tensor=False
         )
         self.contextualizer_out = nn.Linear(h, d, device=dev)
-        code_ids = torch.randint(
-            0, vocab, (config.codebook_size,), device=info.input_embeddings.weight.device
-        )
-        codes = _scale_rows(info.embed_tokens(code_ids).float().to(dev), config.codebook_norm)
+        codes = _scale_rows(vocabulary_rows(info, config.codebook_size), config.codebook_norm)
         self.quantizer = EMACodebook(codes, config.ema_decay, config.ema_eps)
 
     def contextualize(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,280 @@
+"""VIP (prompt_kernels.methods.vip): config, parameter count, forward on an encoder and a causal LM,
+straight-through gradients, EMA codebook, commitment loss, save/load."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from patch_helpers import D, batch, tiny_model
+
+import prompt_kernels as pk
+from prompt_kernels.configs import config_from_dict, config_from_json
+from prompt_kernels.methods.vip import VIP, EMACodebook, VIPConfig
+
+MODELS = ("bert", "llama")
+
+
+def _attach(model_type, head="cls", dropout=False, **cfg):
+    model = tiny_model(model_type, head=head, dropout=dropout)
+    return pk.attach(model, VIPConfig(**{"prompt_length": 3, **cfg}))
+
+
+# -- config --------------------------------------------------------------------------------------------
+def test_config_defaults_and_round_trip():
+    cfg = VIPConfig(prompt_length=4)
+    assert (
+        cfg.contextualizer_dim,
+        cfg.contextualizer_layers,
+        cfg.contextualizer_heads,
+        cfg.contextualizer_ff,
+    ) == (
+        32,
+        2,
+        4,
+        64,
+    )
+    assert cfg.codebook_size == 40 and cfg.codebook_norm == 100.0 and cfg.temperature == 100.0
+    assert (cfg.num_samples, cfg.commitment_weight, cfg.ema_decay, cfg.ema_eps, cfg.mode) == (
+        10,
+        0.1,
+        0.99,
+        0.01,
+        "sample",
+    )
+    assert VIPConfig(prompt_length=2, codebook_size=7).codebook_size == 7
+    odd = VIPConfig(prompt_length=5, codebook_norm=None, mode="nearest", temperature=3.0)
+    assert VIPConfig.from_json(odd.to_json()) == odd
+    assert config_from_json(odd.to_json()) == odd
+    assert config_from_dict(json.loads(json.dumps(odd.to_dict()))) == odd
+    assert pk.VIPConfig is VIPConfig
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"prompt_length": 0},
+        {"contextualizer_dim": 30},  # not divisible by 4 heads
+        {"contextualizer_layers": 0},
+        {"codebook_size": 0},
+        {"codebook_norm": 0.0},
+        {"temperature": 0.0},
+        {"num_samples": 0},
+        {"commitment_weight": -0.1},
+        {"ema_decay": 1.0},
+        {"ema_decay": -0.5},
+        {"ema_eps": 0.0},
+        {"mode": "argmax"},
+        {"contextualizer_dropout": 1.0},
+    ],
+)
+def test_config_rejects(bad):
+    with pytest.raises(ValueError):
+        VIPConfig(**bad)
+
+
+# -- structure -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", MODELS)
+def test_parameter_count_and_shapes(model_type):
+    pm = _attach(model_type, prompt_length=3)
+    p, d, h, f, n = 3, D, 32, 64, 2
+    expected = p * d + (d * h + h) + n * (4 * h * h + 4 * h + 2 * h * f + h + f + 4 * h) + (h * d + d)
+    assert pm.num_trainable_parameters == expected
+    assert sum(q.numel() for q in pm.prompt_parameters()) == expected
+    m = pm.method
+    assert isinstance(m, VIP) and m.prompt.shape == (p, d)
+    assert m.quantizer.codebook.shape == (30, d)
+    assert not m.quantizer.codebook.requires_grad
+    norms = m.quantizer.codebook.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 100.0))
+    # the prompt starts as vocabulary rows
+    table = pm.info.input_embeddings.weight
+    for row in m.prompt:
+        assert torch.isclose(table, row[None].to(table.dtype)).all(-1).any()
+
+    ids, mask = batch(model_type)
+    pm.eval()
+    out = pm(input_ids=ids, attention_mask=mask)
+    assert out.logits.shape == (3, 3)
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_prompt_is_P_plus_Q_and_commitment_by_hand(model_type):
+    """Eval mode (nearest code): the prepended prompt is P + codebook[nearest(C~)], the loss w mean((C~ - Q)^2)."""
+    pm = _attach(model_type, head="base", prompt_length=2, codebook_size=9, commitment_weight=0.3)
+    pm.eval()
+    m = pm.method
+    ids, mask = batch(model_type)
+    captured = []  # the last call is the prompted sequence (the method embeds the real tokens first)
+    hook = pm.info.input_embeddings.register_forward_hook(lambda mod, a, o: captured.append(o))
+    try:
+        pm(input_ids=ids, attention_mask=mask)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        C = m.contextualize(pm.info.input_embeddings(ids), mask.bool())
+        rows = F.normalize(C, dim=-1) * 100.0
+        dist = ((rows[:, :, None, :] - m.quantizer.codebook[None, None]) ** 2).sum(-1)  # [B, p, K]
+        Q = m.quantizer.codebook[dist.argmin(-1)]
+        expected = m.prompt[None] + Q
+        loss = 0.3 * ((rows - Q) ** 2).mean()
+    emb = captured[-1]
+    assert emb.shape[1] == 2 + ids.shape[1]
+    torch.testing.assert_close(emb[:, :2], expected.to(emb.dtype), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(pm.last_aux_losses["vip_commitment"], loss, rtol=1e-4, atol=1e-4)
+
+
+def test_contextualizer_ignores_padding_but_never_the_prompt():
+    pm = _attach("bert", head="base")
+    m = pm.method.eval()
+    emb = torch.randn(2, 5, D)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    c = m.contextualize(emb, mask)
+    emb2 = emb.clone()
+    emb2[0, 3:] = torch.randn(2, D) * 10  # change only padded positions of row 0
+    c2 = m.contextualize(emb2, mask)
+    torch.testing.assert_close(c[0], c2[0])
+    assert not torch.allclose(c[1], m.contextualize(emb2 + 1, mask)[1])
+    # all tokens padded: the prompt rows still attend to each other (no NaN)
+    assert torch.isfinite(m.contextualize(emb, torch.zeros(2, 5, dtype=torch.bool))).all()
+
+
+# -- training behaviour --------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", MODELS)
+def test_loss_includes_commitment_and_only_method_gets_gradients(model_type):
+    pm = _attach(model_type, head="cls")
+    pm.train()
+    ids, mask = batch(model_type)
+    labels = torch.tensor([0, 2, 1])
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    aux = pm.last_aux_losses
+    assert set(aux) == {"vip_commitment"} and aux["vip_commitment"].dim() == 0
+    assert aux["vip_commitment"].item() > 0
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels) + aux["vip_commitment"])
+    out.loss.backward()
+    for name, prm in pm.model.named_parameters():
+        assert prm.grad is None, name
+    for name, prm in pm.method.named_parameters():
+        assert prm.grad is not None and prm.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_straight_through_gradient_reaches_prompt_through_Q(model_type):
+    """With no commitment loss, the contextualiser (only reachable through Q) gets gradients, and the
+    prompt's gradient is more than the skip connection's share."""
+    pm = _attach(model_type, head="cls", commitment_weight=0.0)
+    pm.train()
+    m = pm.method
+    final = {}
+    original = m.input_prompts
+
+    def spy(ctx):
+        out = original(ctx)
+        out.retain_grad()
+        final["prompt"] = out
+        return out
+
+    m.input_prompts = spy
+    ids, mask = batch(model_type)
+    out = pm(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2]))
+    out.loss.backward()
+    assert m.contextualizer_in.weight.grad.abs().sum() > 0
+    assert m.contextualizer_out.weight.grad.abs().sum() > 0
+    skip_share = final["prompt"].grad.sum(0)
+    assert not torch.allclose(m.prompt.grad, skip_share)
+
+
+@pytest.mark.parametrize("mode", ["sample", "nearest"])
+def test_ema_codebook_updates_in_training_only(mode):
+    pm = _attach("bert", head="base", mode=mode)
+    ids, mask = batch("bert")
+    before = copy.deepcopy(pm.method.quantizer.state_dict())
+    pm.eval()
+    with torch.no_grad():
+        pm(input_ids=ids, attention_mask=mask)
+    for k, v in pm.method.quantizer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    pm.train()
+    pm(input_ids=ids, attention_mask=mask)
+    assert not torch.equal(pm.method.quantizer.codebook, before["codebook"])
+    assert not torch.equal(pm.method.quantizer.cluster_size, before["cluster_size"])
+
+
+def test_ema_update_by_hand():
+    K, d, S, g, eps = 5, 4, 3, 0.9, 0.1
+    init = torch.randn(K, d, dtype=torch.float64)
+    q = EMACodebook(init, g, eps)
+    rows = torch.randn(4, d, dtype=torch.float64)
+    idx = torch.tensor([[0, 0, 2], [1, 2, 2], [0, 4, 4], [4, 4, 4]])
+    q.update(rows, idx)
+    counts = torch.zeros(K, dtype=torch.float64)
+    sums = torch.zeros(K, d, dtype=torch.float64)
+    for i in range(4):
+        for s in range(S):
+            counts[idx[i, s]] += 1
+            sums[idx[i, s]] += rows[i]
+    N = g * torch.ones(K, dtype=torch.float64) + (1 - g) * counts / S
+    N = (N + eps) / (N.sum() + K * eps) * N.sum()
+    M = g * init + (1 - g) * sums / S
+    torch.testing.assert_close(q.cluster_size, N)
+    torch.testing.assert_close(q.embed_sum, M)
+    torch.testing.assert_close(q.codebook, M / N[:, None])
+    torch.testing.assert_close(q.codebook[3], init[3] * g / N[3])  # never drawn: only the smoothing moves it
+
+
+def test_sampling_draws_num_samples_codes_per_row():
+    pm = _attach("bert", head="base", prompt_length=2, num_samples=4, codebook_size=6)
+    pm.train()
+    ids, mask = batch("bert")
+    seen = {}
+    original = pm.method.quantize
+
+    def spy(rows, training):
+        out = original(rows, training)
+        seen["idx"] = out[1]
+        seen["q"] = out[0]
+        return out
+
+    pm.method.quantize = spy
+    pm(input_ids=ids, attention_mask=mask)
+    assert seen["idx"].shape == (3, 2, 4)
+    assert seen["idx"].min() >= 0 and seen["idx"].max() < 6
+
+
+# -- persistence ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", MODELS)
+def test_save_load_round_trip(model_type, tmp_path):
+    pm = _attach(model_type, head="cls")
+    ids, mask = batch(model_type)
+    pm.train()
+    out = pm(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2]))
+    out.loss.backward()
+    with torch.no_grad():
+        for prm in pm.method.parameters():
+            prm.add_(0.01 * torch.randn_like(prm))
+    pm.eval()
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask).logits
+    pm.save_prompts(tmp_path)
+    fresh = tiny_model(model_type, head="cls", dropout=False)
+    loaded = pk.load_prompts(fresh, tmp_path).eval()
+    assert isinstance(loaded.method, VIP)
+    assert torch.equal(loaded.method.quantizer.codebook, pm.method.quantizer.codebook)
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_causal_lm_loss_and_generate():
+    pm = _attach("llama", head="lm")
+    ids, mask = batch("llama", pad_last=0)
+    pm.train()
+    out = pm(input_ids=ids, labels=ids)
+    assert out.logits.shape[:2] == (3, 3 + 7)
+    assert "vip_commitment" in pm.last_aux_losses
+    pm.eval()
+    gen = pm.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False)
+    assert gen.shape == (1, 10)
