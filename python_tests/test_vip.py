@@ -270,7 +270,7 @@ def test_save_load_round_trip(model_type, tmp_path):
 
 def test_causal_lm_loss_and_generate():
     pm = _attach("llama", head="lm")
-    ids, mask = batch("llama", pad_last=0)
+    ids, _ = batch("llama", pad_last=0)
     pm.train()
     out = pm(input_ids=ids, labels=ids)
     assert out.logits.shape[:2] == (3, 3 + 7)
