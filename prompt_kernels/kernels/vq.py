@@ -1,0 +1,471 @@
+"""Triton kernels of the vector quantiser: nearest code and Gumbel-max sampling, fused and tiled.
+
+    x:        [N, D]   fp32 / fp16 / bf16, contiguous
+    codebook: [K, D]   same dtype, contiguous
+    norms:    [K]      fp32, ||e_k||^2 (``_sq_norms_kernel``, one pass over the codebook)
+
+* ``_nearest_kernel`` (grid ``(cdiv(N, BLOCK_M),)``): for each tile of ``BLOCK_N`` codes the
+  products ``x . e`` of the program's ``BLOCK_M`` rows come from ``tl.dot`` over ``BLOCK_D`` chunks
+  (tensor cores; fp32 in IEEE precision, fp16/bf16 natively with an fp32 accumulator); the score
+  ``||e||^2 - 2 x.e`` feeds a running minimum per row (a later tile must be strictly better, and
+  ``tl.min`` breaks ties to the left: ties go to the lowest index). The epilogue gathers the
+  winning code rows and writes ``sum((x - e)^2)`` (no cancellation) and the index. The codebook is
+  read once per row tile; the row tile is re-read per code tile from L1/L2 (HBM reads it once).
+* ``_sample_kernel`` (grid ``(cdiv(N, BLOCK_M), cdiv(S, BLOCK_S))``): the same tiles give the logits
+  ``(2 x.e - ||e||^2) / temperature`` (``-||x||^2 / t`` is a per-row constant); for each of the
+  program's samples a Gumbel variate per (row, code) is added and a running arg-max kept: argmax
+  of logit + Gumbel is an exact draw from the softmax. The noise is Philox4x32-10 keyed by the seed
+  with counter ``(code, row, sample // 4, 0)``, whose four outputs serve samples ``4q .. 4q + 3``:
+  it depends only on (seed, row, sample, code), not on the block sizes. Nothing of size ``N x K``
+  is stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from prompt_kernels import _alloc
+from prompt_kernels.kernels.registry import (
+    CompileSpec,
+    LaunchCase,
+    register_compile_specs,
+    register_launch_cases,
+)
+
+OP = "vq"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+BLOCK_D_CHOICES = (16, 32, 64)  # feature chunk of the dot products: next power of two of D, clamped
+NEAREST_BLOCK_M_CHOICES = (16, 64)  # 16 for small N (more programs), 64 from LARGE_N rows on
+NEAREST_BLOCK_N = 64
+LARGE_N = 8192
+SAMPLE_BLOCK_M = 32
+SAMPLE_BLOCK_N = 32
+SAMPLE_BLOCK_S = 16  # samples per program (a second grid axis covers more)
+NORMS_BLOCK_K = 64
+NORMS_BLOCK_D = 64
+NUM_WARPS = 4
+
+
+@triton.jit
+def _sq_norms_kernel(e_ptr, out_ptr, K, D, stride_e, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        m = kmask[:, None] & (ds[None, :] < D)
+        v = tl.load(e_ptr + ks[:, None].to(tl.int64) * stride_e + ds[None, :], mask=m, other=0.0).to(
+            tl.float32
+        )
+        acc += tl.sum(v * v, axis=1)
+    tl.store(out_ptr + ks, acc, mask=kmask)
+
+
+@triton.jit
+def _tile_dots(
+    x_ptr,
+    e_ptr,
+    rows64,
+    rmask,
+    ks64,
+    kmask,
+    D,
+    stride_x,
+    stride_e,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``[BLOCK_M, BLOCK_N]`` fp32 products of the row tile with the code tile."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dmask = ds < D
+        xt = tl.load(
+            x_ptr + rows64[:, None] * stride_x + ds[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0
+        )
+        et = tl.load(
+            e_ptr + ks64[None, :] * stride_e + ds[:, None], mask=kmask[None, :] & dmask[:, None], other=0.0
+        )
+        if x_ptr.dtype.element_ty == tl.float32:
+            acc = tl.dot(xt, et, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, et, acc)
+    return acc
+
+
+@triton.jit
+def _nearest_kernel(
+    x_ptr,
+    e_ptr,
+    norms_ptr,
+    idx_ptr,
+    dist_ptr,
+    N,
+    K,
+    D,
+    stride_x,
+    stride_e,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+    best_k = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_N):
+        ks = k0 + tl.arange(0, BLOCK_N)
+        kmask = ks < K
+        acc = _tile_dots(
+            x_ptr,
+            e_ptr,
+            rows64,
+            rmask,
+            ks.to(tl.int64),
+            kmask,
+            D,
+            stride_x,
+            stride_e,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
+        en = tl.load(norms_ptr + ks, mask=kmask, other=0.0)
+        score = tl.where(kmask[None, :], en[None, :] - 2.0 * acc, float("inf"))
+        tile_min, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = tile_min < best
+        best = tl.where(better, tile_min, best)
+        best_k = tl.where(better, k0 + tile_arg, best_k)
+    # Exact distance to the winner: gather its row, sum the squared differences.
+    dist = tl.zeros([BLOCK_M], dtype=tl.float32)
+    bk64 = best_k.to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (ds[None, :] < D)
+        xv = tl.load(x_ptr + rows64[:, None] * stride_x + ds[None, :], mask=m, other=0.0).to(tl.float32)
+        ev = tl.load(e_ptr + bk64[:, None] * stride_e + ds[None, :], mask=m, other=0.0).to(tl.float32)
+        diff = xv - ev
+        dist += tl.sum(diff * diff, axis=1)
+    tl.store(idx_ptr + rows, bk64, mask=rmask)
+    tl.store(dist_ptr + rows, dist, mask=rmask)
+
+
+@triton.jit
+def _gumbel(r):
+    """Standard Gumbel variate from a uint32: ``-log(E)``, ``E = -log(1 - v) ~ Exp(1)``, v uniform.
+
+    ``v = (r >> 9 + 1/2) / 2^23`` lies in (0, 1) and ``1 - v`` is exact. For ``v < 1/2`` the
+    exponential is ``2 atanh(v / (2 - v))`` by its series (relative error < 1e-9), so small E (the
+    Gumbel's upper tail, which decides the arg-max) keeps full relative precision even where
+    ``tl.log`` is a fast approximation with an absolute error bound near 1.
+    """
+    v = ((r >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    t = v / (2.0 - v)
+    t2 = t * t
+    series = 1.0 / 13.0 + t2 * (1.0 / 15.0)
+    series = 1.0 / 11.0 + t2 * series
+    series = 1.0 / 9.0 + t2 * series
+    series = 1.0 / 7.0 + t2 * series
+    series = 1.0 / 5.0 + t2 * series
+    series = 1.0 / 3.0 + t2 * series
+    series = 1.0 + t2 * series
+    e = tl.where(v < 0.5, 2.0 * t * series, -tl.log(1.0 - v))
+    return -tl.log(e)
+
+
+@triton.jit
+def _argmax_update(best, best_k, logit, r, col, k0):
+    """Running arg-max of ``logit + Gumbel(r)`` for the sample in column ``col`` of ``best``."""
+    cand = logit + _gumbel(r)
+    cmax, carg = tl.max(cand, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    upd = col[None, :] & (cmax[:, None] > best)
+    return tl.where(upd, cmax[:, None], best), tl.where(upd, (k0 + carg)[:, None], best_k)
+
+
+@triton.jit
+def _sample_kernel(
+    x_ptr,
+    e_ptr,
+    norms_ptr,
+    idx_ptr,
+    N,
+    K,
+    D,
+    S,
+    stride_x,
+    stride_e,
+    inv_temp,
+    seed,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    s0 = tl.program_id(1) * BLOCK_S
+    n_here = tl.minimum(S - s0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_S)
+    best = tl.full([BLOCK_M, BLOCK_S], float("-inf"), dtype=tl.float32)
+    best_k = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.int32)
+    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    ctr_row = rows[:, None] + zero
+    for k0 in range(0, K, BLOCK_N):
+        ks = k0 + tl.arange(0, BLOCK_N)
+        kmask = ks < K
+        acc = _tile_dots(
+            x_ptr,
+            e_ptr,
+            rows64,
+            rmask,
+            ks.to(tl.int64),
+            kmask,
+            D,
+            stride_x,
+            stride_e,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
+        en = tl.load(norms_ptr + ks, mask=kmask, other=0.0)
+        logit = tl.where(kmask[None, :], (2.0 * acc - en[None, :]) * inv_temp, float("-inf"))
+        ctr_k = ks[None, :] + zero
+        # One Philox call gives four uint32: the noise of samples 4q .. 4q + 3 (BLOCK_S % 4 == 0).
+        for q in range(0, tl.cdiv(n_here, 4)):
+            r0, r1, r2, r3 = tl.philox(seed, ctr_k, ctr_row, zero + (s0 // 4 + q), zero)
+            best, best_k = _argmax_update(best, best_k, logit, r0, cols == 4 * q, k0)
+            best, best_k = _argmax_update(best, best_k, logit, r1, cols == 4 * q + 1, k0)
+            best, best_k = _argmax_update(best, best_k, logit, r2, cols == 4 * q + 2, k0)
+            best, best_k = _argmax_update(best, best_k, logit, r3, cols == 4 * q + 3, k0)
+    out = idx_ptr + rows64[:, None] * S + (s0 + cols)[None, :]
+    tl.store(out, best_k.to(tl.int64), mask=rmask[:, None] & (cols[None, :] < n_here))
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+
+def _block_d(D: int) -> int:
+    return min(max(triton.next_power_of_2(D), BLOCK_D_CHOICES[0]), BLOCK_D_CHOICES[-1])
+
+
+def _nearest_block_m(N: int) -> int:
+    return NEAREST_BLOCK_M_CHOICES[1] if N >= LARGE_N else NEAREST_BLOCK_M_CHOICES[0]
+
+
+def _check(x: torch.Tensor, codebook: torch.Tensor) -> None:
+    assert x.dim() == 2 and codebook.dim() == 2 and x.shape[1] == codebook.shape[1]
+    assert x.is_contiguous() and codebook.is_contiguous() and x.dtype == codebook.dtype and x.dtype in _TL
+
+
+def code_sq_norms(codebook: torch.Tensor) -> torch.Tensor:
+    """``[K]`` fp32 squared norms of the codes."""
+    K, D = codebook.shape
+    norms = _alloc.empty((K,), dtype=torch.float32, device=codebook.device)
+    _sq_norms_kernel[(triton.cdiv(K, NORMS_BLOCK_K),)](
+        codebook,
+        norms,
+        K,
+        D,
+        codebook.stride(0),
+        BLOCK_K=NORMS_BLOCK_K,
+        BLOCK_D=NORMS_BLOCK_D,
+        num_warps=NUM_WARPS,
+    )
+    return norms
+
+
+def vq_nearest(
+    x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, distances: torch.Tensor
+) -> None:
+    """Writes int64 ``indices [N]`` and fp32 ``distances [N]`` (allocated by the caller)."""
+    _check(x, codebook)
+    N, D = x.shape
+    K = codebook.shape[0]
+    if N == 0:
+        return
+    norms = code_sq_norms(codebook)
+    block_m = _nearest_block_m(N)
+    _nearest_kernel[(triton.cdiv(N, block_m),)](
+        x,
+        codebook,
+        norms,
+        indices,
+        distances,
+        N,
+        K,
+        D,
+        x.stride(0),
+        codebook.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=NEAREST_BLOCK_N,
+        BLOCK_D=_block_d(D),
+        num_warps=NUM_WARPS,
+    )
+
+
+def vq_sample(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    num_samples: int,
+    temperature: float,
+    seed: int,
+    indices: torch.Tensor,
+) -> None:
+    """Writes int64 ``indices [N, num_samples]`` (allocated by the caller)."""
+    _check(x, codebook)
+    N, D = x.shape
+    K = codebook.shape[0]
+    if N == 0:
+        return
+    norms = code_sq_norms(codebook)
+    grid = (triton.cdiv(N, SAMPLE_BLOCK_M), triton.cdiv(num_samples, SAMPLE_BLOCK_S))
+    _sample_kernel[grid](
+        x,
+        codebook,
+        norms,
+        indices,
+        N,
+        K,
+        D,
+        num_samples,
+        x.stride(0),
+        codebook.stride(0),
+        1.0 / temperature,
+        seed,
+        BLOCK_M=SAMPLE_BLOCK_M,
+        BLOCK_N=SAMPLE_BLOCK_N,
+        BLOCK_D=_block_d(D),
+        BLOCK_S=SAMPLE_BLOCK_S,
+        num_warps=NUM_WARPS,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+
+@register_compile_specs(OP)
+def _compile_specs() -> list[CompileSpec]:
+    specs = []
+    for dt in DTYPES:
+        t = _TL[dt]
+        specs.append(
+            CompileSpec(
+                name=f"vq_sq_norms[{t},BLOCK_K={NORMS_BLOCK_K},BLOCK_D={NORMS_BLOCK_D}]",
+                kernel=_sq_norms_kernel,
+                signature={
+                    "e_ptr": f"*{t}",
+                    "out_ptr": "*fp32",
+                    "K": "i32",
+                    "D": "i32",
+                    "stride_e": "i32",
+                    "BLOCK_K": "constexpr",
+                    "BLOCK_D": "constexpr",
+                },
+                constexprs={"BLOCK_K": NORMS_BLOCK_K, "BLOCK_D": NORMS_BLOCK_D},
+                num_warps=NUM_WARPS,
+            )
+        )
+        for block_d in BLOCK_D_CHOICES:
+            for block_m in NEAREST_BLOCK_M_CHOICES:
+                specs.append(
+                    CompileSpec(
+                        name=f"vq_nearest[{t},BLOCK_M={block_m},BLOCK_N={NEAREST_BLOCK_N},BLOCK_D={block_d}]",
+                        kernel=_nearest_kernel,
+                        signature={
+                            "x_ptr": f"*{t}",
+                            "e_ptr": f"*{t}",
+                            "norms_ptr": "*fp32",
+                            "idx_ptr": "*i64",
+                            "dist_ptr": "*fp32",
+                            "N": "i32",
+                            "K": "i32",
+                            "D": "i32",
+                            "stride_x": "i32",
+                            "stride_e": "i32",
+                            "BLOCK_M": "constexpr",
+                            "BLOCK_N": "constexpr",
+                            "BLOCK_D": "constexpr",
+                        },
+                        constexprs={"BLOCK_M": block_m, "BLOCK_N": NEAREST_BLOCK_N, "BLOCK_D": block_d},
+                        num_warps=NUM_WARPS,
+                        uses_dot=True,
+                    )
+                )
+            specs.append(
+                CompileSpec(
+                    name=f"vq_sample[{t},BLOCK_M={SAMPLE_BLOCK_M},BLOCK_N={SAMPLE_BLOCK_N},BLOCK_D={block_d},"
+                    f"BLOCK_S={SAMPLE_BLOCK_S}]",
+                    kernel=_sample_kernel,
+                    signature={
+                        "x_ptr": f"*{t}",
+                        "e_ptr": f"*{t}",
+                        "norms_ptr": "*fp32",
+                        "idx_ptr": "*i64",
+                        "N": "i32",
+                        "K": "i32",
+                        "D": "i32",
+                        "S": "i32",
+                        "stride_x": "i32",
+                        "stride_e": "i32",
+                        "inv_temp": "fp32",
+                        "seed": "i32",
+                        "BLOCK_M": "constexpr",
+                        "BLOCK_N": "constexpr",
+                        "BLOCK_D": "constexpr",
+                        "BLOCK_S": "constexpr",
+                    },
+                    constexprs={
+                        "BLOCK_M": SAMPLE_BLOCK_M,
+                        "BLOCK_N": SAMPLE_BLOCK_N,
+                        "BLOCK_D": block_d,
+                        "BLOCK_S": SAMPLE_BLOCK_S,
+                    },
+                    num_warps=NUM_WARPS,
+                    uses_dot=True,
+                )
+            )
+    return specs
+
+
+@register_launch_cases(OP)
+def _launch_cases() -> list[LaunchCase]:
+    from prompt_kernels.ops.vq import vq_nearest_floors
+
+    N, K, D, S = 40, 70, 48, 3
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=gen)
+    codebook = torch.randn(K, D, generator=gen)
+    idx = _alloc.empty((N,), dtype=torch.int64, device=x.device)
+    dist = _alloc.empty((N,), dtype=torch.float32, device=x.device)
+    samples = _alloc.empty((N, S), dtype=torch.int64, device=x.device)
+    near = vq_nearest_floors(N, K, D, 4)
+    return [
+        LaunchCase(
+            name=f"vq_nearest fwd fp32 x[{N},{D}] codebook[{K},{D}]",
+            op="vq_nearest",
+            direction="forward",
+            launch=lambda: vq_nearest(x, codebook, idx, dist),
+            floor_bytes=near.forward_bytes,
+            floor_flops=near.forward_flops,
+            scale_note="bytes (N*D + K*D)*4 + 12*N; flops 2*N*K*D",
+        ),
+        LaunchCase(
+            name=f"vq_sample fwd fp32 x[{N},{D}] codebook[{K},{D}] S={S}",
+            op="vq_sample",
+            direction="forward",
+            launch=lambda: vq_sample(x, codebook, S, 10.0, 1234, samples),
+            # The launcher writes only the indices: the floors of the lookup part.
+            floor_bytes=4 * (N * D + K * D) + 8 * N * S,
+            floor_flops=2 * N * K * D,
+            scale_note="bytes (N*D + K*D)*4 + 8*N*S; flops 2*N*K*D (sampling work not counted)",
+        ),
+    ]
