@@ -312,7 +312,7 @@ def test_only_method_parameters_get_gradients(kind, style):
 def _toy_task(kind):
     pm = prompt_kernels.attach(make_model(kind), config(dropout=0.0))
     head = torch.nn.Linear(D, 2)
-    data = [batch() + (torch.randint(0, 2, (3,)),) for _ in range(4)]
+    data = [(*batch(), torch.randint(0, 2, (3,))) for _ in range(4)]
 
     def loss_fn(pm_, head_, b):
         ids, mask, y = b
