@@ -13,7 +13,8 @@ from patch_helpers import D, batch, tiny_model
 
 import prompt_kernels as pk
 from prompt_kernels.configs import config_from_dict, config_from_json
-from prompt_kernels.methods.vip import VIP, EMACodebook, VIPConfig
+from prompt_kernels.methods.vip import VIP, VIPConfig
+from prompt_kernels.nn.vector_quantizer import VectorQuantizer
 
 MODELS = ("bert", "llama")
 
@@ -67,6 +68,8 @@ def test_config_defaults_and_round_trip():
         {"ema_decay": 1.0},
         {"ema_decay": -0.5},
         {"ema_eps": 0.0},
+        {"ema": "kmeans"},
+        {"dead_code_threshold": -1.0},
         {"mode": "argmax"},
         {"contextualizer_dropout": 1.0},
     ],
@@ -203,26 +206,70 @@ def test_ema_codebook_updates_in_training_only(mode):
     assert not torch.equal(pm.method.quantizer.cluster_size, before["cluster_size"])
 
 
-def test_ema_update_by_hand():
-    K, d, S, g, eps = 5, 4, 3, 0.9, 0.1
-    init = torch.randn(K, d, dtype=torch.float64)
-    q = EMACodebook(init, g, eps)
-    rows = torch.randn(4, d, dtype=torch.float64)
-    idx = torch.tensor([[0, 0, 2], [1, 2, 2], [0, 4, 4], [4, 4, 4]])
-    q.update(rows, idx)
+@pytest.mark.parametrize("ema", ["vip", "vqvae"])
+def test_ema_update_by_hand(ema):
+    """One training forward: the quantiser's buffers follow the EMA formula (METHODS.md for "vip") for
+    the rows and codes of that forward."""
+    pm = _attach(
+        "bert",
+        head="base",
+        prompt_length=2,
+        codebook_size=7,
+        num_samples=3,
+        ema=ema,
+        ema_decay=0.9,
+        ema_eps=0.1,
+    )
+    vq = pm.method.quantizer
+    assert isinstance(vq, VectorQuantizer)
+    assert (
+        vq.mode,
+        vq.codebook_size,
+        vq.num_samples,
+        vq.temperature,
+        vq.decay,
+        vq.eps,
+        vq.commitment_weight,
+    ) == (
+        "sample",
+        7,
+        3,
+        100.0,
+        0.9,
+        0.1,
+        0.1,
+    )
+    before = {k: v.clone().double() for k, v in vq.state_dict().items()}
+    seen = {}
+    original = vq.update
+
+    def spy(x, indices):
+        seen["rows"], seen["idx"] = x.detach().double().reshape(-1, D), indices.reshape(-1, 3)
+        return original(x, indices)
+
+    vq.update = spy
+    pm.train()
+    ids, mask = batch("bert")
+    pm(input_ids=ids, attention_mask=mask)
+    rows, idx = seen["rows"], seen["idx"]
+    assert rows.shape == (3 * 2, D)
+    K, S, g, eps = 7, 3, 0.9, 0.1
     counts = torch.zeros(K, dtype=torch.float64)
-    sums = torch.zeros(K, d, dtype=torch.float64)
-    for i in range(4):
+    sums = torch.zeros(K, D, dtype=torch.float64)
+    for i in range(rows.shape[0]):
         for s in range(S):
             counts[idx[i, s]] += 1
             sums[idx[i, s]] += rows[i]
-    N = g * torch.ones(K, dtype=torch.float64) + (1 - g) * counts / S
-    N = (N + eps) / (N.sum() + K * eps) * N.sum()
-    M = g * init + (1 - g) * sums / S
-    torch.testing.assert_close(q.cluster_size, N)
-    torch.testing.assert_close(q.embed_sum, M)
-    torch.testing.assert_close(q.codebook, M / N[:, None])
-    torch.testing.assert_close(q.codebook[3], init[3] * g / N[3])  # never drawn: only the smoothing moves it
+    N = g * before["cluster_size"] + (1 - g) * counts / S
+    smoothed = (N + eps) / (N.sum() + K * eps) * N.sum()
+    if ema == "vip":
+        codes = g * before["codebook"] + (1 - g) * (sums / S) / smoothed[:, None]
+        torch.testing.assert_close(vq.cluster_size.double(), smoothed, rtol=1e-5, atol=1e-6)
+    else:
+        M = g * before["embed_sum"] + (1 - g) * sums / S
+        codes = M / smoothed[:, None]
+        torch.testing.assert_close(vq.embed_sum.double(), M, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(vq.codebook.double(), codes, rtol=1e-5, atol=1e-4)
 
 
 def test_sampling_draws_num_samples_codes_per_row():
@@ -232,8 +279,8 @@ def test_sampling_draws_num_samples_codes_per_row():
     seen = {}
     original = pm.method.quantize
 
-    def spy(rows, training):
-        out = original(rows, training)
+    def spy(rows):
+        out = original(rows)
         seen["idx"] = out[1]
         seen["q"] = out[0]
         return out

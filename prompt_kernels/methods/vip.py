@@ -13,8 +13,9 @@ Shapes (``B`` batch, ``T`` tokens, ``p`` prompt length, ``d`` hidden size, ``h``
                              (``ops.vq_sample``), straight-through to C~
     prompt   [B, p, d]       P + Q  (skip connection), prepended to the input embeddings
 
-The codebook ``[K, d]`` is a buffer (no gradient) of the quantiser module, updated by EMA in training
-mode only (see :class:`EMACodebook`). The commitment loss ``commitment_weight * mean((C~ - sg(Q))^2)``
+The codebook ``[K, d]`` is a buffer (no gradient) of the quantiser, a
+:class:`prompt_kernels.nn.VectorQuantizer` (``method.quantizer``), updated by EMA in training mode only
+(``ema="vip"``: METHODS.md's update, see that module). The commitment loss ``commitment_weight * mean((C~ - sg(Q))^2)``
 is the method's auxiliary loss ``"vip_commitment"``.
 """
 
@@ -36,6 +37,7 @@ from prompt_kernels.configs import (
     register_config,
 )
 from prompt_kernels.methods.base import PromptMethod, register_method
+from prompt_kernels.nn.vector_quantizer import VectorQuantizer
 
 
 @register_config
@@ -55,8 +57,12 @@ class VIPConfig(PromptConfig):
     temperature: ``τ`` of ``softmax(-||C~ - e_k||^2 / τ)``. 100.0.
     num_samples: ``S`` codes drawn per row. 10.
     commitment_weight: weight of the commitment loss. 0.1.
+    ema: the codebook update of ``prompt_kernels.nn.VectorQuantizer``: ``"vip"`` (default; METHODS.md:
+        ``e_k <- γ e_k + (1 - γ) m_k / N_k``) or ``"vqvae"`` (running sums, ``e_k = M_k / N_k``; a code
+        drawn by no row keeps its value instead of decaying).
     ema_decay: ``γ`` of the codebook's EMA update. 0.99.
     ema_eps: Laplace smoothing ``ε`` of the EMA counts. 0.01.
+    dead_code_threshold: codes whose EMA count falls below it are reset to rows of the batch. 0 = off.
     mode: ``"sample"`` (default; ``ops.vq_sample``) or ``"nearest"`` (``ops.vq_quantize``, the nearest
         code). In eval mode ``"sample"`` uses the nearest code too (deterministic outputs) unless
         ``sample_in_eval`` is True.
@@ -74,8 +80,10 @@ class VIPConfig(PromptConfig):
     temperature: float = 100.0
     num_samples: int = 10
     commitment_weight: float = 0.1
+    ema: str = "vip"
     ema_decay: float = 0.99
     ema_eps: float = 0.01
+    dead_code_threshold: float = 0.0
     mode: str = "sample"
     sample_in_eval: bool = False
 
@@ -106,6 +114,8 @@ class VIPConfig(PromptConfig):
         if self.ema_decay == 1.0:
             raise ValueError("ema_decay must be < 1 (1 would freeze the codebook)")
         check_float("ema_eps", self.ema_eps, 0.0, open_low=True)
+        check_choice("ema", self.ema, ("vip", "vqvae"))
+        check_float("dead_code_threshold", self.dead_code_threshold, 0.0)
         check_choice("mode", self.mode, ("sample", "nearest"))
         check_bool("sample_in_eval", self.sample_in_eval)
 
@@ -123,48 +133,6 @@ def vocabulary_rows(info, n: int) -> torch.Tensor:
 
 def _scale_rows(x: torch.Tensor, norm: float | None) -> torch.Tensor:
     return x if norm is None else F.normalize(x, dim=-1) * norm
-
-
-class EMACodebook(nn.Module):
-    """A ``[K, d]`` codebook updated by exponential moving averages only (no gradient).
-
-    Buffers: ``codebook [K, d]``, ``cluster_size [K]`` (EMA counts ``N``), ``embed_sum [K, d]`` (EMA of
-    the assigned rows' sums ``M``); initially ``N = 1`` and ``M = codebook`` (so ``M / N`` is the
-    initial codebook). One update with the batch's code counts ``c_k`` (over all rows and samples)
-    and assigned sums ``m_k = sum_i count_ik x_i`` (``S`` samples per row)::
-
-        N_k <- γ N_k + (1 - γ) c_k / S
-        N_k <- (N_k + ε) / (sum N + K ε) * sum N            (Laplace smoothing)
-        M_k <- γ M_k + (1 - γ) m_k / S
-        e_k <- M_k / N_k
-
-    This is the standard VQ-VAE EMA (van den Oord et al. 2017), which VIP uses: the average is kept on
-    the sums ``M`` rather than on ``e`` directly, so a code drawn in no batch keeps its value instead
-    of shrinking towards 0.
-    """
-
-    def __init__(self, initial: torch.Tensor, decay: float, eps: float):
-        super().__init__()
-        self.decay, self.eps = float(decay), float(eps)
-        K = initial.shape[0]
-        self.register_buffer("codebook", initial.clone())
-        self.register_buffer("cluster_size", torch.ones(K, dtype=initial.dtype, device=initial.device))
-        self.register_buffer("embed_sum", initial.clone())
-
-    @torch.no_grad()
-    def update(self, rows: torch.Tensor, indices: torch.Tensor) -> None:
-        """rows ``[N, d]`` (any float dtype), indices int64 ``[N, S]`` (the codes each row drew)."""
-        K, S = self.codebook.shape[0], indices.shape[-1]
-        rows = rows.detach().to(self.codebook.dtype)
-        flat = indices.reshape(-1)
-        counts = torch.bincount(flat, minlength=K).to(self.codebook.dtype)
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, flat, rows.repeat_interleave(S, dim=0))
-        g = self.decay
-        self.cluster_size.mul_(g).add_(counts / S, alpha=1 - g)
-        total = self.cluster_size.sum()
-        self.cluster_size.copy_((self.cluster_size + self.eps) / (total + K * self.eps) * total)
-        self.embed_sum.mul_(g).add_(sums / S, alpha=1 - g)
-        self.codebook.copy_(self.embed_sum / self.cluster_size[:, None])
 
 
 @register_method(VIPConfig)
@@ -197,8 +165,21 @@ class VIP(PromptMethod):
             layer, config.contextualizer_layers, enable_nested_tensor=False
         )
         self.contextualizer_out = nn.Linear(h, d, device=dev)
-        codes = _scale_rows(vocabulary_rows(info, config.codebook_size), config.codebook_norm)
-        self.quantizer = EMACodebook(codes, config.ema_decay, config.ema_eps)
+        self.quantizer = VectorQuantizer(
+            d,
+            config.codebook_size,
+            mode=config.mode,
+            num_samples=config.num_samples,
+            temperature=config.temperature,
+            commitment_weight=config.commitment_weight,
+            ema=config.ema,
+            decay=config.ema_decay,
+            eps=config.ema_eps,
+            dead_code_threshold=config.dead_code_threshold,
+            init_rows=vocabulary_rows(info, config.codebook_size),
+            init_scale=config.codebook_norm,
+            device=dev,
+        )
 
     def contextualize(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``C [B, p, d]`` from ``E(x) [B, T, d]`` and the real-token mask ``[B, T]`` (bool)."""
@@ -208,28 +189,24 @@ class VIP(PromptMethod):
         u = self.contextualizer(self.contextualizer_in(x), src_key_padding_mask=pad)
         return self.contextualizer_out(u[:, :p])
 
-    def quantize(self, rows: torch.Tensor, training: bool):
-        """rows ``[B, p, d]`` -> ``(Q [B, p, d], indices [B, p] or [B, p, S], commitment loss [])``;
-        updates the codebook by EMA when ``training``."""
-        from prompt_kernels.ops.vq import vq_quantize, vq_sample
+    def quantize(self, rows: torch.Tensor):
+        """rows ``[B, p, d]`` -> ``(Q [B, p, d], indices [B, p] or [B, p, S], commitment loss [])``.
 
-        cfg, codebook = self.config, self.quantizer.codebook
-        sample = cfg.mode == "sample" and (training or cfg.sample_in_eval)
-        if sample:
-            q, idx, loss = vq_sample(
-                rows, codebook, cfg.num_samples, cfg.temperature, commitment_weight=cfg.commitment_weight
-            )
-        else:
-            q, idx, loss = vq_quantize(rows, codebook, commitment_weight=cfg.commitment_weight)
-        if training:
-            d = rows.shape[-1]
-            self.quantizer.update(rows.reshape(-1, d), idx.reshape(rows.shape[0] * rows.shape[1], -1))
-        return q, idx, loss
+        Runs the quantiser module (``config.mode``; in training mode it then updates the codebook by
+        EMA), except in eval mode with ``mode="sample"`` and ``sample_in_eval=False``, where the nearest
+        code is used (``ops.vq_quantize`` against the same codebook, no update).
+        """
+        cfg, vq = self.config, self.quantizer
+        if cfg.mode == "sample" and not (vq.training or cfg.sample_in_eval):
+            from prompt_kernels.ops.vq import vq_quantize
+
+            return tuple(vq_quantize(rows, vq.codebook, commitment_weight=cfg.commitment_weight))
+        return tuple(vq(rows))
 
     def input_prompts(self, ctx):
         C = self.contextualize(ctx.input_embeddings, ctx.attention_mask)
         rows = _scale_rows(C, self.config.codebook_norm)
-        q, idx, loss = self.quantize(rows, ctx.training)
+        q, idx, loss = self.quantize(rows)
         ctx.cache["vip_commitment"] = loss
         ctx.cache["vip_indices"] = idx
         return self.prompt[None] + q
@@ -239,4 +216,4 @@ class VIP(PromptMethod):
         return {} if loss is None else {"vip_commitment": loss}
 
 
-__all__ = ["VIP", "EMACodebook", "VIPConfig"]
+__all__ = ["VIP", "VIPConfig", "vocabulary_rows"]
