@@ -138,6 +138,7 @@ class PromptedModel(nn.Module):
             raise
         # The model's forward signature on our forward (Trainer keeps the columns it names).
         self.forward = types.MethodType(self._make_forward(), self)
+        self.train(model.training)  # the prompts follow the model's train/eval mode
 
     # -- set-up ------------------------------------------------------------------------------------
     def _make_forward(self):
