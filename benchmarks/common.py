@@ -83,7 +83,12 @@ def percentiles(xs: list[float]) -> tuple[float, float, float]:
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
     """Peak extra memory of one call: CUDA allocator peak on GPU, else the CPU allocator's peak as
-    seen by torch's profiler (sum of live tensor bytes allocated during the call)."""
+    seen by torch's profiler (sum of live tensor bytes allocated during the call).
+
+    On CPU every allocation and free the profiler records (one event each, with its size) is
+    replayed in time order and the running sum's maximum is returned, so temporaries freed inside
+    an op count too. Allocations made by intra-op worker threads are not reported to the profiler.
+    """
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -95,6 +100,11 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    peak = _cpu_allocation_peak(prof)
+    if peak is not None:
+        return peak
+    # Fallback (private profiler API unavailable): leaf events' memory, which misses the
+    # allocations of ops that have child ops.
     live = peak = 0
     events = sorted(
         (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0) != 0 and not e.cpu_children),
@@ -102,6 +112,28 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
     )
     for e in events:
         live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def _cpu_allocation_peak(prof) -> int | None:
+    """Peak of the running sum of the CPU allocation events (+size on alloc, -size on free) the
+    profiler recorded, in time order; None if the event tree is not available."""
+    try:
+        from torch._C._profiler import _EventType
+
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    except (ImportError, AttributeError):
+        return None
+    events = []
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            events.append((node.start_time_ns, node.typed[1].alloc_size))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
         peak = max(peak, live)
     return peak
 
