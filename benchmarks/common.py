@@ -56,7 +56,9 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def time_interleaved(cases: list[Case], repeats: int, warmup: int = 2, min_time_s: float = 0.0) -> dict[int, list[float]]:
+def time_interleaved(
+    cases: list[Case], repeats: int, warmup: int = 2, min_time_s: float = 0.0
+) -> dict[int, list[float]]:
     """Time each case ``repeats`` times, round-robin, after ``warmup`` calls each. Returns ms per call."""
     for c in cases:
         if c.setup:
