@@ -277,7 +277,7 @@ def phm_linear_forward(x2, rules, weights, bias, out) -> torch.Tensor:
     cfg = forward_config(I, O)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), n * triton.cdiv(O, cfg["BLOCK_N"]))
     _forward_kernel[grid](
-        x2, rules, weights, bias if bias is not None else out, out,
+        x2, rules, weights, bias.contiguous() if bias is not None else out, out,
         N, n, I, O, int(bias is not None),
         x2.stride(0), x2.stride(1), out.stride(0),
         DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **cfg,

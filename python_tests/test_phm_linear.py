@@ -1,0 +1,285 @@
+"""phm_linear: every backend against the float64 reference (output and the gradients of x, rules,
+weights and bias), awkward shapes, partial gradients, strided inputs, empty batches, the reference
+against the Kronecker definition, opcheck, torch.compile and bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import INTERPRET, assert_within_budget, backends, cpp_built, device_for
+
+from prompt_kernels import use_backend
+from prompt_kernels.ops import phm_linear
+from prompt_kernels.ops.phm_linear import _phm_linear_backward_op, _phm_linear_op, phm_linear_floors
+from prompt_kernels.ops.reference import phm_linear as reference
+
+BACKENDS = backends(has_cpp=True)
+NAMES = ("x", "rules", "weights", "bias")
+
+
+def _skip_unavailable(backend: str) -> None:
+    if backend == "cpp" and not cpp_built():
+        pytest.skip("the C++ extension is not built")
+
+
+def _dtypes_for(backend: str):
+    # bf16 under the Triton interpreter goes through numpy's weak emulation; on a GPU it is tested.
+    if backend == "triton" and INTERPRET:
+        return (torch.float32, torch.float16)
+    return (torch.float32, torch.float16, torch.bfloat16)
+
+
+def make_inputs(x_shape, out_features, n, bias=True, dtype=torch.float32):
+    in_features = x_shape[-1]
+    x = torch.randn(*x_shape)
+    rules = torch.randn(n, n, n)
+    weights = torch.randn(n, in_features // n, out_features // n) / (in_features**0.5)
+    b = torch.randn(out_features) if bias else None
+    return [t if t is None else t.to(dtype) for t in (x, rules, weights, b)]
+
+
+def _run(backend, inputs, grad_out, requires=(True, True, True, True)):
+    device = device_for(backend)
+    leaves = [None if t is None else t.detach().to(device).requires_grad_(r) for t, r in zip(inputs, requires)]
+    with use_backend(backend):
+        y = phm_linear(*leaves)
+        y.backward(grad_out.to(device))
+    grads = [None if t is None or not t.requires_grad else t.grad.cpu() for t in leaves]
+    return y.detach().cpu(), grads
+
+
+def _reference(inputs, grad_out, dtype=None):
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in inputs]
+    y = reference(*leaves)
+    y.backward(grad_out.to(y.dtype))
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+# (x shape, out_features, n, bias). Awkward: batch 1 with I = 3, O = 2; 3-D x with I and O not
+# multiples of any block; n = 1 (a plain linear layer) without bias; N = 70 (several row splits of
+# the weight gradient and a partial row tile); a length-1 middle dimension; n = 3 (not a power of two).
+CASES = [
+    ((1, 12), 8, 4, True),
+    ((3, 5, 36), 20, 2, True),
+    ((7, 10), 6, 1, False),
+    ((70, 40), 24, 4, True),
+    ((2, 1, 96), 48, 4, False),
+    ((5, 15), 9, 3, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x{}_out{}_n{}_bias{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_matches_reference(backend, case, dtype):
+    _skip_unavailable(backend)
+    if dtype not in _dtypes_for(backend):
+        pytest.skip("bf16 runs through numpy's emulation under the Triton interpreter (tested on CUDA)")
+    x_shape, out_features, n, bias = case
+    inputs = make_inputs(x_shape, out_features, n, bias, dtype)
+    grad_out = torch.randn(*x_shape[:-1], out_features).to(dtype)
+    y, grads = _run(backend, inputs, grad_out)
+    y64, grads64 = _reference(inputs, grad_out, torch.float64)
+    y_same, grads_same = _reference(inputs, grad_out)
+    assert y.dtype == dtype and y.shape == (*x_shape[:-1], out_features)
+    assert_within_budget(y, y64, y_same, name=f"{backend} y")
+    for name, g, g64, g_same in zip(NAMES, grads, grads64, grads_same):
+        if g64 is None:
+            assert g is None
+            continue
+        assert_within_budget(g, g64, g_same, name=f"{backend} grad_{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_benchmark_like_shape(backend):
+    """The benchmark's layer (384 -> 64, n = 4), fp32; fewer rows for the interpreter."""
+    _skip_unavailable(backend)
+    rows = 40 if backend == "triton" and INTERPRET else 2048
+    inputs = make_inputs((rows, 384), 64, 4)
+    grad_out = torch.randn(rows, 64)
+    y, grads = _run(backend, inputs, grad_out)
+    y64, grads64 = _reference(inputs, grad_out, torch.float64)
+    y_same, grads_same = _reference(inputs, grad_out)
+    assert_within_budget(y, y64, y_same, name=f"{backend} y")
+    for name, g, g64, g_same in zip(NAMES, grads, grads64, grads_same):
+        assert_within_budget(g, g64, g_same, name=f"{backend} grad_{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "requires",
+    [(True, False, False, False), (False, True, True, False), (False, False, False, True), (False, True, False, True)],
+    ids=lambda r: "".join("xrwb"[i] for i, v in enumerate(r) if v),
+)
+def test_partial_gradients(backend, requires):
+    """Only the gradients asked for are computed, and they equal the full backward's."""
+    _skip_unavailable(backend)
+    inputs = make_inputs((9, 24), 12, 2)
+    grad_out = torch.randn(9, 12)
+    _, full = _run(backend, inputs, grad_out)
+    _, part = _run(backend, inputs, grad_out, requires)
+    for name, want, g, f in zip(NAMES, requires, part, full):
+        if want:
+            torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6, msg=f"grad_{name}")
+        else:
+            assert g is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """A transposed x, non-contiguous weights and a non-contiguous grad_out give the same results."""
+    _skip_unavailable(backend)
+    device = device_for(backend)
+    x = torch.randn(20, 7).t().to(device).requires_grad_()  # [7, 20], column-major
+    rules = torch.randn(2, 2, 2).transpose(1, 2).to(device).requires_grad_()
+    weights = torch.randn(2, 6, 10).transpose(1, 2).to(device).requires_grad_()  # [2, 10, 6]
+    bias = torch.randn(24)[::2].to(device).requires_grad_()
+    grad_out = torch.randn(12, 7).t().to(device)
+    with use_backend(backend):
+        y = phm_linear(x, rules, weights, bias)
+        y.backward(grad_out)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, rules, weights, bias)]
+    y64 = reference(*leaves)
+    y64.backward(grad_out.cpu().double())
+    torch.testing.assert_close(y.detach().cpu().double(), y64, rtol=1e-5, atol=1e-5)
+    for name, t, t64 in zip(NAMES, (x, rules, weights, bias), leaves):
+        torch.testing.assert_close(t.grad.cpu().double(), t64.grad, rtol=1e-5, atol=1e-5, msg=f"grad_{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    """No rows: an empty output, zero parameter gradients, the bias gradient zero."""
+    _skip_unavailable(backend)
+    inputs = make_inputs((0, 3, 8), 12, 4)
+    y, grads = _run(backend, inputs, torch.randn(0, 3, 12))
+    assert y.shape == (0, 3, 12)
+    assert grads[0].shape == (0, 3, 8)
+    for g, t in zip(grads[1:], inputs[1:]):
+        assert g.shape == t.shape and (g == 0).all()
+
+
+def test_reference_is_the_kronecker_sum():
+    """H[a*I + p, b*O + q] = sum_i rules[i, a, b] * weights[i, p, q], checked element by element,
+    and the reference equals the compacter formula x @ sum_i kron(A_i, B_i) + bias."""
+    n, I, O = 3, 2, 4
+    x, rules, weights, bias = (t.double() for t in make_inputs((5, n * I), n * O, n))
+    H = torch.zeros(n * I, n * O, dtype=torch.float64)
+    for a in range(n):
+        for p in range(I):
+            for b in range(n):
+                for q in range(O):
+                    H[a * I + p, b * O + q] = sum(rules[i, a, b] * weights[i, p, q] for i in range(n))
+    torch.testing.assert_close(reference(x, rules, weights, bias), x @ H + bias, rtol=1e-12, atol=1e-12)
+    kron = sum(torch.kron(rules[i], weights[i]) for i in range(n))
+    torch.testing.assert_close(kron, H, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference(x, rules, weights), x @ H, rtol=1e-12, atol=1e-12)
+
+
+def test_floors():
+    fl = phm_linear_floors(2048, 384, 64, 4, 4, bias=True)
+    params = 4**3 + 4 * 96 * 16 + 64
+    assert fl.forward_bytes == 4 * (2048 * 384 + params + 2048 * 64)
+    assert fl.forward_flops == 2 * 2048 * 384 * 64 + 2048 * 64
+    assert fl.backward_flops == 4 * 2048 * 384 * 64 + 4 * 4 * 384 * 64 + 2048 * 64
+    assert fl.kron_build_flops == 2 * 4 * 384 * 64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    _skip_unavailable(backend)
+    device = device_for(backend)
+    x, rules, weights, bias = (t.to(device) for t in make_inputs((2, 3, 8), 12, 2))
+    grad_out = torch.randn(2, 3, 12, device=device)
+    with use_backend(backend):
+        for b in (bias, None):
+            args = (x.requires_grad_(), rules.requires_grad_(), weights.requires_grad_(), b)
+            torch.library.opcheck(_phm_linear_op, args)
+        for flags in ((True, True, True), (False, True, False), (True, False, False)):
+            torch.library.opcheck(_phm_linear_backward_op, (grad_out, x.detach(), rules.detach(), weights.detach(), *flags))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_torch_compile_fullgraph(backend):
+    _skip_unavailable(backend)
+    inputs = make_inputs((4, 5, 16), 8, 4)
+    grad_out = torch.randn(4, 5, 8)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+
+    def step(x, rules, weights, bias):
+        return phm_linear(x, rules, weights, bias).sin()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with use_backend(backend):
+        y = compiled(*leaves)
+        y.backward(grad_out)
+    ref = [t.clone().double().requires_grad_() for t in inputs]
+    y64 = reference(*ref).sin()
+    y64.backward(grad_out.double())
+    torch.testing.assert_close(y.detach().double(), y64, rtol=1e-5, atol=1e-5)
+    for name, t, t64 in zip(NAMES, leaves, ref):
+        torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-5, msg=f"grad_{name}")
+
+
+def test_torch_compile_inductor_forward():
+    """The default inductor backend traces the op as one node (forward, cpp backend when built)."""
+    x, rules, weights, bias = make_inputs((6, 16), 8, 4)
+    compiled = torch.compile(phm_linear, fullgraph=True)
+    torch.testing.assert_close(compiled(x, rules, weights, bias), reference(x, rules, weights, bias))
+
+
+def _bad(x=None, rules=None, weights=None, bias="default"):
+    gx, gr, gw, gb = make_inputs((3, 8), 12, 2)
+    return (gx if x is None else x, gr if rules is None else rules, gw if weights is None else weights,
+            gb if isinstance(bias, str) else bias)  # fmt: skip
+
+
+BAD = [
+    ("x not a tensor", _bad(x=[[1.0] * 8] * 3), TypeError, "x must be a torch.Tensor"),
+    ("rules not a tensor", _bad(rules=1.0), TypeError, "rules must be a torch.Tensor"),
+    ("bias not a tensor", _bad(bias=[0.0] * 12), TypeError, "bias must be a torch.Tensor"),
+    ("x 0-d", _bad(x=torch.tensor(1.0)), ValueError, "x must have at least 1"),
+    ("rules 2-d", _bad(rules=torch.randn(2, 2)), ValueError, "rules must have 3 dimensions"),
+    ("weights 2-d", _bad(weights=torch.randn(4, 6)), ValueError, "weights must have 3 dimensions"),
+    ("bias 2-d", _bad(bias=torch.randn(1, 12)), ValueError, "bias must have 1 dimensions"),
+    ("rules not cubic", _bad(rules=torch.randn(2, 2, 3)), ValueError, "rules must have shape [n, n, n]"),
+    ("rules n = 0", _bad(rules=torch.randn(0, 0, 0)), ValueError, "rules must have shape [n, n, n]"),
+    ("n mismatch", _bad(weights=torch.randn(4, 2, 3)), ValueError, "(n from rules)"),
+    ("n does not divide in", _bad(x=torch.randn(3, 9)), ValueError, "must be divisible by n=2"),
+    ("weights wrong I", _bad(weights=torch.randn(2, 3, 6)), ValueError, "in_features // n=4"),
+    ("bias wrong size", _bad(bias=torch.randn(10)), ValueError, "bias must have shape [out_features=12]"),
+    ("integer x", _bad(x=torch.ones(3, 8, dtype=torch.int64)), TypeError, "x must have dtype in"),
+    ("float64 x", _bad(x=torch.randn(3, 8, dtype=torch.float64)), TypeError, "x must have dtype in"),
+    ("mixed dtypes", _bad(weights=torch.randn(2, 4, 6, dtype=torch.float16)), TypeError, "weights must have the same dtype as x"),
+    ("mixed bias dtype", _bad(bias=torch.randn(12, dtype=torch.bfloat16)), TypeError, "bias must have the same dtype as x"),
+    ("wrong device", _bad(rules=torch.randn(2, 2, 2, device="meta")), ValueError, "rules must be on the same device as x"),
+    ("wrong bias device", _bad(bias=torch.randn(12, device="meta")), ValueError, "bias must be on the same device as x"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_inputs(case):
+    _, args, exc, msg = case
+    with pytest.raises(exc) as info:
+        phm_linear(*args)
+    assert msg in str(info.value)
+
+
+def test_reference_accepts_float64():
+    x, rules, weights, bias = (t.double() for t in make_inputs((3, 8), 12, 2))
+    assert reference(x, rules, weights, bias).dtype == torch.float64
+    with pytest.raises(TypeError, match="x must have dtype in"):
+        phm_linear(x, rules, weights, bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_call_does_not_reuse_outputs(backend):
+    """Two calls give fresh outputs (the result of the first is not overwritten by the second)."""
+    _skip_unavailable(backend)
+    device = device_for(backend)
+    a = [t.to(device) for t in make_inputs((4, 8), 4, 2)]
+    b = [t.to(device) for t in make_inputs((4, 8), 4, 2)]
+    with use_backend(backend):
+        ya = phm_linear(*a)
+        ya_copy = ya.clone()
+        phm_linear(*b)
+    assert torch.equal(ya, ya_copy)
