@@ -474,3 +474,57 @@ def test_trainer_runs_a_few_steps(tmp_path):
     assert not torch.equal(pm.method.embedding.weight.detach(), before_prompt)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before_model[k]), k
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+@pytest.mark.parametrize("gate", [1.0, 0.5])
+@pytest.mark.parametrize("pad", [0, 2])
+def test_dropout_path_in_a_model_matches_eval(model_type, gate, pad):
+    """Training with a vanishing attention dropout (the concatenation path) gives the eval outputs."""
+    model = tiny_model(model_type, dropout=False)
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 1e-12
+        if isinstance(getattr(m, "dropout", None), torch.nn.Dropout) and "Attention" in type(m).__name__:
+            m.dropout.p = 1e-12
+    ids, mask = batch(model_type, pad_last=pad)
+    cfg = (
+        pk.PrefixTuningConfig(prompt_length=3, prefix_dropout=0.0)
+        if gate == 1.0
+        else DeepPromptTestConfig(prompt_length=3, gate=gate)
+    )
+    pm = pk.attach(model, cfg)
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+        pm.train()
+        out = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_errors_inside_a_forward_leave_no_state_behind():
+    model = tiny_model("llama")
+    pm = pk.attach(model, pk.PromptTuningConfig(prompt_length=2))
+    with pytest.raises(ValueError):
+        pm(attention_mask=torch.ones(1, 3))  # neither input_ids nor inputs_embeds
+    with pytest.raises(ValueError, match="2D attention_mask"):
+        pm(input_ids=torch.tensor([[3, 4, 5]]), attention_mask=torch.ones(1, 1, 3, 3))
+    assert pm._stack == []
+    ids, mask = batch("llama")
+    pm(input_ids=ids, attention_mask=mask)
+    assert pm._stack == []
+
+
+def test_bfloat16_model():
+    model = tiny_model("llama", "lm").to(torch.bfloat16)
+    ids, mask = batch("llama")
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    pm = pk.attach(model, DeepPromptTestConfig(prompt_length=2, gate=0.0))
+    out = pm(input_ids=ids, attention_mask=mask).logits
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    pm.detach()
+    pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=2))
+    pm.train()
+    pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert pm.method.embedding.weight.grad.dtype == torch.float32

@@ -143,30 +143,38 @@ def convert_mask(mask: torch.Tensor, B: int, causal: bool, exact: bool = True):
 
 
 def _concat_path(binding, module, query, key, value, mask, prefix: PrefixKV, scaling, dropout, kwargs):
-    """Prompt keys/values concatenated in front, through the wrapped implementation (keeps its dropout)."""
+    """Prompt keys/values concatenated in front, through the wrapped implementation (keeps its dropout).
+
+    The mask over ``P + S`` keys stays None (no mask: SDPA's fastest kernels) or bool where it can:
+    an additive mask is built only for a gate other than 1 (``log(gate)`` on the prompt columns).
+    """
     B, H, T, _ = query.shape
     S = key.shape[2]
     P = prefix.key.shape[2]
-    causal = _is_causal(module, kwargs)
-    if mask is None:
-        real = _causal_bool(T, S, query.device)[None, None] if causal and T > 1 else None
+    causal = _is_causal(module, kwargs) and T > 1
+    real = mask if mask is not None else (_causal_bool(T, S, query.device)[None, None] if causal else None)
+    if prefix.gate_is_one and real is None:
+        full = None
+    elif prefix.gate_is_one and real.dtype == torch.bool:
+        b, h = real.shape[0], real.shape[1]
+        ones = torch.ones(b, h, T, P, dtype=torch.bool, device=real.device)
+        full = torch.cat([ones, real.expand(b, h, T, S)], dim=-1)
     else:
-        real = mask
-    if real is None:
-        real_add = torch.zeros(1, 1, T, S, dtype=query.dtype, device=query.device)
-    elif real.dtype == torch.bool:
-        zero = torch.zeros((), dtype=query.dtype, device=query.device)
-        real_add = torch.where(real, zero, torch.finfo(query.dtype).min)
-    else:
-        real_add = real.to(query.dtype)
-    if prefix.gate_is_one:
-        prompt_add = torch.zeros(1, 1, T, P, dtype=query.dtype, device=query.device)
-    else:
-        g = prefix.gate.to(query.dtype).expand(B, H)
-        prompt_add = torch.log(g)[:, :, None, None].expand(B, H, T, P)
-    heads = max(real_add.shape[1], prompt_add.shape[1])
-    batch = max(real_add.shape[0], prompt_add.shape[0])
-    full = torch.cat([prompt_add.expand(batch, heads, T, P), real_add.expand(batch, heads, T, S)], dim=-1)
+        if real is None:
+            real_add = torch.zeros(1, 1, T, S, dtype=query.dtype, device=query.device)
+        elif real.dtype == torch.bool:
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            real_add = torch.where(real, zero, torch.finfo(query.dtype).min)
+        else:
+            real_add = real.to(query.dtype)
+        if prefix.gate_is_one:
+            prompt_add = torch.zeros(1, 1, T, P, dtype=query.dtype, device=query.device)
+        else:
+            g = prefix.gate.to(query.dtype).expand(B, H)
+            prompt_add = torch.log(g)[:, :, None, None].expand(B, H, T, P)
+        heads = max(real_add.shape[1], prompt_add.shape[1])
+        batch = max(real_add.shape[0], prompt_add.shape[0])
+        full = torch.cat([prompt_add.expand(batch, heads, T, P), real_add.expand(batch, heads, T, S)], dim=-1)
     k = torch.cat([prefix.key.expand(B, -1, -1, -1), key], dim=2)
     v = torch.cat([prefix.value.expand(B, -1, -1, -1), value], dim=2)
     kwargs = {**kwargs, "is_causal": False}

@@ -265,8 +265,9 @@ class PromptedModel(nn.Module):
         return self._stack[-1] if self._stack else None
 
     def _on_model_start(self, module, args, kwargs):
+        # Push first: the always-called end hook pops once per call, even when this hook raises.
+        self._stack.append(None)
         if self._disabled or self._detached:
-            self._stack.append(None)
             return None
         if args:
             names = [
@@ -277,19 +278,15 @@ class PromptedModel(nn.Module):
             kwargs = {**dict(zip(names, args)), **kwargs}
         depth = sum(c is not None for c in self._stack)
         ctx = ForwardContext(self, dict(kwargs), depth)
-        self._stack.append(ctx)
-        try:
-            kwargs = self._apply_input_style(ctx, dict(kwargs))
-            if self._sequence_layer is not None:
-                if ctx.decoding:
-                    raise NotImplementedError(
-                        "sequence-style prompts do not support decoding with a key/value cache"
-                    )
-                if "use_cache" in self._accepts:
-                    kwargs["use_cache"] = False
-        except BaseException:
-            self._stack.pop()
-            raise
+        self._stack[-1] = ctx
+        kwargs = self._apply_input_style(ctx, dict(kwargs))
+        if self._sequence_layer is not None:
+            if ctx.decoding:
+                raise NotImplementedError(
+                    "sequence-style prompts do not support decoding with a key/value cache"
+                )
+            if "use_cache" in self._accepts:
+                kwargs["use_cache"] = False
         return (), kwargs
 
     def _on_model_end(self, module, args, output):
@@ -480,7 +477,7 @@ class PromptedModel(nn.Module):
             prefix = gen.prefix[idx]
         else:
             raw = self.method.prefix(ctx, idx)
-            prefix = None if raw is None else self._normalize_prefix(raw, ctx)
+            prefix = None if raw is None else self._normalize_prefix(raw, ctx, idx)
             if gen is not None:
                 gen.prefix[idx] = prefix
         if prefix is None:
@@ -490,7 +487,7 @@ class PromptedModel(nn.Module):
             return dataclasses.replace(prefix, mask_in=mask, mask_op=op_mask, mask_causal=op_causal)
         return dataclasses.replace(prefix, mask_in=None, mask_op=None, mask_causal=False)
 
-    def _normalize_prefix(self, raw, ctx: ForwardContext) -> PrefixKV:
+    def _normalize_prefix(self, raw, ctx: ForwardContext, idx: int) -> PrefixKV:
         if isinstance(raw, PrefixKV):
             key, value, gate = raw.key, raw.value, raw.gate
         else:
@@ -513,7 +510,7 @@ class PromptedModel(nn.Module):
             raise ValueError(
                 f"prefix value shape {tuple(value.shape)} differs from key shape {tuple(key.shape)}"
             )
-        dtype = info.dtype
+        dtype = ctx.layer_inputs[idx].dtype if idx in ctx.layer_inputs else info.dtype
         gate_is_one = gate is None
         if gate is None:
             if self._one.device != key.device:
