@@ -278,18 +278,29 @@ def registered_specs() -> list[tuple[str, object]]:
     return [(op, spec) for op in sorted(registry._COMPILE) for fn in registry._COMPILE[op] for spec in fn()]
 
 
-def check(specs: list[tuple[str, object]], archs=ARCHS, jobs: int = 1) -> list[CompileResult]:
-    """Compile every ``(op, spec)`` for every arch. ``jobs > 1`` uses a forked process pool."""
+def check(specs: list[tuple[str, object]], archs=ARCHS, jobs: int = 1, progress=None) -> list[CompileResult]:
+    """Compile every ``(op, spec)`` for every arch. ``jobs > 1`` uses a forked process pool.
+    ``progress(done, total, result)`` is called after each compile when given."""
     tasks = [(i, arch) for i in range(len(specs)) for arch in archs]
     if jobs <= 1 or len(tasks) < 2:
-        return [compile_one(specs[i][1], arch, specs[i][0]) for i, arch in tasks]
+        results = []
+        for i, arch in tasks:
+            results.append(compile_one(specs[i][1], arch, specs[i][0]))
+            if progress:
+                progress(len(results), len(tasks), results[-1])
+        return results
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     global _POOL_SPECS
     _POOL_SPECS = specs
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as pool:
-        return list(pool.map(_compile_task, tasks))
+        results = []
+        for res in pool.map(_compile_task, tasks):
+            results.append(res)
+            if progress:
+                progress(len(results), len(tasks), res)
+        return results
 
 
 _POOL_SPECS: list = []
@@ -346,10 +357,23 @@ def results_to_json(results: list[CompileResult]) -> list[dict]:
     return out
 
 
-def report(specs: list[tuple[str, object]], archs=ARCHS, jobs: int = 1, json_path: str | None = None) -> int:
+def _print_progress(done: int, total: int, res: CompileResult) -> None:
+    state = "ok" if res.ok else "ERROR"
+    print(
+        f"[{done}/{total}] {res.name} sm_{res.arch} {state} {res.seconds:.1f} s", file=sys.stderr, flush=True
+    )
+
+
+def report(
+    specs: list[tuple[str, object]],
+    archs=ARCHS,
+    jobs: int = 1,
+    json_path: str | None = None,
+    progress: bool = False,
+) -> int:
     """Compile, print the table and the failures, optionally write JSON; return the exit status."""
     t0 = time.perf_counter()
-    results = check(specs, tuple(archs), jobs=jobs)
+    results = check(specs, tuple(archs), jobs=jobs, progress=_print_progress if progress else None)
     print(format_table(results))
     failed = [(r, f) for r in results for f in r.failures()]
     for r, why in failed:
@@ -379,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", default=None, help="only specs whose name or op contains this text")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many forked processes")
+    parser.add_argument("--quiet", action="store_true", help="no per-compile progress lines on stderr")
     args = parser.parse_args(argv)
 
     specs = registered_specs()
@@ -390,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         if not specs:
             print(f"compile_check: no CompileSpec matches --filter {args.filter!r}")
             return 1
-    return report(specs, tuple(args.arch), jobs=args.jobs, json_path=args.json)
+    return report(specs, tuple(args.arch), jobs=args.jobs, json_path=args.json, progress=not args.quiet)
 
 
 if __name__ == "__main__":

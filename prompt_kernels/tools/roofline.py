@@ -104,7 +104,7 @@ def compile_facts(filter_text: str | None = None, timeout: float = 3600) -> list
     env.pop("TRITON_INTERPRET", None)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cc.json"
-        cmd = [sys.executable, "-m", "prompt_kernels.tools.compile_check", "--json", str(path)]
+        cmd = [sys.executable, "-m", "prompt_kernels.tools.compile_check", "--json", str(path), "--quiet"]
         if filter_text:
             cmd += ["--filter", filter_text]
         subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
