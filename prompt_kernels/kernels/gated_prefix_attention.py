@@ -61,6 +61,14 @@ def _dot(a, b, FP32: tl.constexpr):
 
 
 @triton.jit
+def _rows(base, rows, stride, offs_d, D_PAD: tl.constexpr):
+    """Pointers [len(rows), D_PAD] to rows of a [..., Dh] tensor. The launcher guarantees 16-byte
+    aligned rows (data pointer and every stride), so the hints let the loads vectorise."""
+    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    return tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, D_PAD])
+
+
+@triton.jit
 def _mask_keys(
     s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr
 ):
@@ -74,7 +82,10 @@ def _mask_keys(
             mask=r_ok[:, None] & c_ok[None, :],
             other=0.0,
         )
-        s = s + add.to(tl.float32) * 1.4426950408889634
+        add = add.to(tl.float32)
+        # Base 2 for the mask too, except near float32's limit (Hugging Face pads with finfo.min),
+        # where * log2(e) would overflow to -inf and turn "tiny but finite" into "masked".
+        s = s + tl.where(add > -1.0e38, add * 1.4426950408889634, add)
     if IS_CAUSAL:
         s = tl.where(cols[None, :] <= rows[:, None] + (S - T), s, float("-inf"))
     return tl.where(c_ok[None, :], s, float("-inf"))
@@ -128,7 +139,7 @@ def _gpa_fwd_kernel(
     r_ok = rows < T
 
     q = tl.load(
-        Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :],
+        _rows(Q + b * sqb + h * sqh, rows, sqt, offs_d, D_PAD),
         mask=r_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
@@ -138,19 +149,15 @@ def _gpa_fwd_kernel(
 
     # Prompt segment: gate = 0 removes it exactly (and log2(0) never enters the arithmetic).
     g = tl.load(G + pid_bh)
-    log2g = tl.log2(tl.maximum(g, 1e-38))
+    log2g = tl.log2(tl.where(g > 0, g, 1.0))  # used only when g > 0
     p_end = tl.where(g > 0, P, 0)
     pk_base = PK + b * spkb + hk * spkh
     pv_base = PV + b * spvb + hk * spvh
     for start in range(0, p_end, BLOCK_N):
         cols = start + offs_n
         c_ok = cols < P
-        k = tl.load(
-            pk_base + cols[:, None] * spkp + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        v = tl.load(
-            pv_base + cols[:, None] * spvp + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0
-        )
+        k = tl.load(_rows(pk_base, cols, spkp, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(_rows(pv_base, cols, spvp, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         s = _dot(q, tl.trans(k), FP32) * qk_scale + log2g
         s = tl.where(c_ok[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, FP32)
@@ -163,12 +170,8 @@ def _gpa_fwd_kernel(
     for start in range(0, end, BLOCK_N):
         cols = start + offs_n
         c_ok = cols < S
-        k = tl.load(
-            k_base + cols[:, None] * sks + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0
-        )
-        v = tl.load(
-            v_base + cols[:, None] * svs + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0
-        )
+        k = tl.load(_rows(k_base, cols, sks, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(_rows(v_base, cols, svs, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         s = _dot(q, tl.trans(k), FP32) * qk_scale
         s = _mask_keys(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
         m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, FP32)
@@ -179,7 +182,7 @@ def _gpa_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(dead, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(
-        OUT + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :],
+        _rows(OUT + b * sob + h * soh, rows, sot, offs_d, D_PAD),
         out.to(OUT.dtype.element_ty),
         mask=r_ok[:, None] & d_ok[None, :],
     )
@@ -203,8 +206,8 @@ def _gpa_bwd_preprocess_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     ok = (rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(OUT + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdot + offs_d[None, :], mask=ok, other=0.0)
+    o = tl.load(_rows(OUT + b * sob + h * soh, rows, sot, offs_d, D_PAD), mask=ok, other=0.0)
+    do = tl.load(_rows(DO + b * sdob + h * sdoh, rows, sdot, offs_d, D_PAD), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + rows, delta, mask=rows < T)
 
@@ -233,8 +236,8 @@ def _gpa_bwd_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     c_ok = cols < N
     kv_ok = c_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + hk * skh + cols[:, None] * sks + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + cols[:, None] * svs + offs_d[None, :], mask=kv_ok, other=0.0)
+    k = tl.load(_rows(K + b * skb + hk * skh, cols, sks, offs_d, D_PAD), mask=kv_ok, other=0.0)
+    v = tl.load(_rows(V + b * svb + hk * svh, cols, svs, offs_d, D_PAD), mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
 
@@ -247,7 +250,8 @@ def _gpa_bwd_dkdv_kernel(
         bh = b * H + h
         if IS_PROMPT:
             g = tl.load(G + bh)
-            log2g = tl.where(g > 0, tl.log2(tl.maximum(g, 1e-38)), float("-inf"))
+            # -inf at gate = 0: p = 0, while the ungated term below stays finite.
+            log2g = tl.where(g > 0, tl.log2(tl.where(g > 0, g, 1.0)), float("-inf"))
             dg = tl.zeros([BLOCK_M], tl.float32)
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
@@ -256,8 +260,8 @@ def _gpa_bwd_dkdv_kernel(
             rows = start_m + offs_m
             r_ok = rows < T
             qo_ok = r_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :], mask=qo_ok, other=0.0)
-            do = tl.load(do_base + rows[:, None] * sdot + offs_d[None, :], mask=qo_ok, other=0.0)
+            q = tl.load(_rows(q_base, rows, sqt, offs_d, D_PAD), mask=qo_ok, other=0.0)
+            do = tl.load(_rows(do_base, rows, sdot, offs_d, D_PAD), mask=qo_ok, other=0.0)
             lse2 = tl.load(LSE + bh * T + rows, mask=r_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(DELTA + bh * T + rows, mask=r_ok, other=0.0)
             s = _dot(q, tl.trans(k), FP32) * qk_scale
@@ -278,12 +282,12 @@ def _gpa_bwd_dkdv_kernel(
             tl.store(DGATE + bh * tl.num_programs(0) + pid_n, tl.sum(dg, 0))
     dk = dk * sm_scale
     tl.store(
-        DK + b * sdkb + hk * sdkh + cols[:, None] * sdks + offs_d[None, :],
+        _rows(DK + b * sdkb + hk * sdkh, cols, sdks, offs_d, D_PAD),
         dk.to(DK.dtype.element_ty),
         mask=kv_ok,
     )
     tl.store(
-        DV + b * sdvb + hk * sdvh + cols[:, None] * sdvs + offs_d[None, :],
+        _rows(DV + b * sdvb + hk * sdvh, cols, sdvs, offs_d, D_PAD),
         dv.to(DV.dtype.element_ty),
         mask=kv_ok,
     )
@@ -310,14 +314,14 @@ def _gpa_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     r_ok = rows < T
     qo_ok = r_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], mask=qo_ok, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdot + offs_d[None, :], mask=qo_ok, other=0.0)
+    q = tl.load(_rows(Q + b * sqb + h * sqh, rows, sqt, offs_d, D_PAD), mask=qo_ok, other=0.0)
+    do = tl.load(_rows(DO + b * sdob + h * sdoh, rows, sdot, offs_d, D_PAD), mask=qo_ok, other=0.0)
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=r_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + rows, mask=r_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
     g = tl.load(G + pid_bh)
-    log2g = tl.log2(tl.maximum(g, 1e-38))
+    log2g = tl.log2(tl.where(g > 0, g, 1.0))  # used only when g > 0
     p_end = tl.where(g > 0, P, 0)
     pk_base = PK + b * spkb + hk * spkh
     pv_base = PV + b * spvb + hk * spvh
@@ -325,8 +329,8 @@ def _gpa_bwd_dq_kernel(
         cols = start + offs_n
         c_ok = cols < P
         kv_ok = c_ok[:, None] & d_ok[None, :]
-        k = tl.load(pk_base + cols[:, None] * spkp + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(pv_base + cols[:, None] * spvp + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(_rows(pk_base, cols, spkp, offs_d, D_PAD), mask=kv_ok, other=0.0)
+        v = tl.load(_rows(pv_base, cols, spvp, offs_d, D_PAD), mask=kv_ok, other=0.0)
         s = _dot(q, tl.trans(k), FP32) * qk_scale + log2g
         s = tl.where(c_ok[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
@@ -341,8 +345,8 @@ def _gpa_bwd_dq_kernel(
         cols = start + offs_n
         c_ok = cols < S
         kv_ok = c_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * sks + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svs + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(_rows(k_base, cols, sks, offs_d, D_PAD), mask=kv_ok, other=0.0)
+        v = tl.load(_rows(v_base, cols, svs, offs_d, D_PAD), mask=kv_ok, other=0.0)
         s = _dot(q, tl.trans(k), FP32) * qk_scale
         s = _mask_keys(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
         p = tl.exp2(s - lse2[:, None])
@@ -351,7 +355,7 @@ def _gpa_bwd_dq_kernel(
 
     dq = dq * sm_scale
     tl.store(
-        DQ + b * sdqb + h * sdqh + rows[:, None] * sdqt + offs_d[None, :],
+        _rows(DQ + b * sdqb + h * sdqh, rows, sdqt, offs_d, D_PAD),
         dq.to(DQ.dtype.element_ty),
         mask=qo_ok,
     )
@@ -405,8 +409,29 @@ def _blocks(cfg: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
 # Launchers
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+def supports(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels take this head size: at most 128 (one padded tile) and rows of a whole
+    number of 16-byte vectors (the alignment the loads are hinted with)."""
+    return 0 < head_dim <= 128 and (head_dim * torch.empty((), dtype=dtype).element_size()) % 16 == 0
+
+
+def _is_aligned(t: torch.Tensor) -> bool:
+    es = t.element_size()
+    return (
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(t.stride(i) * es % 16 == 0 for i in range(t.dim() - 1) if t.shape[i] > 1)
+    )
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a unit last stride and 16-byte aligned rows (the kernels' load hints rely on it)."""
+    if t.numel() == 0 or _is_aligned(t):
+        return t
+    t = t.contiguous()
+    if not _is_aligned(t):
+        raise ValueError(f"rows of {t.shape[-1]} {t.dtype} elements cannot be 16-byte aligned")
+    return t
 
 
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
@@ -422,7 +447,8 @@ def _prepare_mask(attention_mask, q: torch.Tensor, H: int):
         m = attention_mask.contiguous().view(torch.uint8)
         return MASK_BOOL, m, (m.stride(0), 0, 0)
     # The reference adds the mask in the query dtype: convert first, as it does.
-    m = _unit_last(attention_mask.to(q.dtype))
+    m = attention_mask.to(q.dtype)
+    m = m if m.stride(-1) == 1 else m.contiguous()
     return MASK_ADDITIVE, m, (m.stride(0), 0 if m.shape[1] == 1 else m.stride(1), m.stride(2))
 
 
@@ -432,7 +458,7 @@ def _gate_bh(gate: torch.Tensor, B: int, H: int) -> torch.Tensor:
 
 def forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal: bool, scale: float):
     """-> (out [B, H, T, Dh] in the query dtype, lse [B, H, T] float32)."""
-    q, k, v, pk, pv = (_unit_last(t) for t in (query, key, value, prompt_key, prompt_value))
+    q, k, v, pk, pv = (_aligned(t) for t in (query, key, value, prompt_key, prompt_value))
     B, H, T, Dh = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], pk.shape[2]
     out = _alloc.empty((B, H, T, Dh), dtype=q.dtype, device=q.device)
@@ -462,7 +488,7 @@ def backward(
 
     dprompt_* have the prompt's batch size (summed over the batch when it was broadcast)."""
     q, k, v, pk, pv, do, o = (
-        _unit_last(t) for t in (query, key, value, prompt_key, prompt_value, grad_out.to(query.dtype), out)
+        _aligned(t) for t in (query, key, value, prompt_key, prompt_value, grad_out.to(query.dtype), out)
     )
     lse = lse.contiguous()
     B, H, T, Dh = q.shape

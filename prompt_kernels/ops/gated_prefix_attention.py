@@ -52,6 +52,11 @@ def _check(
     _validate.same_dtype(
         "query", query, key=key, value=value, prompt_key=prompt_key, prompt_value=prompt_value
     )
+    # Type checks before the device check, which reads .device.
+    if not isinstance(gate, torch.Tensor):
+        raise TypeError(f"gate must be a torch.Tensor broadcastable to [B, H], got {type(gate).__name__}")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
     _validate.same_device(
         "query",
         query,
@@ -346,12 +351,16 @@ def cpu_backward(
             do, query, kc, vc, out, lse, 0.0, False, attn_mask=bias, scale=scale
         )
     if kc.shape[2] == P + S and P > 0:
-        dk, dv = dkc[:, :, P:].contiguous(), dvc[:, :, P:].contiguous()
+        # Slices of one buffer: copy (views would alias each other, which custom ops forbid).
+        dk = dkc[:, :, P:].clone(memory_format=torch.contiguous_format)
+        dv = dvc[:, :, P:].clone(memory_format=torch.contiguous_format)
         dpk, dpv = dkc[:, :, :P], dvc[:, :, :P]
         if prompt_key.shape[0] == 1 and B > 1:
             dpk = dpk.sum(0, keepdim=True, dtype=torch.float32).to(dt)
             dpv = dpv.sum(0, keepdim=True, dtype=torch.float32).to(dt)
-        dpk, dpv = dpk.contiguous(), dpv.contiguous()
+        else:
+            dpk = dpk.clone(memory_format=torch.contiguous_format)
+            dpv = dpv.clone(memory_format=torch.contiguous_format)
     else:
         dk, dv = dkc.contiguous(), dvc.contiguous()
         dpk = torch.zeros(prompt_key.shape, dtype=dt, device=query.device)
@@ -396,6 +405,24 @@ def _generic_backward(
 # Custom ops and autograd
 
 
+def _route(query: torch.Tensor) -> str:
+    """``"triton"``, ``"cpu"`` (the fused CPU path) or ``"generic"`` (reference + autograd)."""
+    backend = _backend.select(OP, query.device, has_cpp=False)
+    if backend == "triton":
+        from prompt_kernels.kernels import gated_prefix_attention as kernels
+
+        if kernels.supports(query.shape[-1], query.dtype):
+            return "triton"
+        msg = (
+            f"{OP}: the Triton kernels take head sizes up to 128 whose rows are whole 16-byte vectors, "
+            f"got {query.shape[-1]} x {query.dtype}"
+        )
+        if _backend.requested_backend() == "triton":
+            raise _backend.BackendUnavailableError(msg)
+        _backend._warn_once(msg + "; running the PyTorch path")
+    return "cpu" if query.device.type == "cpu" else "generic"
+
+
 @torch.library.custom_op("prompt_kernels::gated_prefix_attention", mutates_args=())
 def _gpa_op(
     query: torch.Tensor,
@@ -410,12 +437,12 @@ def _gpa_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out [B, H, T, Dh], lse [B, H, T] float32)."""
     args = (query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
-    backend = _backend.select(OP, query.device, has_cpp=False)
-    if backend == "triton":
+    route = _route(query)
+    if route == "triton":
         from prompt_kernels.kernels import gated_prefix_attention as kernels
 
         return kernels.forward(*args)
-    if query.device.type == "cpu":
+    if route == "cpu":
         return cpu_forward(*args)
     return gated_prefix_attention_reference(*args), _lse_torch(*args)
 
@@ -442,13 +469,13 @@ def _gpa_backward_op(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv, dprompt_key, dprompt_value, dgate), dgate in the gate's shape and dtype."""
-    backend = _backend.select(OP, query.device, has_cpp=False)
+    route = _route(query)
     ins = (query, key, value, prompt_key, prompt_value, gate, attention_mask)
-    if backend == "triton":
+    if route == "triton":
         from prompt_kernels.kernels import gated_prefix_attention as kernels
 
         *grads, dgate = kernels.backward(grad_out, *ins, out, lse, is_causal, scale)
-    elif query.device.type == "cpu":
+    elif route == "cpu":
         *grads, dgate = cpu_backward(grad_out, *ins, out, lse, is_causal, scale)
     else:
         return _generic_backward(grad_out, *ins, is_causal, scale)

@@ -1,0 +1,411 @@
+"""gated_prefix_attention: every backend against the float64 reference (value and the gradients of
+query, key, value, prompt_key, prompt_value and gate), awkward sizes, every mask kind, causal with
+T != S, GQA, gate 0 / gate 1 / per-head / per-batch gates, fully masked rows, broadcast prompts,
+a backward on another backend than its forward, floors, opcheck, torch.compile and bad inputs.
+
+The Triton kernels run under the interpreter with 16 x 16 blocks (``force_blocks``) so that tiny
+shapes still cross block boundaries; two cases run the launcher's own block sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import INTERPRET, assert_within_budget, backends, device_for
+
+from prompt_kernels import use_backend
+from prompt_kernels.ops import gated_prefix_attention
+from prompt_kernels.ops.gated_prefix_attention import _gpa_backward_op, _gpa_op, gated_prefix_attention_floors
+from prompt_kernels.ops.gated_prefix_attention import visible_key_pairs as _visible_key_pairs
+from prompt_kernels.ops.reference import gated_prefix_attention as reference
+
+BACKENDS = backends(has_cpp=False)
+NAMES = ("out", "query", "key", "value", "prompt_key", "prompt_value", "gate")
+
+
+def _blocks(backend: str, small: bool = True):
+    """Small blocks for the interpreted kernels (the multi-block loops at tiny sizes)."""
+    import contextlib
+
+    if backend == "triton" and small and INTERPRET:
+        from prompt_kernels.kernels.gated_prefix_attention import force_blocks
+
+        return force_blocks(16, 16)
+    return contextlib.nullcontext()
+
+
+def make_gate(kind: str, B: int, H: int) -> torch.Tensor:
+    rnd = lambda *s: torch.rand(*s) * 0.9 + 0.05
+    return {
+        "scalar": lambda: rnd(()),
+        "one_elem": lambda: rnd(1),
+        "head": lambda: rnd(H),
+        "batch": lambda: rnd(B, 1),
+        "bh": lambda: rnd(B, H),
+        "zero": lambda: torch.zeros(1),
+        "ones": lambda: torch.ones(1, H),
+        "mixed": lambda: torch.where(torch.arange(H) % 2 == 0, torch.zeros(H), rnd(H)),
+    }[kind]()
+
+
+def make_mask(kind: str, B: int, H: int, T: int, S: int, dtype) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    if kind in ("bool", "bool_empty"):
+        m = torch.rand(B, S) < 0.7
+        m[:, 0] = True
+        if kind == "bool_empty":
+            m[-1] = False  # a fully padded row: zeros where the prompt has no weight
+        return m
+    heads = H if kind == "add_h" else 1
+    m = torch.randn(B, heads, T, S).to(dtype)
+    m[..., -1] = float("-inf")
+    if kind == "add_hf":  # Hugging Face style: finfo.min on padding, a fully masked query row
+        m = torch.zeros(B, heads, T, S, dtype=dtype)
+        m[0, :, 0] = torch.finfo(dtype).min
+    return m
+
+
+def make_inputs(B, H, Hkv, T, S, P, Dh, Bp, gate, mask, dtype):
+    scale = lambda t: t.to(dtype)
+    q = scale(torch.randn(B, H, T, Dh))
+    k, v = scale(torch.randn(B, Hkv, S, Dh)), scale(torch.randn(B, Hkv, S, Dh))
+    pk, pv = scale(torch.randn(Bp, Hkv, P, Dh)), scale(torch.randn(Bp, Hkv, P, Dh))
+    return [q, k, v, pk, pv, make_gate(gate, B, H)], make_mask(mask, B, H, T, S, dtype)
+
+
+def _run(fn, tensors, mask, is_causal, grad_out, device="cpu"):
+    leaves = [t.detach().to(device).requires_grad_() for t in tensors]
+    mask = None if mask is None else mask.to(device)
+    out = fn(*leaves, mask, is_causal)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(device=device, dtype=out.dtype))
+    return [out.detach().cpu()] + [g.cpu() for g in grads]
+
+
+def _run_backend(backend, tensors, mask, is_causal, grad_out, small_blocks=True):
+    with use_backend(backend), _blocks(backend, small_blocks):
+        return _run(gated_prefix_attention, tensors, mask, is_causal, grad_out, device_for(backend))
+
+
+def _check_against_reference(backend, tensors, mask, is_causal, dtype, small_blocks=True, factor=2.0):
+    grad_out = torch.randn(tensors[0].shape)
+    ours = _run_backend(backend, tensors, mask, is_causal, grad_out, small_blocks)
+    m64 = None if mask is None or mask.dtype == torch.bool else mask.double()
+    ref64 = _run(reference, [t.double() for t in tensors], m64, is_causal, grad_out.double())
+    same = _run(reference, tensors, mask, is_causal, grad_out.to(dtype))
+    for name, a, r, s in zip(NAMES, ours, ref64, same):
+        assert_within_budget(a, r, s, name=f"{backend} {name}", factor=factor)
+    return ours
+
+
+# (B, H, Hkv, T, S, P, Dh, prompt batch, gate kind, mask kind, causal)
+CASES = [
+    (2, 4, 2, 20, 37, 5, 32, 1, "head", "bool", False),  # GQA, broadcast prompt, S not a block multiple
+    (1, 2, 2, 1, 17, 1, 80, 1, "scalar", "none", True),  # T = 1, batch 1, P = 1, Dh padded 80 -> 128
+    (2, 2, 1, 33, 18, 0, 32, 2, "batch", "add_h", True),  # P = 0, causal with T > S, per-head mask
+    (2, 2, 2, 9, 21, 19, 32, 2, "bh", "add_1", True),  # causal T < S, per-batch prompt, P > block
+    (2, 4, 2, 12, 10, 4, 32, 1, "mixed", "bool_empty", False),  # gate 0 on half the heads, empty row
+    (2, 2, 2, 7, 9, 3, 32, 1, "one_elem", "add_hf", False),  # HF-style finfo.min additive mask
+]
+CASE_IDS = [
+    f"B{c[0]}H{c[1]}kv{c[2]}T{c[3]}S{c[4]}P{c[5]}D{c[6]}-{c[8]}-{c[9]}-{'causal' if c[10] else 'full'}"
+    for c in CASES
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_reference_fp32(backend, case):
+    B, H, Hkv, T, S, P, Dh, Bp, gate, mask, causal = case
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, Bp, gate, mask, torch.float32)
+    _check_against_reference(backend, tensors, m, causal, torch.float32)
+
+
+LOW_CASES = [
+    (2, 4, 2, 19, 23, 6, 64, 1, "head", "bool", True),
+    (1, 2, 1, 5, 16, 3, 96, 1, "batch", "add_1", False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", LOW_CASES, ids=["D64-bool-causal", "D96-add"])
+def test_matches_reference_low_precision(backend, dtype, case):
+    if backend == "triton" and INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("bf16 under the Triton interpreter is numpy's weak emulation; run on a GPU to test it")
+    B, H, Hkv, T, S, P, Dh, Bp, gate, mask, causal = case
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, Bp, gate, mask, dtype)
+    _check_against_reference(backend, tensors, m, causal, dtype)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="checks the interpreter with the launcher's own blocks")
+@pytest.mark.parametrize(
+    "dtype,Dh,P", [(torch.float32, 64, 37), (torch.float16, 80, 9)], ids=["fp32-D64-P37", "fp16-D80"]
+)
+def test_triton_launcher_blocks(dtype, Dh, P):
+    """The block sizes the launcher really uses (128 x 64 and friends) under the interpreter."""
+    tensors, m = make_inputs(2, 2, 1, 70, 75, P, Dh, 1, "head", "add_1", dtype)
+    _check_against_reference("triton", tensors, m, True, dtype, small_blocks=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_p37_large_prompt(backend):
+    """P = 37 prompt keys (three 16-key prompt blocks under the interpreter), GQA, per-head gate."""
+    tensors, m = make_inputs(2, 4, 2, 11, 13, 37, 32, 1, "head", "bool", torch.float32)
+    _check_against_reference(backend, tensors, m, False, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_zero_is_attention_without_prompts(backend):
+    B, H, Hkv, T, S, P, Dh = 2, 4, 2, 10, 13, 5, 32
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, 1, "zero", "bool_empty", torch.float32)
+    grad_out = torch.randn(B, H, T, Dh)
+    ours = _run_backend(backend, tensors, m, True, grad_out)
+    no_prompt = [t[:, :, :0] if i in (3, 4) else t for i, t in enumerate(tensors)]
+    plain = _run_backend(backend, no_prompt, m, True, grad_out)
+    assert torch.equal(ours[0], plain[0]), "gate 0 must give exactly the attention without prompts"
+    assert not ours[0].isnan().any()
+    assert ours[0][-1].abs().max() == 0, "a fully padded row without prompt weight gives zeros"
+    for i in (1, 2, 3):
+        torch.testing.assert_close(ours[i], plain[i], rtol=1e-5, atol=1e-6)
+    assert ours[4].abs().max() == 0 and ours[5].abs().max() == 0, "no weight on the prompt: zero grads"
+    # d out / d gate at gate = 0 is finite and equals the float64 reference's.
+    m64 = m
+    ref = _run(reference, [t.double() for t in tensors], m64, True, grad_out.double())
+    assert torch.isfinite(ours[6]).all() and ref[6].abs().item() > 0
+    torch.testing.assert_close(ours[6].double(), ref[6], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_one_is_attention_over_concatenation(backend):
+    B, H, Hkv, T, S, P, Dh = 2, 4, 2, 9, 12, 6, 32
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, 2, "ones", "bool", torch.float32)
+    with use_backend(backend), _blocks(backend):
+        dev = device_for(backend)
+        out = gated_prefix_attention(*[t.to(dev) for t in tensors], m.to(dev)).cpu()
+    q, k, v, pk, pv, _ = tensors
+    bias = torch.zeros(B, 1, 1, P + S).masked_fill(
+        ~torch.cat([torch.ones(B, P, dtype=torch.bool), m], 1)[:, None, None], -math.inf
+    )
+    expect = F.scaled_dot_product_attention(
+        q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=bias, enable_gqa=True
+    )
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows(backend):
+    """Every key padded in one batch row: zeros and zero gradients without prompt weight (P = 0 or
+    gate 0); the prompt alone where the gate is positive. Never NaN."""
+    B, H, T, S, Dh = 2, 2, 6, 7, 32
+    m = torch.ones(B, S, dtype=torch.bool)
+    m[0] = False
+    for P, gate in ((0, "head"), (4, "zero"), (4, "head")):
+        tensors, _ = make_inputs(B, H, H, T, S, P, Dh, 1, gate, "none", torch.float32)
+        res = _run_backend(backend, tensors, m, False, torch.randn(B, H, T, Dh))
+        for name, r in zip(NAMES, res):
+            assert not r.isnan().any(), f"NaN in {name} (P={P}, gate={gate})"
+        if P == 0 or gate == "zero":
+            assert res[0][0].abs().max() == 0 and res[1][0].abs().max() == 0
+        else:
+            ref = reference(*tensors, m)
+            torch.testing.assert_close(res[0], ref, rtol=1e-5, atol=1e-5)
+            assert res[0][0].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finfo_min_padding_is_not_masking(backend):
+    """Hugging Face pads additive masks with finfo.min, which is finite: a query row padded that way
+    everywhere (and no prompt weight: gate 0) averages the values uniformly, like attention without
+    prompts (the contract: gate 0 is exactly that); -inf instead masks the row (zeros).
+
+    (The reference's running max includes the gated-out prompt logits, so on such a row it underflows
+    to zeros; it is compared here with prompts of length 0, where it is uniform too.)"""
+    B, H, T, S, Dh = 1, 2, 4, 6, 32
+    tensors, _ = make_inputs(B, H, H, T, S, 3, Dh, 1, "zero", "none", torch.float32)
+    m = torch.zeros(B, 1, T, S)
+    m[0, 0, 1] = torch.finfo(torch.float32).min
+    m[0, 0, 2] = float("-inf")
+    with use_backend(backend), _blocks(backend):
+        out = gated_prefix_attention(
+            *[t.to(device_for(backend)) for t in tensors], m.to(device_for(backend))
+        ).cpu()
+    v = tensors[2]
+    torch.testing.assert_close(out[0, :, 1], v[0].mean(dim=1), rtol=1e-5, atol=1e-5)
+    assert out[0, :, 2].abs().max() == 0
+    no_prompt = [t[:, :, :0] if i in (3, 4) else t for i, t in enumerate(tensors)]
+    torch.testing.assert_close(out, reference(*no_prompt, m), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_prompt_gradients_are_summed(backend):
+    B, H, T, S, P, Dh = 3, 2, 5, 6, 4, 32
+    tensors, m = make_inputs(B, H, H, T, S, P, Dh, 1, "batch", "bool", torch.float32)
+    grad_out = torch.randn(B, H, T, Dh)
+    shared = _run_backend(backend, tensors, m, False, grad_out)
+    expanded = [t.expand(B, -1, -1, -1).contiguous() if i in (3, 4) else t for i, t in enumerate(tensors)]
+    per_batch = _run_backend(backend, expanded, m, False, grad_out)
+    assert shared[4].shape == (1, H, P, Dh)
+    torch.testing.assert_close(shared[0], per_batch[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(shared[4], per_batch[4].sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[5], per_batch[5].sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+def test_backward_on_another_backend():
+    """The saved log-sum-exp has one convention: a triton forward with a torch backward is right."""
+    tensors, m = make_inputs(2, 2, 1, 8, 9, 3, 32, 1, "mixed", "bool_empty", torch.float32)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    with use_backend("triton"), _blocks("triton"):
+        out = gated_prefix_attention(*leaves, m, True)
+    grad_out = torch.randn(out.shape)
+    with use_backend("torch"):
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    ref = _run(reference, [t.double() for t in tensors], m, True, grad_out.double())
+    for name, g, r in zip(NAMES[1:], grads, ref[1:]):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_floors():
+    for T, S in ((5, 9), (9, 5), (7, 7), (1, 4)):
+        brute = sum(1 for t in range(T) for s in range(S) if s <= t + S - T)
+        assert _visible_key_pairs(T, S, True) == brute
+    f = gated_prefix_attention_floors(2, 4, 2, 8, 16, 3, 64, dtype=torch.float16, gate_numel=4)
+    assert f["forward"]["flops"] == 4 * 2 * 4 * 8 * (16 + 3) * 64
+    assert f["backward"]["flops"] == f["forward"]["flops"] * 5 // 2
+    es = 2
+    expect = (2 * 4 * 8 * 64 * es) * 2 + 2 * 2 * 2 * 16 * 64 * es + 2 * 2 * 3 * 64 * es + 16 + 2 * 4 * 8 * 4
+    assert f["forward"]["bytes"] == expect
+
+
+def _opcheck_args(mask_kind):
+    tensors, m = make_inputs(2, 4, 2, 5, 7, 3, 32, 1, "head", mask_kind, torch.float32)
+    tensors = [t.requires_grad_() for t in tensors]
+    return (*tensors, m, True, 32**-0.5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "add_1"])
+def test_opcheck(mask_kind):
+    args = _opcheck_args(mask_kind)
+    with use_backend("torch"):
+        torch.library.opcheck(_gpa_op, args)
+        out, lse = _gpa_op(*args)
+        grad_out = torch.randn(out.shape)
+        bargs = (
+            grad_out,
+            *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:7]],
+            out.detach(),
+            lse,
+        )
+        torch.library.opcheck(_gpa_backward_op, (*bargs, True, 32**-0.5))
+
+
+@pytest.mark.skipif(
+    not INTERPRET, reason="opcheck of the interpreted kernels (on a GPU the CUDA tests cover them)"
+)
+def test_opcheck_triton():
+    args = _opcheck_args("bool")
+    with use_backend("triton"), _blocks("triton"):
+        torch.library.opcheck(
+            _gpa_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+        )
+
+
+def test_torch_compile_fullgraph():
+    tensors, m = make_inputs(2, 4, 2, 6, 8, 3, 32, 1, "head", "add_1", torch.float32)
+
+    def f(q, k, v, pk, pv, g, mask):
+        return gated_prefix_attention(q, k, v, pk, pv, g, mask, is_causal=True).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with use_backend("torch"):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        loss = compiled(*leaves, m)
+        grads = torch.autograd.grad(loss, leaves)
+        leaves2 = [t.clone().requires_grad_() for t in tensors]
+        loss2 = f(*leaves2, m)
+        grads2 = torch.autograd.grad(loss2, leaves2)
+    torch.testing.assert_close(loss, loss2)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_inductor():
+    tensors, m = make_inputs(1, 2, 2, 4, 5, 2, 32, 1, "scalar", "bool", torch.float32)
+    f = lambda *a: gated_prefix_attention(*a, m)
+    with use_backend("torch"):
+        out = torch.compile(f, fullgraph=True)(*tensors)
+        torch.testing.assert_close(out, f(*tensors))
+
+
+def _good(**over):
+    B, H, Hkv, T, S, P, Dh = 2, 4, 2, 3, 5, 2, 8
+    d = dict(
+        query=torch.randn(B, H, T, Dh),
+        key=torch.randn(B, Hkv, S, Dh),
+        value=torch.randn(B, Hkv, S, Dh),
+        prompt_key=torch.randn(1, Hkv, P, Dh),
+        prompt_value=torch.randn(1, Hkv, P, Dh),
+        gate=torch.full((H,), 0.5),
+        attention_mask=None,
+    )
+    d.update(over)
+    return d
+
+
+BAD = [
+    ("heads", dict(key=torch.randn(2, 3, 5, 8), value=torch.randn(2, 3, 5, 8)), ValueError, "multiple"),
+    ("head size", dict(key=torch.randn(2, 2, 5, 4), value=torch.randn(2, 2, 5, 4)), ValueError, "key"),
+    ("value shape", dict(value=torch.randn(2, 2, 6, 8)), ValueError, "value"),
+    (
+        "prompt heads",
+        dict(prompt_key=torch.randn(1, 4, 2, 8), prompt_value=torch.randn(1, 4, 2, 8)),
+        ValueError,
+        "prompt_key",
+    ),
+    (
+        "prompt batch",
+        dict(prompt_key=torch.randn(3, 2, 2, 8), prompt_value=torch.randn(3, 2, 2, 8)),
+        ValueError,
+        "prompt_key",
+    ),
+    ("prompt value", dict(prompt_value=torch.randn(1, 2, 3, 8)), ValueError, "prompt_value"),
+    ("query ndim", dict(query=torch.randn(2, 4, 3)), ValueError, "query"),
+    ("dtype", dict(key=torch.randn(2, 2, 5, 8, dtype=torch.float16)), TypeError, "key"),
+    ("float64", dict(query=torch.randn(2, 4, 3, 8, dtype=torch.float64)), TypeError, "query"),
+    ("int query", dict(query=torch.ones(2, 4, 3, 8, dtype=torch.int32)), TypeError, "query"),
+    ("device", dict(prompt_key=torch.randn(1, 2, 2, 8, device="meta")), ValueError, "prompt_key"),
+    ("gate device", dict(gate=torch.full((4,), 0.5, device="meta")), ValueError, "gate"),
+    ("gate > 1", dict(gate=torch.full((4,), 1.5)), ValueError, "gate"),
+    ("gate < 0", dict(gate=torch.tensor(-0.1)), ValueError, "gate"),
+    ("gate shape", dict(gate=torch.full((5,), 0.5)), ValueError, "gate"),
+    ("gate 3d", dict(gate=torch.full((1, 2, 4), 0.5)), ValueError, "gate"),
+    ("gate int", dict(gate=torch.ones(4, dtype=torch.int64)), TypeError, "gate"),
+    ("gate float", dict(gate=0.5), TypeError, "gate"),
+    (
+        "bool mask shape",
+        dict(attention_mask=torch.ones(2, 6, dtype=torch.bool)),
+        ValueError,
+        "attention_mask",
+    ),
+    ("additive heads", dict(attention_mask=torch.zeros(2, 2, 3, 5)), ValueError, "attention_mask"),
+    ("additive 3d", dict(attention_mask=torch.zeros(2, 3, 5)), ValueError, "attention_mask"),
+    ("additive T", dict(attention_mask=torch.zeros(2, 1, 4, 5)), ValueError, "attention_mask"),
+    ("int mask", dict(attention_mask=torch.ones(2, 5, dtype=torch.int64)), TypeError, "attention_mask"),
+    ("mask list", dict(attention_mask=[[1]]), TypeError, "attention_mask"),
+]
+
+
+@pytest.mark.parametrize("name,over,exc,word", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs(name, over, exc, word):
+    with pytest.raises(exc, match=word):
+        gated_prefix_attention(**_good(**over))
+
+
+def test_bad_scalars():
+    with pytest.raises(TypeError, match="scale"):
+        gated_prefix_attention(**_good(), scale="big")
+    with pytest.raises(TypeError, match="is_causal"):
+        gated_prefix_attention(**_good(), is_causal=1)
