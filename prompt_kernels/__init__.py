@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "GPCConfig",
+    "HiPromptConfig",
     "InfoPromptConfig",
     "PrefixTuningConfig",
     "PromptConfig",
@@ -24,7 +26,13 @@ __all__ = [
 
 _PATCH_EXPORTS = ("attach", "load_prompts", "PromptedModel")
 # Configs of methods whose modules import the patch layer (transformers): loaded on first use.
-_METHOD_CONFIGS = {"VIPConfig": "vip", "InfoPromptConfig": "infoprompt", "SPTConfig": "spt"}
+_METHOD_CONFIGS = {
+    "VIPConfig": "vip",
+    "InfoPromptConfig": "infoprompt",
+    "SPTConfig": "spt",
+    "GPCConfig": "gpc",
+    "HiPromptConfig": "hiprompt",
+}
 
 
 def __getattr__(name):
