@@ -4,7 +4,7 @@
 //
 // H[a*I + p, b*O + q] = sum_i rules[i, a, b] * weights[i, p, q] is built once per call in float32
 // (n^3 * I * O multiply-adds, small next to the GEMM) and the product is one BLAS call. Backward:
-// dx = dy @ H^T (one GEMM), dH = x^T dy (one GEMM), then, with dH rearranged to [(a,b), (p,q)],
+// dx = dy @ H^T (one GEMM), dH^T = dy^T x (one GEMM), then, with dH rearranged to [(a,b), (p,q)],
 // dweights = rules[i, (a,b)] @ dH and drules = weights[i, (p,q)] @ dH^T (two tiny GEMMs) and
 // dbias = dy.sum(0). fp16/bf16 inputs are computed in float32 and rounded once at the end.
 #include <torch/extension.h>
@@ -120,8 +120,10 @@ void phm_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
       gx.copy_(at::mm(dyf, h.t()));
   }
   if (compute_dparams) {
-    const at::Tensor dh = at::mm(as_float(x).t(), dyf);  // [n*I, n*O] laid out (a, p, b, q)
-    const at::Tensor dh_ab = dh.view({n, I, n, O}).permute({0, 2, 1, 3}).contiguous().view({n * n, I * O});
+    // dH^T = dy^T x ([n*O, n*I], laid out (b, q, a, p)): the [out, in] product is the faster GEMM
+    // layout on CPU BLAS (as nn.Linear's weight gradient), then one small copy to [(a, b), (p, q)].
+    const at::Tensor dht = at::mm(dyf.t(), as_float(x));
+    const at::Tensor dh_ab = dht.view({n, O, n, I}).permute({2, 0, 3, 1}).contiguous().view({n * n, I * O});
     at::Tensor gw = grad_weights.view({n, I * O});
     at::Tensor gr = grad_rules.view({n, n * n});
     if (is_float) {

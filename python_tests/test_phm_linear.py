@@ -40,7 +40,9 @@ def make_inputs(x_shape, out_features, n, bias=True, dtype=torch.float32):
 
 def _run(backend, inputs, grad_out, requires=(True, True, True, True)):
     device = device_for(backend)
-    leaves = [None if t is None else t.detach().to(device).requires_grad_(r) for t, r in zip(inputs, requires)]
+    leaves = [
+        None if t is None else t.detach().to(device).requires_grad_(r) for t, r in zip(inputs, requires)
+    ]
     with use_backend(backend):
         y = phm_linear(*leaves)
         y.backward(grad_out.to(device))
@@ -108,7 +110,12 @@ def test_benchmark_like_shape(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "requires",
-    [(True, False, False, False), (False, True, True, False), (False, False, False, True), (False, True, False, True)],
+    [
+        (True, False, False, False),
+        (False, True, True, False),
+        (False, False, False, True),
+        (False, True, False, True),
+    ],
     ids=lambda r: "".join("xrwb"[i] for i, v in enumerate(r) if v),
 )
 def test_partial_gradients(backend, requires):
@@ -161,14 +168,14 @@ def test_empty_batch(backend):
 def test_reference_is_the_kronecker_sum():
     """H[a*I + p, b*O + q] = sum_i rules[i, a, b] * weights[i, p, q], checked element by element,
     and the reference equals the compacter formula x @ sum_i kron(A_i, B_i) + bias."""
-    n, I, O = 3, 2, 4
-    x, rules, weights, bias = (t.double() for t in make_inputs((5, n * I), n * O, n))
-    H = torch.zeros(n * I, n * O, dtype=torch.float64)
+    n, ib, ob = 3, 2, 4
+    x, rules, weights, bias = (t.double() for t in make_inputs((5, n * ib), n * ob, n))
+    H = torch.zeros(n * ib, n * ob, dtype=torch.float64)
     for a in range(n):
-        for p in range(I):
+        for p in range(ib):
             for b in range(n):
-                for q in range(O):
-                    H[a * I + p, b * O + q] = sum(rules[i, a, b] * weights[i, p, q] for i in range(n))
+                for q in range(ob):
+                    H[a * ib + p, b * ob + q] = sum(rules[i, a, b] * weights[i, p, q] for i in range(n))
     torch.testing.assert_close(reference(x, rules, weights, bias), x @ H + bias, rtol=1e-12, atol=1e-12)
     kron = sum(torch.kron(rules[i], weights[i]) for i in range(n))
     torch.testing.assert_close(kron, H, rtol=1e-12, atol=1e-12)
@@ -195,7 +202,9 @@ def test_opcheck(backend):
             args = (x.requires_grad_(), rules.requires_grad_(), weights.requires_grad_(), b)
             torch.library.opcheck(_phm_linear_op, args)
         for flags in ((True, True, True), (False, True, False), (True, False, False)):
-            torch.library.opcheck(_phm_linear_backward_op, (grad_out, x.detach(), rules.detach(), weights.detach(), *flags))
+            torch.library.opcheck(
+                _phm_linear_backward_op, (grad_out, x.detach(), rules.detach(), weights.detach(), *flags)
+            )
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

@@ -85,7 +85,9 @@ class PhmLinearFloors(NamedTuple):
     kron_build_flops: int  # building H once: 2 * n * in * out (n^3 * I * O multiply-adds)
 
 
-def phm_linear_floors(rows: int, in_features: int, out_features: int, n: int, element_size: int, bias: bool = True):
+def phm_linear_floors(
+    rows: int, in_features: int, out_features: int, n: int, element_size: int, bias: bool = True
+):
     """Floors for ``x: [rows, in_features] -> [rows, out_features]``.
 
     Forward reads x, rules, weights, bias and writes y; its flops are those of the dense equivalent,
@@ -95,11 +97,12 @@ def phm_linear_floors(rows: int, in_features: int, out_features: int, n: int, el
     ``dH = x^T dy`` are ``2 * rows * in * out`` each; the reductions of ``dH`` onto ``weights`` and
     ``rules`` are ``2 * n * in * out`` each and ``dbias`` is ``rows * out``.
     """
-    I, O = in_features // n, out_features // n
-    params = n**3 + n * I * O + (out_features if bias else 0)
+    params = n**3 + in_features * out_features // n + (out_features if bias else 0)
     fwd_bytes = element_size * (rows * in_features + params + rows * out_features)
     fwd_flops = 2 * rows * in_features * out_features + (rows * out_features if bias else 0)
-    bwd_bytes = element_size * (2 * rows * out_features + 2 * rows * in_features + 2 * params - (out_features if bias else 0))
+    bwd_bytes = element_size * (
+        2 * rows * out_features + 2 * rows * in_features + 2 * params - (out_features if bias else 0)
+    )
     bwd_flops = 4 * rows * in_features * out_features + 4 * n * in_features * out_features
     bwd_flops += rows * out_features if bias else 0
     return PhmLinearFloors(fwd_bytes, fwd_flops, bwd_bytes, bwd_flops, 2 * n * in_features * out_features)
@@ -119,7 +122,7 @@ def _phm_linear_op(
     x: torch.Tensor, rules: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     backend = _backend.select(OP, x.device, _has_cpp())
-    n, in_features, out_features = rules.shape[0], x.shape[-1], weights.shape[2] * rules.shape[0]
+    in_features, out_features = x.shape[-1], weights.shape[2] * rules.shape[0]
     x2 = x.reshape(-1, in_features)
     if backend == "torch" or (backend == "triton" and _degenerate(x2, weights)):
         return phm_linear_reference(x, rules, weights, bias).contiguous()
@@ -142,14 +145,14 @@ def _(x, rules, weights, bias):
 def _backward_torch(dy2, x2, rules, weights, compute_dx, compute_dparams, compute_db):
     """The backward formulas in plain PyTorch (float32 arithmetic for fp16/bf16)."""
     opmath = torch.float32 if dy2.dtype in (torch.float16, torch.bfloat16) else dy2.dtype
-    n, I, O = weights.shape
+    n, ib, ob = weights.shape
     dyf, xf, rf, wf = dy2.to(opmath), x2.to(opmath), rules.to(opmath), weights.to(opmath)
     dx = dr = dw = db = None
     if compute_dx:
-        h = torch.einsum("iab,ipq->apbq", rf, wf).reshape(n * I, n * O)
+        h = torch.einsum("iab,ipq->apbq", rf, wf).reshape(n * ib, n * ob)
         dx = (dyf @ h.t()).to(dy2.dtype)
     if compute_dparams:
-        dh = (xf.t() @ dyf).view(n, I, n, O)
+        dh = (xf.t() @ dyf).view(n, ib, n, ob)
         dw = torch.einsum("iab,apbq->ipq", rf, dh).to(dy2.dtype)
         dr = torch.einsum("ipq,apbq->iab", wf, dh).to(dy2.dtype)
     if compute_db:
@@ -174,8 +177,8 @@ def _phm_linear_backward_op(
     """Returns ``(grad_x, grad_rules, grad_weights, grad_bias)``; a gradient not asked for is an
     empty ``[0]`` tensor."""
     backend = _backend.select(OP, x.device, _has_cpp())
-    n, I, O = weights.shape
-    in_features, out_features = n * I, n * O
+    n, ib, ob = weights.shape
+    in_features, out_features = n * ib, n * ob
     x2 = x.reshape(-1, in_features)
     dy2 = grad_out.reshape(-1, out_features)
     if backend == "torch" or (backend == "triton" and _degenerate(x2, weights)):
@@ -193,14 +196,30 @@ def _phm_linear_backward_op(
     dx2 = dx.view(-1, in_features) if compute_dx else dx
     if backend == "cpp":
         _cpp.op("phm_linear_backward")(
-            dy2, x2, rules.contiguous(), weights.contiguous(), dx2, dr, dw, db, compute_dx, compute_dparams, compute_db
+            dy2,
+            x2,
+            rules.contiguous(),
+            weights.contiguous(),
+            dx2,
+            dr,
+            dw,
+            db,
+            compute_dx,
+            compute_dparams,
+            compute_db,
         )
     else:
         from prompt_kernels.kernels import phm_linear as kernels
 
         kernels.phm_linear_backward(
-            dy2, x2, rules, weights, dx2 if compute_dx else None, dr if compute_dparams else None,
-            dw if compute_dparams else None, db if compute_db else None,
+            dy2,
+            x2,
+            rules,
+            weights,
+            dx2 if compute_dx else None,
+            dr if compute_dparams else None,
+            dw if compute_dparams else None,
+            db if compute_db else None,
         )
     return dx, dr, dw, db
 
