@@ -122,6 +122,24 @@ def _straight_through(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return x + (target - x).detach()
 
 
+def _quantized_and_loss(
+    x: torch.Tensor, target: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ops' memory-lean form of ``(_straight_through(x, target), _commitment(x, target, weight))``.
+
+    ``target`` must be a fresh tensor without grad (it is overwritten): ``diff = target - x`` is
+    computed in place, ``quantized = x + diff.detach()`` (the same rounding as the formula) and the
+    loss is ``weight * dot(diff, diff) / numel`` in float32, whose gradient is the formula's
+    ``2 weight (x - target) / numel``. Peak extra memory: two ``[..., D]`` tensors (diff, quantized).
+    """
+    diff = target.sub_(x)
+    quantized = x + diff.detach()
+    flat = diff.reshape(-1)
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    loss = (torch.dot(flat, flat) * (weight / max(x.numel(), 1))).to(x.dtype)
+    return quantized, loss
+
+
 def _opmath(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -307,8 +325,8 @@ def vq_quantize(x, codebook, commitment_weight=0.25) -> VQOutput:
     """Nearest-code quantisation, straight-through, with the commitment loss."""
     weight = _check_weight(commitment_weight)
     indices, _ = vq_nearest(x, codebook)
-    codes = F.embedding(indices, codebook.detach())
-    return VQOutput(_straight_through(x, codes), indices, _commitment(x, codes, weight))
+    quantized, loss = _quantized_and_loss(x, F.embedding(indices, codebook.detach()), weight)
+    return VQOutput(quantized, indices, loss)
 
 
 def vq_sample(x, codebook, num_samples, temperature, generator=None, commitment_weight=0.1) -> VQSampleOutput:
