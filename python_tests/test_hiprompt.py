@@ -28,12 +28,12 @@ def _brute_force(E):
     """I2_l = sum_{m != l} E_l E_m, I3_l = sum_{m < n, m, n != l} E_l E_m E_n, by loops."""
     L = E.shape[0]
     I2, I3 = torch.zeros_like(E), torch.zeros_like(E)
-    for l in range(L):
-        others = [m for m in range(L) if m != l]
+    for layer in range(L):
+        others = [m for m in range(L) if m != layer]
         for m in others:
-            I2[l] += E[l] * E[m]
+            I2[layer] += E[layer] * E[m]
         for m, n in itertools.combinations(others, 2):
-            I3[l] += E[l] * E[m] * E[n]
+            I3[layer] += E[layer] * E[m] * E[n]
     return I2, I3
 
 
