@@ -25,8 +25,18 @@ def run_one(method: str, seed: int, steps: int, batch_size: int, prompt_length: 
 
     with tempfile.TemporaryDirectory() as out:
         args = argparse.Namespace(
-            method=method, model="minilm", task="mr", steps=steps, batch_size=batch_size, lr=None,
-            prompt_length=prompt_length, max_length=64, seed=seed, eval_size=eval_size, out=out, resume=None,
+            method=method,
+            model="minilm",
+            task="mr",
+            steps=steps,
+            batch_size=batch_size,
+            lr=None,
+            prompt_length=prompt_length,
+            max_length=64,
+            seed=seed,
+            eval_size=eval_size,
+            out=out,
+            resume=None,
             no_progress=True,
         )
         t0 = time.perf_counter()
@@ -51,7 +61,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = []
     for method in args.methods:
-        runs = [run_one(method, s, args.steps, args.batch_size, args.prompt_length, args.eval_size) for s in args.seeds]
+        runs = [
+            run_one(method, s, args.steps, args.batch_size, args.prompt_length, args.eval_size)
+            for s in args.seeds
+        ]
         accs = [r["accuracy"] for r in runs]
         row = {
             "method": method,
@@ -71,7 +84,8 @@ def main(argv=None) -> int:
         "|---|---|---|---|",
     ]
     lines += [
-        f"| {r['method']} | {r['acc_mean']:.3f} ± {r['acc_sd']:.3f} | {r['params']:,} | {r['step_ms']:.0f} |" for r in rows
+        f"| {r['method']} | {r['acc_mean']:.3f} ± {r['acc_sd']:.3f} | {r['params']:,} | {r['step_ms']:.0f} |"
+        for r in rows
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -27,7 +27,9 @@ def plot_all(csv_path: Path = CSV_PATH, out_dir: Path = RESULTS) -> list[Path]:
     for kernel, rs in sorted(by_kernel.items()):
         metrics = sorted({r["metric"] for r in rs}, key=lambda m: m != "time")
         modes = sorted({r["mode"] for r in rs})
-        fig, axes = plt.subplots(len(metrics), len(modes), figsize=(5 * len(modes), 3.5 * len(metrics)), squeeze=False)
+        fig, axes = plt.subplots(
+            len(metrics), len(modes), figsize=(5 * len(modes), 3.5 * len(metrics)), squeeze=False
+        )
         for i, metric in enumerate(metrics):
             for j, mode in enumerate(modes):
                 ax = axes[i][j]

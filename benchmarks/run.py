@@ -1,6 +1,6 @@
 """Run every benchmark module (``benchmarks/bench_*.py``), append rows to the CSV, print ratios.
 
-    python -m benchmarks.run [--quick] [--only NAME] [--csv PATH] [--repeats N]
+python -m benchmarks.run [--quick] [--only NAME] [--csv PATH] [--repeats N]
 """
 
 from __future__ import annotations
@@ -12,7 +12,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import benchmarks
-from benchmarks.common import CSV_PATH, append_rows, machine_name, peak_memory_bytes, percentiles, row, time_interleaved
+from benchmarks.common import (
+    CSV_PATH,
+    append_rows,
+    machine_name,
+    peak_memory_bytes,
+    percentiles,
+    row,
+    time_interleaved,
+)
 
 
 def discover(only: str | None):
@@ -47,7 +55,8 @@ def main(argv=None) -> int:
             append_rows(rows, args.csv)
             base = medians.get("prompt_kernels")
             desc = ", ".join(
-                f"{prov} {ms:.3f} ms" + (f" ({ms / base:.2f}x ours)" if base and prov != "prompt_kernels" else "")
+                f"{prov} {ms:.3f} ms"
+                + (f" ({ms / base:.2f}x ours)" if base and prov != "prompt_kernels" else "")
                 for prov, ms in medians.items()
             )
             print(f"{kernel:>24} {mode:<17} {size:<28} {desc}", flush=True)

@@ -9,7 +9,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
-def tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+def tensor(
+    name: str, t, *, ndim: int | None = None, min_ndim: int | None = None, dtypes=FLOAT_DTYPES
+) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -25,7 +27,9 @@ def tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None
 def same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
-            raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+            raise ValueError(
+                f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}"
+            )
 
 
 def same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:

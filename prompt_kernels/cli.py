@@ -27,14 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a prompt method on a text classification task")
     t.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
     t.add_argument("--model", default="minilm", help="minilm | smollm2 | a local transformers model folder")
-    t.add_argument("--task", default="mr", help="mr (embedded movie reviews) | a CSV file with columns text,label")
+    t.add_argument(
+        "--task", default="mr", help="mr (embedded movie reviews) | a CSV file with columns text,label"
+    )
     t.add_argument("--steps", type=_positive(int), default=300)
     t.add_argument("--batch-size", type=_positive(int), default=32)
     t.add_argument("--lr", type=_positive(float), default=None, help="learning rate (default: per method)")
     t.add_argument("--prompt-length", type=_positive(int), default=10)
-    t.add_argument("--max-length", type=_positive(int), default=64, help="tokens per example after truncation")
+    t.add_argument(
+        "--max-length", type=_positive(int), default=64, help="tokens per example after truncation"
+    )
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--eval-size", type=_positive(int), default=None, help="evaluate on at most this many test rows")
+    t.add_argument(
+        "--eval-size", type=_positive(int), default=None, help="evaluate on at most this many test rows"
+    )
     t.add_argument("--out", default="runs/latest", help="folder for the prompts, the head and the metrics")
     t.add_argument("--resume", default=None, help="a folder written by an earlier train run to continue from")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -57,7 +57,11 @@ def _split(texts, labels, label_names, test_fraction: float, seed: int) -> TextC
     if not train:
         raise ValueError("the task has too few rows to split into train and test")
     return TextClassificationData(
-        [texts[i] for i in train], [labels[i] for i in train], [texts[i] for i in test], [labels[i] for i in test], label_names
+        [texts[i] for i in train],
+        [labels[i] for i in train],
+        [texts[i] for i in test],
+        [labels[i] for i in test],
+        label_names,
     )
 
 
@@ -65,7 +69,9 @@ def load_movie_reviews(seed: int = 0, test_fraction: float = 0.2) -> TextClassif
     """About 12.8k snippets labelled rotten (0) / fresh (1); seeded train/test split."""
     rows = [r for r in _read_rows(movie_review_path()) if r["category"] in ("fresh", "rotten")]
     names = ["rotten", "fresh"]
-    return _split([r["text"] for r in rows], [names.index(r["category"]) for r in rows], names, test_fraction, seed)
+    return _split(
+        [r["text"] for r in rows], [names.index(r["category"]) for r in rows], names, test_fraction, seed
+    )
 
 
 def load_csv_task(path: str, seed: int = 0, test_fraction: float = 0.2) -> TextClassificationData:
@@ -75,11 +81,17 @@ def load_csv_task(path: str, seed: int = 0, test_fraction: float = 0.2) -> TextC
     rows = _read_rows(path)
     columns = set(rows[0].keys()) if rows else set()
     if not {"text", "label"} <= columns:
-        raise ValueError(f"--task: {path} must have columns 'text' and 'label', found {sorted(columns) or 'none'}")
+        raise ValueError(
+            f"--task: {path} must have columns 'text' and 'label', found {sorted(columns) or 'none'}"
+        )
     names = sorted({r["label"] for r in rows})
     if len(names) < 2:
-        raise ValueError(f"--task: {path} has {len(names)} label value(s) {names}; classification needs at least 2")
-    return _split([r["text"] for r in rows], [names.index(r["label"]) for r in rows], names, test_fraction, seed)
+        raise ValueError(
+            f"--task: {path} has {len(names)} label value(s) {names}; classification needs at least 2"
+        )
+    return _split(
+        [r["text"] for r in rows], [names.index(r["label"]) for r in rows], names, test_fraction, seed
+    )
 
 
 def load_task(task: str, seed: int = 0) -> TextClassificationData:

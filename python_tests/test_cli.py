@@ -23,8 +23,12 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_bert")
     tok = AutoTokenizer.from_pretrained(minilm_path())
     cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     BertModel(cfg).save_pretrained(path)
@@ -48,7 +52,9 @@ def tiny_csv(tmp_path_factory):
 
 
 def _train(capsys, *args):
-    rc = cli.main(["train", "--no-progress", "--batch-size", "4", "--max-length", "16", "--prompt-length", "3", *args])
+    rc = cli.main(
+        ["train", "--no-progress", "--batch-size", "4", "--max-length", "16", "--prompt-length", "3", *args]
+    )
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -56,7 +62,19 @@ def _train(capsys, *args):
 @pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
 def test_train_save_resume(tiny_model_dir, tiny_csv, tmp_path, capsys, method):
     out_dir = str(tmp_path / "run")
-    rc, out, err = _train(capsys, "--method", method, "--model", tiny_model_dir, "--task", tiny_csv, "--steps", "3", "--out", out_dir)
+    rc, out, err = _train(
+        capsys,
+        "--method",
+        method,
+        "--model",
+        tiny_model_dir,
+        "--task",
+        tiny_csv,
+        "--steps",
+        "3",
+        "--out",
+        out_dir,
+    )
     assert rc == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert set(result) >= {"method", "accuracy", "steps", "seconds", "trainable_parameters"}
@@ -66,15 +84,28 @@ def test_train_save_resume(tiny_model_dir, tiny_csv, tmp_path, capsys, method):
         assert os.path.exists(os.path.join(out_dir, name)), name
     assert any(f.endswith(".safetensors") and f != "head.safetensors" for f in os.listdir(out_dir))
     rc, out, err = _train(
-        capsys, "--method", method, "--model", tiny_model_dir, "--task", tiny_csv, "--steps", "2",
-        "--out", out_dir, "--resume", out_dir,
+        capsys,
+        "--method",
+        method,
+        "--model",
+        tiny_model_dir,
+        "--task",
+        tiny_csv,
+        "--steps",
+        "2",
+        "--out",
+        out_dir,
+        "--resume",
+        out_dir,
     )
     assert rc == 0, err
     assert json.loads(out.strip().splitlines()[-1])["steps"] == 5
 
 
 def test_missing_task_file(tiny_model_dir, tmp_path, capsys):
-    rc, _, err = _train(capsys, "--model", tiny_model_dir, "--task", str(tmp_path / "nope.csv"), "--steps", "1")
+    rc, _, err = _train(
+        capsys, "--model", tiny_model_dir, "--task", str(tmp_path / "nope.csv"), "--steps", "1"
+    )
     assert rc != 0 and "no such file" in err
 
 
@@ -96,13 +127,28 @@ def test_unknown_model(tiny_csv, capsys):
 
 
 def test_prompt_longer_than_positions(tiny_model_dir, tiny_csv, capsys):
-    rc = cli.main(["train", "--no-progress", "--model", tiny_model_dir, "--task", tiny_csv, "--prompt-length", "60", "--max-length", "16"])
+    rc = cli.main(
+        [
+            "train",
+            "--no-progress",
+            "--model",
+            tiny_model_dir,
+            "--task",
+            tiny_csv,
+            "--prompt-length",
+            "60",
+            "--max-length",
+            "16",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "maximum of 64 positions" in err
 
 
 def test_unknown_method_exits_nonzero():
     proc = subprocess.run(
-        [sys.executable, "-m", "prompt_kernels.cli", "train", "--method", "nope"], capture_output=True, text=True
+        [sys.executable, "-m", "prompt_kernels.cli", "train", "--method", "nope"],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode != 0 and "invalid choice" in proc.stderr
