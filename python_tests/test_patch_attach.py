@@ -437,7 +437,8 @@ def test_gradient_checkpointing_same_gradients(model_type, style):
 
 
 # -- Trainer ---------------------------------------------------------------------------------------------------
-def test_trainer_runs_a_few_steps(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trainer_runs_a_few_steps(tmp_path, checkpointing):
     from transformers import Trainer, TrainingArguments
 
     model = tiny_model("bert", "cls")
@@ -468,9 +469,11 @@ def test_trainer_runs_a_few_steps(tmp_path):
         logging_steps=1,
         use_cpu=True,
         disable_tqdm=True,
+        gradient_checkpointing=checkpointing,
     )
     result = Trainer(model=pm, args=args, train_dataset=data, data_collator=collate).train()
     assert result.global_step == 3
+    assert model.is_activation_checkpointing == checkpointing
     assert not torch.equal(pm.method.embedding.weight.detach(), before_prompt)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before_model[k]), k
@@ -528,3 +531,14 @@ def test_bfloat16_model():
     pm.train()
     pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     assert pm.method.embedding.weight.grad.dtype == torch.float32
+
+
+def test_input_style_leaves_multilabel_float_labels_alone():
+    model = tiny_model("bert", "cls")
+    ids, mask = batch("bert", T=3)
+    model.config.problem_type = "multi_label_classification"
+    pm = pk.attach(model, pk.PromptTuningConfig(prompt_length=2))
+    labels = torch.rand(ids.shape[0], 3)  # [B, num_labels] with num_labels == T
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels)
+    torch.testing.assert_close(out.loss, ref)

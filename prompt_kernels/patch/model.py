@@ -358,7 +358,13 @@ class PromptedModel(nn.Module):
             first = info.arch.first_position(info.config)
             kwargs["position_ids"] = torch.cat([pos.new_full((pos.shape[0], p), first), pos], dim=1)
         labels = kwargs.get("labels")
-        if labels is not None and labels.dim() >= 2 and labels.shape[1] == T:
+        # Token-level labels (causal / masked LM, token classification): integer [B, T, ...].
+        if (
+            labels is not None
+            and labels.dim() >= 2
+            and labels.shape[1] == T
+            and not labels.is_floating_point()
+        ):
             kwargs["labels"] = torch.cat(
                 [labels.new_full((labels.shape[0], p, *labels.shape[2:]), -100), labels], dim=1
             )
