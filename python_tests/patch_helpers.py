@@ -190,6 +190,7 @@ class SequenceTest(PromptMethod):
 @dataclass
 class AuxTestConfig(PromptConfig):
     method: ClassVar[str] = "aux_test"
+    nested: bool = False  # run the batch again (prompted) from aux_losses
 
 
 @register_method(AuxTestConfig)
@@ -199,9 +200,13 @@ class AuxTest(PromptMethod):
     def __init__(self, config, info, **options):
         super().__init__(config, info)
         self.prompt = nn.Parameter(torch.randn(config.prompt_length, info.hidden_size) * 0.1)
+        self.depths: list[int] = []
 
     def input_prompts(self, ctx):
         return self.prompt[None]
 
     def aux_losses(self, ctx, output):
+        self.depths.append(ctx.depth)
+        if self.config.nested and ctx.depth == 0:
+            ctx.owner.model(**{**ctx.kwargs, "labels": None})  # a nested prompted forward
         return {"norm": (self.prompt**2).sum()}

@@ -148,6 +148,13 @@ def test_aux_losses_added_with_labels_and_exposed():
     torch.testing.assert_close(out_tuple[0], out.loss)
     out_nolabels = pm(input_ids=ids, attention_mask=mask)
     assert out_nolabels.loss is None and "norm" in pm.last_aux_losses
+    pm.detach()
+
+    # A forward started from aux_losses is nested (depth 1) and does not replace last_aux_losses.
+    pm = pk.attach(model, AuxTestConfig(prompt_length=2, nested=True))
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    assert pm.method.depths == [0, 1] and pm._stack == []
+    torch.testing.assert_close(pm.last_aux_losses["norm"], (pm.method.prompt**2).sum())
 
 
 def test_input_style_user_positions_and_inputs_embeds():

@@ -290,11 +290,17 @@ class PromptedModel(nn.Module):
         return (), kwargs
 
     def _on_model_end(self, module, args, output):
-        ctx = self._stack.pop() if self._stack else None
-        if ctx is None or output is None:
-            return None
-        ctx.output = output
-        aux = self.method.aux_losses(ctx, output) or {}
+        # The context stays on the stack while aux_losses runs, so a forward started from there is
+        # nested (depth >= 1); popped in any case, also when the forward raised (output None).
+        try:
+            ctx = self._stack[-1] if self._stack else None
+            if ctx is None or output is None:
+                return None
+            ctx.output = output
+            aux = self.method.aux_losses(ctx, output) or {}
+        finally:
+            if self._stack:
+                self._stack.pop()
         if ctx.depth == 0:
             self.last_aux_losses = dict(aux)
         if not aux or ctx.labels is None:
