@@ -38,7 +38,10 @@ OP = "vq"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-BLOCK_D_CHOICES = (16, 32, 64)  # feature chunk of the dot products: next power of two of D, clamped
+# Feature chunk of the dot products: the next power of two of D, clamped. fp32 dots (IEEE, on the
+# FMA units) skip 32 and run unpipelined (num_stages=1): the other combinations spill on sm_80/sm_90.
+BLOCK_D_CHOICES = {torch.float32: (16, 64), torch.float16: (16, 32, 64), torch.bfloat16: (16, 32, 64)}
+NUM_STAGES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 2}
 NEAREST_BLOCK_M_CHOICES = (16, 64)  # 16 for small N (more programs), 64 from LARGE_N rows on
 NEAREST_BLOCK_N = 64
 LARGE_N = 8192
@@ -48,10 +51,11 @@ SAMPLE_BLOCK_S = 16  # samples per program (a second grid axis covers more)
 NORMS_BLOCK_K = 64
 NORMS_BLOCK_D = 64
 NUM_WARPS = 4
-# 8 warps where 4 would spill (sm_80 / sm_90 compile check): the 64-row nearest tiles and the
-# sampler, whose fp32 IEEE dots and Philox state hold more registers.
+# Warps per program, chosen so that no configuration spills on sm_80 / sm_90 (compile check): 8 for
+# the 64-row nearest tiles and the fp16/bf16 sampler; the fp32 sampler spills at BLOCK_D=16 with 8
+# warps but not with 4.
 NEAREST_WARPS = {16: 4, 64: 8}
-SAMPLE_WARPS = 8
+SAMPLE_WARPS = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
 
 
 @triton.jit
@@ -256,8 +260,10 @@ def _sample_kernel(
 # launchers
 
 
-def _block_d(D: int) -> int:
-    return min(max(triton.next_power_of_2(D), BLOCK_D_CHOICES[0]), BLOCK_D_CHOICES[-1])
+def _block_d(D: int, dtype: torch.dtype) -> int:
+    """The smallest allowed chunk >= D, else the largest."""
+    choices = BLOCK_D_CHOICES[dtype]
+    return next((c for c in choices if c >= D), choices[-1])
 
 
 def _nearest_block_m(N: int) -> int:
@@ -310,8 +316,9 @@ def vq_nearest(
         codebook.stride(0),
         BLOCK_M=block_m,
         BLOCK_N=NEAREST_BLOCK_N,
-        BLOCK_D=_block_d(D),
+        BLOCK_D=_block_d(D, x.dtype),
         num_warps=NEAREST_WARPS[block_m],
+        num_stages=NUM_STAGES[x.dtype],
     )
 
 
@@ -346,9 +353,10 @@ def vq_sample(
         seed,
         BLOCK_M=SAMPLE_BLOCK_M,
         BLOCK_N=SAMPLE_BLOCK_N,
-        BLOCK_D=_block_d(D),
+        BLOCK_D=_block_d(D, x.dtype),
         BLOCK_S=SAMPLE_BLOCK_S,
-        num_warps=SAMPLE_WARPS,
+        num_warps=SAMPLE_WARPS[x.dtype],
+        num_stages=NUM_STAGES[x.dtype],
     )
 
 
@@ -378,7 +386,7 @@ def _compile_specs() -> list[CompileSpec]:
                 num_warps=NUM_WARPS,
             )
         )
-        for block_d in BLOCK_D_CHOICES:
+        for block_d in BLOCK_D_CHOICES[dt]:
             for block_m in NEAREST_BLOCK_M_CHOICES:
                 specs.append(
                     CompileSpec(
@@ -401,6 +409,7 @@ def _compile_specs() -> list[CompileSpec]:
                         },
                         constexprs={"BLOCK_M": block_m, "BLOCK_N": NEAREST_BLOCK_N, "BLOCK_D": block_d},
                         num_warps=NEAREST_WARPS[block_m],
+                        num_stages=NUM_STAGES[dt],
                         uses_dot=True,
                     )
                 )
@@ -433,7 +442,8 @@ def _compile_specs() -> list[CompileSpec]:
                         "BLOCK_D": block_d,
                         "BLOCK_S": SAMPLE_BLOCK_S,
                     },
-                    num_warps=SAMPLE_WARPS,
+                    num_warps=SAMPLE_WARPS[dt],
+                    num_stages=NUM_STAGES[dt],
                     uses_dot=True,
                 )
             )

@@ -225,10 +225,11 @@ def vq_nearest_floors(rows: int, codes: int, dim: int, element_size: int) -> VQF
 
 
 def vq_quantize_floors(rows: int, codes: int, dim: int, element_size: int) -> VQFloors:
-    """``vq_quantize``: the lookup, plus writing ``quantized`` ``[N, D]`` (the winning code rows are
-    gathered: at most ``N D`` more reads, counted as the codebook read once) and the loss (``3 N D``
-    flops). Backward: read the two incoming gradients' ``[N, D]`` one, x and the codes, write dx:
-    ``dx = dq + (2 w / (N D)) (x - q) dloss``, about ``4 N D`` flops."""
+    """``vq_quantize``: read x ``[N, D]`` and the codebook, write ``quantized`` ``[N, D]``, int64
+    indices and the scalar loss (the winning rows are part of the codebook read once). Flops: the
+    lookup's ``2 N K D`` plus ``3 N D`` for the loss. Backward: read ``dq``, x and ``quantized``
+    (``[N, D]`` each), write dx: ``dx = dq + (2 w / (N D)) (x - q) dloss``, ``4 N D`` flops (the
+    straight-through itself adds nothing)."""
     fwd = vq_nearest_floors(rows, codes, dim, element_size)
     fwd_bytes = fwd.forward_bytes - rows * 4 + element_size * (rows * dim + 1)
     return VQFloors(
