@@ -383,20 +383,30 @@ def d_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def configs(dtype: torch.dtype, head_dim: int) -> dict[str, tuple[int, int, int, int]]:
-    """``kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages)`` for a dtype and head size.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dtype class and padded head size. Chosen
+# with ptxas -v on sm_80 and sm_90 for the heaviest variant (additive [B, H, T, S] mask + causal):
+# none spills. fp32 dots run in IEEE precision on the FMA units with their operands in registers,
+# hence the small tiles; 128-row fp16 tiles need 8 warps.
+_CONFIGS = {
+    "lowp": {
+        32: {"fwd": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (128, 32, 8, 2)},
+        64: {"fwd": (128, 64, 8, 3), "dkdv": (32, 32, 4, 2), "dq": (128, 32, 8, 2)},
+        128: {"fwd": (64, 32, 4, 3), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
+    },
+    "fp32": {
+        32: {"fwd": (64, 32, 4, 2), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 8, 1)},
+        64: {"fwd": (32, 32, 8, 1), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
+        128: {"fwd": (16, 16, 4, 1), "dkdv": (32, 32, 8, 1), "dq": (16, 32, 8, 1)},
+    },
+}
+_PRE_CONFIG = (64, 0, 4, 1)
 
-    fp32 runs ``tl.dot`` in IEEE precision on the FMA units (operands live in registers), so its
-    tiles are smaller; head dims 80 and 96 are padded to 128.
-    """
-    dp = d_pad(head_dim)
-    if dtype == torch.float32:
-        if dp <= 64:
-            return {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2), "pre": (64, 0, 4, 1)}
-        return {"fwd": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "pre": (64, 0, 4, 1)}
-    if dp <= 64:
-        return {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 4, 3), "dq": (128, 32, 4, 3), "pre": (64, 0, 4, 1)}
-    return {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3), "pre": (64, 0, 4, 1)}
+
+def configs(dtype: torch.dtype, head_dim: int) -> dict[str, tuple[int, int, int, int]]:
+    """``kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages)`` for a dtype and head size (80 and 96
+    use the padded 128 configuration). The dk/dv configuration serves the prompt segment too."""
+    cls = "fp32" if dtype == torch.float32 else "lowp"
+    return {**_CONFIGS[cls][max(32, d_pad(head_dim))], "pre": _PRE_CONFIG}
 
 
 def _blocks(cfg: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -410,9 +420,9 @@ def _blocks(cfg: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
 
 
 def supports(head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether the kernels take this head size: at most 128 (one padded tile) and rows of a whole
-    number of 16-byte vectors (the alignment the loads are hinted with)."""
-    return 0 < head_dim <= 128 and (head_dim * torch.empty((), dtype=dtype).element_size()) % 16 == 0
+    """Whether the kernels take this head size and dtype: the ones the compile specs cover (each
+    row is then a whole number of 16-byte vectors, the alignment the loads are hinted with)."""
+    return head_dim in HEAD_DIMS and dtype in DTYPES
 
 
 def _is_aligned(t: torch.Tensor) -> bool:

@@ -414,7 +414,7 @@ def _route(query: torch.Tensor) -> str:
         if kernels.supports(query.shape[-1], query.dtype):
             return "triton"
         msg = (
-            f"{OP}: the Triton kernels take head sizes up to 128 whose rows are whole 16-byte vectors, "
+            f"{OP}: the Triton kernels take head sizes 32, 64, 80, 96 and 128, "
             f"got {query.shape[-1]} x {query.dtype}"
         )
         if _backend.requested_backend() == "triton":
