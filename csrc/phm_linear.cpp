@@ -3,10 +3,13 @@
 //   x: [N, n*I]  rules: [n, n, n]  weights: [n, I, O]  bias: [n*O] or None  out: [N, n*O]
 //
 // H[a*I + p, b*O + q] = sum_i rules[i, a, b] * weights[i, p, q] is built once per call in float32
-// (n^3 * I * O multiply-adds, small next to the GEMM) and the product is one BLAS call. Backward:
+// (n^3 * I * O multiply-adds, small next to the GEMM), rounded once to the input dtype, and the
+// product is one BLAS call. Backward:
 // dx = dy @ H^T (one GEMM), dH^T = dy^T x (one GEMM), then, with dH rearranged to [(a,b), (p,q)],
 // dweights = rules[i, (a,b)] @ dH and drules = weights[i, (p,q)] @ dH^T (two tiny GEMMs) and
-// dbias = dy.sum(0). fp16/bf16 inputs are computed in float32 and rounded once at the end.
+// dbias = dy.sum(0). The big GEMMs run in the input dtype: PyTorch's CPU fp16/bf16 GEMMs (oneDNN, or
+// cpublas with float opmath) accumulate in float32 and round once on output, and with AMX/AVX512-BF16
+// they are several times faster than converting x to float32. The small reductions run in float32.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -48,7 +51,8 @@ at::Tensor build_h(const at::Tensor& rules_f, const at::Tensor& w_f) {
   const float* r = rules_f.data_ptr<float>();
   const float* w = w_f.data_ptr<float>();
   float* hp = h.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n * n * O));
+  // Rows per task: at least ~256k multiply-adds, so small layers build H inline (no thread hand-off).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, n * n * O));
   at::parallel_for(0, n * I, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t a = row / I, p = row % I;
@@ -75,17 +79,12 @@ void phm_linear_forward(const at::Tensor& x, const at::Tensor& rules, const at::
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) check_out(*bias, {out_features}, dt, "bias");
 
-  const at::Tensor h = build_h(as_float(rules).contiguous(), as_float(weights).contiguous());
+  const at::Tensor h = build_h(as_float(rules).contiguous(), as_float(weights).contiguous()).to(dt);
   at::Tensor o = out;  // a handle we may write through
-  if (dt == at::kFloat) {
-    if (has_bias)
-      at::addmm_out(o, *bias, x, h);
-    else
-      at::mm_out(o, x, h);
-  } else {
-    const at::Tensor xf = x.to(at::kFloat);
-    o.copy_(has_bias ? at::addmm(bias->to(at::kFloat), xf, h) : at::mm(xf, h));
-  }
+  if (has_bias)
+    at::addmm_out(o, *bias, x, h);
+  else
+    at::mm_out(o, x, h);
 }
 
 void phm_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& rules,
@@ -107,39 +106,38 @@ void phm_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
   if (compute_db) check_out(grad_bias, {n * O}, dt, "grad_bias");
 
   const bool is_float = dt == at::kFloat;
-  const at::Tensor dyf = as_float(grad_out);
   const at::Tensor rules_f = as_float(rules).contiguous();
   const at::Tensor w_f = as_float(weights).contiguous();
 
   if (compute_dx) {
-    const at::Tensor h = build_h(rules_f, w_f);
+    const at::Tensor h = build_h(rules_f, w_f).to(dt);
     at::Tensor gx = grad_x;
-    if (is_float)
-      at::mm_out(gx, dyf, h.t());
-    else
-      gx.copy_(at::mm(dyf, h.t()));
+    at::mm_out(gx, grad_out, h.t());
   }
   if (compute_dparams) {
     // dH^T = dy^T x ([n*O, n*I], laid out (b, q, a, p)): the [out, in] product is the faster GEMM
-    // layout on CPU BLAS (as nn.Linear's weight gradient), then one small copy to [(a, b), (p, q)].
-    const at::Tensor dht = at::mm(dyf.t(), as_float(x));
-    const at::Tensor dh_ab = dht.view({n, O, n, I}).permute({2, 0, 3, 1}).contiguous().view({n * n, I * O});
+    // layout on CPU BLAS (as nn.Linear's weight gradient), then one small float copy to [(a, b), (p, q)]
+    // and two tiny GEMMs in float for the reductions onto weights and rules.
+    const at::Tensor dht = at::mm(grad_out.t(), x);
+    const at::Tensor dh_ab = at::empty({n, n, I, O}, w_f.options());
+    dh_ab.copy_(dht.view({n, O, n, I}).permute({2, 0, 3, 1}));
+    const at::Tensor dh2 = dh_ab.view({n * n, I * O});
     at::Tensor gw = grad_weights.view({n, I * O});
     at::Tensor gr = grad_rules.view({n, n * n});
     if (is_float) {
-      at::mm_out(gw, rules_f.view({n, n * n}), dh_ab);
-      at::mm_out(gr, w_f.view({n, I * O}), dh_ab.t());
+      at::mm_out(gw, rules_f.view({n, n * n}), dh2);
+      at::mm_out(gr, w_f.view({n, I * O}), dh2.t());
     } else {
-      gw.copy_(at::mm(rules_f.view({n, n * n}), dh_ab));
-      gr.copy_(at::mm(w_f.view({n, I * O}), dh_ab.t()));
+      gw.copy_(at::mm(rules_f.view({n, n * n}), dh2));
+      gr.copy_(at::mm(w_f.view({n, I * O}), dh2.t()));
     }
   }
   if (compute_db) {
     at::Tensor gb = grad_bias;
     if (is_float)
-      at::sum_out(gb, dyf, {0});
+      at::sum_out(gb, grad_out, {0});
     else
-      gb.copy_(dyf.sum(0));
+      gb.copy_(at::sum(grad_out, {0}, false, at::kFloat));
   }
 }
 

@@ -22,6 +22,7 @@ runs one GEMM. The backward op returns ``(grad_x, grad_rules, grad_weights, grad
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -108,9 +109,15 @@ def phm_linear_floors(
     return PhmLinearFloors(fwd_bytes, fwd_flops, bwd_bytes, bwd_flops, 2 * n * in_features * out_features)
 
 
+@functools.cache
 def _has_cpp() -> bool:
     # Extension not built at all: say True so that `select` warns and falls back (or raises for "cpp").
     return _cpp.has("phm_linear_forward") if _cpp.available() else True
+
+
+@functools.cache
+def _cpp_op(name: str):
+    return _cpp.op(name)
 
 
 def _degenerate(x2: torch.Tensor, weights: torch.Tensor) -> bool:
@@ -129,7 +136,7 @@ def _phm_linear_op(
     y = _alloc.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
     y2 = y.view(-1, out_features)
     if backend == "cpp":
-        _cpp.op("phm_linear_forward")(x2, rules.contiguous(), weights.contiguous(), bias, y2)
+        _cpp_op("phm_linear_forward")(x2, rules.contiguous(), weights.contiguous(), bias, y2)
     else:
         from prompt_kernels.kernels import phm_linear as kernels
 
@@ -195,7 +202,7 @@ def _phm_linear_backward_op(
     db = _alloc.empty((out_features,), dtype=x.dtype, device=x.device) if compute_db else _empty0(x)
     dx2 = dx.view(-1, in_features) if compute_dx else dx
     if backend == "cpp":
-        _cpp.op("phm_linear_backward")(
+        _cpp_op("phm_linear_backward")(
             dy2,
             x2,
             rules.contiguous(),
