@@ -5,6 +5,8 @@ Providers:
 * ``prompt_kernels``: ``ops.vq_nearest`` / ``ops.vq_quantize`` on the default backend (C++ on CPU,
   Triton on CUDA): one tiled pass, no N x K matrix.
 * ``torch_reference``: the plain-PyTorch specification (full distance matrix, argmin).
+* ``x @ codebook.T``: the products alone (one GEMM, materialising ``N x K``): the compute floor
+  every provider pays (``vq_nearest`` group only).
 * ``vector-quantize-pytorch``: ``VectorQuantize(dim=384, codebook_size=1000)`` in eval mode (no EMA
   update, no loss: eval computes the distance matrix with its own ``cdist`` (``sqrt`` of the expanded
   form), arg-max of the negated distances and the gathered codes). Its forward is the same in both
@@ -55,6 +57,8 @@ def _cases_for(N: int, device: str) -> list[Case]:
                 kernel, "torch_reference", "forward", size, lambda f=ref: f(x, codebook), measure_memory=True
             ),
         ]
+        if kernel == "vq_nearest":
+            out.append(Case(kernel, "x @ codebook.T", "forward", size, lambda: x @ codebook.T))
         if peer is not None:
             out.append(
                 Case(

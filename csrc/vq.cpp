@@ -7,7 +7,7 @@
 //   vq_nearest -> indices int64 [N], distances float32 [N]
 //   vq_sample  -> indices int64 [N, S]
 //
-// Tiling: rows are split into blocks of kRowBlock, spread over the threads with
+// Tiling: rows are split into blocks of up to kRowBlock, spread evenly over the threads with
 // at::parallel_for; codes into blocks of kCodeBlock. For each (row block, code block) one small
 // fp32 GEMM (MKL through at::mm_out) writes the x.e products into a per-thread scratch tile of
 // kRowBlock x kCodeBlock floats, which the scoring loop consumes at once (cache-hot). Extra memory:
@@ -39,6 +39,16 @@ namespace {
 
 constexpr int64_t kRowBlock = 256;  // MKL reaches full-GEMM speed from ~256 x 512 tiles
 constexpr int64_t kCodeBlock = 512;  // also fixes the sampler's random stream: keep constant
+
+// Rows per block: at most kRowBlock, with the number of blocks a multiple of the thread count so
+// that the threads get equal work (13 blocks of 256 rows on 2 threads would leave one idle 1/13 of
+// the time).
+int64_t rows_per_block(int64_t N) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t blocks = std::max<int64_t>(1, (N + kRowBlock - 1) / kRowBlock);
+  blocks = (blocks + threads - 1) / threads * threads;
+  return std::max<int64_t>(1, (N + blocks - 1) / blocks);
+}
 
 // scratch[i * kCodeBlock + j] = x[i] . e[j] for i < m rows, j < n codes (fp32 inputs). One MKL
 // GEMM through at::mm_out on views of the raw buffers (cpublas::gemm is not exported by libtorch).
@@ -237,7 +247,8 @@ void nearest_impl(const at::Tensor& x, const at::Tensor& codebook, at::Tensor& i
   const int64_t per_thread = kRowBlock * kCodeBlock + (Fp32View<T>::widens ? kRowBlock * D : 0);
   at::Tensor scratch_t = at::empty({at::get_num_threads(), per_thread}, x.options().dtype(at::kFloat));
   float* scratch_all = scratch_t.data_ptr<float>();
-  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  const int64_t bm = rows_per_block(N);
+  const int64_t blocks = (N + bm - 1) / bm;
 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     float* scratch = scratch_all + static_cast<int64_t>(at::get_thread_num()) * per_thread;
@@ -245,8 +256,8 @@ void nearest_impl(const at::Tensor& x, const at::Tensor& codebook, at::Tensor& i
     float best[kRowBlock];
     int64_t best_k[kRowBlock];
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * kRowBlock;
-      const int64_t m = std::min(kRowBlock, N - r0);
+      const int64_t r0 = blk * bm;
+      const int64_t m = std::min(bm, N - r0);
       std::fill(best, best + m, std::numeric_limits<float>::infinity());
       std::fill(best_k, best_k + m, int64_t{0});
       const float* xf = Fp32View<T>::rows(xp, r0, m, D, xbuf);
@@ -338,7 +349,8 @@ void sample_impl(const at::Tensor& x, const at::Tensor& codebook, int64_t S, dou
       kRowBlock * kCodeBlock + 4 * kRowBlock + 2 * kCodeBlock + (Fp32View<T>::widens ? kRowBlock * D : 0);
   at::Tensor scratch_t = at::empty({at::get_num_threads(), per_thread}, x.options().dtype(at::kFloat));
   float* scratch_all = scratch_t.data_ptr<float>();
-  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  const int64_t bm = rows_per_block(N);
+  const int64_t blocks = (N + bm - 1) / bm;
 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     float* scratch = scratch_all + static_cast<int64_t>(at::get_thread_num()) * per_thread;
@@ -347,8 +359,8 @@ void sample_impl(const at::Tensor& x, const at::Tensor& codebook, int64_t S, dou
     double* cum = run_sum + kRowBlock;
     float* xbuf = reinterpret_cast<float*>(cum + kCodeBlock);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * kRowBlock;
-      const int64_t m = std::min(kRowBlock, N - r0);
+      const int64_t r0 = blk * bm;
+      const int64_t m = std::min(bm, N - r0);
       std::fill(run_max, run_max + m, -std::numeric_limits<float>::infinity());
       std::fill(run_sum, run_sum + m, 0.0);
       const float* xf = Fp32View<T>::rows(xp, r0, m, D, xbuf);
