@@ -389,14 +389,44 @@ def d_pad(head_dim: int) -> int:
 # hence the small tiles; 128-row fp16 tiles need 8 warps.
 _CONFIGS = {
     "lowp": {
-        32: {"fwd": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (128, 32, 8, 2)},
-        64: {"fwd": (128, 64, 8, 3), "dkdv": (32, 32, 4, 2), "dq": (128, 32, 8, 2)},
-        128: {"fwd": (64, 32, 4, 3), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
+        32: {
+            "fwd": (128, 32, 8, 3),
+            "dkdv": (32, 64, 8, 2),
+            "dkdv_prompt": (32, 64, 8, 2),
+            "dq": (128, 32, 8, 2),
+        },
+        64: {
+            "fwd": (128, 64, 8, 3),
+            "dkdv": (16, 32, 4, 2),
+            "dkdv_prompt": (32, 64, 8, 2),
+            "dq": (128, 32, 8, 2),
+        },
+        128: {
+            "fwd": (64, 32, 4, 3),
+            "dkdv": (32, 64, 8, 2),
+            "dkdv_prompt": (32, 64, 8, 2),
+            "dq": (64, 32, 8, 2),
+        },
     },
     "fp32": {
-        32: {"fwd": (64, 32, 4, 2), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 8, 1)},
-        64: {"fwd": (32, 32, 8, 1), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
-        128: {"fwd": (16, 16, 4, 1), "dkdv": (32, 32, 8, 1), "dq": (16, 32, 8, 1)},
+        32: {
+            "fwd": (64, 32, 4, 2),
+            "dkdv": (16, 32, 4, 1),
+            "dkdv_prompt": (32, 32, 8, 1),
+            "dq": (32, 32, 8, 1),
+        },
+        64: {
+            "fwd": (32, 32, 8, 1),
+            "dkdv": (32, 32, 8, 1),
+            "dkdv_prompt": (32, 32, 8, 1),
+            "dq": (32, 32, 8, 1),
+        },
+        128: {
+            "fwd": (16, 16, 4, 1),
+            "dkdv": (32, 32, 8, 1),
+            "dkdv_prompt": (32, 16, 8, 1),
+            "dq": (16, 32, 8, 1),
+        },
     },
 }
 _PRE_CONFIG = (64, 0, 4, 1)
@@ -404,7 +434,7 @@ _PRE_CONFIG = (64, 0, 4, 1)
 
 def configs(dtype: torch.dtype, head_dim: int) -> dict[str, tuple[int, int, int, int]]:
     """``kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages)`` for a dtype and head size (80 and 96
-    use the padded 128 configuration). The dk/dv configuration serves the prompt segment too."""
+    use the padded 128 configuration); ``dkdv_prompt`` is the dk/dv kernel on the prompt segment."""
     cls = "fp32" if dtype == torch.float32 else "lowp"
     return {**_CONFIGS[cls][max(32, d_pad(head_dim))], "pre": _PRE_CONFIG}
 
@@ -539,6 +569,10 @@ def backward(
             MASK_KIND=kind, IS_CAUSAL=bool(is_causal), IS_PROMPT=False, **common,
         )  # fmt: skip
     if P > 0:
+        BM, BN, warps, stages = _blocks(cfg["dkdv_prompt"])
+        common = dict(
+            HEAD_DIM=Dh, D_PAD=dp_, FP32=fp32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages
+        )
         n_pblocks = triton.cdiv(P, BN)
         dpk_part = _alloc.empty((B, Hkv, P, Dh), dtype=torch.float32, device=dev)
         dpv_part = _alloc.empty((B, Hkv, P, Dh), dtype=torch.float32, device=dev)
@@ -666,7 +700,7 @@ def _compile_specs() -> list[CompileSpec]:
                     )
                 )
             # The prompt segment of the dk/dv kernel (no mask, not causal, fp32 partial outputs).
-            BM, BN, w, st = cfg["dkdv"]
+            BM, BN, w, st = cfg["dkdv_prompt"]
             var = dict(MASK_KIND=MASK_NONE, IS_CAUSAL=False, IS_PROMPT=True, FP32=dtype == torch.float32)
             specs.append(
                 CompileSpec(
