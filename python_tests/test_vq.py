@@ -107,6 +107,23 @@ def test_nearest_batch_dims_and_degenerate_shapes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    _skip_unsupported(backend, torch.float32)
+    dev = device_for(backend)
+    xt, et = _inputs(11, 9, 13, torch.float32, dev)
+    x, codebook = xt.t().contiguous().t(), et.t().contiguous().t()  # column-major views
+    assert not x.is_contiguous() and not codebook.is_contiguous()
+    with prompt_kernels.use_backend(backend):
+        idx, dist = vq.vq_nearest(x, codebook)
+        samples = vq.vq_sample(x, codebook, 3, 2.0).indices
+    ref_idx, ref_dist = vq_ops.vq_nearest_reference(xt.double(), et.double())
+    clear = _clear_rows(xt, et).to(dev)
+    assert torch.equal(idx[clear], ref_idx[clear])
+    assert torch.allclose(dist.double(), ref_dist, rtol=1e-5, atol=1e-5)
+    assert samples.shape == (11, 3) and ((samples >= 0) & (samples < 9)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nearest_exact_ties_go_to_lowest_index(backend):
     _skip_unsupported(backend, torch.float32)
     dev = device_for(backend)
