@@ -40,7 +40,7 @@ test: lint compile-check pytest
 
 # The main job: P-tuning v2 on all-MiniLM-L6-v2 and the movie-review data (both from PyPI wheels).
 demo: install
-	$(BIN)/prompt-kernels train --method prefix-tuning --steps 150 --eval-size 1000 --out runs/demo
+	$(BIN)/prompt-kernels train --method prefix-tuning --steps 120 --batch-size 16 --max-length 48 --eval-size 500 --out runs/demo
 
 bench: install
 	$(BIN)/python -m benchmarks.run
