@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import INTERPRET, assert_within_budget, backends, device_for
+from helpers import INTERPRET, assert_within_budget, backends, device_for, max_err
 
 from prompt_kernels import use_backend
 from prompt_kernels.ops import gated_prefix_attention
@@ -96,9 +96,60 @@ def _check_against_reference(backend, tensors, mask, is_causal, dtype, small_blo
     m64 = None if mask is None or mask.dtype == torch.bool else mask.double()
     ref64 = _run(reference, [t.double() for t in tensors], m64, is_causal, grad_out.double())
     same = _run(reference, tensors, mask, is_causal, grad_out.to(dtype))
-    for name, a, r, s in zip(NAMES, ours, ref64, same):
+    for name, a, r, s in zip(NAMES[:-1], ours, ref64, same):
         assert_within_budget(a, r, s, name=f"{backend} {name}", factor=factor)
+    _assert_gate_grad_within_budget(
+        ours[6], ref64, same[6], tensors, m64, is_causal, grad_out, backend, factor
+    )
     return ours
+
+
+def _gate_term_scale(tensors, mask64, is_causal, grad_out, out64) -> float:
+    """The size of the terms whose sum is dgate: sum_t sum_j |exp(s_tj - lse_t) (dP_tj - delta_t)|,
+    per gate entry (float64). dgate cancels: its error scales with these terms, not with dgate."""
+    q, k, _, pk, pv, gate = (t.double() for t in tensors)
+    B, H, T, Dh = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    rep, scale = H // Hkv, Dh**-0.5
+    kk = k.repeat_interleave(rep, 1)
+    pkk, pvv = (t.expand(B, -1, -1, -1).repeat_interleave(rep, 1) for t in (pk, pv))
+    sk = q @ kk.transpose(-1, -2) * scale
+    if mask64 is not None:
+        sk = (
+            sk.masked_fill(~mask64[:, None, None, :], float("-inf"))
+            if mask64.dtype == torch.bool
+            else sk + mask64
+        )
+    if is_causal:
+        sk = sk.masked_fill(torch.ones(T, S, dtype=torch.bool).tril(S - T).logical_not(), float("-inf"))
+    sp = q @ pkk.transpose(-1, -2) * scale
+    g = gate.expand(B, H)[:, :, None, None]
+    lse = torch.logsumexp(torch.cat([sp + torch.log(g), sk], -1), -1, keepdim=True)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    go = grad_out.double()
+    terms = torch.exp(sp - lse) * (go @ pvv.transpose(-1, -2) - (go * out64).sum(-1, keepdim=True))
+    per_bh = terms.abs().sum(dim=(2, 3))  # [B, H]
+    g2 = (1,) * (2 - gate.dim()) + tuple(gate.shape)
+    return per_bh.sum_to_size(g2).max().item() if terms.numel() else 0.0
+
+
+def _assert_gate_grad_within_budget(
+    actual, ref64, torch_same, tensors, mask64, is_causal, grad_out, backend, factor
+):
+    """assert_within_budget for dgate, with the ulps taken of the size of its (cancelling) terms, and
+    16 of them: each term is exp(s - lse) (dP - delta), whose exponent carries an error of a few ulps
+    of |s| + |lse|, and dgate sums T * P (and the broadcast dimensions') such terms."""
+    assert not torch.isnan(actual).any(), f"{backend} gate: NaN"
+    assert actual.shape == ref64[6].shape and actual.dtype == torch_same.dtype
+    ours, theirs = max_err(actual, ref64[6]), max_err(torch_same, ref64[6])
+    size = max(
+        ref64[6].abs().max().item(), _gate_term_scale(tensors, mask64, is_causal, grad_out, ref64[0]), 1e-3
+    )
+    eps = torch.finfo(tensors[0].dtype).eps
+    budget = factor * theirs + 16 * eps * size
+    assert ours <= budget, (
+        f"{backend} gate: error {ours:.3e} > budget {budget:.3e} (torch's own error {theirs:.3e})"
+    )
 
 
 # (B, H, Hkv, T, S, P, Dh, prompt batch, gate kind, mask kind, causal)
