@@ -79,3 +79,51 @@ def cases(quick: bool) -> list[Case]:
         out += _cases(2048, 64, 384, 4, torch.float32, device)
         out += _cases(2048, 384, 64, 4, torch.bfloat16, device)
     return out
+
+
+def cpu_time_table(repeats: int = 300, threads: int = 1) -> str:
+    """Process CPU time per call (p25 and median over interleaved repeats), a cross-check that holds on
+    a shared machine where wall-clock times with 2 threads mostly measure waits for a free core. Like
+    the runner, it collects garbage before every timed call (so a provider's own allocations do not
+    bill the next one for a collection)."""
+    import gc
+    import statistics
+    import time
+
+    torch.set_num_threads(threads)
+    groups: dict[tuple[str, str], list[Case]] = {}
+    for c in cases(quick=False):
+        groups.setdefault((c.mode, c.size), []).append(c)
+    lines = [
+        f"process CPU time per call, {threads} thread(s), {repeats} interleaved repeats (p25 / median, ms)"
+    ]
+    for (mode, size), group in groups.items():
+        times: dict[str, list[float]] = {c.provider: [] for c in group}
+        for c in group:
+            c.fn()
+            c.fn()
+        for _ in range(repeats):
+            for c in group:
+                gc.collect()  # as benchmarks.common.time_interleaved does before every timed call
+                t0 = time.process_time()
+                c.fn()
+                times[c.provider].append((time.process_time() - t0) * 1e3)
+        p25 = {k: sorted(v)[len(v) // 4] for k, v in times.items()}
+        ours = p25["prompt_kernels"]
+        cells = ", ".join(
+            f"{k} {p25[k]:.3f} / {statistics.median(v):.3f}"
+            + ("" if k == "prompt_kernels" else f" ({p25[k] / ours:.2f}x ours)")
+            for k, v in times.items()
+        )
+        lines.append(f"{mode:<17} {size:<30} {cells}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="phm_linear CPU-time cross-check (see cpu_time_table)")
+    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    print(cpu_time_table(args.repeats, args.threads))

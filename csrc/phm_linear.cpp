@@ -5,7 +5,7 @@
 // H[a*I + p, b*O + q] = sum_i rules[i, a, b] * weights[i, p, q] is built once per call in float32
 // (n^3 * I * O multiply-adds, small next to the GEMM), rounded once to the input dtype, and the
 // product is one BLAS call. Backward:
-// dx = dy @ H^T (one GEMM), dH^T = dy^T x (one GEMM), then, with dH rearranged to [(a,b), (p,q)],
+// dx = dy @ H^T (one GEMM), dH = x^T dy (one GEMM, in its faster orientation), then, with dH rearranged to [(a,b), (p,q)],
 // dweights = rules[i, (a,b)] @ dH and drules = weights[i, (p,q)] @ dH^T (two tiny GEMMs) and
 // dbias = dy.sum(0). The big GEMMs run in the input dtype: PyTorch's CPU fp16/bf16 GEMMs (oneDNN, or
 // cpublas with float opmath) accumulate in float32 and round once on output, and with AMX/AVX512-BF16
@@ -81,10 +81,14 @@ void phm_linear_forward(const at::Tensor& x, const at::Tensor& rules, const at::
 
   const at::Tensor h = build_h(as_float(rules).contiguous(), as_float(weights).contiguous()).to(dt);
   at::Tensor o = out;  // a handle we may write through
-  if (has_bias)
-    at::addmm_out(o, *bias, x, h);
-  else
+  if (has_bias && dt != at::kFloat) {
+    at::addmm_out(o, *bias, x, h);  // the bias joins the float accumulator: one rounding
+  } else {
+    // fp32: GEMM then an in-place bias add; addmm's beta = 1 path (copy the bias into out, then
+    // accumulate) is measurably slower on CPU BLAS for wide outputs.
     at::mm_out(o, x, h);
+    if (has_bias) o.add_(*bias);
+  }
 }
 
 void phm_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& rules,
@@ -115,12 +119,15 @@ void phm_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
     at::mm_out(gx, grad_out, h.t());
   }
   if (compute_dparams) {
-    // dH^T = dy^T x ([n*O, n*I], laid out (b, q, a, p)): the [out, in] product is the faster GEMM
-    // layout on CPU BLAS (as nn.Linear's weight gradient), then one small float copy to [(a, b), (p, q)]
-    // and two tiny GEMMs in float for the reductions onto weights and rules.
-    const at::Tensor dht = at::mm(grad_out.t(), x);
+    // dH = x^T dy, computed as whichever of dH ([in, out], laid out (a, p, b, q)) or dH^T
+    // ([out, in], laid out (b, q, a, p)) has fewer rows: the faster GEMM orientation on CPU BLAS.
+    // Then one small float copy to [(a, b), (p, q)] and two tiny float GEMMs for the reductions
+    // onto weights and rules.
     const at::Tensor dh_ab = at::empty({n, n, I, O}, w_f.options());
-    dh_ab.copy_(dht.view({n, O, n, I}).permute({2, 0, 3, 1}));
+    if (I <= O)
+      dh_ab.copy_(at::mm(x.t(), grad_out).view({n, I, n, O}).permute({0, 2, 1, 3}));
+    else
+      dh_ab.copy_(at::mm(grad_out.t(), x).view({n, O, n, I}).permute({2, 0, 3, 1}));
     const at::Tensor dh2 = dh_ab.view({n * n, I * O});
     at::Tensor gw = grad_weights.view({n, I * O});
     at::Tensor gr = grad_rules.view({n, n * n});
