@@ -1,6 +1,7 @@
 """gated_prefix_attention benchmarks at B=8, H=12, T=S=128, P=16, Dh=64 (a BERT-base layer with a
-16-token prefix), forward and forward+backward, with a key-padding mask (encoder) and causal
-(decoder). The gate is one learnable scalar per layer (SPT style), the prompt is shared by the batch.
+16-token prefix), forward and forward+backward, in float32 with a key-padding mask (encoder) and
+causal (decoder), and in bf16 with the padding mask. The gate is one learnable scalar per layer
+(SPT style), the prompt is shared by the batch.
 
 Providers: ``prompt_kernels`` (the default backend: the fused CPU path on CPU, Triton on CUDA),
 ``torch_reference`` (the plain-PyTorch specification) and ``cat+sdpa`` (what an eager
@@ -54,13 +55,14 @@ PROVIDERS = {"prompt_kernels": gated_prefix_attention, "torch_reference": refere
 def cases(quick: bool) -> list[Case]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     B, H, T, S, P, Dh = 8, 12, 128, 128, 16, 64
-    dtype = torch.float32
     out = []
-    for variant in ("pad mask", "causal") if not quick else ("pad mask",):
+    variants = [("pad mask", torch.float32), ("causal", torch.float32), ("pad mask", torch.bfloat16)]
+    for variant, dtype in variants[:1] if quick else variants:
         tensors, mask = _inputs(B, H, T, S, P, Dh, dtype, device)
         mask = mask if variant == "pad mask" else None
         causal = variant == "causal"
-        size = f"B{B} H{H} T{T} S{S} P{P} Dh{Dh} {variant}"
+        tag = "" if dtype == torch.float32 else f" {str(dtype).replace('torch.', '')}"
+        size = f"B{B} H{H} T{T} S{S} P{P} Dh{Dh} {variant}{tag}"
         for name, fn in PROVIDERS.items():
 
             def fwd(fn=fn, mask=mask, causal=causal, tensors=tensors):

@@ -578,7 +578,7 @@ def backward(
         dpv_part = _alloc.empty((B, Hkv, P, Dh), dtype=torch.float32, device=dev)
         dgate_part = _alloc.empty((B, H, n_pblocks), dtype=torch.float32, device=dev)
         _gpa_bwd_dkdv_kernel[(n_pblocks, B * Hkv)](
-            q, pk, pv, g, m, do, lse, delta, dpk_part, dpv_part, dgate_part,
+            q, pk, pv, g, q, do, lse, delta, dpk_part, dpv_part, dgate_part,  # no mask on the prompt
             *_strides3(q), *_strides3(pk), *_strides3(pv), 0, 0, 0, *_strides3(do),
             *_strides3(dpk_part), *_strides3(dpv_part),
             H, group, T, S, P, scale * LOG2E, scale,
