@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     try:
         from benchmarks.plot import plot_all
 
-        for path in plot_all(args.csv):
+        for path in plot_all(args.csv, args.csv.parent):
             print(f"plot: {path}")
     except ImportError as exc:  # matplotlib is optional
         print(f"plots skipped: {exc}")
