@@ -361,21 +361,91 @@ def _grouped(t: torch.Tensor, Hkv: int) -> torch.Tensor:
 def cpu_backward(
     grad_out, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
 ):
-    """-> (dq, dk, dv, dprompt_key, dprompt_value, dgate [B, H] float32)."""
+    """-> (dq, dk, dv, dprompt_key, dprompt_value, dgate [B, H] float32).
+
+    float32: the S keys through ATen's fused CPU flash-attention backward directly on ``key`` and
+    ``value`` (no concatenation), fed the full output and log-sum-exp, so its probabilities and
+    ``delta = rowsum(grad_out * out)`` are the two-segment ones; the P prompt keys with small float32
+    matmuls (:func:`_cpu_prompt_backward`). fp16/bf16: ATen's fused backward is 2-3x slower there
+    than batched GEMMs (AMX / AVX-512 on this CPU), so the concatenation's backward runs as GEMMs.
+    """
+    dt = query.dtype
+    do = grad_out.to(dt).contiguous()
+    if query.numel() == 0:
+        zeros = [torch.zeros_like(t) for t in (query, key, value, prompt_key, prompt_value)]
+        return (*zeros, torch.zeros(query.shape[:2], dtype=torch.float32, device=query.device))
+    if dt == torch.float32:
+        return _cpu_backward_split(
+            do, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
+        )
+    return _cpu_backward_concat(
+        do, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
+    )
+
+
+def _cpu_backward_split(
+    do, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
+):
+    B, _, T, _ = query.shape
+    S = key.shape[2]
+    if S > 0:
+        if is_causal and T == S and attention_mask is None:
+            bias, causal_flag = None, True  # bottom-right is ATen's top-left when T == S
+        else:
+            bias, causal_flag = (
+                _key_bias(attention_mask, is_causal, B, T, S, query.dtype, query.device),
+                False,
+            )
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, query, key, value, out, lse, 0.0, causal_flag, attn_mask=bias, scale=scale
+        )
+        dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
+    else:  # ATen's kernel would divide by zero
+        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    dpk, dpv, dgate = _cpu_prompt_backward(do, query, prompt_key, prompt_value, gate, out, lse, scale, dq)
+    return dq, dk, dv, dpk, dpv, dgate
+
+
+def _cpu_prompt_backward(do, query, prompt_key, prompt_value, gate, out, lse, scale, dq):
+    """The prompt segment's gradients with float32 matmuls; adds its part of dq into ``dq``.
+
+    ``dgate[b, h] = sum_t sum_j exp(s_tj - lse_t) (dP_tj - delta_t)`` with ``s`` the UNGATED logit:
+    equal to ``sum P_tj (dP_tj - delta_t) / gate``, and finite at gate = 0."""
+    B, H, T, Dh = query.shape
+    Hkv, P = prompt_key.shape[1], prompt_key.shape[2]
+    f32, dt = torch.float32, query.dtype
+    if P == 0:
+        zeros = torch.zeros(prompt_key.shape, dtype=dt, device=query.device)
+        return zeros, zeros.clone(), torch.zeros(B, H, dtype=f32, device=query.device)
+    dof, qf = do.to(f32), query.to(f32)
+    s = torch.matmul(_grouped(qf, Hkv), prompt_key.to(f32).transpose(-1, -2)).view(B, H, T, P)
+    s.mul_(scale).sub_(lse[..., None])  # ungated logit - lse (lse = +inf on rows with no weight)
+    p = torch.exp(s + torch.log(_gate_2d(gate))[:, :, None, None])  # the prompt probabilities
+    pu = s.exp_()
+    dp = torch.matmul(_grouped(dof, Hkv), prompt_value.to(f32).transpose(-1, -2)).view(B, H, T, P)
+    dp.sub_((dof * out.to(f32)).sum(dim=-1, keepdim=True))  # dP - delta
+    dgate = (pu * dp).sum(dim=(2, 3))
+    ds = _grouped(dp.mul_(p), Hkv)  # [B, Hkv, rep * T, P]
+    dq.add_(torch.matmul(ds, prompt_key.to(f32)).view(B, H, T, Dh).to(dt), alpha=scale)
+    dpk = torch.matmul(ds.transpose(-1, -2), _grouped(qf, Hkv)).mul_(scale)  # [B, Hkv, P, Dh]
+    dpv = torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dof, Hkv))
+    if prompt_key.shape[0] == 1 and B > 1:
+        dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
+    return dpk.to(dt), dpv.to(dt), dgate
+
+
+def _cpu_backward_concat(
+    do, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
+):
     B, H, _T, _Dh = query.shape
     S, P = key.shape[2], prompt_key.shape[2]
     dt = query.dtype
     kc, vc, bias, _, _ = _cpu_operands(
         query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal
     )
-    do = grad_out.to(dt).contiguous()
-    if kc.shape[2] == 0 or query.numel() == 0:
+    if kc.shape[2] == 0:
         dq, dkc, dvc = torch.zeros_like(query), torch.zeros_like(kc), torch.zeros_like(vc)
-    elif dt == torch.float32:
-        dq, dkc, dvc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, query, kc, vc, out, lse, 0.0, False, attn_mask=bias, scale=scale
-        )
-    else:  # ATen's fused backward is slow in half precision on CPU; batched GEMMs use AMX / AVX-512
+    else:
         dq, dkc, dvc = _cpu_backward_gemm(do, query, kc, vc, out, lse, bias, scale)
     if kc.shape[2] == P + S and P > 0:
         # Slices of one buffer: copy (views would alias each other, which custom ops forbid).
@@ -392,7 +462,7 @@ def cpu_backward(
         dk, dv = dkc.contiguous(), dvc.contiguous()
         dpk = torch.zeros(prompt_key.shape, dtype=dt, device=query.device)
         dpv = torch.zeros(prompt_value.shape, dtype=dt, device=query.device)
-    if P > 0 and query.numel() > 0:
+    if P > 0:
         dgate = _dgate_from_lse(do, query, prompt_key, prompt_value, out, lse, scale)
     else:
         dgate = torch.zeros(B, H, dtype=torch.float32, device=query.device)
