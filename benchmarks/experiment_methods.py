@@ -11,42 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine_name
+from benchmarks.experiment_spt import run_one  # one (method, seed) run of `prompt-kernels train`
 
 ALL = ["prompt-tuning", "prefix-tuning", "vip", "infoprompt", "gpc", "hiprompt"]
-
-
-def run_one(method: str, seed: int, steps: int, batch_size: int, prompt_length: int, eval_size: int) -> dict:
-    from prompt_kernels.train import run_training
-
-    with tempfile.TemporaryDirectory() as out:
-        args = argparse.Namespace(
-            method=method,
-            model="minilm",
-            task="mr",
-            steps=steps,
-            batch_size=batch_size,
-            lr=None,
-            prompt_length=prompt_length,
-            max_length=64,
-            seed=seed,
-            eval_size=eval_size,
-            out=out,
-            resume=None,
-            no_progress=True,
-        )
-        t0 = time.perf_counter()
-        result = run_training(args)
-        result["wall"] = time.perf_counter() - t0
-        import json
-
-        train_seconds = json.load(open(Path(out) / "metrics.json"))["train_seconds"]
-        result["step_ms"] = 1e3 * train_seconds / steps
-    return result
 
 
 def main(argv=None) -> int:
