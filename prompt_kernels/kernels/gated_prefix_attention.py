@@ -492,6 +492,11 @@ def _prepare_mask(attention_mask, q: torch.Tensor, H: int):
     return MASK_ADDITIVE, m, (m.stride(0), 0 if m.shape[1] == 1 else m.stride(1), m.stride(2))
 
 
+def _heads_last_empty(shape, dtype, device) -> torch.Tensor:
+    N, heads, rows, Dh = shape
+    return _alloc.empty((N, rows, heads, Dh), dtype=dtype, device=device).transpose(1, 2)
+
+
 def _gate_bh(gate: torch.Tensor, B: int, H: int) -> torch.Tensor:
     return gate.detach().to(torch.float32).expand(B, H).contiguous()
 
@@ -535,9 +540,8 @@ def backward(
     Hkv, S, P = k.shape[1], k.shape[2], pk.shape[2]
     Bp = pk.shape[0]
     dev, dt = q.device, q.dtype
-    dq = _alloc.empty(q.shape, dtype=dt, device=dev)
-    dk = _alloc.empty(k.shape, dtype=dt, device=dev)
-    dv = _alloc.empty(v.shape, dtype=dt, device=dev)
+    # Gradients in the heads-last layout the custom op promises ([N, rows, heads, Dh] storage).
+    dq, dk, dv = (_heads_last_empty(t.shape, dt, dev) for t in (q, k, v))
     dgate = _alloc.empty((B, H), dtype=torch.float32, device=dev)
     if B * H * T == 0 or Dh == 0:
         for t in (dq, dk, dv, dgate):

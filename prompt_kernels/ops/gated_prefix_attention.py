@@ -236,6 +236,26 @@ def _reduce_gate_grad(dgate_bh: torch.Tensor, gate: torch.Tensor) -> torch.Tenso
     return dgate_bh.sum_to_size(shape2).reshape(gate.shape).to(gate.dtype).contiguous()
 
 
+def heads_last_empty(shape, *, dtype, device) -> torch.Tensor:
+    """An uninitialised [N, heads, rows, Dh] tensor stored as [N, rows, heads, Dh]: the layout of the
+    gradients of query, key and value on every backend (ATen's CPU flash attention writes it, and the
+    transpose back to Hugging Face's [B, T, H, Dh] is then free)."""
+    N, heads, rows, Dh = shape
+    return torch.empty((N, rows, heads, Dh), dtype=dtype, device=device).transpose(1, 2)
+
+
+def heads_last_strides(shape) -> tuple[int, int, int, int]:
+    _, heads, rows, Dh = shape
+    return (rows * heads * Dh, Dh, heads * Dh, 1)
+
+
+def _heads_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the heads-last layout (a copy unless it already is)."""
+    if t.stride() == heads_last_strides(t.shape):
+        return t
+    return heads_last_empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _key_bias(attention_mask, is_causal: bool, B: int, T: int, S: int, dtype, device) -> torch.Tensor | None:
     """Additive float32 bias on the S key columns, [B or 1, 1 or H, T or 1, S], or None."""
     bias = None
@@ -372,8 +392,9 @@ def cpu_backward(
     dt = query.dtype
     do = grad_out.to(dt).contiguous()
     if query.numel() == 0:
-        zeros = [torch.zeros_like(t) for t in (query, key, value, prompt_key, prompt_value)]
-        return (*zeros, torch.zeros(query.shape[:2], dtype=torch.float32, device=query.device))
+        dq, dk, dv = (_heads_last(torch.zeros_like(t)) for t in (query, key, value))
+        dpk, dpv = torch.zeros_like(prompt_key), torch.zeros_like(prompt_value)
+        return dq, dk, dv, dpk, dpv, torch.zeros(query.shape[:2], dtype=torch.float32, device=query.device)
     if dt == torch.float32:
         return _cpu_backward_split(
             do, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
@@ -399,9 +420,9 @@ def _cpu_backward_split(
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, query, key, value, out, lse, 0.0, causal_flag, attn_mask=bias, scale=scale
         )
-        dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
+        dq, dk, dv = _heads_last(dq), _heads_last(dk), _heads_last(dv)  # already are: no copy
     else:  # ATen's kernel would divide by zero
-        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        dq, dk, dv = (_heads_last(torch.zeros_like(t)) for t in (query, key, value))
     dpk, dpv, dgate = _cpu_prompt_backward(do, query, prompt_key, prompt_value, gate, out, lse, scale, dq)
     return dq, dk, dv, dpk, dpv, dgate
 
@@ -449,8 +470,8 @@ def _cpu_backward_concat(
         dq, dkc, dvc = _cpu_backward_gemm(do, query, kc, vc, out, lse, bias, scale)
     if kc.shape[2] == P + S and P > 0:
         # Slices of one buffer: copy (views would alias each other, which custom ops forbid).
-        dk = dkc[:, :, P:].clone(memory_format=torch.contiguous_format)
-        dv = dvc[:, :, P:].clone(memory_format=torch.contiguous_format)
+        dk = heads_last_empty(key.shape, dtype=dt, device=key.device).copy_(dkc[:, :, P:])
+        dv = heads_last_empty(value.shape, dtype=dt, device=value.device).copy_(dvc[:, :, P:])
         dpk, dpv = dkc[:, :, :P], dvc[:, :, :P]
         if prompt_key.shape[0] == 1 and B > 1:
             dpk = dpk.sum(0, keepdim=True, dtype=torch.float32).to(dt)
@@ -459,14 +480,14 @@ def _cpu_backward_concat(
             dpk = dpk.clone(memory_format=torch.contiguous_format)
             dpv = dpv.clone(memory_format=torch.contiguous_format)
     else:
-        dk, dv = dkc.contiguous(), dvc.contiguous()
+        dk, dv = _heads_last(dkc), _heads_last(dvc)
         dpk = torch.zeros(prompt_key.shape, dtype=dt, device=query.device)
         dpv = torch.zeros(prompt_value.shape, dtype=dt, device=query.device)
     if P > 0:
         dgate = _dgate_from_lse(do, query, prompt_key, prompt_value, out, lse, scale)
     else:
         dgate = torch.zeros(B, H, dtype=torch.float32, device=query.device)
-    return dq.contiguous(), dk, dv, dpk, dpv, dgate
+    return _heads_last(dq), dk, dv, dpk, dpv, dgate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,7 +516,8 @@ def _generic_backward(
     with torch.enable_grad():
         out = gated_prefix_attention_reference(*leaves, attention_mask, is_causal, scale)
         grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, leaves))
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+    return (*(_heads_last(g) for g in grads[:3]), *(g.contiguous() for g in grads[3:]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,7 +587,8 @@ def _gpa_backward_op(
     is_causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dq, dk, dv, dprompt_key, dprompt_value, dgate), dgate in the gate's shape and dtype."""
+    """-> (dq, dk, dv, dprompt_key, dprompt_value, dgate), dgate in the gate's shape and dtype; dq, dk
+    and dv in the heads-last layout (:func:`heads_last_empty`) on every backend."""
     route = _route(query)
     ins = (query, key, value, prompt_key, prompt_value, gate, attention_mask)
     if route == "triton":
@@ -583,7 +606,8 @@ def _gpa_backward_op(
 def _(
     grad_out, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
 ):
-    return tuple(t.new_empty(t.shape) for t in (query, key, value, prompt_key, prompt_value, gate))
+    dq, dk, dv = (heads_last_empty(t.shape, dtype=t.dtype, device=t.device) for t in (query, key, value))
+    return (dq, dk, dv, *(t.new_empty(t.shape) for t in (prompt_key, prompt_value, gate)))
 
 
 def _setup_context(ctx, inputs, output):
