@@ -18,7 +18,12 @@ from helpers import INTERPRET, assert_within_budget, backends, device_for, max_e
 
 from prompt_kernels import use_backend
 from prompt_kernels.ops import gated_prefix_attention
-from prompt_kernels.ops.gated_prefix_attention import _gpa_backward_op, _gpa_op, gated_prefix_attention_floors
+from prompt_kernels.ops.gated_prefix_attention import (
+    _gpa_backward_op,
+    _gpa_op,
+    gated_prefix_attention_floors,
+    heads_last_strides,
+)
 from prompt_kernels.ops.gated_prefix_attention import visible_key_pairs as _visible_key_pairs
 from prompt_kernels.ops.reference import gated_prefix_attention as reference
 
@@ -317,6 +322,23 @@ def test_backward_on_another_backend():
     ref = _run(reference, [t.double() for t in tensors], m, True, grad_out.double())
     for name, g, r in zip(NAMES[1:], grads, ref[1:]):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_gradient_layout_is_heads_last(backend, dtype):
+    """The backward op's fake promises dq, dk, dv stored as [N, rows, heads, Dh] on every backend."""
+    tensors, m = make_inputs(2, 4, 2, 6, 7, 3, 32, 1, "head", "bool", dtype)
+    dev = device_for(backend)
+    tensors, m = [t.to(dev) for t in tensors], m.to(dev)
+    with use_backend(backend), _blocks(backend):
+        out, lse = _gpa_op(*tensors, m, False, 32**-0.5)
+        grads = _gpa_backward_op(
+            torch.randn(out.shape, device=dev, dtype=dtype), *tensors, m, out, lse, False, 32**-0.5
+        )
+    for g, t in zip(grads[:3], tensors[:3]):
+        assert g.stride() == heads_last_strides(t.shape)
+    assert all(g.is_contiguous() for g in grads[3:])
 
 
 def test_floors():
