@@ -16,12 +16,13 @@ visible key and no weight on the prompt gives zeros.
 Backends (chosen per call by ``prompt_kernels._backend.select``; this op has no C++ kernel):
   * ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): the FlashAttention-2
     style kernels of ``prompt_kernels.kernels.gated_prefix_attention``, never concatenating.
-  * ``torch`` on CPU: the prompt and keys concatenated ([B, Hkv, P + S, Dh], one copy each), the gate
-    and the masks folded into one additive bias (``log gate`` on the prompt columns, broadcast
-    dimensions kept at size 1) and ATen's fused CPU flash attention, forward and backward; dgate
-    from the saved log-sum-exp (see :func:`cpu_backward`). Measured faster than the reference and
-    than autograd through ``scaled_dot_product_attention`` on the concatenation
-    (benchmarks/notes/gated_prefix_attention.md).
+  * ``torch`` on CPU: forward on the prompt and keys concatenated ([B, Hkv, P + S, Dh], one copy
+    each) with the gate and the masks folded into one additive bias (``log gate`` on the prompt
+    columns, broadcast dimensions kept at size 1) through ATen's fused CPU flash attention; backward
+    through ATen's fused backward on the keys plus small matmuls for the prompt (float32) or batched
+    GEMMs (fp16/bf16); dgate from the saved log-sum-exp (see :func:`cpu_backward`). Compared with the
+    reference and with autograd through ``scaled_dot_product_attention`` on the concatenation in
+    benchmarks/notes/gated_prefix_attention.md.
   * ``torch`` on other devices (CUDA without Triton): the reference, differentiated by autograd.
 
 Both custom ops share one convention for the saved ``lse`` [B, H, T] (float32, natural log of the
