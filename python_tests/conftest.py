@@ -7,6 +7,7 @@ the Triton kernels on CUDA tensors instead.
 
 import os
 import random
+import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["PROMPT_KERNELS_POISON"] = "1"
@@ -28,5 +29,5 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Every test gets fresh random inputs, reproducible from the seed printed in the header."""
-    torch.manual_seed(SEED + hash(request.node.nodeid) % 100_003)
+    torch.manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()) % 100_003)
     yield
