@@ -19,7 +19,9 @@ NAMES = ("x", "rules", "weights", "bias")
 
 def _skip_unavailable(backend: str) -> None:
     if backend == "cpp" and not cpp_built():
-        pytest.skip("the C++ extension is not built")
+        pytest.fail(
+            "the C++ extension is not built: `make install` builds it; a missing build is a failure, not a skip"
+        )
 
 
 def _dtypes_for(backend: str):

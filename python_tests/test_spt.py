@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import prompt_kernels
-from prompt_kernels import _backend, _cpp
+from prompt_kernels import _backend
 from prompt_kernels.configs import config_from_dict
 from prompt_kernels.methods import spt
 from prompt_kernels.methods.spt import SPTConfig
@@ -113,7 +113,6 @@ def test_generator_bad_arguments():
         PromptGenerator(D, 0)
 
 
-@pytest.mark.skipif(not _cpp.has("phm_linear_forward"), reason="the C++ extension is not built")
 def test_generator_on_cpu_runs_the_cpp_ops(monkeypatch):
     calls = []
     select = _backend.select

@@ -26,7 +26,9 @@ CPU_SHAPES = [*SHAPES, (130, 300, 37), (70, 600, 9)]  # several C++ row and code
 
 def _skip_unsupported(backend: str, dtype: torch.dtype) -> None:
     if backend == "cpp" and not cpp_built():
-        pytest.skip("the C++ extension is not built")
+        pytest.fail(
+            "the C++ extension is not built: `make install` builds it; a missing build is a failure, not a skip"
+        )
     if backend == "triton" and dtype == torch.bfloat16 and device_for("triton") == "cpu":
         pytest.skip("the Triton interpreter's bf16 support is weak (bf16 is checked on torch/cpp and on GPU)")
 
