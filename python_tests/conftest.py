@@ -18,7 +18,7 @@ import pytest
 import torch
 
 # Fresh inputs on every local run; CI (CI=true) uses a fixed default so a landing is reproducible.
-_DEFAULT_SEED = 20261122 if os.environ.get("CI") else random.randrange(2**31)
+_DEFAULT_SEED = 7 if os.environ.get("CI") else random.randrange(2**31)
 SEED = int(os.environ.get("PROMPT_KERNELS_TEST_SEED", _DEFAULT_SEED))
 
 
