@@ -9,6 +9,7 @@ shapes still cross block boundaries; two cases run the launcher's own block size
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -180,6 +181,22 @@ def test_matches_reference_fp32(backend, case):
     _check_against_reference(backend, tensors, m, causal, torch.float32)
 
 
+@pytest.mark.parametrize("saved", [True, False], ids=["saved_probs", "recomputed"])
+@pytest.mark.parametrize("block", [1 << 18, 3000, 40], ids=["one_block", "batch_blocks", "row_blocks"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cpu_path_blocks(case, block, saved, monkeypatch):
+    """The CPU path's two backwards (probabilities kept from the forward, or recomputed blockwise as
+    for large float32 problems and fp16/bf16), forced at small sizes, in one block, in blocks of batch
+    items and in blocks of query rows."""
+    op_module = importlib.import_module("prompt_kernels.ops.gated_prefix_attention")
+
+    monkeypatch.setattr(op_module, "_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(op_module, "_SAVE_PROBS_ELEMENTS", op_module._SAVE_PROBS_ELEMENTS if saved else 0)
+    B, H, Hkv, T, S, P, Dh, Bp, gate, mask, causal = case
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, Bp, gate, mask, torch.float32)
+    _check_against_reference("torch", tensors, m, causal, torch.float32)
+
+
 LOW_CASES = [
     (2, 4, 2, 19, 23, 6, 64, 1, "head", "bool", True),
     (1, 2, 1, 5, 16, 3, 96, 1, "batch", "add_1", False),
@@ -276,10 +293,8 @@ def test_fully_masked_rows(backend):
 def test_finfo_min_padding_is_not_masking(backend):
     """Hugging Face pads additive masks with finfo.min, which is finite: a query row padded that way
     everywhere (and no prompt weight: gate 0) averages the values uniformly, like attention without
-    prompts (the contract: gate 0 is exactly that); -inf instead masks the row (zeros).
-
-    (The reference's running max includes the gated-out prompt logits, so on such a row it underflows
-    to zeros; it is compared here with prompts of length 0, where it is uniform too.)"""
+    prompts (the contract: gate 0 is exactly that); -inf instead masks the row (zeros). The reference
+    agrees, with the prompt and without it."""
     B, H, T, S, Dh = 1, 2, 4, 6, 32
     tensors, _ = make_inputs(B, H, H, T, S, 3, Dh, 1, "zero", "none", torch.float32)
     m = torch.zeros(B, 1, T, S)
@@ -294,6 +309,7 @@ def test_finfo_min_padding_is_not_masking(backend):
     assert out[0, :, 2].abs().max() == 0
     no_prompt = [t[:, :, :0] if i in (3, 4) else t for i, t in enumerate(tensors)]
     torch.testing.assert_close(out, reference(*no_prompt, m), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, reference(*tensors, m), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -332,9 +348,9 @@ def test_gradient_layout_is_heads_last(backend, dtype):
     dev = device_for(backend)
     tensors, m = [t.to(dev) for t in tensors], m.to(dev)
     with use_backend(backend), _blocks(backend):
-        out, lse = _gpa_op(*tensors, m, False, 32**-0.5)
+        out, lse, probs = _gpa_op(*tensors, m, False, 32**-0.5)
         grads = _gpa_backward_op(
-            torch.randn(out.shape, device=dev, dtype=dtype), *tensors, m, out, lse, False, 32**-0.5
+            torch.randn(out.shape, device=dev, dtype=dtype), *tensors, m, out, lse, probs, False, 32**-0.5
         )
     for g, t in zip(grads[:3], tensors[:3]):
         assert g.stride() == heads_last_strides(t.shape)
@@ -364,13 +380,14 @@ def test_opcheck(mask_kind):
     args = _opcheck_args(mask_kind)
     with use_backend("torch"):
         torch.library.opcheck(_gpa_op, args)
-        out, lse = _gpa_op(*args)
+        out, lse, probs = _gpa_op(*args)
         grad_out = torch.randn(out.shape)
         bargs = (
             grad_out,
             *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:7]],
             out.detach(),
             lse,
+            probs,
         )
         torch.library.opcheck(_gpa_backward_op, (*bargs, True, 32**-0.5))
 

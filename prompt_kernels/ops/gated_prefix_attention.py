@@ -32,6 +32,8 @@ its forward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from prompt_kernels import _backend, _validate
@@ -150,10 +152,15 @@ def gated_prefix_attention_reference(
         s = torch.arange(S, device=scores.device)[None, :]
         bias = bias.masked_fill(s > t + S - T, float("-inf"))
     scores = torch.cat([scores[..., :P], scores[..., P:] + bias], dim=-1)
-    m = scores.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(scores - m)
     g = gate.to(scores.dtype).expand(B, H)[:, :, None, None]
+    # The running max leaves out prompt logits whose weight is 0 (gate 0): with them in, a row whose
+    # keys are all padded with a finite finfo.min would underflow to zeros instead of averaging.
+    live = torch.cat([scores[..., :P].masked_fill(g == 0, float("-inf")), scores[..., P:]], dim=-1)
+    m = live.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # A gated-out prompt logit may exceed the max; its weight is multiplied by 0 below, but exp must
+    # stay finite for that product (and dgate) to be defined.
+    w = torch.exp((scores - m).clamp(max=math.log(torch.finfo(scores.dtype).max) - 1))
     w = torch.cat([w[..., :P] * g, w[..., P:]], dim=-1)
     z = w.sum(dim=-1, keepdim=True)
     num = torch.matmul(w, v)
@@ -277,16 +284,18 @@ def _key_bias(attention_mask, is_causal: bool, B: int, T: int, S: int, dtype, de
     return bias
 
 
-def _cpu_operands(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal):
+def _cpu_operands(
+    query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, keep_prompt=False
+):
     """-> (keys [B, Hkv, L, Dh], values, bias [.., .., .., L] float32 or None, key bias or None, gate 2d).
 
     L = P + S with the prompt in front, or L = S when no prompt weight is nonzero (gate = 0 removes
-    the prompt exactly, so it is left out)."""
+    the prompt exactly, so it is left out) unless ``keep_prompt``."""
     B, _, T, Dh = query.shape
     Hkv, S, P = key.shape[1], key.shape[2], prompt_key.shape[2]
     kb = _key_bias(attention_mask, is_causal, B, T, S, query.dtype, query.device)
     g2 = _gate_2d(gate)
-    if P == 0 or not bool((g2 != 0).any()):
+    if P == 0 or not (keep_prompt or bool((g2 != 0).any())):
         return key, value, kb, kb, g2
     L = P + S
     kc = query.new_empty((B, Hkv, L, Dh))
@@ -311,8 +320,86 @@ def _cpu_operands(query, key, value, prompt_key, prompt_value, gate, attention_m
     return kc, vc, bias, kb, g2
 
 
+# float32 calls whose probability matrix has at most this many elements keep it for the backward
+# (as autograd through SDPA's math path does): 4 batched GEMMs there instead of 5 and no
+# recomputation. Larger ones, and fp16/bf16, recompute it blockwise from the log-sum-exp.
+_SAVE_PROBS_ELEMENTS = 1 << 23
+
+
+def saves_probs(query: torch.Tensor, key: torch.Tensor, prompt_key: torch.Tensor) -> bool:
+    """Whether the CPU path's forward returns the probabilities [B, H, T, P + S] (a function of
+    shapes, dtype and device only, so the op's fake agrees with it)."""
+    B, H, T, _ = query.shape
+    n = B * H * T * (key.shape[2] + prompt_key.shape[2])
+    return query.device.type == "cpu" and query.dtype == torch.float32 and 0 < n <= _SAVE_PROBS_ELEMENTS
+
+
+def _no_probs(query: torch.Tensor) -> torch.Tensor:
+    return query.new_empty((0,), dtype=torch.float32)
+
+
+def cpu_forward_probs(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
+    """float32 -> (out [B, H, T, Dh], lse [B, H, T], probs [B, H, T, P + S]): batched GEMMs on the
+    concatenation, the gate and masks as one bias, ``softmax`` (whose vectorised exp stays fast on
+    -inf; ATen's ``exp`` does not), ``lse = max - log(max probability)``."""
+    B, H, T, Dh = query.shape
+    Hkv, P = key.shape[1], prompt_key.shape[2]
+    if P > 0 and not bool((gate != 0).any()):
+        # No weight on the prompt: compute exactly what P = 0 computes, then widen the probabilities.
+        out, lse, probs = cpu_forward_probs(
+            query,
+            key,
+            value,
+            prompt_key[:, :, :0],
+            prompt_value[:, :, :0],
+            gate,
+            attention_mask,
+            is_causal,
+            scale,
+        )
+        return out, lse, torch.cat([probs.new_zeros((B, H, T, P)), probs], dim=-1)
+    kc, vc, bias, _, _ = _cpu_operands(
+        query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, keep_prompt=True
+    )
+    L = kc.shape[2]
+    out = query.new_empty((B, H, T, Dh))
+    lse = query.new_empty((B, H, T))
+    probs = query.new_empty((B, H, T, L))
+    items = max(1, _BLOCK_ELEMENTS // max(1, H * T * L))  # batch items per cache-sized block
+    for b0 in range(0, B, items):
+        b1 = min(B, b0 + items)
+        x = torch.matmul(_grouped(query[b0:b1], Hkv), kc[b0:b1].transpose(-1, -2))
+        x = x.view(b1 - b0, H, T, L).mul_(scale)
+        if bias is not None:
+            x.add_(_batch_rows(bias, b0, b1))
+        m = x.amax(dim=-1)
+        p = probs[b0:b1]
+        torch.softmax(x, dim=-1, out=p)
+        dead = m == float("-inf")  # rows with no weight: softmax gives NaN there
+        if bool(dead.any()):
+            p.masked_fill_(dead[..., None], 0.0)
+        torch.sub(m, p.amax(dim=-1).log_(), out=lse[b0:b1]).masked_fill_(dead, float("inf"))
+        torch.matmul(_grouped(p, Hkv), vc[b0:b1], out=_grouped(out[b0:b1], Hkv))
+    return out, lse, probs
+
+
 def cpu_forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
-    """-> (out [B, H, T, Dh], lse [B, H, T] float32, +inf on rows with no weight)."""
+    """-> (out [B, H, T, Dh], lse [B, H, T] float32 (+inf on rows with no weight), probs):
+    :func:`cpu_forward_probs` where :func:`saves_probs`, else ATen's fused CPU flash attention on
+    the concatenation with an empty ``probs``."""
+    if saves_probs(query, key, prompt_key):
+        return cpu_forward_probs(
+            query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale
+        )
+    return (
+        *_cpu_forward_flash(
+            query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale
+        ),
+        _no_probs(query),
+    )
+
+
+def _cpu_forward_flash(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
     B, H, T, _Dh = query.shape
     S, P = key.shape[2], prompt_key.shape[2]
     kc, vc, bias, kb, g2 = _cpu_operands(
@@ -340,38 +427,10 @@ def cpu_forward(query, key, value, prompt_key, prompt_value, gate, attention_mas
     return out.contiguous(), lse
 
 
-def _dgate_from_lse(grad_out, query, prompt_key, prompt_value, out, lse, scale) -> torch.Tensor:
-    """dgate [B, H] float32 = sum_t sum_j exp(s_tj - lse_t) (grad_out_t . pv_j - delta_t), with s the
-    UNGATED prompt logit: equal to sum P_tj (dP_tj - delta_t) / gate, and finite at gate = 0."""
-    B, H, T, Dh = query.shape
-    Hkv, P = prompt_key.shape[1], prompt_key.shape[2]
-    f = torch.float32
-    do = grad_out.to(f)
-    s = torch.matmul(query.to(f).reshape(B, Hkv, -1, Dh), prompt_key.to(f).transpose(-1, -2))
-    dp = torch.matmul(do.reshape(B, Hkv, -1, Dh), prompt_value.to(f).transpose(-1, -2))
-    delta = (do * out.to(f)).sum(-1, keepdim=True)  # [B, H, T, 1]
-    pu = torch.exp(s.view(B, H, T, P).mul_(scale).sub_(lse[..., None]))  # lse = +inf -> 0
-    return (pu * (dp.view(B, H, T, P) - delta)).sum(dim=(2, 3))
-
-
-def _cpu_backward_gemm(do, query, kc, vc, out, lse, bias, scale):
-    """Attention backward with batched GEMMs over [B, H, T, L] probabilities (recomputed from lse):
-    faster than ATen's fused CPU kernel in fp16/bf16. -> (dq, dk, dv) of the concatenated keys."""
-    B, H, T, Dh = query.shape
-    Hkv, L = kc.shape[1], kc.shape[2]
-    f32, dt = torch.float32, query.dtype
-    q, g_do = _grouped(query, Hkv), _grouped(do, Hkv)
-    p = torch.matmul(q, kc.transpose(-1, -2)).view(B, H, T, L).to(f32).mul_(scale)
-    if bias is not None:
-        p.add_(bias)
-    p.sub_(lse[..., None]).exp_()  # lse = +inf (rows with no weight) gives 0
-    ds = torch.matmul(g_do, vc.transpose(-1, -2)).view(B, H, T, L).to(f32)
-    ds.sub_((do.to(f32) * out.to(f32)).sum(dim=-1, keepdim=True)).mul_(p)
-    p_, ds_ = _grouped(p.to(dt), Hkv), _grouped(ds.to(dt), Hkv)
-    dq = torch.matmul(ds_, kc).view(B, H, T, Dh).mul_(scale)
-    dkc = torch.matmul(ds_.transpose(-1, -2), q).mul_(scale)
-    dvc = torch.matmul(p_.transpose(-1, -2), g_do)
-    return dq, dkc, dvc
+_LOG2E = 1.4426950408889634
+# The CPU backward works on blocks of batch items (or of query rows) whose fp32 probability matrix
+# holds at most this many elements, so that a block's intermediates stay in cache.
+_BLOCK_ELEMENTS = 1 << 18
 
 
 def _grouped(t: torch.Tensor, Hkv: int) -> torch.Tensor:
@@ -379,116 +438,161 @@ def _grouped(t: torch.Tensor, Hkv: int) -> torch.Tensor:
     return t.reshape(t.shape[0], Hkv, -1, t.shape[-1])
 
 
+def _segment_probs(qg, dog, k, v, bias2, lse2, delta, scale, shape):
+    """One key segment's probabilities and score gradients for a block of query rows, in float32.
+
+    qg, dog [B, Hkv, rep * n, Dh]; k, v [B or 1, Hkv, L, Dh]; bias2 (log2 domain) broadcastable to
+    ``shape`` = [B, H, n, L] or None; lse2 = lse * log2(e) and delta = rowsum(grad_out * out), both
+    [B, H, n, 1]. -> (p, ds = p * (dP - delta)), both ``shape``.
+
+    ``exp2`` rather than ``exp``: ATen's CPU ``exp`` is about 100x slower on arguments below -87
+    (masked keys, far-off logits), ``exp2`` is not."""
+    f32 = torch.float32
+    x = torch.matmul(qg, k.transpose(-1, -2)).view(shape).to(f32).mul_(scale * _LOG2E)
+    if bias2 is not None:
+        x.add_(bias2)
+    p = x.sub_(lse2).exp2_()  # lse = +inf (rows with no weight) gives 0
+    ds = torch.matmul(dog, v.transpose(-1, -2)).view(shape).to(f32)
+    return p, ds.sub_(delta).mul_(p)
+
+
+def _accumulate(acc, x):
+    return x if acc is None else acc.add_(x)
+
+
+def _batch_rows(t: torch.Tensor | None, b0: int, b1: int) -> torch.Tensor | None:
+    """``t[b0:b1]``, or ``t`` itself where its batch dimension is a broadcast 1."""
+    return t if t is None or t.shape[0] == 1 else t[b0:b1]
+
+
+def cpu_backward_probs(grad_out, query, key, value, prompt_key, prompt_value, gate, out, lse, probs, scale):
+    """float32 backward from the saved probabilities [B, H, T, P + S] (:func:`cpu_forward_probs`)."""
+    B, H, T, Dh = query.shape
+    Hkv, P = key.shape[1], prompt_key.shape[2]
+    do = grad_out.to(query.dtype)
+    kc, vc, _, _, g2 = _cpu_operands(query, key, value, prompt_key, prompt_value, gate, None, False, True)
+    L = kc.shape[2]
+    delta = (do * out).sum(-1, keepdim=True)
+    dq = heads_last_empty(query.shape, dtype=query.dtype, device=query.device)
+    dkc, dvc = kc.new_empty(kc.shape), vc.new_empty(vc.shape)
+    dgate = query.new_empty((B, H))
+    items = max(1, _BLOCK_ELEMENTS // max(1, H * T * L))  # batch items per cache-sized block
+    for b0 in range(0, B, items):
+        b1 = min(B, b0 + items)
+        p, dog, qg = probs[b0:b1], _grouped(do[b0:b1], Hkv), _grouped(query[b0:b1], Hkv)
+        torch.matmul(_grouped(p, Hkv).transpose(-1, -2), dog, out=dvc[b0:b1])
+        ds = torch.matmul(dog, vc[b0:b1].transpose(-1, -2)).view(p.shape).sub_(delta[b0:b1]).mul_(p)
+        torch.sum(ds[..., :P], dim=(2, 3), out=dgate[b0:b1])
+        dsg = _grouped(ds, Hkv)
+        torch.mul(torch.matmul(dsg, kc[b0:b1]).view(b1 - b0, H, T, Dh), scale, out=dq[b0:b1])
+        torch.matmul(dsg.transpose(-1, -2), qg, out=dkc[b0:b1]).mul_(scale)
+    dk = heads_last_empty(key.shape, dtype=key.dtype, device=key.device).copy_(dkc[:, :, P:])
+    dv = heads_last_empty(value.shape, dtype=value.dtype, device=value.device).copy_(dvc[:, :, P:])
+    dpk, dpv = dkc[:, :, :P], dvc[:, :, :P]
+    if prompt_key.shape[0] == 1:
+        dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
+    else:
+        dpk = dpk.clone(memory_format=torch.contiguous_format)
+        dpv = dpv.clone(memory_format=torch.contiguous_format)
+    # dgate = sum over the prompt columns of ds / gate (ds carries the factor gate); where the gate is
+    # 0, from the ungated probabilities exp(s - lse), recomputed for those prompt columns.
+    g_bh = g2.expand(B, H)
+    dgate.div_(g_bh.clamp_min(torch.finfo(torch.float32).tiny))
+    if P > 0 and bool((g_bh == 0).any()):
+        _, dsu = _segment_probs(
+            _grouped(query, Hkv),
+            _grouped(do, Hkv),
+            prompt_key,
+            prompt_value,
+            None,
+            lse[..., None] * _LOG2E,
+            delta,
+            scale,
+            (B, H, T, P),
+        )
+        dgate = torch.where(g_bh == 0, dsu.sum(dim=(2, 3)), dgate)
+    return dq, dk, dv, dpk, dpv, dgate
+
+
 def cpu_backward(
     grad_out, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
 ):
     """-> (dq, dk, dv, dprompt_key, dprompt_value, dgate [B, H] float32).
 
-    float32: the S keys through ATen's fused CPU flash-attention backward directly on ``key`` and
-    ``value`` (no concatenation), fed the full output and log-sum-exp, so its probabilities and
-    ``delta = rowsum(grad_out * out)`` are the two-segment ones; the P prompt keys with small float32
-    matmuls (:func:`_cpu_prompt_backward`). fp16/bf16: ATen's fused backward is 2-3x slower there
-    than batched GEMMs (AMX / AVX-512 on this CPU), so the concatenation's backward runs as GEMMs.
-    """
-    dt = query.dtype
-    do = grad_out.to(dt).contiguous()
-    if query.numel() == 0:
-        dq, dk, dv = (_heads_last(torch.zeros_like(t)) for t in (query, key, value))
-        dpk, dpv = torch.zeros_like(prompt_key), torch.zeros_like(prompt_value)
-        return dq, dk, dv, dpk, dpv, torch.zeros(query.shape[:2], dtype=torch.float32, device=query.device)
-    if dt == torch.float32:
-        return _cpu_backward_split(
-            do, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
-        )
-    return _cpu_backward_concat(
-        do, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
-    )
-
-
-def _cpu_backward_split(
-    do, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
-):
-    B, _, T, _ = query.shape
-    S = key.shape[2]
-    if S > 0:
-        if is_causal and T == S and attention_mask is None:
-            bias, causal_flag = None, True  # bottom-right is ATen's top-left when T == S
-        else:
-            bias, causal_flag = (
-                _key_bias(attention_mask, is_causal, B, T, S, query.dtype, query.device),
-                False,
-            )
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, query, key, value, out, lse, 0.0, causal_flag, attn_mask=bias, scale=scale
-        )
-        dq, dk, dv = _heads_last(dq), _heads_last(dk), _heads_last(dv)  # already are: no copy
-    else:  # ATen's kernel would divide by zero
-        dq, dk, dv = (_heads_last(torch.zeros_like(t)) for t in (query, key, value))
-    dpk, dpv, dgate = _cpu_prompt_backward(do, query, prompt_key, prompt_value, gate, out, lse, scale, dq)
-    return dq, dk, dv, dpk, dpv, dgate
-
-
-def _cpu_prompt_backward(do, query, prompt_key, prompt_value, gate, out, lse, scale, dq):
-    """The prompt segment's gradients with float32 matmuls; adds its part of dq into ``dq``.
-
-    ``dgate[b, h] = sum_t sum_j exp(s_tj - lse_t) (dP_tj - delta_t)`` with ``s`` the UNGATED logit:
-    equal to ``sum P_tj (dP_tj - delta_t) / gate``, and finite at gate = 0."""
+    Batched GEMMs per segment, never concatenating: each segment's probabilities are recomputed from
+    the saved log-sum-exp, one block of batch items (or of query rows) at a time, sized by
+    ``_BLOCK_ELEMENTS`` so that a block's intermediates stay in cache and the whole
+    [B, H, T, P + S] matrix is never held. Faster here than ATen's fused CPU flash-attention backward
+    in every dtype (benchmarks/notes/gated_prefix_attention.md).
+    ``dgate[b, h] = sum_t sum_j exp(s_tj - lse_t) (dP_tj - delta_t)`` with ``s`` the UNGATED prompt
+    logit: equal to ``sum P_tj (dP_tj - delta_t) / gate``, and finite at gate = 0."""
     B, H, T, Dh = query.shape
-    Hkv, P = prompt_key.shape[1], prompt_key.shape[2]
-    f32, dt = torch.float32, query.dtype
-    if P == 0:
-        zeros = torch.zeros(prompt_key.shape, dtype=dt, device=query.device)
-        return zeros, zeros.clone(), torch.zeros(B, H, dtype=f32, device=query.device)
-    dof, qf = do.to(f32), query.to(f32)
-    s = torch.matmul(_grouped(qf, Hkv), prompt_key.to(f32).transpose(-1, -2)).view(B, H, T, P)
-    s.mul_(scale).sub_(lse[..., None])  # ungated logit - lse (lse = +inf on rows with no weight)
-    p = torch.exp(s + torch.log(_gate_2d(gate))[:, :, None, None])  # the prompt probabilities
-    pu = s.exp_()
-    dp = torch.matmul(_grouped(dof, Hkv), prompt_value.to(f32).transpose(-1, -2)).view(B, H, T, P)
-    dp.sub_((dof * out.to(f32)).sum(dim=-1, keepdim=True))  # dP - delta
-    dgate = (pu * dp).sum(dim=(2, 3))
-    ds = _grouped(dp.mul_(p), Hkv)  # [B, Hkv, rep * T, P]
-    dq.add_(torch.matmul(ds, prompt_key.to(f32)).view(B, H, T, Dh).to(dt), alpha=scale)
-    dpk = torch.matmul(ds.transpose(-1, -2), _grouped(qf, Hkv)).mul_(scale)  # [B, Hkv, P, Dh]
-    dpv = torch.matmul(_grouped(p, Hkv).transpose(-1, -2), _grouped(dof, Hkv))
-    if prompt_key.shape[0] == 1 and B > 1:
-        dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
-    return dpk.to(dt), dpv.to(dt), dgate
-
-
-def _cpu_backward_concat(
-    do, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
-):
-    B, H, _T, _Dh = query.shape
-    S, P = key.shape[2], prompt_key.shape[2]
-    dt = query.dtype
-    kc, vc, bias, _, _ = _cpu_operands(
-        query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal
-    )
-    if kc.shape[2] == 0:
-        dq, dkc, dvc = torch.zeros_like(query), torch.zeros_like(kc), torch.zeros_like(vc)
-    else:
-        dq, dkc, dvc = _cpu_backward_gemm(do, query, kc, vc, out, lse, bias, scale)
-    if kc.shape[2] == P + S and P > 0:
-        # Slices of one buffer: copy (views would alias each other, which custom ops forbid).
-        dk = heads_last_empty(key.shape, dtype=dt, device=key.device).copy_(dkc[:, :, P:])
-        dv = heads_last_empty(value.shape, dtype=dt, device=value.device).copy_(dvc[:, :, P:])
-        dpk, dpv = dkc[:, :, :P], dvc[:, :, :P]
-        if prompt_key.shape[0] == 1 and B > 1:
-            dpk = dpk.sum(0, keepdim=True, dtype=torch.float32).to(dt)
-            dpv = dpv.sum(0, keepdim=True, dtype=torch.float32).to(dt)
-        else:
-            dpk = dpk.clone(memory_format=torch.contiguous_format)
-            dpv = dpv.clone(memory_format=torch.contiguous_format)
-    else:
-        dk, dv = _heads_last(dkc), _heads_last(dvc)
-        dpk = torch.zeros(prompt_key.shape, dtype=dt, device=query.device)
-        dpv = torch.zeros(prompt_value.shape, dtype=dt, device=query.device)
-    if P > 0:
-        dgate = _dgate_from_lse(do, query, prompt_key, prompt_value, out, lse, scale)
-    else:
-        dgate = torch.zeros(B, H, dtype=torch.float32, device=query.device)
-    return _heads_last(dq), dk, dv, dpk, dpv, dgate
+    Hkv, S, P = key.shape[1], key.shape[2], prompt_key.shape[2]
+    f32, dt, dev = torch.float32, query.dtype, query.device
+    do = grad_out.to(dt)
+    dq = heads_last_empty(query.shape, dtype=dt, device=dev)
+    dk = heads_last_empty(key.shape, dtype=dt, device=dev)
+    dv = heads_last_empty(value.shape, dtype=dt, device=dev)
+    dpk = torch.zeros(prompt_key.shape, dtype=f32, device=dev)
+    dpv = torch.zeros(prompt_value.shape, dtype=f32, device=dev)
+    dgate = torch.zeros(B, H, dtype=f32, device=dev)
+    kb = _key_bias(attention_mask, is_causal, B, T, S, dt, dev)
+    kb2 = None if kb is None else kb * _LOG2E
+    g4 = _gate_2d(gate)[:, :, None, None]
+    lse2 = lse[..., None] * _LOG2E
+    delta = (do.to(f32) * out.to(f32)).sum(-1, keepdim=True)
+    width = H * max(P, S, 1)  # elements of one query row's block, over all heads
+    per_item = width * max(T, 1)
+    items = max(1, _BLOCK_ELEMENTS // per_item)
+    rows = T if per_item <= _BLOCK_ELEMENTS else max(1, _BLOCK_ELEMENTS // width)
+    for b0 in range(0, B, items):
+        b1 = min(B, b0 + items)
+        nb = b1 - b0
+        k_b, v_b = key[b0:b1], value[b0:b1]
+        pk_b, pv_b, g_b = (_batch_rows(t, b0, b1) for t in (prompt_key, prompt_value, g4))
+        dk_b = dv_b = None
+        for t0 in range(0, T, rows):
+            t1 = min(T, t0 + rows)
+            n = t1 - t0
+            qg, dog = _grouped(query[b0:b1, :, t0:t1], Hkv), _grouped(do[b0:b1, :, t0:t1], Hkv)
+            lse_c, delta_c = lse2[b0:b1, :, t0:t1], delta[b0:b1, :, t0:t1]
+            dq_c = None
+            if S > 0:
+                bias = _batch_rows(kb2, b0, b1)
+                if bias is not None and bias.shape[2] > 1:
+                    bias = bias[:, :, t0:t1]
+                p, ds = _segment_probs(qg, dog, k_b, v_b, bias, lse_c, delta_c, scale, (nb, H, n, S))
+                p, ds = _grouped(p.to(dt), Hkv), _grouped(ds.to(dt), Hkv)
+                dq_c = torch.matmul(ds, k_b)
+                acc = f32 if rows < T else dt
+                dk_b = _accumulate(dk_b, torch.matmul(ds.transpose(-1, -2), qg).to(acc))
+                dv_b = _accumulate(dv_b, torch.matmul(p.transpose(-1, -2), dog).to(acc))
+            if P > 0:
+                pu, dsu = _segment_probs(qg, dog, pk_b, pv_b, None, lse_c, delta_c, scale, (nb, H, n, P))
+                dgate[b0:b1].add_(dsu.sum(dim=(2, 3)))
+                p, ds = _grouped(pu.mul_(g_b).to(dt), Hkv), _grouped(dsu.mul_(g_b).to(dt), Hkv)
+                dq_p = torch.matmul(ds, pk_b)
+                dq_c = dq_p if dq_c is None else dq_c.add_(dq_p)
+                dpk_c = torch.matmul(ds.transpose(-1, -2), qg).to(f32)
+                dpv_c = torch.matmul(p.transpose(-1, -2), dog).to(f32)
+                if prompt_key.shape[0] == 1:
+                    dpk.add_(dpk_c.sum(0, keepdim=True))
+                    dpv.add_(dpv_c.sum(0, keepdim=True))
+                else:
+                    dpk[b0:b1].add_(dpk_c)
+                    dpv[b0:b1].add_(dpv_c)
+            block = dq[b0:b1, :, t0:t1]
+            if dq_c is None:
+                block.zero_()
+            else:
+                block.copy_(dq_c.view(nb, H, n, Dh)).mul_(scale)
+        if dk_b is not None:
+            dk[b0:b1].copy_(dk_b.mul_(scale))
+            dv[b0:b1].copy_(dv_b)
+    if T == 0:
+        dk.zero_()
+        dv.zero_()
+    return dq, dk, dv, dpk.mul_(scale).to(dt), dpv.to(dt), dgate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,23 +658,32 @@ def _gpa_op(
     attention_mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (out [B, H, T, Dh], lse [B, H, T] float32)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out [B, H, T, Dh], lse [B, H, T] float32, probs): ``probs`` [B, H, T, P + S] float32 where
+    the CPU path keeps them for the backward (:func:`saves_probs`), else empty."""
     args = (query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
     route = _route(query)
     if route == "triton":
         from prompt_kernels.kernels import gated_prefix_attention as kernels
 
-        return kernels.forward(*args)
+        return (*kernels.forward(*args), _no_probs(query))
     if route == "cpu":
         return cpu_forward(*args)
-    return gated_prefix_attention_reference(*args), _lse_torch(*args)
+    return gated_prefix_attention_reference(*args), _lse_torch(*args), _no_probs(query)
+
+
+def _probs_shape(query, key, prompt_key) -> tuple[int, ...]:
+    if _route(query) == "cpu" and saves_probs(query, key, prompt_key):
+        return (*query.shape[:3], key.shape[2] + prompt_key.shape[2])
+    return (0,)
 
 
 @_gpa_op.register_fake
 def _(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
     B, H, T, _ = query.shape
-    return query.new_empty(query.shape), query.new_empty((B, H, T), dtype=torch.float32)
+    f32 = torch.float32
+    probs = query.new_empty(_probs_shape(query, key, prompt_key), dtype=f32)
+    return query.new_empty(query.shape), query.new_empty((B, H, T), dtype=f32), probs
 
 
 @torch.library.custom_op("prompt_kernels::gated_prefix_attention_backward", mutates_args=())
@@ -585,6 +698,7 @@ def _gpa_backward_op(
     attention_mask: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
+    probs: torch.Tensor,
     is_causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -596,6 +710,8 @@ def _gpa_backward_op(
         from prompt_kernels.kernels import gated_prefix_attention as kernels
 
         *grads, dgate = kernels.backward(grad_out, *ins, out, lse, is_causal, scale)
+    elif route == "cpu" and probs.numel() > 0:
+        *grads, dgate = cpu_backward_probs(grad_out, *ins[:6], out, lse, probs, scale)
     elif route == "cpu":
         *grads, dgate = cpu_backward(grad_out, *ins, out, lse, is_causal, scale)
     else:
@@ -605,7 +721,19 @@ def _gpa_backward_op(
 
 @_gpa_backward_op.register_fake
 def _(
-    grad_out, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
+    grad_out,
+    query,
+    key,
+    value,
+    prompt_key,
+    prompt_value,
+    gate,
+    attention_mask,
+    out,
+    lse,
+    probs,
+    is_causal,
+    scale,
 ):
     dq, dk, dv = (heads_last_empty(t.shape, dtype=t.dtype, device=t.device) for t in (query, key, value))
     return (dq, dk, dv, *(t.new_empty(t.shape) for t in (prompt_key, prompt_value, gate)))
@@ -613,14 +741,14 @@ def _(
 
 def _setup_context(ctx, inputs, output):
     query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse)
+    out, lse, probs = output
+    ctx.save_for_backward(query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, probs)
     ctx.is_causal, ctx.scale = is_causal, scale
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, probs)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse, _grad_probs):
+    query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, probs = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grads = _gpa_backward_op(
@@ -634,6 +762,7 @@ def _backward(ctx, grad_out, _grad_lse):
         attention_mask,
         out,
         lse,
+        probs,
         ctx.is_causal,
         ctx.scale,
     )
@@ -655,5 +784,5 @@ def gated_prefix_attention(
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     scale = Dh**-0.5 if scale is None else float(scale)
-    out, _ = _gpa_op(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
+    out, _, _ = _gpa_op(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
     return out
