@@ -16,11 +16,12 @@ visible key and no weight on the prompt gives zeros.
 Backends (chosen per call by ``prompt_kernels._backend.select``; this op has no C++ kernel):
   * ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): the FlashAttention-2
     style kernels of ``prompt_kernels.kernels.gated_prefix_attention``, never concatenating.
-  * ``torch`` on CPU: forward on the prompt and keys concatenated ([B, Hkv, P + S, Dh], one copy
-    each) with the gate and the masks folded into one additive bias (``log gate`` on the prompt
-    columns, broadcast dimensions kept at size 1) through ATen's fused CPU flash attention; backward
-    through ATen's fused backward on the keys plus small matmuls for the prompt (float32) or batched
-    GEMMs (fp16/bf16); dgate from the saved log-sum-exp (see :func:`cpu_backward`). Compared with the
+  * ``torch`` on CPU: float32 calls whose probability matrix fits ``_SAVE_PROBS_ELEMENTS`` run batched
+    GEMMs on the prompt and keys concatenated, with the gate and masks folded into one additive bias
+    (``log gate`` on the prompt columns), and keep the probabilities for a 4-GEMM backward (as
+    autograd through SDPA's math path does); larger float32 calls and fp16/bf16 run ATen's fused CPU
+    flash attention forward on the concatenation and a blockwise GEMM backward that recomputes each
+    segment's probabilities from the saved log-sum-exp (see :func:`cpu_backward`). Compared with the
     reference and with autograd through ``scaled_dot_product_attention`` on the concatenation in
     benchmarks/notes/gated_prefix_attention.md.
   * ``torch`` on other devices (CUDA without Triton): the reference, differentiated by autograd.
@@ -338,15 +339,19 @@ def _no_probs(query: torch.Tensor) -> torch.Tensor:
     return query.new_empty((0,), dtype=torch.float32)
 
 
-def cpu_forward_probs(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
-    """float32 -> (out [B, H, T, Dh], lse [B, H, T], probs [B, H, T, P + S]): batched GEMMs on the
-    concatenation, the gate and masks as one bias, ``softmax`` (whose vectorised exp stays fast on
-    -inf; ATen's ``exp`` does not), ``lse = max - log(max probability)``."""
+def cpu_forward_gemm(
+    query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, keep_probs
+):
+    """float32 -> (out [B, H, T, Dh], lse [B, H, T], probs [B, H, T, P + S] or empty): batched GEMMs
+    on the concatenation with the gate and masks as one bias, ``softmax`` (accurate, and its
+    vectorised exp stays fast on -inf; ATen's ``exp`` does not) and ``lse = max - log(max
+    probability)``, one cache-sized block of batch items (or of query rows) at a time. The
+    probabilities are returned for the backward when ``keep_probs``."""
     B, H, T, Dh = query.shape
     Hkv, P = key.shape[1], prompt_key.shape[2]
     if P > 0 and not bool((gate != 0).any()):
         # No weight on the prompt: compute exactly what P = 0 computes, then widen the probabilities.
-        out, lse, probs = cpu_forward_probs(
+        out, lse, probs = cpu_forward_gemm(
             query,
             key,
             value,
@@ -356,47 +361,56 @@ def cpu_forward_probs(query, key, value, prompt_key, prompt_value, gate, attenti
             attention_mask,
             is_causal,
             scale,
+            keep_probs,
         )
-        return out, lse, torch.cat([probs.new_zeros((B, H, T, P)), probs], dim=-1)
+        if keep_probs:
+            probs = torch.cat([probs.new_zeros((B, H, T, P)), probs], dim=-1)
+        return out, lse, probs
     kc, vc, bias, _, _ = _cpu_operands(
         query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, keep_prompt=True
     )
     L = kc.shape[2]
+    if L == 0 or query.numel() == 0:
+        out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)
+        return out, torch.full((B, H, T), float("inf"), device=query.device), _no_probs(query)
     out = query.new_empty((B, H, T, Dh))
     lse = query.new_empty((B, H, T))
-    probs = query.new_empty((B, H, T, L))
-    items = max(1, _BLOCK_ELEMENTS // max(1, H * T * L))  # batch items per cache-sized block
+    probs = query.new_empty((B, H, T, L)) if keep_probs else _no_probs(query)
+    width = H * max(L, 1)  # elements of one query row's block, over all heads
+    items = max(1, _BLOCK_ELEMENTS // (width * max(T, 1)))
+    rows = T if width * T <= _BLOCK_ELEMENTS else max(1, _BLOCK_ELEMENTS // width)
     for b0 in range(0, B, items):
         b1 = min(B, b0 + items)
-        x = torch.matmul(_grouped(query[b0:b1], Hkv), kc[b0:b1].transpose(-1, -2))
-        x = x.view(b1 - b0, H, T, L).mul_(scale)
-        if bias is not None:
-            x.add_(_batch_rows(bias, b0, b1))
-        m = x.amax(dim=-1)
-        p = probs[b0:b1]
-        torch.softmax(x, dim=-1, out=p)
-        dead = m == float("-inf")  # rows with no weight: softmax gives NaN there
-        if bool(dead.any()):
-            p.masked_fill_(dead[..., None], 0.0)
-        torch.sub(m, p.amax(dim=-1).log_(), out=lse[b0:b1]).masked_fill_(dead, float("inf"))
-        torch.matmul(_grouped(p, Hkv), vc[b0:b1], out=_grouped(out[b0:b1], Hkv))
+        nb = b1 - b0
+        k_b, v_b, bias_b = kc[b0:b1], vc[b0:b1], _batch_rows(bias, b0, b1)
+        for t0 in range(0, T, rows):
+            t1 = min(T, t0 + rows)
+            n = t1 - t0
+            x = torch.matmul(_grouped(query[b0:b1, :, t0:t1], Hkv), k_b.transpose(-1, -2))
+            x = x.view(nb, H, n, L).mul_(scale)
+            if bias_b is not None:
+                x.add_(bias_b if bias_b.shape[2] == 1 else bias_b[:, :, t0:t1])
+            m = x.amax(dim=-1)
+            whole = keep_probs and rows == T
+            p = torch.softmax(x, dim=-1, out=probs[b0:b1]) if whole else torch.softmax(x, dim=-1)
+            dead = m == float("-inf")  # rows with no weight: softmax gives NaN there
+            if bool(dead.any()):
+                p.masked_fill_(dead[..., None], 0.0)
+            torch.sub(m, p.amax(dim=-1).log_(), out=lse[b0:b1, :, t0:t1]).masked_fill_(dead, float("inf"))
+            out[b0:b1, :, t0:t1] = torch.matmul(_grouped(p, Hkv), v_b).view(nb, H, n, Dh)
+            if keep_probs and not whole:
+                probs[b0:b1, :, t0:t1] = p
     return out, lse, probs
 
 
 def cpu_forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
     """-> (out [B, H, T, Dh], lse [B, H, T] float32 (+inf on rows with no weight), probs):
-    :func:`cpu_forward_probs` where :func:`saves_probs`, else ATen's fused CPU flash attention on
-    the concatenation with an empty ``probs``."""
-    if saves_probs(query, key, prompt_key):
-        return cpu_forward_probs(
-            query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale
-        )
-    return (
-        *_cpu_forward_flash(
-            query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale
-        ),
-        _no_probs(query),
-    )
+    float32 through :func:`cpu_forward_gemm` (keeping the probabilities where :func:`saves_probs`);
+    fp16/bf16 through ATen's fused CPU flash attention on the concatenation, ``probs`` empty."""
+    args = (query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
+    if query.dtype == torch.float32:
+        return cpu_forward_gemm(*args, keep_probs=saves_probs(query, key, prompt_key))
+    return (*_cpu_forward_flash(*args), _no_probs(query))
 
 
 def _cpu_forward_flash(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
@@ -438,20 +452,21 @@ def _grouped(t: torch.Tensor, Hkv: int) -> torch.Tensor:
     return t.reshape(t.shape[0], Hkv, -1, t.shape[-1])
 
 
-def _segment_probs(qg, dog, k, v, bias2, lse2, delta, scale, shape):
+def _segment_probs(qg, dog, k, v, bias, lse, delta, scale, shape):
     """One key segment's probabilities and score gradients for a block of query rows, in float32.
 
-    qg, dog [B, Hkv, rep * n, Dh]; k, v [B or 1, Hkv, L, Dh]; bias2 (log2 domain) broadcastable to
-    ``shape`` = [B, H, n, L] or None; lse2 = lse * log2(e) and delta = rowsum(grad_out * out), both
-    [B, H, n, 1]. -> (p, ds = p * (dP - delta)), both ``shape``.
+    qg, dog [B, Hkv, rep * n, Dh]; k, v [B or 1, Hkv, L, Dh]; bias broadcastable to ``shape`` =
+    [B, H, n, L] or None; lse and delta = rowsum(grad_out * out), both [B, H, n, 1].
+    -> (p, ds = p * (dP - delta)), both ``shape``.
 
-    ``exp2`` rather than ``exp``: ATen's CPU ``exp`` is about 100x slower on arguments below -87
-    (masked keys, far-off logits), ``exp2`` is not."""
+    The exponent ``s * scale + bias - lse`` is formed in the natural-log domain (one rounding per
+    term, as softmax does) and only then scaled for ``exp2``: ATen's CPU ``exp`` is about 100x slower
+    on arguments below -87 (masked keys, far-off logits), ``exp2`` is not."""
     f32 = torch.float32
-    x = torch.matmul(qg, k.transpose(-1, -2)).view(shape).to(f32).mul_(scale * _LOG2E)
-    if bias2 is not None:
-        x.add_(bias2)
-    p = x.sub_(lse2).exp2_()  # lse = +inf (rows with no weight) gives 0
+    x = torch.matmul(qg, k.transpose(-1, -2)).view(shape).to(f32).mul_(scale)
+    if bias is not None:
+        x.add_(bias)
+    p = x.sub_(lse).mul_(_LOG2E).exp2_()  # lse = +inf (rows with no weight) gives 0
     ds = torch.matmul(dog, v.transpose(-1, -2)).view(shape).to(f32)
     return p, ds.sub_(delta).mul_(p)
 
@@ -466,7 +481,7 @@ def _batch_rows(t: torch.Tensor | None, b0: int, b1: int) -> torch.Tensor | None
 
 
 def cpu_backward_probs(grad_out, query, key, value, prompt_key, prompt_value, gate, out, lse, probs, scale):
-    """float32 backward from the saved probabilities [B, H, T, P + S] (:func:`cpu_forward_probs`)."""
+    """float32 backward from the saved probabilities [B, H, T, P + S] (:func:`cpu_forward_gemm`)."""
     B, H, T, Dh = query.shape
     Hkv, P = key.shape[1], prompt_key.shape[2]
     do = grad_out.to(query.dtype)
@@ -505,7 +520,7 @@ def cpu_backward_probs(grad_out, query, key, value, prompt_key, prompt_value, ga
             prompt_key,
             prompt_value,
             None,
-            lse[..., None] * _LOG2E,
+            lse[..., None],
             delta,
             scale,
             (B, H, T, P),
@@ -537,9 +552,8 @@ def cpu_backward(
     dpv = torch.zeros(prompt_value.shape, dtype=f32, device=dev)
     dgate = torch.zeros(B, H, dtype=f32, device=dev)
     kb = _key_bias(attention_mask, is_causal, B, T, S, dt, dev)
-    kb2 = None if kb is None else kb * _LOG2E
     g4 = _gate_2d(gate)[:, :, None, None]
-    lse2 = lse[..., None] * _LOG2E
+    lse1 = lse[..., None]
     delta = (do.to(f32) * out.to(f32)).sum(-1, keepdim=True)
     width = H * max(P, S, 1)  # elements of one query row's block, over all heads
     per_item = width * max(T, 1)
@@ -555,10 +569,10 @@ def cpu_backward(
             t1 = min(T, t0 + rows)
             n = t1 - t0
             qg, dog = _grouped(query[b0:b1, :, t0:t1], Hkv), _grouped(do[b0:b1, :, t0:t1], Hkv)
-            lse_c, delta_c = lse2[b0:b1, :, t0:t1], delta[b0:b1, :, t0:t1]
+            lse_c, delta_c = lse1[b0:b1, :, t0:t1], delta[b0:b1, :, t0:t1]
             dq_c = None
             if S > 0:
-                bias = _batch_rows(kb2, b0, b1)
+                bias = _batch_rows(kb, b0, b1)
                 if bias is not None and bias.shape[2] > 1:
                     bias = bias[:, :, t0:t1]
                 p, ds = _segment_probs(qg, dog, k_b, v_b, bias, lse_c, delta_c, scale, (nb, H, n, S))
