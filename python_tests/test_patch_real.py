@@ -69,9 +69,14 @@ def test_minilm_gates_zero_prefix_peft_and_detach(minilm, tmp_path):
     kw = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     with torch.no_grad():
         ours = pm(**kw, position_ids=pos + 4).last_hidden_state
-        torch.testing.assert_close(
-            ours, theirs(**kw, position_ids=pos).last_hidden_state, rtol=1e-5, atol=1e-5
-        )
+        theirs32 = theirs(**kw, position_ids=pos).last_hidden_state
+        truth = copy.deepcopy(theirs).double()(**kw, position_ids=pos).last_hidden_state
+    # Two float32 attention implementations through six layers: ours may be at most about twice as far
+    # (root mean square over the outputs: the maximum of one sample is too noisy at model level) from
+    # PEFT's float64 result as PEFT's own float32 result is.
+    torch.testing.assert_close(ours, theirs32, rtol=1e-4, atol=1e-4)
+    rms = lambda t: (t.double() - truth).square().mean().sqrt().item()
+    assert rms(ours) <= 2 * rms(theirs32), (rms(ours), rms(theirs32))
     assert (ours - ref).abs().max() > 1e-2
 
     pm.save_prompts(tmp_path)
