@@ -402,6 +402,19 @@ def test_gradient_layout_is_heads_last(backend, dtype):
     assert all(g.is_contiguous() for g in grads[3:])
 
 
+def test_cpu_forward_keeps_probabilities_only_for_a_backward():
+    """float32 on CPU: the probabilities come back (for the backward) only when asked for; the output
+    does not depend on it. Through the public function: only when a gradient will be taken."""
+    B, H, T, S, P, Dh = 2, 2, 5, 7, 3, 32
+    tensors, m = make_inputs(B, H, H, T, S, P, Dh, 1, "head", "bool", torch.float32)
+    with use_backend("torch"):
+        out_a, lse_a, probs_a = _gpa_op(*tensors, m, False, Dh**-0.5, False)
+        out_b, lse_b, probs_b = _gpa_op(*tensors, m, False, Dh**-0.5, True)
+    assert probs_a.numel() == 0 and probs_b.shape == (B, H, T, P + S)
+    assert torch.equal(out_a, out_b) and torch.equal(lse_a, lse_b)
+    torch.testing.assert_close(probs_b.sum(-1), torch.ones(B, H, T))
+
+
 def test_floors():
     for T, S in ((5, 9), (9, 5), (7, 7), (1, 4)):
         brute = sum(1 for t in range(T) for s in range(S) if s <= t + S - T)

@@ -403,13 +403,16 @@ def cpu_forward_gemm(
     return out, lse, probs
 
 
-def cpu_forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
+def cpu_forward(
+    query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, for_backward=True
+):
     """-> (out [B, H, T, Dh], lse [B, H, T] float32 (+inf on rows with no weight), probs):
-    float32 through :func:`cpu_forward_gemm` (keeping the probabilities where :func:`saves_probs`);
+    float32 through :func:`cpu_forward_gemm` (keeping the probabilities where :func:`saves_probs`
+    and a backward will follow);
     fp16/bf16 through ATen's fused CPU flash attention on the concatenation, ``probs`` empty."""
     args = (query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
     if query.dtype == torch.float32:
-        return cpu_forward_gemm(*args, keep_probs=saves_probs(query, key, prompt_key))
+        return cpu_forward_gemm(*args, keep_probs=for_backward and saves_probs(query, key, prompt_key))
     return (*_cpu_forward_flash(*args), _no_probs(query))
 
 
@@ -672,9 +675,10 @@ def _gpa_op(
     attention_mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
+    for_backward: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out [B, H, T, Dh], lse [B, H, T] float32, probs): ``probs`` [B, H, T, P + S] float32 where
-    the CPU path keeps them for the backward (:func:`saves_probs`), else empty."""
+    the CPU path keeps them for the backward (``for_backward`` and :func:`saves_probs`), else empty."""
     args = (query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
     route = _route(query)
     if route == "triton":
@@ -682,21 +686,21 @@ def _gpa_op(
 
         return (*kernels.forward(*args), _no_probs(query))
     if route == "cpu":
-        return cpu_forward(*args)
+        return cpu_forward(*args, for_backward)
     return gated_prefix_attention_reference(*args), _lse_torch(*args), _no_probs(query)
 
 
-def _probs_shape(query, key, prompt_key) -> tuple[int, ...]:
-    if _route(query) == "cpu" and saves_probs(query, key, prompt_key):
+def _probs_shape(query, key, prompt_key, for_backward) -> tuple[int, ...]:
+    if for_backward and _route(query) == "cpu" and saves_probs(query, key, prompt_key):
         return (*query.shape[:3], key.shape[2] + prompt_key.shape[2])
     return (0,)
 
 
 @_gpa_op.register_fake
-def _(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
+def _(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, for_backward=True):
     B, H, T, _ = query.shape
     f32 = torch.float32
-    probs = query.new_empty(_probs_shape(query, key, prompt_key), dtype=f32)
+    probs = query.new_empty(_probs_shape(query, key, prompt_key, for_backward), dtype=f32)
     return query.new_empty(query.shape), query.new_empty((B, H, T), dtype=f32), probs
 
 
@@ -754,7 +758,7 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale = inputs
+    query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, *_ = inputs
     out, lse, probs = output
     ctx.save_for_backward(query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, probs)
     ctx.is_causal, ctx.scale = is_causal, scale
@@ -780,7 +784,7 @@ def _backward(ctx, grad_out, _grad_lse, _grad_probs):
         ctx.is_causal,
         ctx.scale,
     )
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _gpa_op.register_autograd(_backward, setup_context=_setup_context)
@@ -798,5 +802,7 @@ def gated_prefix_attention(
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     scale = Dh**-0.5 if scale is None else float(scale)
-    out, _, _ = _gpa_op(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
+    tensors = (query, key, value, prompt_key, prompt_value, gate)
+    for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    out, _, _ = _gpa_op(*tensors, attention_mask, is_causal, scale, for_backward)
     return out
