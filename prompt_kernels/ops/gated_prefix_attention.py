@@ -738,21 +738,7 @@ def _gpa_backward_op(
 
 
 @_gpa_backward_op.register_fake
-def _(
-    grad_out,
-    query,
-    key,
-    value,
-    prompt_key,
-    prompt_value,
-    gate,
-    attention_mask,
-    out,
-    lse,
-    probs,
-    is_causal,
-    scale,
-):
+def _(grad_out, query, key, value, prompt_key, prompt_value, gate, *_rest):
     dq, dk, dv = (heads_last_empty(t.shape, dtype=t.dtype, device=t.device) for t in (query, key, value))
     return (dq, dk, dv, *(t.new_empty(t.shape) for t in (prompt_key, prompt_value, gate)))
 
@@ -766,24 +752,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_probs):
-    query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, probs = ctx.saved_tensors
+    saved = ctx.saved_tensors  # the backward op's arguments after grad_out, in order
     if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    grads = _gpa_backward_op(
-        grad_out,
-        query,
-        key,
-        value,
-        prompt_key,
-        prompt_value,
-        gate,
-        attention_mask,
-        out,
-        lse,
-        probs,
-        ctx.is_causal,
-        ctx.scale,
-    )
+        grad_out = torch.zeros_like(saved[7])
+    grads = _gpa_backward_op(grad_out, *saved, ctx.is_causal, ctx.scale)
     return (*grads, None, None, None, None)
 
 
