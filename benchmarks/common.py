@@ -59,7 +59,12 @@ def _sync():
 def time_interleaved(
     cases: list[Case], repeats: int, warmup: int = 2, min_time_s: float = 0.0
 ) -> dict[int, list[float]]:
-    """Time each case ``repeats`` times, round-robin, after ``warmup`` calls each. Returns ms per call."""
+    """Time each case ``repeats`` times, round-robin, after ``warmup`` calls each. Returns ms per call.
+
+    On CUDA each timing is ``triton.testing.do_bench`` of the case (its median over its own repeats,
+    with the L2 cache flushed between calls), still round-robin over the cases."""
+    if torch.cuda.is_available():
+        return _time_interleaved_cuda(cases, repeats)
     for c in cases:
         if c.setup:
             c.setup()
@@ -75,6 +80,19 @@ def time_interleaved(
             c.fn()
             _sync()
             times[i].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _time_interleaved_cuda(cases: list[Case], repeats: int) -> dict[int, list[float]]:
+    from triton.testing import do_bench
+
+    for c in cases:
+        if c.setup:
+            c.setup()
+    times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
+    for _ in range(repeats):
+        for i, c in enumerate(cases):
+            times[i].append(float(do_bench(c.fn, warmup=5, rep=20, return_mode="median")))
     return times
 
 

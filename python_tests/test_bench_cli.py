@@ -16,3 +16,23 @@ def test_bench_quick_writes_csv_and_plots(tmp_path):
     assert all(float(r["p50"]) > 0 and r["machine"] for r in rows)
     png = tmp_path / "prompt_pool.png"
     assert png.exists() and png.stat().st_size > 1000
+
+
+def test_cuda_timing_uses_do_bench_round_robin(monkeypatch):
+    """On CUDA every timing comes from triton.testing.do_bench (median mode), cases interleaved."""
+    import triton.testing
+
+    from benchmarks.common import Case, _time_interleaved_cuda
+
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        assert return_mode == "median"
+        fn()
+        return float(len(calls))
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    cases = [Case("k", p, "forward", "s", lambda p=p: calls.append(p)) for p in ("a", "b")]
+    times = _time_interleaved_cuda(cases, repeats=3)
+    assert calls == ["a", "b"] * 3
+    assert times == {0: [1.0, 3.0, 5.0], 1: [2.0, 4.0, 6.0]}  # each call counted before it returns
