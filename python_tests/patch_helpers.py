@@ -110,6 +110,24 @@ def batch(model_type: str, B: int = 3, T: int = 7, pad_last: int = 2, seed: int 
     return ids, mask
 
 
+def assert_save_load_round_trip(pm, model_type: str, tmp_path, method_cls, **model_overrides):
+    """Prompts saved from ``pm`` (in eval mode) and loaded onto a fresh tiny ``model_type`` classifier
+    give bit-identical logits; returns the loaded model."""
+    import prompt_kernels as pk
+
+    ids, mask = batch(model_type)
+    with torch.no_grad():
+        ref = pm(input_ids=ids, attention_mask=mask).logits
+    pm.save_prompts(tmp_path)
+    fresh = tiny_model(model_type, head="cls", dropout=False, **model_overrides)
+    loaded = pk.load_prompts(fresh, tmp_path).eval()
+    assert isinstance(loaded.method, method_cls) and loaded.prompt_config == pm.prompt_config
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    return loaded
+
+
 def main_output(out):
     for name in ("logits", "last_hidden_state"):
         if getattr(out, name, None) is not None:

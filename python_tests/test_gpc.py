@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from patch_helpers import D, batch, tiny_model
+from patch_helpers import D, assert_save_load_round_trip, batch, tiny_model
 
 import prompt_kernels as pk
 from prompt_kernels.configs import config_from_dict, config_from_json
@@ -172,16 +172,7 @@ def test_only_method_gets_gradients(model_type):
 @pytest.mark.parametrize("model_type", MODELS)
 def test_save_load_round_trip(model_type, tmp_path):
     pm = _attach(model_type, head="cls", rank=6).eval()
-    ids, mask = batch(model_type)
-    with torch.no_grad():
-        ref = pm(input_ids=ids, attention_mask=mask).logits
-    pm.save_prompts(tmp_path)
-    fresh = tiny_model(model_type, head="cls", dropout=False, num_hidden_layers=3)
-    loaded = pk.load_prompts(fresh, tmp_path).eval()
-    assert isinstance(loaded.method, GPC) and loaded.config == pm.config
-    with torch.no_grad():
-        got = loaded(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert_save_load_round_trip(pm, model_type, tmp_path, GPC, num_hidden_layers=3)
 
 
 def test_causal_lm_loss():
