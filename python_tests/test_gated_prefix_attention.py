@@ -403,15 +403,15 @@ def test_gradient_layout_is_heads_last(backend, dtype):
 
 
 def test_cpu_forward_keeps_probabilities_only_for_a_backward():
-    """float32 on CPU: the probabilities come back (for the backward) only when asked for; the output
-    does not depend on it. Through the public function: only when a gradient will be taken."""
+    """float32 on CPU: the probabilities come back (for the backward) only when asked for."""
     B, H, T, S, P, Dh = 2, 2, 5, 7, 3, 32
     tensors, m = make_inputs(B, H, H, T, S, P, Dh, 1, "head", "bool", torch.float32)
     with use_backend("torch"):
         out_a, lse_a, probs_a = _gpa_op(*tensors, m, False, Dh**-0.5, False)
         out_b, lse_b, probs_b = _gpa_op(*tensors, m, False, Dh**-0.5, True)
     assert probs_a.numel() == 0 and probs_b.shape == (B, H, T, P + S)
-    assert torch.equal(out_a, out_b) and torch.equal(lse_a, lse_b)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)  # two algorithms (flash, GEMM)
+    torch.testing.assert_close(lse_a, lse_b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probs_b.sum(-1), torch.ones(B, H, T))
 
 

@@ -377,8 +377,11 @@ def cpu_forward_gemm(
     lse = query.new_empty((B, H, T))
     probs = query.new_empty((B, H, T, L)) if keep_probs else _no_probs(query)
     width = H * max(L, 1)  # elements of one query row's block, over all heads
-    items = max(1, _BLOCK_ELEMENTS // (width * max(T, 1)))
-    rows = T if width * T <= _BLOCK_ELEMENTS else max(1, _BLOCK_ELEMENTS // width)
+    # Kept probabilities are materialised anyway: one block (fewer, larger GEMMs scale better over
+    # threads). Otherwise cache-sized blocks bound the memory.
+    block = B * T * width if keep_probs else _BLOCK_ELEMENTS
+    items = max(1, block // (width * max(T, 1)))
+    rows = T if width * T <= block else max(1, block // width)
     for b0 in range(0, B, items):
         b1 = min(B, b0 + items)
         nb = b1 - b0
@@ -407,12 +410,13 @@ def cpu_forward(
     query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, for_backward=True
 ):
     """-> (out [B, H, T, Dh], lse [B, H, T] float32 (+inf on rows with no weight), probs):
-    float32 through :func:`cpu_forward_gemm` (keeping the probabilities where :func:`saves_probs`
-    and a backward will follow);
-    fp16/bf16 through ATen's fused CPU flash attention on the concatenation, ``probs`` empty."""
+    float32 with a backward to follow through :func:`cpu_forward_gemm` (keeping the probabilities
+    where :func:`saves_probs`; its log-sum-exp is accurate, which the recomputing backward needs);
+    inference and fp16/bf16 through ATen's fused CPU flash attention on the concatenation (faster
+    here), ``probs`` empty."""
     args = (query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
-    if query.dtype == torch.float32:
-        return cpu_forward_gemm(*args, keep_probs=for_backward and saves_probs(query, key, prompt_key))
+    if query.dtype == torch.float32 and for_backward:
+        return cpu_forward_gemm(*args, keep_probs=saves_probs(query, key, prompt_key))
     return (*_cpu_forward_flash(*args), _no_probs(query))
 
 
@@ -489,21 +493,15 @@ def cpu_backward_probs(grad_out, query, key, value, prompt_key, prompt_value, ga
     Hkv, P = key.shape[1], prompt_key.shape[2]
     do = grad_out.to(query.dtype)
     kc, vc, _, _, g2 = _cpu_operands(query, key, value, prompt_key, prompt_value, gate, None, False, True)
-    L = kc.shape[2]
     delta = (do * out).sum(-1, keepdim=True)
+    dog, qg = _grouped(do, Hkv), _grouped(query, Hkv)
+    dvc = torch.matmul(_grouped(probs, Hkv).transpose(-1, -2), dog)
+    ds = torch.matmul(dog, vc.transpose(-1, -2)).view(probs.shape).sub_(delta).mul_(probs)
+    dgate = ds[..., :P].sum(dim=(2, 3))
+    dsg = _grouped(ds, Hkv)
     dq = heads_last_empty(query.shape, dtype=query.dtype, device=query.device)
-    dkc, dvc = kc.new_empty(kc.shape), vc.new_empty(vc.shape)
-    dgate = query.new_empty((B, H))
-    items = max(1, _BLOCK_ELEMENTS // max(1, H * T * L))  # batch items per cache-sized block
-    for b0 in range(0, B, items):
-        b1 = min(B, b0 + items)
-        p, dog, qg = probs[b0:b1], _grouped(do[b0:b1], Hkv), _grouped(query[b0:b1], Hkv)
-        torch.matmul(_grouped(p, Hkv).transpose(-1, -2), dog, out=dvc[b0:b1])
-        ds = torch.matmul(dog, vc[b0:b1].transpose(-1, -2)).view(p.shape).sub_(delta[b0:b1]).mul_(p)
-        torch.sum(ds[..., :P], dim=(2, 3), out=dgate[b0:b1])
-        dsg = _grouped(ds, Hkv)
-        torch.mul(torch.matmul(dsg, kc[b0:b1]).view(b1 - b0, H, T, Dh), scale, out=dq[b0:b1])
-        torch.matmul(dsg.transpose(-1, -2), qg, out=dkc[b0:b1]).mul_(scale)
+    torch.mul(torch.matmul(dsg, kc).view(B, H, T, Dh), scale, out=dq)
+    dkc = torch.matmul(dsg.transpose(-1, -2), qg).mul_(scale)
     dk = heads_last_empty(key.shape, dtype=key.dtype, device=key.device).copy_(dkc[:, :, P:])
     dv = heads_last_empty(value.shape, dtype=value.dtype, device=value.device).copy_(dvc[:, :, P:])
     dpk, dpv = dkc[:, :, :P], dvc[:, :, :P]
