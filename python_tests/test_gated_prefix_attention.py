@@ -103,8 +103,10 @@ def _check_against_reference(backend, tensors, mask, is_causal, dtype, small_blo
     ref64 = _run(reference, [t.double() for t in tensors], m64, is_causal, grad_out.double())
     same = _run(reference, tensors, mask, is_causal, grad_out.to(dtype))
     terms = _abs_term_scales(tensors, m64 if m64 is not None else mask, is_causal, grad_out, ref64[0])
+    # 8 ulps of the absolute terms: each term is a product of computed factors (a probability from an
+    # exponent, dP - delta, q or k) that carry a few ulps each.
     for name, a, r, s, t in zip(NAMES[:-1], ours, ref64, same, terms):
-        assert_within_budget(a, r, s, name=f"{backend} {name}", factor=factor, term_scale=t)
+        assert_within_budget(a, r, s, name=f"{backend} {name}", factor=factor, ulps=8.0, term_scale=t)
     _assert_gate_grad_within_budget(
         ours[6], ref64, same[6], tensors, m64, is_causal, grad_out, backend, factor
     )
