@@ -488,38 +488,34 @@ def _batch_rows(t: torch.Tensor | None, b0: int, b1: int) -> torch.Tensor | None
 
 
 def cpu_backward_probs(grad_out, query, key, value, prompt_key, prompt_value, gate, out, lse, probs, scale):
-    """float32 backward from the saved probabilities [B, H, T, P + S] (:func:`cpu_forward_gemm`),
-    per segment on column slices of them (BLAS reads the strided slices in place), so the prompt and
-    keys are not concatenated again and dk, dv, dprompt_key, dprompt_value need no slicing copies."""
+    """float32 backward from the saved probabilities [B, H, T, P + S] (:func:`cpu_forward_gemm`)."""
     B, H, T, Dh = query.shape
     Hkv, P = key.shape[1], prompt_key.shape[2]
     do = grad_out.to(query.dtype)
+    kc, vc, *_ = _cpu_operands(query, key, value, prompt_key, prompt_value, gate, None, False, True)
     delta = (do * out).sum(-1, keepdim=True)
     dog, qg = _grouped(do, Hkv), _grouped(query, Hkv)
-
-    def segment(k, v, p):  # -> (dq part [B, Hkv, rep T, Dh], dk, dv)
-        ds = _grouped(torch.matmul(dog, v.transpose(-1, -2)).view(p.shape).sub_(delta).mul_(p), Hkv)
-        dv_ = torch.matmul(_grouped(p, Hkv).transpose(-1, -2), dog)
-        return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), qg).mul_(scale), dv_
-
-    dq_g, dk, dv = segment(key, value, probs[..., P:])
-    dk, dv = _heads_last(dk), _heads_last(dv)
-    if P > 0:
-        dq_p, dpk, dpv = segment(prompt_key, prompt_value, probs[..., :P])
-        dq_g.add_(dq_p)
-        # dgate from the UNGATED prompt probabilities exp(s - lse), recomputed (P columns): finite at
-        # gate 0, and without the rounding of log(gate) that dividing the gated ones by it would add.
-        dgate = _segment_probs(
-            qg, dog, prompt_key, prompt_value, None, lse[..., None], delta, scale, (B, H, T, P)
-        )
-        dgate = dgate[1].sum(dim=(2, 3))
-        if prompt_key.shape[0] == 1 and B > 1:
-            dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
-    else:
-        dpk, dpv = torch.zeros_like(prompt_key), torch.zeros_like(prompt_value)
-        dgate = query.new_zeros((B, H))
+    dvc = torch.matmul(_grouped(probs, Hkv).transpose(-1, -2), dog)
+    ds = torch.matmul(dog, vc.transpose(-1, -2)).view(probs.shape).sub_(delta).mul_(probs)
+    dsg = _grouped(ds, Hkv)
     dq = heads_last_empty(query.shape, dtype=query.dtype, device=query.device)
-    torch.mul(dq_g.view(B, H, T, Dh), scale, out=dq)
+    torch.mul(torch.matmul(dsg, kc).view(B, H, T, Dh), scale, out=dq)
+    dkc = torch.matmul(dsg.transpose(-1, -2), qg).mul_(scale)
+    dk = heads_last_empty(key.shape, dtype=key.dtype, device=key.device).copy_(dkc[:, :, P:])
+    dv = heads_last_empty(value.shape, dtype=value.dtype, device=value.device).copy_(dvc[:, :, P:])
+    dpk, dpv = dkc[:, :, :P], dvc[:, :, :P]
+    if prompt_key.shape[0] == 1:
+        dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
+    else:
+        dpk = dpk.clone(memory_format=torch.contiguous_format)
+        dpv = dpv.clone(memory_format=torch.contiguous_format)
+    # dgate from the UNGATED prompt probabilities exp(s - lse), recomputed (P columns): finite at
+    # gate 0, and without the rounding of log(gate) that dividing the gated ones by it would add.
+    dgate = query.new_zeros((B, H))
+    if P > 0:
+        shape = (B, H, T, P)
+        _, dsu = _segment_probs(qg, dog, prompt_key, prompt_value, None, lse[..., None], delta, scale, shape)
+        dgate = dsu.sum(dim=(2, 3))
     return dq, dk, dv, dpk, dpv, dgate
 
 
