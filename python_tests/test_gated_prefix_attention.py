@@ -228,15 +228,18 @@ def test_matches_reference_fp32(backend, case):
     _check_against_reference(backend, tensors, m, causal, torch.float32)
 
 
-@pytest.mark.parametrize("saved", [True, False], ids=["saved_probs", "recomputed"])
-@pytest.mark.parametrize("block", [1 << 18, 3000, 40], ids=["one_block", "batch_blocks", "row_blocks"])
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_cpu_path_blocks(case, block, saved, monkeypatch):
-    """The CPU path's two backwards (probabilities kept from the forward, or recomputed blockwise as
-    for large float32 problems and fp16/bf16), forced at small sizes, in one block, in blocks of batch
-    items and in blocks of query rows."""
-    op_module = importlib.import_module("prompt_kernels.ops.gated_prefix_attention")
+# (probabilities kept, block elements): the kept path runs in one block whatever the block size.
+CPU_PATHS = [(True, 1 << 18), (False, 1 << 18), (False, 3000), (False, 40)]
+CPU_PATH_IDS = ["saved_probs", "recomputed-one_block", "recomputed-batch_blocks", "recomputed-row_blocks"]
 
+
+@pytest.mark.parametrize("saved,block", CPU_PATHS, ids=CPU_PATH_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cpu_path_blocks(case, saved, block, monkeypatch):
+    """The CPU path's two float32 training paths: probabilities kept from the forward, or recomputed
+    blockwise as for large problems (and fp16/bf16), forced at small sizes, in one block, in blocks of
+    batch items and in blocks of query rows (forward and backward)."""
+    op_module = importlib.import_module("prompt_kernels.ops.gated_prefix_attention")
     monkeypatch.setattr(op_module, "_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(op_module, "_SAVE_PROBS_ELEMENTS", op_module._SAVE_PROBS_ELEMENTS if saved else 0)
     B, H, Hkv, T, S, P, Dh, Bp, gate, mask, causal = case
@@ -248,6 +251,17 @@ LOW_CASES = [
     (2, 4, 2, 19, 23, 6, 64, 1, "head", "bool", True),
     (1, 2, 1, 5, 16, 3, 96, 1, "batch", "add_1", False),
 ]
+
+
+@pytest.mark.parametrize("block", [3000, 40], ids=["batch_blocks", "row_blocks"])
+def test_cpu_path_blocks_fp16(block, monkeypatch):
+    """fp16 through the blockwise recomputing backward in several blocks (float32 accumulation of dk,
+    dv across row blocks)."""
+    op_module = importlib.import_module("prompt_kernels.ops.gated_prefix_attention")
+    monkeypatch.setattr(op_module, "_BLOCK_ELEMENTS", block)
+    B, H, Hkv, T, S, P, Dh, Bp, gate, mask, causal = LOW_CASES[0]
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, Bp, gate, mask, torch.float16)
+    _check_against_reference("torch", tensors, m, causal, torch.float16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
