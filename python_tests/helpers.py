@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from prompt_kernels import _cpp, kernels
@@ -60,6 +61,12 @@ def assert_within_budget(
 
 def cpp_built() -> bool:
     return _cpp.available()
+
+
+def require_cpp_build(backend: str) -> None:
+    """The cpp backend's tests fail, not skip, when the extension is missing: `make install` builds it."""
+    if backend == "cpp" and not cpp_built():
+        pytest.fail("the C++ extension is not built: `make install` builds it; a missing build is a failure")
 
 
 def skip_reason_triton() -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import INTERPRET, assert_within_budget, backends, cpp_built, device_for
+from helpers import INTERPRET, assert_within_budget, backends, device_for, require_cpp_build
 
 from prompt_kernels import use_backend
 from prompt_kernels.ops import phm_linear
@@ -15,13 +15,6 @@ from prompt_kernels.ops.reference import phm_linear as reference
 
 BACKENDS = backends(has_cpp=True)
 NAMES = ("x", "rules", "weights", "bias")
-
-
-def _skip_unavailable(backend: str) -> None:
-    if backend == "cpp" and not cpp_built():
-        pytest.fail(
-            "the C++ extension is not built: `make install` builds it; a missing build is a failure, not a skip"
-        )
 
 
 def _dtypes_for(backend: str):
@@ -76,7 +69,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x{}_out{}_n{}_bias{}".format(*c))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matches_reference(backend, case, dtype):
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     if dtype not in _dtypes_for(backend):
         pytest.skip("bf16 runs through numpy's emulation under the Triton interpreter (tested on CUDA)")
     x_shape, out_features, n, bias = case
@@ -97,7 +90,7 @@ def test_matches_reference(backend, case, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_benchmark_like_shape(backend):
     """The benchmark's layer (384 -> 64, n = 4), fp32; fewer rows for the interpreter."""
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     rows = 40 if backend == "triton" and INTERPRET else 2048
     inputs = make_inputs((rows, 384), 64, 4)
     grad_out = torch.randn(rows, 64)
@@ -122,7 +115,7 @@ def test_benchmark_like_shape(backend):
 )
 def test_partial_gradients(backend, requires):
     """Only the gradients asked for are computed, and they equal the full backward's."""
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     inputs = make_inputs((9, 24), 12, 2)
     grad_out = torch.randn(9, 12)
     _, full = _run(backend, inputs, grad_out)
@@ -137,7 +130,7 @@ def test_partial_gradients(backend, requires):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs(backend):
     """A transposed x, non-contiguous weights and a non-contiguous grad_out give the same results."""
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     device = device_for(backend)
     x = torch.randn(20, 7).t().to(device).requires_grad_()  # [7, 20], column-major
     rules = torch.randn(2, 2, 2).transpose(1, 2).to(device).requires_grad_()
@@ -158,7 +151,7 @@ def test_strided_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     """No rows: an empty output, zero parameter gradients, the bias gradient zero."""
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     inputs = make_inputs((0, 3, 8), 12, 4)
     y, grads = _run(backend, inputs, torch.randn(0, 3, 12))
     assert y.shape == (0, 3, 12)
@@ -195,7 +188,7 @@ def test_floors():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     device = device_for(backend)
     x, rules, weights, bias = (t.to(device) for t in make_inputs((2, 3, 8), 12, 2))
     grad_out = torch.randn(2, 3, 12, device=device)
@@ -211,7 +204,7 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_torch_compile_fullgraph(backend):
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     inputs = make_inputs((4, 5, 16), 8, 4)
     grad_out = torch.randn(4, 5, 8)
     leaves = [t.clone().requires_grad_() for t in inputs]
@@ -285,7 +278,7 @@ def test_reference_accepts_float64():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_call_does_not_reuse_outputs(backend):
     """Two calls give fresh outputs (the result of the first is not overwritten by the second)."""
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     device = device_for(backend)
     a = [t.to(device) for t in make_inputs((4, 8), 4, 2)]
     b = [t.to(device) for t in make_inputs((4, 8), 4, 2)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import INTERPRET, assert_within_budget, backends, cpp_built, device_for
+from helpers import INTERPRET, assert_within_budget, backends, device_for, require_cpp_build
 
 from prompt_kernels import use_backend
 from prompt_kernels.ops import prompt_pool
@@ -15,13 +15,6 @@ from prompt_kernels.ops.prompt_pool import bin_weights, prompt_pool_floors
 from prompt_kernels.ops.reference import prompt_pool as reference
 
 BACKENDS = backends(has_cpp=True)
-
-
-def _skip_unavailable(backend: str) -> None:
-    if backend == "cpp" and not cpp_built():
-        pytest.fail(
-            "the C++ extension is not built: `make install` builds it; a missing build is a failure, not a skip"
-        )
 
 
 def _dtypes_for(backend: str):
@@ -90,7 +83,7 @@ def _reference(x, mask, length, grad_out):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_T{}_D{}_L{}_{}".format(*c))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matches_reference(backend, case, dtype):
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     if dtype not in _dtypes_for(backend):
         pytest.skip("bf16 runs through numpy's emulation under the Triton interpreter (tested on CUDA)")
     B, T, D, length, kind = case
@@ -112,7 +105,7 @@ def test_matches_reference(backend, case, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_benchmark_shape(backend):
     """The benchmark's shape (T = 128, D = 768, length = 16) with right padding, fp32."""
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     B, T, D, length = 1, 128, 768, 16
     mask = make_mask("end", B, T)
     x = torch.randn(B, T, D)
@@ -153,7 +146,7 @@ def test_reference_is_adaptive_avg_pool(B, T, D, length):
 )
 def test_integer_masks(backend, mask_dtype):
     """Any nonzero value marks a real token; integer masks give the bool mask's result exactly."""
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     B, T, D, length = 3, 9, 5, 4
     mask = make_mask("random", B, T)
     values = torch.randint(1, 3, (B, T)) * (-1 if mask_dtype != torch.uint8 else 1)
@@ -167,7 +160,7 @@ def test_integer_masks(backend, mask_dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mask_none_equals_all_real(backend):
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     x = torch.randn(2, 10, 6)
     grad_out = torch.randn(2, 3, 6)
     out_n, grad_n = _run(backend, x, None, 3, grad_out)
@@ -178,7 +171,7 @@ def test_mask_none_equals_all_real(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     device = device_for(backend)
     base = torch.randn(7, 2, 6)
     x = base.transpose(0, 1).to(device)  # [2, 7, 6], not contiguous
@@ -199,7 +192,7 @@ def test_non_contiguous_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_dimensions(backend):
     """T = 0 pools to zeros; B = 0 or D = 0 give empty outputs and gradients."""
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     for B, T, D in ((2, 0, 3), (0, 4, 3), (2, 4, 0)):
         x = torch.randn(B, T, D)
         mask = torch.ones(B, T, dtype=torch.bool)
@@ -211,7 +204,7 @@ def test_empty_dimensions(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward(backend):
     """The backward is linear in grad_out with the forward as its adjoint: d<grad_x, v>/d grad_out = pool(v)."""
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     device = device_for(backend)
     B, T, D, length = 2, 8, 5, 3
     mask = make_mask("middle", B, T).to(device)
@@ -229,7 +222,7 @@ def test_double_backward(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["random", "none"])
 def test_opcheck(backend, kind):
-    _skip_unavailable(backend)
+    require_cpp_build(backend)
     device = device_for(backend)
     mask = make_mask(kind, 2, 6)
     mask = None if mask is None else mask.to(device)

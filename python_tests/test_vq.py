@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_within_budget, backends, cpp_built, device_for
+from helpers import assert_within_budget, backends, device_for, require_cpp_build
 
 import prompt_kernels
 from prompt_kernels.ops import vq
@@ -25,10 +25,7 @@ CPU_SHAPES = [*SHAPES, (130, 300, 37), (70, 600, 9)]  # several C++ row and code
 
 
 def _skip_unsupported(backend: str, dtype: torch.dtype) -> None:
-    if backend == "cpp" and not cpp_built():
-        pytest.fail(
-            "the C++ extension is not built: `make install` builds it; a missing build is a failure, not a skip"
-        )
+    require_cpp_build(backend)
     if backend == "triton" and dtype == torch.bfloat16 and device_for("triton") == "cpu":
         pytest.skip("the Triton interpreter's bf16 support is weak (bf16 is checked on torch/cpp and on GPU)")
 
