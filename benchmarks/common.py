@@ -57,9 +57,13 @@ def _sync():
 
 
 def time_interleaved(
-    cases: list[Case], repeats: int, warmup: int = 2, min_time_s: float = 0.0
+    cases: list[Case], repeats: int, warmup: int = 2, collect: bool = True
 ) -> dict[int, list[float]]:
     """Time each case ``repeats`` times, round-robin, after ``warmup`` calls each. Returns ms per call.
+
+    ``collect``: run the garbage collector before every timed call (the default: no collection lands
+    inside a timing), or never (a plain training loop's conditions: memory freed by the previous call
+    is reused warm, and collections fall where they fall).
 
     On CUDA each timing is ``triton.testing.do_bench`` of the case (its median over its own repeats,
     with the L2 cache flushed between calls), still round-robin over the cases."""
@@ -74,7 +78,8 @@ def time_interleaved(
     times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
     for _ in range(repeats):
         for i, c in enumerate(cases):
-            gc.collect()
+            if collect:
+                gc.collect()
             _sync()
             t0 = time.perf_counter()
             c.fn()

@@ -1,6 +1,6 @@
 """Run every benchmark module (``benchmarks/bench_*.py``), append rows to the CSV, print ratios.
 
-python -m benchmarks.run [--quick] [--only NAME] [--csv PATH] [--repeats N]
+python -m benchmarks.run [--quick] [--only NAME] [--csv PATH] [--repeats N] [--no-gc]
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="run only modules whose name contains this")
     p.add_argument("--csv", type=Path, default=CSV_PATH)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument(
+        "--no-gc", action="store_true", help="no garbage collection before each timed call (a plain loop)"
+    )
     args = p.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 15)
     print(f"machine: {machine_name()}")
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
         for case in mod.cases(args.quick):
             groups[(case.kernel, case.mode, case.size)].append(case)
         for (kernel, mode, size), cases in groups.items():
-            times = time_interleaved(cases, repeats)
+            times = time_interleaved(cases, repeats, collect=not args.no_gc)
             rows, medians = [], {}
             for i, c in enumerate(cases):
                 p50, p20, p80 = percentiles(times[i])

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import INTERPRET, assert_within_budget, backends, device_for, max_err
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from prompt_kernels import use_backend
 from prompt_kernels.ops import gated_prefix_attention
@@ -23,6 +24,7 @@ from prompt_kernels.ops.gated_prefix_attention import (
     _gpa_backward_op,
     _gpa_op,
     gated_prefix_attention_floors,
+    grad_layout,
     heads_last_strides,
 )
 from prompt_kernels.ops.gated_prefix_attention import visible_key_pairs as _visible_key_pairs
@@ -221,6 +223,18 @@ CASE_IDS = [
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("P", [0, 5])
+def test_hugging_face_layout_inputs(backend, P):
+    """query, key and value as Hugging Face passes them: [B, H, T, Dh] views of [B, T, H, Dh]
+    projections (not contiguous), with and without a prompt, GQA, causal."""
+    B, H, Hkv, T, S, Dh = 2, 4, 2, 6, 6, 32
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, 1, "head", "bool", torch.float32)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in tensors[:3])
+    assert not q.is_contiguous() and not k.is_contiguous()
+    _check_against_reference(backend, [q, k, v, *tensors[3:]], m, True, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_matches_reference_fp32(backend, case):
     B, H, Hkv, T, S, P, Dh, Bp, gate, mask, causal = case
@@ -403,18 +417,26 @@ def test_backward_on_another_backend():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_gradient_layout_is_heads_last(backend, dtype):
-    """The backward op's fake promises dq, dk, dv stored as [N, rows, heads, Dh] on every backend."""
+@pytest.mark.parametrize("for_backward", [True, False], ids=["kept", "not_kept"])
+def test_gradient_layout(backend, dtype, for_backward):
+    """The backward op's fake promises dq, dk, dv in :func:`grad_layout`'s layout on every backend:
+    contiguous after a CPU forward that kept the probabilities, heads-last ([N, rows, heads, Dh]
+    storage) otherwise; the fake agrees with the real op."""
     tensors, m = make_inputs(2, 4, 2, 6, 7, 3, 32, 1, "head", "bool", dtype)
     dev = device_for(backend)
     tensors, m = [t.to(dev) for t in tensors], m.to(dev)
     with use_backend(backend), _blocks(backend):
-        out, lse, probs = _gpa_op(*tensors, m, False, 32**-0.5)
-        grads = _gpa_backward_op(
-            torch.randn(out.shape, device=dev, dtype=dtype), *tensors, m, out, lse, probs, False, 32**-0.5
-        )
-    for g, t in zip(grads[:3], tensors[:3]):
-        assert g.stride() == heads_last_strides(t.shape)
+        out, *saved = _gpa_op(*tensors, m, False, 32**-0.5, for_backward)
+        bargs = (torch.randn(out.shape, device=dev, dtype=dtype), *tensors, m, out, *saved, False, 32**-0.5)
+        grads = _gpa_backward_op(*bargs)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fakes = _gpa_backward_op(*bargs)
+    assert all(type(f).__name__ == "FakeTensor" for f in fakes)
+    kept = backend == "torch" and dtype == torch.float32 and for_backward
+    assert grad_layout(saved[1]) == ("contiguous" if kept else "heads_last")
+    for g, f, t in zip(grads[:3], fakes[:3], tensors[:3]):
+        expect = t.contiguous().stride() if kept else heads_last_strides(t.shape)
+        assert g.stride() == f.stride() == expect
     assert all(g.is_contiguous() for g in grads[3:])
 
 
@@ -423,9 +445,13 @@ def test_cpu_forward_keeps_probabilities_only_for_a_backward():
     B, H, T, S, P, Dh = 2, 2, 5, 7, 3, 32
     tensors, m = make_inputs(B, H, H, T, S, P, Dh, 1, "head", "bool", torch.float32)
     with use_backend("torch"):
-        out_a, lse_a, probs_a = _gpa_op(*tensors, m, False, Dh**-0.5, False)
-        out_b, lse_b, probs_b = _gpa_op(*tensors, m, False, Dh**-0.5, True)
-    assert probs_a.numel() == 0 and probs_b.shape == (B, H, T, P + S)
+        out_a, lse_a, probs_a, keys_a, values_a = _gpa_op(*tensors, m, False, Dh**-0.5, False)
+        out_b, lse_b, probs_b, keys_b, values_b = _gpa_op(*tensors, m, False, Dh**-0.5, True)
+    assert probs_a.numel() == keys_a.numel() == values_a.numel() == 0
+    assert probs_b.shape == (B, H, T, P + S)
+    k, v, pk, pv = tensors[1:5]
+    torch.testing.assert_close(keys_b, torch.cat([pk.expand(B, -1, -1, -1), k], dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(values_b, torch.cat([pv.expand(B, -1, -1, -1), v], dim=2), rtol=0, atol=0)
     torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)  # two algorithms (flash, GEMM)
     torch.testing.assert_close(lse_a, lse_b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probs_b.sum(-1), torch.ones(B, H, T))
@@ -454,14 +480,13 @@ def test_opcheck(mask_kind):
     args = _opcheck_args(mask_kind)
     with use_backend("torch"):
         torch.library.opcheck(_gpa_op, args)
-        out, lse, probs = _gpa_op(*args)
+        out, *saved = _gpa_op(*args)
         grad_out = torch.randn(out.shape)
         bargs = (
             grad_out,
             *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:7]],
             out.detach(),
-            lse,
-            probs,
+            *saved,
         )
         torch.library.opcheck(_gpa_backward_op, (*bargs, True, 32**-0.5))
 

@@ -258,6 +258,14 @@ def heads_last_strides(shape) -> tuple[int, int, int, int]:
     return (rows * heads * Dh, Dh, heads * Dh, 1)
 
 
+def grad_layout(probs: torch.Tensor) -> str:
+    """Layout of dq, dk and dv from the backward op: ``"contiguous"`` [N, heads, rows, Dh] after a
+    CPU forward that kept the probabilities (``probs`` non-empty: its GEMMs write the gradients
+    directly), else ``"heads_last"`` (:func:`heads_last_empty`, what ATen's CPU flash attention and
+    the Triton kernels write; Hugging Face's transpose back to [B, T, H, Dh] is then free)."""
+    return "contiguous" if probs.numel() > 0 else "heads_last"
+
+
 def _heads_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the heads-last layout (a copy unless it already is)."""
     if t.stride() == heads_last_strides(t.shape):
@@ -344,19 +352,25 @@ def _no_probs(query: torch.Tensor) -> torch.Tensor:
     return query.new_empty((0,), dtype=torch.float32)
 
 
+def _nothing_kept(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (probs, keys, values): three distinct tensors (a custom op's outputs may not alias)."""
+    return _no_probs(query), _no_probs(query), _no_probs(query)
+
+
 def cpu_forward_gemm(
     query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, keep_probs
 ):
-    """float32 -> (out [B, H, T, Dh], lse [B, H, T], probs [B, H, T, P + S] or empty): batched GEMMs
-    on the concatenation with the gate and masks as one bias, ``softmax`` (accurate, and its
-    vectorised exp stays fast on -inf; ATen's ``exp`` does not) and ``lse = max - log(max
-    probability)``, one cache-sized block of batch items (or of query rows) at a time. The
-    probabilities are returned for the backward when ``keep_probs``."""
+    """float32 -> (out [B, H, T, Dh], lse [B, H, T], probs [B, H, T, P + S], keys, values
+    [B, Hkv, P + S, Dh]): batched GEMMs on the concatenation with the gate and masks as one bias,
+    ``softmax`` (accurate, and its vectorised exp stays fast on -inf; ATen's ``exp`` does not) and
+    ``lse = max - log(max probability)``, one cache-sized block of batch items (or of query rows) at
+    a time. The probabilities and the concatenated keys and values are returned for the backward
+    when ``keep_probs`` (else empty), as autograd through SDPA on a concatenation keeps them."""
     B, H, T, Dh = query.shape
     Hkv, P = key.shape[1], prompt_key.shape[2]
     if P > 0 and not bool((gate != 0).any()):
         # No weight on the prompt: compute exactly what P = 0 computes, then widen the probabilities.
-        out, lse, probs = cpu_forward_gemm(
+        out, lse, probs, _, _ = cpu_forward_gemm(
             query,
             key,
             value,
@@ -368,16 +382,17 @@ def cpu_forward_gemm(
             scale,
             keep_probs,
         )
-        if keep_probs:
-            probs = torch.cat([probs.new_zeros((B, H, T, P)), probs], dim=-1)
-        return out, lse, probs
+        if not keep_probs:
+            return out, lse, *_nothing_kept(query)
+        probs = torch.cat([probs.new_zeros((B, H, T, P)), probs], dim=-1)
+        return out, lse, probs, _prompt_first(prompt_key, key), _prompt_first(prompt_value, value)
     kc, vc, bias, _, _ = _cpu_operands(
         query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, keep_prompt=True
     )
     L = kc.shape[2]
     if L == 0 or query.numel() == 0:
         out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)
-        return out, torch.full((B, H, T), float("inf"), device=query.device), _no_probs(query)
+        return out, torch.full((B, H, T), float("inf"), device=query.device), *_nothing_kept(query)
     out = query.new_empty((B, H, T, Dh))
     lse = query.new_empty((B, H, T))
     probs = query.new_empty((B, H, T, L)) if keep_probs else _no_probs(query)
@@ -394,33 +409,55 @@ def cpu_forward_gemm(
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
             n = t1 - t0
-            x = torch.matmul(_grouped(query[b0:b1, :, t0:t1], Hkv), k_b.transpose(-1, -2))
-            x = x.view(nb, H, n, L).mul_(scale)
-            if bias_b is not None:
-                x.add_(bias_b if bias_b.shape[2] == 1 else bias_b[:, :, t0:t1])
+            # Kept probabilities come in one block (rows == T): the scores are written there and
+            # softmax runs in place.
+            x = probs[b0:b1] if keep_probs else query.new_empty((nb, H, n, L))
+            bias_c = bias_b if bias_b is None or bias_b.shape[2] == 1 else bias_b[:, :, t0:t1]
+            _scores_into(x, query[b0:b1, :, t0:t1], k_b, bias_c, scale)
             m = x.amax(dim=-1)
-            # Kept probabilities come in one block (rows == T): softmax writes them in place.
-            p = torch.softmax(x, dim=-1, out=probs[b0:b1]) if keep_probs else torch.softmax(x, dim=-1)
+            p = torch.softmax(x, dim=-1, out=x)
             dead = m == float("-inf")  # rows with no weight: softmax gives NaN there
             if bool(dead.any()):
                 p.masked_fill_(dead[..., None], 0.0)
             torch.sub(m, p.amax(dim=-1).log_(), out=lse[b0:b1, :, t0:t1]).masked_fill_(dead, float("inf"))
-            out[b0:b1, :, t0:t1] = torch.matmul(_grouped(p, Hkv), v_b).view(nb, H, n, Dh)
-    return out, lse, probs
+            if nb == B and n == T:  # one block: the GEMM writes the output itself
+                torch.matmul(_grouped(p, Hkv), v_b, out=_grouped(out, Hkv))
+            else:
+                out[b0:b1, :, t0:t1] = torch.matmul(_grouped(p, Hkv), v_b).view(nb, H, n, Dh)
+    if keep_probs and P > 0:  # (with P = 0 they are key and value themselves: not an output)
+        return out, lse, probs, kc, vc
+    return out, lse, probs, *_nothing_kept(query)[1:]
+
+
+def _scores_into(x, query, keys, bias, scale) -> None:
+    """x [nb, H, n, L] (contiguous) <- scale * query.keys^T + bias: one batched GEMM whose alpha
+    applies the scale and whose beta adds the bias copied in first (no separate passes).
+
+    query [nb, H, n, Dh]; keys [nb, Hkv, L, Dh]; bias broadcastable to x, or None."""
+    nb, H, n, L = x.shape
+    Hkv = keys.shape[1]
+    x3 = x.view(nb * Hkv, -1, L)
+    q3 = query.reshape(nb * Hkv, -1, query.shape[-1])
+    k3 = keys.reshape(nb * Hkv, L, keys.shape[-1]).transpose(1, 2)
+    if bias is None:
+        x3.baddbmm_(q3, k3, beta=0.0, alpha=scale)  # beta = 0: x's old contents are ignored
+    else:
+        x.copy_(bias.expand(nb, H, n, L))
+        x3.baddbmm_(q3, k3, alpha=scale)
 
 
 def cpu_forward(
     query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, for_backward=True
 ):
-    """-> (out [B, H, T, Dh], lse [B, H, T] float32 (+inf on rows with no weight), probs):
-    float32 with a backward to follow through :func:`cpu_forward_gemm` (keeping the probabilities
-    where :func:`saves_probs`; its log-sum-exp is accurate, which the recomputing backward needs);
-    inference and fp16/bf16 through ATen's fused CPU flash attention on the concatenation (faster
-    here), ``probs`` empty."""
+    """-> (out [B, H, T, Dh], lse [B, H, T] float32 (+inf on rows with no weight), probs, keys,
+    values): float32 with a backward to follow through :func:`cpu_forward_gemm` (keeping the
+    probabilities and the concatenated keys/values where :func:`saves_probs`; its log-sum-exp is
+    accurate, which the recomputing backward needs); inference and fp16/bf16 through ATen's fused
+    CPU flash attention on the concatenation (faster here), the last three empty."""
     args = (query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
     if query.dtype == torch.float32 and for_backward:
         return cpu_forward_gemm(*args, keep_probs=saves_probs(query, key, prompt_key))
-    return (*_cpu_forward_flash(*args), _no_probs(query))
+    return (*_cpu_forward_flash(*args), *_nothing_kept(query))
 
 
 def _cpu_forward_flash(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
@@ -490,35 +527,49 @@ def _batch_rows(t: torch.Tensor | None, b0: int, b1: int) -> torch.Tensor | None
     return t if t is None or t.shape[0] == 1 else t[b0:b1]
 
 
-def cpu_backward_probs(grad_out, query, key, value, prompt_key, prompt_value, gate, out, lse, probs, scale):
-    """float32 backward from the saved probabilities [B, H, T, P + S] (:func:`cpu_forward_gemm`)."""
+def _scaled_matmul(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * a @ b`` for [N, G, m, k] x [N, G, k, n] -> [N, G, m, n] contiguous: one batched GEMM
+    whose alpha applies the scale (no separate pass). ``a`` may be a transposed or column-sliced
+    view (its rows strided), as BLAS reads it in place."""
+    N, G, m, k = a.shape
+    n = b.shape[-1]
+    out = a.new_empty((N, G, m, n))
+    out.view(N * G, m, n).baddbmm_(a.reshape(N * G, m, k), b.reshape(N * G, k, n), beta=0.0, alpha=scale)
+    return out
+
+
+def cpu_backward_probs(
+    grad_out, query, key, value, prompt_key, prompt_value, gate, out, lse, probs, keys, values, scale
+):
+    """float32 backward from what :func:`cpu_forward_gemm` kept: the probabilities [B, H, T, P + S]
+    and the concatenated keys and values [B, Hkv, P + S, Dh] (empty when P = 0: key and value).
+
+    The gradients of the two segments come from GEMMs on column slices of the probabilities and of
+    their gradient, so dq, dk and dv are written by the GEMMs themselves, contiguous (this path's
+    layout; the others give heads-last, see :func:`grad_layout`) and without a copy."""
     B, H, T, Dh = query.shape
     Hkv, P = key.shape[1], prompt_key.shape[2]
     do = grad_out.to(query.dtype)
-    kc, vc = _prompt_first(prompt_key, key), _prompt_first(prompt_value, value)
+    kc, vc = (keys, values) if P > 0 else (key, value)
     delta = (do * out).sum(-1, keepdim=True)
-    dog, qg = _grouped(do, Hkv), _grouped(query, Hkv)
-    dvc = torch.matmul(_grouped(probs, Hkv).transpose(-1, -2), dog)
-    ds = torch.matmul(dog, vc.transpose(-1, -2)).view(probs.shape).sub_(delta).mul_(probs)
-    dsg = _grouped(ds, Hkv)
-    dq = heads_last_empty(query.shape, dtype=query.dtype, device=query.device)
-    torch.mul(torch.matmul(dsg, kc).view(B, H, T, Dh), scale, out=dq)
-    dkc = torch.matmul(dsg.transpose(-1, -2), qg).mul_(scale)
-    dk = heads_last_empty(key.shape, dtype=key.dtype, device=key.device).copy_(dkc[:, :, P:])
-    dv = heads_last_empty(value.shape, dtype=value.dtype, device=value.device).copy_(dvc[:, :, P:])
-    dpk, dpv = dkc[:, :, :P], dvc[:, :, :P]
-    if prompt_key.shape[0] == 1:
-        dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
-    else:
-        dpk = dpk.clone(memory_format=torch.contiguous_format)
-        dpv = dpv.clone(memory_format=torch.contiguous_format)
-    # dgate from the UNGATED prompt probabilities exp(s - lse), recomputed (P columns): finite at
-    # gate 0, and without the rounding of log(gate) that dividing the gated ones by it would add.
+    dog, qg, pg = _grouped(do, Hkv), _grouped(query, Hkv), _grouped(probs, Hkv)
+    dv = torch.matmul(pg[..., P:].transpose(-1, -2), dog)
+    dpv = torch.matmul(pg[..., :P].transpose(-1, -2), dog)
+    dp = torch.matmul(dog, vc.transpose(-1, -2)).view(probs.shape)
+    # dgate from the UNGATED prompt probabilities exp(s - lse), recomputed (P columns, before dp is
+    # overwritten): finite at gate 0, and without the rounding of log(gate) that dividing the gated
+    # ones by it would add.
     dgate = query.new_zeros((B, H))
     if P > 0:
-        shape = (B, H, T, P)
-        _, dsu = _segment_probs(qg, dog, prompt_key, prompt_value, None, lse[..., None], delta, scale, shape)
-        dgate = dsu.sum(dim=(2, 3))
+        s = torch.matmul(qg, prompt_key.transpose(-1, -2)).view(B, H, T, P).mul_(scale)
+        pu = s.sub_(lse[..., None]).mul_(_LOG2E).exp2_()
+        dgate = pu.mul_(dp[..., :P] - delta).sum(dim=(2, 3))
+    dsg = _grouped(dp.sub_(delta).mul_(probs), Hkv)
+    dq = _scaled_matmul(dsg, kc, scale).view(B, H, T, Dh)
+    dk = _scaled_matmul(dsg[..., P:].transpose(-1, -2), qg, scale)
+    dpk = _scaled_matmul(dsg[..., :P].transpose(-1, -2), qg, scale)
+    if prompt_key.shape[0] == 1:
+        dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
     return dq, dk, dv, dpk, dpv, dgate
 
 
@@ -666,32 +717,40 @@ def _gpa_op(
     is_causal: bool,
     scale: float,
     for_backward: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out [B, H, T, Dh], lse [B, H, T] float32, probs): ``probs`` [B, H, T, P + S] float32 where
-    the CPU path keeps them for the backward (``for_backward`` and :func:`saves_probs`), else empty."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out [B, H, T, Dh], lse [B, H, T] float32, probs, keys, values): where the CPU path keeps
+    them for the backward (``for_backward`` and :func:`saves_probs`), ``probs`` [B, H, T, P + S]
+    float32 and, when P > 0, the concatenated ``keys`` and ``values`` [B, Hkv, P + S, Dh]; else
+    empty."""
     args = (query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
     route = _route(query)
     if route == "triton":
         from prompt_kernels.kernels import gated_prefix_attention as kernels
 
-        return (*kernels.forward(*args), _no_probs(query))
+        return (*kernels.forward(*args), *_nothing_kept(query))
     if route == "cpu":
         return cpu_forward(*args, for_backward)
-    return gated_prefix_attention_reference(*args), _lse_torch(*args), _no_probs(query)
+    return gated_prefix_attention_reference(*args), _lse_torch(*args), *_nothing_kept(query)
 
 
-def _probs_shape(query, key, prompt_key, for_backward) -> tuple[int, ...]:
+def _kept_shapes(query, key, prompt_key, for_backward) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the kept probabilities and of the kept keys (and values)."""
     if for_backward and _route(query) == "cpu" and saves_probs(query, key, prompt_key):
-        return (*query.shape[:3], key.shape[2] + prompt_key.shape[2])
-    return (0,)
+        L = key.shape[2] + prompt_key.shape[2]
+        keys = (*key.shape[:2], L, key.shape[3]) if prompt_key.shape[2] > 0 else (0,)
+        return (*query.shape[:3], L), keys
+    return (0,), (0,)
 
 
 @_gpa_op.register_fake
 def _(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, for_backward=True):
     B, H, T, _ = query.shape
     f32 = torch.float32
-    probs = query.new_empty(_probs_shape(query, key, prompt_key, for_backward), dtype=f32)
-    return query.new_empty(query.shape), query.new_empty((B, H, T), dtype=f32), probs
+    probs_shape, keys_shape = _kept_shapes(query, key, prompt_key, for_backward)
+    probs = query.new_empty(probs_shape, dtype=f32)
+    keys_dtype = key.dtype if len(keys_shape) > 1 else f32
+    keys, values = (query.new_empty(keys_shape, dtype=keys_dtype) for _ in range(2))
+    return query.new_empty(query.shape), query.new_empty((B, H, T), dtype=f32), probs, keys, values
 
 
 @torch.library.custom_op("prompt_kernels::gated_prefix_attention_backward", mutates_args=())
@@ -707,41 +766,57 @@ def _gpa_backward_op(
     out: torch.Tensor,
     lse: torch.Tensor,
     probs: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
     is_causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv, dprompt_key, dprompt_value, dgate), dgate in the gate's shape and dtype; dq, dk
-    and dv in the heads-last layout (:func:`heads_last_empty`) on every backend."""
+    and dv in the layout :func:`grad_layout` gives."""
     route = _route(query)
     ins = (query, key, value, prompt_key, prompt_value, gate, attention_mask)
+    if route == "cpu" and probs.numel() > 0:
+        *grads, dgate = cpu_backward_probs(grad_out, *ins[:6], out, lse, probs, keys, values, scale)
+        return (*grads, _reduce_gate_grad(dgate, gate))
     if route == "triton":
         from prompt_kernels.kernels import gated_prefix_attention as kernels
 
         *grads, dgate = kernels.backward(grad_out, *ins, out, lse, is_causal, scale)
-    elif route == "cpu" and probs.numel() > 0:
-        *grads, dgate = cpu_backward_probs(grad_out, *ins[:6], out, lse, probs, scale)
+        grads = (*grads, _reduce_gate_grad(dgate, gate))
     elif route == "cpu":
         *grads, dgate = cpu_backward(grad_out, *ins, out, lse, is_causal, scale)
+        grads = (*grads, _reduce_gate_grad(dgate, gate))
     else:
-        return _generic_backward(grad_out, *ins, is_causal, scale)
-    return (*grads, _reduce_gate_grad(dgate, gate))
+        grads = _generic_backward(grad_out, *ins, is_causal, scale)
+    if grad_layout(probs) == "contiguous":  # the forward kept probabilities; another backend now
+        grads = (*(g.contiguous() for g in grads[:3]), *grads[3:])
+    return grads
 
 
 @_gpa_backward_op.register_fake
-def _(grad_out, query, key, value, prompt_key, prompt_value, gate, *_rest):
-    dq, dk, dv = (heads_last_empty(t.shape, dtype=t.dtype, device=t.device) for t in (query, key, value))
+def _(grad_out, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, probs, *_rest):
+    heads_last = grad_layout(probs) == "heads_last"
+    dq, dk, dv = (
+        heads_last_empty(t.shape, dtype=t.dtype, device=t.device) if heads_last else t.new_empty(t.shape)
+        for t in (query, key, value)
+    )
     return (dq, dk, dv, *(t.new_empty(t.shape) for t in (prompt_key, prompt_value, gate)))
 
 
 def _setup_context(ctx, inputs, output):
     query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, *_ = inputs
-    out, lse, probs = output
-    ctx.save_for_backward(query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, probs)
+    out, lse, probs, keys, values = output
+    ctx.save_for_backward(
+        query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, probs, keys, values
+    )
     ctx.is_causal, ctx.scale = is_causal, scale
-    ctx.mark_non_differentiable(lse, probs)
+    ctx.mark_non_differentiable(lse, probs, keys, values)
+    # Without this autograd hands the backward zero-filled gradients for the kept tensors (a pass
+    # over the [B, H, T, P + S] matrix per step) that it never reads.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_probs):
+def _backward(ctx, grad_out, *_grads_of_kept):
     saved = ctx.saved_tensors  # the backward op's arguments after grad_out, in order
     if grad_out is None:
         grad_out = torch.zeros_like(saved[7])
@@ -766,5 +841,5 @@ def gated_prefix_attention(
     scale = Dh**-0.5 if scale is None else float(scale)
     tensors = (query, key, value, prompt_key, prompt_value, gate)
     for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    out, _, _ = _gpa_op(*tensors, attention_mask, is_causal, scale, for_backward)
+    out = _gpa_op(*tensors, attention_mask, is_causal, scale, for_backward)[0]
     return out
