@@ -15,6 +15,7 @@ d = 384), batch 32, length 64, 10 prompt tokens, train mode (the model's dropout
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 
 import torch
@@ -67,6 +68,21 @@ def _floor_fn(model, ids, mask, labels):
     return step
 
 
+def peft_task_type(task: str, model) -> str:
+    """The PEFT task type that runs ``task``'s prefix tuning on ``model``: ``task``, unless PEFT's
+    SEQ_CLS wrapper would refuse the model. Up to peft 0.21.2 it hands the prefix over only if
+    ``"past_key_values"`` is a parameter of the model's (or its backbone's) forward, which transformers
+    5.24 renamed to ``cache`` (the old keyword still works). PEFT's FEATURE_EXTRACTION wrapper then
+    makes the same call (prefix as ``past_key_values``, prompt mask in front, labels to the model's
+    own loss): identical logits, loss and gradients (python_tests/test_patch_peft.py compares them)."""
+    if task != "SEQ_CLS":
+        return task
+    forwards = (model.forward, model.base_model.forward)
+    if any("past_key_values" in inspect.signature(f).parameters for f in forwards):
+        return task
+    return "FEATURE_EXTRACTION"
+
+
 def cases(quick: bool) -> list[Case]:
     import peft
 
@@ -80,7 +96,8 @@ def cases(quick: bool) -> list[Case]:
     ours = pk.attach(copy.deepcopy(base), pk.PrefixTuningConfig(prompt_length=P))
     fused = pk.attach(copy.deepcopy(base), pk.PrefixTuningConfig(prompt_length=P, attention_dropout="skip"))
     theirs = peft.get_peft_model(
-        copy.deepcopy(base), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P)
+        copy.deepcopy(base),
+        peft.PrefixTuningConfig(task_type=peft_task_type("SEQ_CLS", base), num_virtual_tokens=P),
     )
     # Same trainable set as ours: the prefix only (PEFT's SEQ_CLS would also train the classifier).
     for name, prm in theirs.named_parameters():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from patch_helpers import DeepPromptTestConfig, SequenceTestConfig, batch, one_thread, tiny_model  # noqa: F401
@@ -86,17 +88,22 @@ def _plain_logits(model, pm, ids, mask):
     return torch.stack(out.logits, 1)
 
 
-def test_manual_cached_decoding_with_input_prompts():
-    """A forward with a cache from a prompted prefill: the mask gets the prompt's ones, positions continue."""
+@pytest.mark.parametrize("cache_kwarg", ["past_key_values", "cache"])
+def test_manual_cached_decoding_with_input_prompts(cache_kwarg):
+    """A forward with a cache from a prompted prefill: the mask gets the prompt's ones, positions continue.
+
+    The cache goes in under either keyword: ``cache`` (transformers >= 5.24, what ``generate`` passes)
+    or ``past_key_values`` (before; still accepted, deprecated, by 5.24)."""
     model = tiny_model("llama", "lm")
+    if cache_kwarg == "cache" and "cache" not in inspect.signature(model.forward).parameters:
+        pytest.skip("transformers < 5.24: the forward has no `cache` parameter")
     pm = pk.attach(model, pk.PromptTuningConfig(prompt_length=3))
     ids, mask = batch("llama", B=2, T=6, pad_last=0)
     with torch.no_grad():
         full = pm(input_ids=ids, attention_mask=mask).logits[:, -1]
         pre = pm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
-        step = pm(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=pre.past_key_values).logits[
-            :, -1
-        ]
+        past = pre.cache if cache_kwarg == "cache" else pre.past_key_values
+        step = pm(input_ids=ids[:, -1:], attention_mask=mask, **{cache_kwarg: past}).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
 
 

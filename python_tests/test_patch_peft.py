@@ -3,6 +3,16 @@
 Given the same prefix keys/values. PEFT's cache holds the p prefix tokens, so it numbers the real
 tokens from p (it even adds p to explicit position_ids); we pass ``position_ids + p`` to our model so
 both see the same positions.
+
+SEQ_CLS on transformers >= 5.24: PEFT's ``PeftModelForSequenceClassification._prefix_tuning_forward``
+(checked up to peft 0.21.2) hands the prefix to the model only if ``"past_key_values"`` is a parameter
+of the model's forward (else of its backbone's), and raises "Model does not support past key values
+which are required for prefix tuning" otherwise. transformers 5.24 renamed that parameter to ``cache``
+(``@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")``; the old keyword still works), so
+the check fails although the model takes the prefix. There we run the same classifier through PEFT's
+FEATURE_EXTRACTION wrapper, which passes ``past_key_values=get_prompt(B)`` unconditionally and makes
+the same call the SEQ_CLS wrapper made (prompt mask in front, position_ids + p, labels to the model's
+own loss): same prompt encoder, same logits, loss and gradients.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import torch
 from patch_helpers import batch, one_thread, tiny_model  # noqa: F401  (one_thread: autouse fixture)
 
 import prompt_kernels as pk
+from benchmarks.bench_patch import peft_task_type
 
 peft = pytest.importorskip("peft")
 
@@ -38,7 +49,10 @@ def test_prefix_tuning_equals_peft(model_type, head, task, projection):
     B, T = ids.shape
     p, r = 4, 16
     peft_cfg = peft.PrefixTuningConfig(
-        task_type=task, num_virtual_tokens=p, prefix_projection=projection, encoder_hidden_size=r
+        task_type=peft_task_type(task, model),
+        num_virtual_tokens=p,
+        prefix_projection=projection,
+        encoder_hidden_size=r,
     )
     theirs = peft.get_peft_model(copy.deepcopy(model), peft_cfg).eval()
     ours = pk.attach(

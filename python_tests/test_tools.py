@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 import tool_kernels as tk
 import torch
@@ -115,22 +123,47 @@ def test_occupancy_rules():
     assert cc.occupancy(90, 1, 16, 0).blocks_per_sm == 32  # the block limit
 
 
-def _jit_specs():
-    copy = tk.jit(tk.copy_kernel, interpret=False)
-    dot = tk.jit(tk.dot_kernel, interpret=False)
-    return [
-        ("selftest", CompileSpec("copy[fp32,BLOCK=128]", copy, tk.COPY_SIG, {"BLOCK": 128})),
-        (
-            "selftest",
-            CompileSpec(
-                "dot[fp16,64x64x32]", dot, tk.DOT_SIG_FP16, {"M": 64, "N": 64, "K": 32}, uses_dot=True
-            ),
-        ),
-    ]
+def _compile_check_in_subprocess(*jobs):
+    """Run compile-check jobs in a fresh Python without TRITON_INTERPRET (``tool_kernels.compile_check_child``).
+
+    This session imported Triton with TRITON_INTERPRET=1, so Triton's own @jit helpers (tl.max, ...)
+    are interpreted functions here and a real compile that reaches them fails (and leaves
+    triton.language patched). Each job is ``(kind, spec set names, archs)``: ``"check"`` gives the
+    list of CompileResult, ``"report"`` gives ``(exit status, printed text)`` of ``cc.report``.
+    """
+    root = Path(cc.__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    with tempfile.TemporaryDirectory() as tmp:
+        request, reply = Path(tmp) / "request.json", Path(tmp) / "reply.json"
+        request.write_text(json.dumps([[kind, list(sets), list(archs)] for kind, sets, archs in jobs]))
+        proc = subprocess.run(
+            [sys.executable, tk.__file__, str(request), str(reply)],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, f"compile-check subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+        replies = json.loads(reply.read_text())
+    names = {f.name for f in dataclasses.fields(cc.CompileResult)}
+    out = []
+    for (kind, _, _), answer in zip(jobs, replies, strict=True):
+        if kind == "report":
+            out.append((answer["status"], answer["out"]))
+            continue
+        results = [cc.CompileResult(**{k: v for k, v in row.items() if k in names}) for row in answer]
+        for r, row in zip(results, answer, strict=True):
+            assert r.failures() == row["failures"], (r.name, r.arch)
+        out.append(results)
+    return out
 
 
-def test_compile_check_reports_registers_and_tensor_cores(capsys):
-    results = cc.check(_jit_specs(), archs=(80, 90))
+def test_compile_check_reports_registers_and_tensor_cores():
+    results, (status, out) = _compile_check_in_subprocess(
+        ("check", ["copy_and_dot"], (80, 90)), ("report", ["copy_and_dot"], (80, 90))
+    )
     by = {(r.name.split("[")[0], r.arch): r for r in results}
     for arch in (80, 90):
         copy, dot = by["copy", arch], by["dot", arch]
@@ -142,30 +175,28 @@ def test_compile_check_reports_registers_and_tensor_cores(capsys):
         assert dot.tensor_cores == "yes" and dot.low_precision and dot.shared_bytes > 0
     assert by["dot", 80].tensor_core_ops[0].startswith("HMMA")
     assert by["dot", 90].tensor_core_ops[0].startswith("HGMMA")
-    assert cc.report(_jit_specs(), archs=(80, 90)) == 0
-    assert "yes (HGMMA)" in capsys.readouterr().out
+    assert status == 0, out
+    assert "yes (HGMMA)" in out
 
 
-def test_compile_check_fails_on_spills_and_errors(capsys):
-    spill = tk.jit(tk.spill_kernel, interpret=False)
-    spec = CompileSpec("spill[BLOCK=16384,w1]", spill, tk.SPILL_SIG, {"BLOCK": 16384}, num_warps=1)
-    bad = CompileSpec("copy[missing constexpr]", tk.jit(tk.copy_kernel, interpret=False), tk.COPY_SIG, {})
-    (r,) = cc.check([("selftest", spec)], archs=(90,))
-    assert r.ok and r.spill_store_bytes > 0 and r.spill_load_bytes > 0
+def test_compile_check_fails_on_spills_and_errors():
+    (r,), (e,), (status, out) = _compile_check_in_subprocess(
+        ("check", ["spill"], (90,)),
+        ("check", ["missing_constexpr"], (80,)),
+        ("report", ["spill", "missing_constexpr"], (90,)),
+    )
+    assert r.ok and r.spill_store_bytes > 0 and r.spill_load_bytes > 0, r.error
     assert any("spills" in f for f in r.failures())
-    (e,) = cc.check([("selftest", bad)], archs=(80,))
     assert not e.ok and e.failures()
-    assert cc.report([("selftest", spec), ("selftest", bad)], archs=(90,)) == 1
-    out = capsys.readouterr().out
+    assert e.error.startswith("CompilationError"), e.error  # BLOCK is None: the kernel does not compile
+    assert status == 1
     assert "FAIL spill[BLOCK=16384,w1] sm_90: spills" in out and "FAIL copy[missing constexpr]" in out
 
 
 def test_compile_check_fails_when_fp16_dot_has_no_tensor_cores():
     # a copy kernel claiming uses_dot on fp16 data: no HMMA/HGMMA in its SASS -> failure
-    sig = {"x_ptr": "*fp16", "y_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"}
-    spec = CompileSpec("fake-dot", tk.jit(tk.copy_kernel, interpret=False), sig, {"BLOCK": 64}, uses_dot=True)
-    (r,) = cc.check([("selftest", spec)], archs=(80,))
-    assert r.ok and r.tensor_cores == "no"
+    ((r,),) = _compile_check_in_subprocess(("check", ["fake_dot"], (80,)))
+    assert r.ok and r.tensor_cores == "no", r.error
     assert any("tensor-core" in f for f in r.failures())
 
 

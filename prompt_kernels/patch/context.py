@@ -19,6 +19,21 @@ if TYPE_CHECKING:
     from prompt_kernels.patch.model import PromptedModel
 
 
+# The keyword a model's forward takes its key/value cache under: ``cache`` since transformers 5.24
+# (``@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")``, and what ``generate`` passes),
+# ``past_key_values`` before (and still accepted, renamed by that decorator after our hooks ran).
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_argument(kwargs: dict[str, Any]):
+    """The key/value cache among a forward call's keyword arguments (either name), or None."""
+    for name in CACHE_KWARGS:
+        past = kwargs.get(name)
+        if past is not None:
+            return past
+    return None
+
+
 class ForwardContext:
     """What a method can read (and memoise) during one forward.
 
@@ -61,7 +76,7 @@ class ForwardContext:
         self.device = ref.device
         self.labels = kwargs.get("labels")
 
-        past = kwargs.get("past_key_values")
+        past = cache_argument(kwargs)
         self.past_length = (
             int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         )
