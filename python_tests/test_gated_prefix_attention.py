@@ -440,6 +440,25 @@ def test_gradient_layout(backend, dtype, for_backward):
     assert all(g.is_contiguous() for g in grads[3:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("P", [0, 3])
+def test_cpu_inference_runs_outside_the_custom_op(dtype, P, monkeypatch):
+    """Eager inference on CPU calls the CPU path directly (no custom-op dispatch, no copy of out):
+    same values as the op, out laid out as ATen's SDPA lays out its own output."""
+    tensors, m = make_inputs(2, 4, 2, 6, 7, P, 32, 1, "head", "bool", dtype)
+    op_module = importlib.import_module("prompt_kernels.ops.gated_prefix_attention")
+    with use_backend("torch"), torch.no_grad():
+        via_op = _gpa_op(*tensors, m, False, 32**-0.5, False)[0]
+        calls = []
+        monkeypatch.setattr(op_module, "_gpa_op", lambda *a: calls.append(1) or _gpa_op(*a))
+        out = gated_prefix_attention(*tensors, m)
+        k, v = (torch.cat([p.expand(2, -1, -1, -1), t], 2) for p, t in zip(tensors[3:5], tensors[1:3]))
+        sdpa = F.scaled_dot_product_attention(tensors[0], k, v, enable_gqa=True)
+    assert calls == []
+    torch.testing.assert_close(out, via_op, rtol=0, atol=0)
+    assert out.stride() == sdpa.stride()
+
+
 def test_cpu_forward_keeps_probabilities_only_for_a_backward():
     """float32 on CPU: the probabilities come back (for the backward) only when asked for."""
     B, H, T, S, P, Dh = 2, 2, 5, 7, 3, 32

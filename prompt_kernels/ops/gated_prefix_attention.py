@@ -485,7 +485,7 @@ def _cpu_forward_flash(query, key, value, prompt_key, prompt_value, gate, attent
             )
             dead = keys_dead & g_zero[:, :, None]
             lse = lse.masked_fill(dead.expand(B, H, T), float("inf"))
-    return out.contiguous(), lse
+    return out, lse  # as ATen lays it out (usually [B, T, H, Dh] storage)
 
 
 _LOG2E = 1.4426950408889634
@@ -729,7 +729,8 @@ def _gpa_op(
 
         return (*kernels.forward(*args), *_nothing_kept(query))
     if route == "cpu":
-        return cpu_forward(*args, for_backward)
+        out, *rest = cpu_forward(*args, for_backward)
+        return out.contiguous(), *rest
     return gated_prefix_attention_reference(*args), _lse_torch(*args), *_nothing_kept(query)
 
 
@@ -841,5 +842,9 @@ def gated_prefix_attention(
     scale = Dh**-0.5 if scale is None else float(scale)
     tensors = (query, key, value, prompt_key, prompt_value, gate)
     for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    out = _gpa_op(*tensors, attention_mask, is_causal, scale, for_backward)[0]
-    return out
+    if not for_backward and not torch.compiler.is_compiling() and _route(query) == "cpu":
+        # Eager inference needs neither autograd nor tracing: run the CPU path directly and return
+        # out as ATen's flash kernel lays it out (the custom op promises a contiguous out, which
+        # would cost a copy here).
+        return cpu_forward(*tensors, attention_mask, is_causal, scale, for_backward=False)[0]
+    return _gpa_op(*tensors, attention_mask, is_causal, scale, for_backward)[0]
