@@ -464,11 +464,12 @@ def test_cpu_forward_keeps_probabilities_only_for_a_backward():
     B, H, T, S, P, Dh = 2, 2, 5, 7, 3, 32
     tensors, m = make_inputs(B, H, H, T, S, P, Dh, 1, "head", "bool", torch.float32)
     with use_backend("torch"):
-        out_a, lse_a, probs_a, keys_a, values_a = _gpa_op(*tensors, m, False, Dh**-0.5, False)
-        out_b, lse_b, probs_b, keys_b, values_b = _gpa_op(*tensors, m, False, Dh**-0.5, True)
-    assert probs_a.numel() == keys_a.numel() == values_a.numel() == 0
+        out_a, lse_a, *kept_a = _gpa_op(*tensors, m, False, Dh**-0.5, False)
+        out_b, lse_b, probs_b, keys_b, values_b, scores_b = _gpa_op(*tensors, m, False, Dh**-0.5, True)
+    assert all(t.numel() == 0 for t in kept_a)
     assert probs_b.shape == (B, H, T, P + S)
-    k, v, pk, pv = tensors[1:5]
+    q, k, v, pk, pv = tensors[:5]
+    torch.testing.assert_close(scores_b, q @ pk.transpose(-1, -2) * Dh**-0.5)
     torch.testing.assert_close(keys_b, torch.cat([pk.expand(B, -1, -1, -1), k], dim=2), rtol=0, atol=0)
     torch.testing.assert_close(values_b, torch.cat([pv.expand(B, -1, -1, -1), v], dim=2), rtol=0, atol=0)
     torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)  # two algorithms (flash, GEMM)

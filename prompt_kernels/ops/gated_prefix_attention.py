@@ -352,25 +352,28 @@ def _no_probs(query: torch.Tensor) -> torch.Tensor:
     return query.new_empty((0,), dtype=torch.float32)
 
 
-def _nothing_kept(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty (probs, keys, values): three distinct tensors (a custom op's outputs may not alias)."""
-    return _no_probs(query), _no_probs(query), _no_probs(query)
+def _nothing_kept(query: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Empty (probs, keys, values, prompt_scores): distinct tensors (a custom op's outputs may not
+    alias)."""
+    return tuple(_no_probs(query) for _ in range(4))
 
 
 def cpu_forward_gemm(
     query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, keep_probs
 ):
     """float32 -> (out [B, H, T, Dh], lse [B, H, T], probs [B, H, T, P + S], keys, values
-    [B, Hkv, P + S, Dh]): batched GEMMs on the concatenation with the gate and masks as one bias,
-    ``softmax`` (accurate, and its vectorised exp stays fast on -inf; ATen's ``exp`` does not) and
-    ``lse = max - log(max probability)``, one cache-sized block of batch items (or of query rows) at
-    a time. The probabilities and the concatenated keys and values are returned for the backward
-    when ``keep_probs`` (else empty), as autograd through SDPA on a concatenation keeps them."""
+    [B, Hkv, P + S, Dh], prompt_scores [B, H, T, P]): batched GEMMs on the concatenation with the
+    gate and masks as one bias, ``softmax`` (accurate, and its vectorised exp stays fast on -inf;
+    ATen's ``exp`` does not) and ``lse = max - log(max probability)``, one cache-sized block of batch
+    items (or of query rows) at a time. When ``keep_probs`` the backward's operands are returned
+    (else empty): the probabilities and the concatenated keys and values, as autograd through SDPA
+    on a concatenation keeps them, and the prompt columns' scaled scores before the gate enters
+    (for dgate)."""
     B, H, T, Dh = query.shape
     Hkv, P = key.shape[1], prompt_key.shape[2]
     if P > 0 and not bool((gate != 0).any()):
         # No weight on the prompt: compute exactly what P = 0 computes, then widen the probabilities.
-        out, lse, probs, _, _ = cpu_forward_gemm(
+        out, lse, probs, *_ = cpu_forward_gemm(
             query,
             key,
             value,
@@ -385,10 +388,15 @@ def cpu_forward_gemm(
         if not keep_probs:
             return out, lse, *_nothing_kept(query)
         probs = torch.cat([probs.new_zeros((B, H, T, P)), probs], dim=-1)
-        return out, lse, probs, _prompt_first(prompt_key, key), _prompt_first(prompt_value, value)
-    kc, vc, bias, _, _ = _cpu_operands(
+        kc, vc = _prompt_first(prompt_key, key), _prompt_first(prompt_value, value)
+        scores = torch.matmul(_grouped(query, Hkv), prompt_key.transpose(-1, -2)).view(B, H, T, P)
+        return out, lse, probs, kc, vc, scores.mul_(scale)
+    kc, vc, bias, _, g2 = _cpu_operands(
         query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, keep_prompt=True
     )
+    keep_scores = keep_probs and P > 0
+    if keep_scores and bias is not None:
+        bias[..., :P] = 0.0  # the gate enters after the ungated scores are kept (below)
     L = kc.shape[2]
     if L == 0 or query.numel() == 0:
         out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)
@@ -414,6 +422,10 @@ def cpu_forward_gemm(
             x = probs[b0:b1] if keep_probs else query.new_empty((nb, H, n, L))
             bias_c = bias_b if bias_b is None or bias_b.shape[2] == 1 else bias_b[:, :, t0:t1]
             _scores_into(x, query[b0:b1, :, t0:t1], k_b, bias_c, scale)
+            if keep_scores:  # (one block)
+                prompt_scores = x[..., :P].clone(memory_format=torch.contiguous_format)
+                if bias is not None:  # (without a bias every gate is 1)
+                    x[..., :P].add_(torch.log(g2)[:, :, None, None])
             m = x.amax(dim=-1)
             p = torch.softmax(x, dim=-1, out=x)
             dead = m == float("-inf")  # rows with no weight: softmax gives NaN there
@@ -425,7 +437,7 @@ def cpu_forward_gemm(
             else:
                 out[b0:b1, :, t0:t1] = torch.matmul(_grouped(p, Hkv), v_b).view(nb, H, n, Dh)
     if keep_probs and P > 0:  # (with P = 0 they are key and value themselves: not an output)
-        return out, lse, probs, kc, vc
+        return out, lse, probs, kc, vc, prompt_scores
     return out, lse, probs, *_nothing_kept(query)[1:]
 
 
@@ -539,10 +551,11 @@ def _scaled_matmul(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tens
 
 
 def cpu_backward_probs(
-    grad_out, query, key, value, prompt_key, prompt_value, gate, out, lse, probs, keys, values, scale
+    grad_out, query, key, value, prompt_key, prompt_value, out, lse, probs, keys, values, prompt_scores, scale
 ):
-    """float32 backward from what :func:`cpu_forward_gemm` kept: the probabilities [B, H, T, P + S]
-    and the concatenated keys and values [B, Hkv, P + S, Dh] (empty when P = 0: key and value).
+    """float32 backward from what :func:`cpu_forward_gemm` kept: the probabilities [B, H, T, P + S],
+    the concatenated keys and values [B, Hkv, P + S, Dh] (empty when P = 0: key and value) and the
+    prompt columns' scaled scores [B, H, T, P].
 
     The gradients of the two segments come from GEMMs on column slices of the probabilities and of
     their gradient, so dq, dk and dv are written by the GEMMs themselves, contiguous (this path's
@@ -556,13 +569,12 @@ def cpu_backward_probs(
     dv = torch.matmul(pg[..., P:].transpose(-1, -2), dog)
     dpv = torch.matmul(pg[..., :P].transpose(-1, -2), dog)
     dp = torch.matmul(dog, vc.transpose(-1, -2)).view(probs.shape)
-    # dgate from the UNGATED prompt probabilities exp(s - lse), recomputed (P columns, before dp is
-    # overwritten): finite at gate 0, and without the rounding of log(gate) that dividing the gated
-    # ones by it would add.
+    # dgate from the UNGATED prompt probabilities exp(s - lse) (P columns, before dp is overwritten):
+    # finite at gate 0, and without the rounding of log(gate) that dividing the gated ones by it
+    # would add.
     dgate = query.new_zeros((B, H))
     if P > 0:
-        s = torch.matmul(qg, prompt_key.transpose(-1, -2)).view(B, H, T, P).mul_(scale)
-        pu = s.sub_(lse[..., None]).mul_(_LOG2E).exp2_()
+        pu = torch.sub(prompt_scores, lse[..., None]).mul_(_LOG2E).exp2_()
         dgate = pu.mul_(dp[..., :P] - delta).sum(dim=(2, 3))
     dsg = _grouped(dp.sub_(delta).mul_(probs), Hkv)
     dq = _scaled_matmul(dsg, kc, scale).view(B, H, T, Dh)
@@ -717,10 +729,11 @@ def _gpa_op(
     is_causal: bool,
     scale: float,
     for_backward: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out [B, H, T, Dh], lse [B, H, T] float32, probs, keys, values): where the CPU path keeps
-    them for the backward (``for_backward`` and :func:`saves_probs`), ``probs`` [B, H, T, P + S]
-    float32 and, when P > 0, the concatenated ``keys`` and ``values`` [B, Hkv, P + S, Dh]; else
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out [B, H, T, Dh], lse [B, H, T] float32, probs, keys, values, prompt_scores): where the CPU
+    path keeps them for the backward (``for_backward`` and :func:`saves_probs`), ``probs``
+    [B, H, T, P + S] float32 and, when P > 0, the concatenated ``keys`` and ``values``
+    [B, Hkv, P + S, Dh] and the prompt columns' scaled ungated scores [B, H, T, P] float32; else
     empty."""
     args = (query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
     route = _route(query)
@@ -734,24 +747,27 @@ def _gpa_op(
     return gated_prefix_attention_reference(*args), _lse_torch(*args), *_nothing_kept(query)
 
 
-def _kept_shapes(query, key, prompt_key, for_backward) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of the kept probabilities and of the kept keys (and values)."""
+def _kept_shapes(query, key, prompt_key, for_backward) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the kept probabilities, keys (and values) and prompt scores."""
     if for_backward and _route(query) == "cpu" and saves_probs(query, key, prompt_key):
-        L = key.shape[2] + prompt_key.shape[2]
-        keys = (*key.shape[:2], L, key.shape[3]) if prompt_key.shape[2] > 0 else (0,)
-        return (*query.shape[:3], L), keys
-    return (0,), (0,)
+        P = prompt_key.shape[2]
+        L = key.shape[2] + P
+        if P == 0:
+            return (*query.shape[:3], L), (0,), (0,)
+        return (*query.shape[:3], L), (*key.shape[:2], L, key.shape[3]), (*query.shape[:3], P)
+    return (0,), (0,), (0,)
 
 
 @_gpa_op.register_fake
 def _(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, for_backward=True):
     B, H, T, _ = query.shape
     f32 = torch.float32
-    probs_shape, keys_shape = _kept_shapes(query, key, prompt_key, for_backward)
+    probs_shape, keys_shape, scores_shape = _kept_shapes(query, key, prompt_key, for_backward)
     probs = query.new_empty(probs_shape, dtype=f32)
     keys_dtype = key.dtype if len(keys_shape) > 1 else f32
     keys, values = (query.new_empty(keys_shape, dtype=keys_dtype) for _ in range(2))
-    return query.new_empty(query.shape), query.new_empty((B, H, T), dtype=f32), probs, keys, values
+    scores = query.new_empty(scores_shape, dtype=f32)
+    return query.new_empty(query.shape), query.new_empty((B, H, T), dtype=f32), probs, keys, values, scores
 
 
 @torch.library.custom_op("prompt_kernels::gated_prefix_attention_backward", mutates_args=())
@@ -769,6 +785,7 @@ def _gpa_backward_op(
     probs: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
+    prompt_scores: torch.Tensor,
     is_causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -777,7 +794,8 @@ def _gpa_backward_op(
     route = _route(query)
     ins = (query, key, value, prompt_key, prompt_value, gate, attention_mask)
     if route == "cpu" and probs.numel() > 0:
-        *grads, dgate = cpu_backward_probs(grad_out, *ins[:6], out, lse, probs, keys, values, scale)
+        kept = (probs, keys, values, prompt_scores)
+        *grads, dgate = cpu_backward_probs(grad_out, *ins[:5], out, lse, *kept, scale)
         return (*grads, _reduce_gate_grad(dgate, gate))
     if route == "triton":
         from prompt_kernels.kernels import gated_prefix_attention as kernels
@@ -806,12 +824,10 @@ def _(grad_out, query, key, value, prompt_key, prompt_value, gate, attention_mas
 
 def _setup_context(ctx, inputs, output):
     query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, *_ = inputs
-    out, lse, probs, keys, values = output
-    ctx.save_for_backward(
-        query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, probs, keys, values
-    )
+    out, *kept = output
+    ctx.save_for_backward(query, key, value, prompt_key, prompt_value, gate, attention_mask, out, *kept)
     ctx.is_causal, ctx.scale = is_causal, scale
-    ctx.mark_non_differentiable(lse, probs, keys, values)
+    ctx.mark_non_differentiable(*kept)
     # Without this autograd hands the backward zero-filled gradients for the kept tensors (a pass
     # over the [B, H, T, P + S] matrix per step) that it never reads.
     ctx.set_materialize_grads(False)
