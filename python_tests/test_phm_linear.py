@@ -4,6 +4,8 @@ against the Kronecker definition, opcheck, torch.compile and bad inputs."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from helpers import INTERPRET, assert_within_budget, backends, device_for, require_cpp_build
@@ -12,6 +14,8 @@ from prompt_kernels import use_backend
 from prompt_kernels.ops import phm_linear
 from prompt_kernels.ops.phm_linear import _phm_linear_backward_op, _phm_linear_op, phm_linear_floors
 from prompt_kernels.ops.reference import phm_linear as reference
+
+phm_module = importlib.import_module("prompt_kernels.ops.phm_linear")
 
 BACKENDS = backends(has_cpp=True)
 NAMES = ("x", "rules", "weights", "bias")
@@ -296,3 +300,25 @@ def test_second_call_does_not_reuse_outputs(backend):
         ya_copy = ya.clone()
         phm_linear(*b)
     assert torch.equal(ya, ya_copy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_path_skips_the_custom_op_with_identical_results(backend, monkeypatch):
+    """Eager calls run the custom ops' implementations through an autograd.Function (no dispatch
+    cost); the values and gradients are bit-identical to the custom op's."""
+    dev = device_for(backend)
+    inputs = [t.to(dev) for t in make_inputs((5, 7, 12), 8, 4)]
+    grad_out = torch.randn(5, 7, 8, device=dev)
+    results = []
+    with use_backend(backend):
+        for fn in (_phm_linear_op, phm_linear):
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            y = fn(*leaves)
+            results.append([y, *torch.autograd.grad(y, leaves, grad_out)])
+        monkeypatch.setattr(phm_module, "_phm_linear_op", None)  # the eager path must not touch it
+        monkeypatch.setattr(phm_module, "_phm_linear_backward_op", None)
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        y = phm_linear(*leaves)
+        torch.autograd.grad(y, leaves, grad_out)
+    for ours, op in zip(*results):
+        torch.testing.assert_close(ours, op, rtol=0, atol=0)

@@ -124,8 +124,7 @@ def _degenerate(x2: torch.Tensor, weights: torch.Tensor) -> bool:
     return x2.shape[0] == 0 or weights.shape[1] == 0 or weights.shape[2] == 0
 
 
-@torch.library.custom_op("prompt_kernels::phm_linear", mutates_args=())
-def _phm_linear_op(
+def _phm_linear_impl(
     x: torch.Tensor, rules: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     backend = _backend.select(OP, x.device, _has_cpp())
@@ -142,6 +141,9 @@ def _phm_linear_op(
 
         kernels.phm_linear_forward(x2, rules, weights, bias, y2)
     return y
+
+
+_phm_linear_op = torch.library.custom_op("prompt_kernels::phm_linear", mutates_args=())(_phm_linear_impl)
 
 
 @_phm_linear_op.register_fake
@@ -171,8 +173,7 @@ def _empty0(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty((0,))
 
 
-@torch.library.custom_op("prompt_kernels::phm_linear_backward", mutates_args=())
-def _phm_linear_backward_op(
+def _phm_linear_backward_impl(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     rules: torch.Tensor,
@@ -231,6 +232,11 @@ def _phm_linear_backward_op(
     return dx, dr, dw, db
 
 
+_phm_linear_backward_op = torch.library.custom_op("prompt_kernels::phm_linear_backward", mutates_args=())(
+    _phm_linear_backward_impl
+)
+
+
 @_phm_linear_backward_op.register_fake
 def _(grad_out, x, rules, weights, compute_dx, compute_dparams, compute_db):
     out = weights.shape[2] * rules.shape[0]
@@ -248,17 +254,32 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, backward_op=_phm_linear_backward_op):
     x, rules, weights = ctx.saved_tensors
     need_x, need_r, need_w, need_b = ctx.needs_input_grad
     need_b = need_b and ctx.has_bias
     if not (need_x or need_r or need_w or need_b):
         return None, None, None, None
-    dx, dr, dw, db = _phm_linear_backward_op(grad, x, rules, weights, need_x, need_r or need_w, need_b)
+    dx, dr, dw, db = backward_op(grad, x, rules, weights, need_x, need_r or need_w, need_b)
     return (dx if need_x else None, dr if need_r else None, dw if need_w else None, db if need_b else None)
 
 
 _phm_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerPHMLinear(torch.autograd.Function):
+    """The same forward and backward as the custom ops, called directly: in eager mode the custom
+    ops' dispatch and autograd wrapper cost about 0.2 ms per forward+backward on the CPU here (5 %
+    of a [2048, 384] -> 64 layer); ``torch.compile`` traces the custom op instead."""
+
+    @staticmethod
+    def forward(ctx, x, rules, weights, bias):
+        _setup_context(ctx, (x, rules, weights, bias), None)
+        return _phm_linear_impl(x, rules, weights, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, backward_op=_phm_linear_backward_impl)
 
 
 def phm_linear(x, rules, weights, bias=None):
@@ -268,4 +289,6 @@ def phm_linear(x, rules, weights, bias=None):
     respect to ``x``, ``rules``, ``weights`` and ``bias``.
     """
     _check(x, rules, weights, bias)
-    return _phm_linear_op(x, rules, weights, bias)
+    if torch.compiler.is_compiling():
+        return _phm_linear_op(x, rules, weights, bias)
+    return _EagerPHMLinear.apply(x, rules, weights, bias)
