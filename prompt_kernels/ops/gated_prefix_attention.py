@@ -16,14 +16,20 @@ visible key and no weight on the prompt gives zeros.
 Backends (chosen per call by ``prompt_kernels._backend.select``; this op has no C++ kernel):
   * ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): the FlashAttention-2
     style kernels of ``prompt_kernels.kernels.gated_prefix_attention``, never concatenating.
-  * ``torch`` on CPU: float32 calls whose probability matrix fits ``_SAVE_PROBS_ELEMENTS`` run batched
-    GEMMs on the prompt and keys concatenated, with the gate and masks folded into one additive bias
-    (``log gate`` on the prompt columns), and keep the probabilities for a 4-GEMM backward (as
-    autograd through SDPA's math path does); larger float32 calls and fp16/bf16 run ATen's fused CPU
-    flash attention forward on the concatenation and a blockwise GEMM backward that recomputes each
-    segment's probabilities from the saved log-sum-exp (see :func:`cpu_backward`). Compared with the
-    reference and with autograd through ``scaled_dot_product_attention`` on the concatenation in
+  * ``torch`` on CPU: float32 training calls whose probability matrix fits ``_SAVE_PROBS_ELEMENTS``
+    run batched GEMMs on the prompt and keys concatenated, with the gate and masks folded into one
+    additive bias (``log gate`` on the prompt columns), and keep the probabilities, the
+    concatenation and the prompt scores for a 4-GEMM backward (as autograd through SDPA's math path
+    keeps its operands); larger float32 training calls run the same GEMM forward in cache-sized
+    blocks, keeping only the log-sum-exp; inference and fp16/bf16 run ATen's fused CPU flash
+    attention forward on the concatenation. Without kept probabilities the backward is blockwise
+    GEMMs that recompute each segment's probabilities from the saved log-sum-exp (see
+    :func:`cpu_backward`). Compared with the reference and with autograd through
+    ``scaled_dot_product_attention`` on the concatenation in
     benchmarks/notes/gated_prefix_attention.md.
+
+Eager calls run the custom ops' implementations directly (inference without autograd, training
+through an ``autograd.Function``); under ``torch.compile`` the custom ops are traced.
   * ``torch`` on other devices (CUDA without Triton): the reference, differentiated by autograd.
 
 Both custom ops share one convention for the saved ``lse`` [B, H, T] (float32, natural log of the
