@@ -27,10 +27,11 @@ Backends (chosen per call by ``prompt_kernels._backend.select``; this op has no 
     :func:`cpu_backward`). Compared with the reference and with autograd through
     ``scaled_dot_product_attention`` on the concatenation in
     benchmarks/notes/gated_prefix_attention.md.
+  * ``torch`` on other devices (CUDA without Triton): the reference, differentiated by autograd.
 
 Eager calls run the custom ops' implementations directly (inference without autograd, training
-through an ``autograd.Function``); under ``torch.compile`` the custom ops are traced.
-  * ``torch`` on other devices (CUDA without Triton): the reference, differentiated by autograd.
+through :func:`prompt_kernels._eager.eager_function`); under ``torch.compile`` the custom ops are
+traced.
 
 Both custom ops share one convention for the saved ``lse`` [B, H, T] (float32, natural log of the
 row's total weight, ``+inf`` on rows with no weight), so a backward may run on another backend than
@@ -43,7 +44,7 @@ import math
 
 import torch
 
-from prompt_kernels import _backend, _validate
+from prompt_kernels import _backend, _eager, _validate
 
 OP = "gated_prefix_attention"
 
@@ -468,10 +469,11 @@ def cpu_forward(
     query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale, for_backward=True
 ):
     """-> (out [B, H, T, Dh], lse [B, H, T] float32 (+inf on rows with no weight), probs, keys,
-    values): float32 with a backward to follow through :func:`cpu_forward_gemm` (keeping the
+    values, prompt_scores): float32 with a backward to follow through :func:`cpu_forward_gemm` (keeping the
     probabilities and the concatenated keys/values where :func:`saves_probs`; its log-sum-exp is
     accurate, which the recomputing backward needs); inference and fp16/bf16 through ATen's fused
-    CPU flash attention on the concatenation (faster here), the last three empty."""
+    CPU flash attention on the concatenation (faster here), the kept tensors empty. See
+    :func:`cpu_forward_gemm` for the kept tensors (probs, keys, values, prompt_scores)."""
     args = (query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale)
     if query.dtype == torch.float32 and for_backward:
         return cpu_forward_gemm(*args, keep_probs=saves_probs(query, key, prompt_key))
@@ -856,20 +858,9 @@ def _backward(ctx, grad_out, *_grads_of_kept, backward_op=_gpa_backward_op):
 _gpa_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerGatedPrefixAttention(torch.autograd.Function):
-    """The same forward and backward as the custom ops, called directly: in eager mode their
-    dispatch and autograd wrapper cost about 0.2 ms per forward+backward on the CPU here;
-    ``torch.compile`` traces the custom op instead."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _gpa_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out, *grads_of_kept):
-        return _backward(ctx, grad_out, *grads_of_kept, backward_op=_gpa_backward_impl)
+_EagerGatedPrefixAttention = _eager.eager_function(
+    "_EagerGatedPrefixAttention", _gpa_impl, _setup_context, _backward, _gpa_backward_impl
+)
 
 
 def gated_prefix_attention(
@@ -891,5 +882,6 @@ def gated_prefix_attention(
         # out as ATen's flash kernel lays it out (the custom op promises a contiguous out, which
         # would cost a copy here).
         return cpu_forward(*tensors, attention_mask, is_causal, scale, for_backward=False)[0]
-    op = _gpa_op if torch.compiler.is_compiling() else _EagerGatedPrefixAttention.apply
-    return op(*tensors, attention_mask, is_causal, scale, for_backward)[0]
+    return _eager.call(
+        _gpa_op, _EagerGatedPrefixAttention, *tensors, attention_mask, is_causal, scale, for_backward
+    )[0]

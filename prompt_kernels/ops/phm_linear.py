@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from prompt_kernels import _alloc, _backend, _cpp, _validate
+from prompt_kernels import _alloc, _backend, _cpp, _eager, _validate
 
 OP = "phm_linear"
 
@@ -267,19 +267,9 @@ def _backward(ctx, grad, backward_op=_phm_linear_backward_op):
 _phm_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerPHMLinear(torch.autograd.Function):
-    """The same forward and backward as the custom ops, called directly: in eager mode the custom
-    ops' dispatch and autograd wrapper cost about 0.2 ms per forward+backward on the CPU here (5 %
-    of a [2048, 384] -> 64 layer); ``torch.compile`` traces the custom op instead."""
-
-    @staticmethod
-    def forward(ctx, x, rules, weights, bias):
-        _setup_context(ctx, (x, rules, weights, bias), None)
-        return _phm_linear_impl(x, rules, weights, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _backward(ctx, grad, backward_op=_phm_linear_backward_impl)
+_EagerPHMLinear = _eager.eager_function(
+    "_EagerPHMLinear", _phm_linear_impl, _setup_context, _backward, _phm_linear_backward_impl
+)
 
 
 def phm_linear(x, rules, weights, bias=None):
@@ -289,6 +279,4 @@ def phm_linear(x, rules, weights, bias=None):
     respect to ``x``, ``rules``, ``weights`` and ``bias``.
     """
     _check(x, rules, weights, bias)
-    if torch.compiler.is_compiling():
-        return _phm_linear_op(x, rules, weights, bias)
-    return _EagerPHMLinear.apply(x, rules, weights, bias)
+    return _eager.call(_phm_linear_op, _EagerPHMLinear, x, rules, weights, bias)
