@@ -50,6 +50,10 @@ def _worker(rank, port, out_path):
         torch.save(
             {"grads": grads, "final": pm.method.embedding.weight.detach().clone()}, f"{out_path}.{rank}"
         )
+        # Let every outstanding gloo work finish (its completion may need the GIL) before the
+        # process group is destroyed: its destructor joins the gloo threads while holding the GIL,
+        # which deadlocked about one run in eight without this.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
