@@ -18,6 +18,7 @@ from patch_helpers import (
     one_thread,  # noqa: F401  (autouse fixture)
     tiny_model,
 )
+from transformers import PretrainedConfig, PreTrainedModel
 
 import prompt_kernels as pk
 from prompt_kernels.configs import config_from_dict, config_from_json, registered_configs
@@ -80,12 +81,37 @@ def test_config_registry_errors():
 
 
 # -- refusing what is not supported -------------------------------------------------------------------------
-def test_unsupported_model_is_refused_with_the_supported_list():
-    from transformers import T5Config, T5Model
+class _OwnAttentionConfig(PretrainedConfig):
+    model_type = "own_attention_test"
 
-    model = T5Model(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4))
-    with pytest.raises(ValueError, match=r"supported model types:.*bert.*llama"):
+
+class _OwnAttentionModel(PreTrainedModel):
+    """A model whose attention is computed in its own code: it never calls the attention interface."""
+
+    config_class = _OwnAttentionConfig
+    _supports_sdpa = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(10, 8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        x = self.embed(input_ids)
+        return (self.attn(x, x, x)[0],)
+
+
+def test_model_without_the_attention_interface_is_refused_with_the_reason():
+    model = _OwnAttentionModel(_OwnAttentionConfig())
+    before = model.config
+    with pytest.raises(ValueError, match="never calls transformers' attention interface"):
         pk.attach(model, pk.PrefixTuningConfig())
+    assert model.config is before and model.config._attn_implementation == "sdpa"
+    assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(TypeError, match="PreTrainedModel"):
         pk.attach(torch.nn.Linear(3, 3), pk.PrefixTuningConfig())
     with pytest.raises(TypeError, match="PromptConfig"):
@@ -259,11 +285,11 @@ def test_dropout_path_matches_fused_path():
         setattr(
             mod,
             attn_mod.BINDING_ATTR,
-            attn_mod.AttentionBinding(inner, modeling_llama.eager_attention_forward, 0),
+            attn_mod.AttentionBinding(inner, modeling_llama.eager_attention_forward, frozenset({0})),
         )
         causal = torch.arange(S)[None, :] <= torch.arange(T)[:, None]
         mask4 = causal[None, None] & pad[:, None, None, :]
-        prefix = attn_mod.PrefixKV(pk_, pv, gate)
+        prefix = {0: attn_mod.LayerPrompt(pk_, pv, gate)}
         fused, _ = attn_mod.prompt_kernels_attention(
             mod, q, k, v, mask4, scaling=Dh**-0.5, dropout=0.0, **{attn_mod.PREFIX_KWARG: prefix}
         )

@@ -48,19 +48,27 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from prompt_kernels.configs import PromptConfig
-from prompt_kernels.patch.attention import PrefixKV
 
-if TYPE_CHECKING:
-    from prompt_kernels.patch.context import ForwardContext
-    from prompt_kernels.patch.info import ModelInfo
+# Methods depend on the patch layer only through the objects it hands to their hooks: ``info`` (a
+# ``prompt_kernels.patch.info.ModelInfo``) and ``ctx`` (a ``prompt_kernels.patch.context.ForwardContext``).
+# This module imports nothing of the patch layer; the patch layer imports the methods.
 
 _METHODS: dict[type, type] = {}
+
+
+class PrefixKV(NamedTuple):
+    """What ``PromptMethod.prefix`` may return for one layer: key ``[B|1, Hkv, p, Dk]``, value
+    ``[B|1, Hkv, p, Dv]`` and a gate broadcastable to ``[B, H]`` (None = a constant 1)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    gate: torch.Tensor | None = None
 
 
 def register_method(config_cls: type[PromptConfig]):
@@ -94,7 +102,7 @@ def method_class(config: PromptConfig) -> type[PromptMethod]:
     raise ValueError(f"no prompt method is registered for {type(config).__name__} (method {config.method!r})")
 
 
-def build_method(config: PromptConfig, info: ModelInfo, **options) -> PromptMethod:
+def build_method(config: PromptConfig, info, **options) -> PromptMethod:
     return method_class(config)(config, info, **options)
 
 
@@ -114,7 +122,7 @@ class PromptMethod(nn.Module):
     config_class: type[PromptConfig] = PromptConfig
     sequence_layer: int | None = None
 
-    def __init__(self, config: PromptConfig, info: ModelInfo, **options):
+    def __init__(self, config: PromptConfig, info, **options):
         super().__init__()
         self.config = config
         # A plain attribute (not a submodule): the base model's parameters must not appear in the
@@ -122,18 +130,18 @@ class PromptMethod(nn.Module):
         object.__setattr__(self, "info", info)
 
     # -- hooks (override the ones you need) --------------------------------------------------------
-    def input_prompts(self, ctx: ForwardContext) -> torch.Tensor | None:
+    def input_prompts(self, ctx) -> torch.Tensor | None:
         """Input style: ``[B|1, p, d]`` prompt vectors prepended to the input embeddings, or None.
 
         The PromptedModel puts ``p`` ones in front of the attention mask, ``p`` zeros in front of
         ``token_type_ids``, ``p`` values -100 in front of token-level labels ``[B, T]``, and passes
         explicit ``position_ids`` so the real tokens keep their positions (the prompt vectors get
-        the first position, ``info.arch.first_position(config)``). Outputs (hidden states, logits)
+        the first position, ``info.positions.first``). Outputs (hidden states, logits)
         cover ``p + T`` positions, prompt first, as in PEFT.
         """
         return None
 
-    def prefix(self, ctx: ForwardContext, layer_idx: int):
+    def prefix(self, ctx, layer_idx: int):
         """Prefix style: the prompt keys/values of layer ``layer_idx``, or None (layer unprompted).
 
         Return ``(key, value, gate)`` or a :class:`PrefixKV`: key/value ``[B|1, Hkv, p, Dh]``; gate a
@@ -144,7 +152,7 @@ class PromptMethod(nn.Module):
         """
         return None
 
-    def sequence_init(self, ctx: ForwardContext) -> torch.Tensor | None:
+    def sequence_init(self, ctx) -> torch.Tensor | None:
         """Sequence style: ``[B|1, p, d]`` rows inserted in front of the hidden states entering layer
         ``self.sequence_layer`` (``ctx.layer_input(sequence_layer)`` is available). The attention mask
         of that layer and the following ones is extended (every token sees the rows; the rows see
@@ -153,13 +161,13 @@ class PromptMethod(nn.Module):
         the model's head."""
         return None
 
-    def sequence_update(self, ctx: ForwardContext, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
+    def sequence_update(self, ctx, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
         """Sequence style: ``rows`` ``[B, p, d]`` are the prompt rows output by layer ``layer_idx``; return
         the rows that enter layer ``layer_idx + 1`` (same shape). Called for every layer from
         ``sequence_layer`` on, the last one included (its return value becomes ``ctx.sequence_rows``)."""
         return rows
 
-    def aux_losses(self, ctx: ForwardContext, output) -> dict[str, torch.Tensor]:
+    def aux_losses(self, ctx, output) -> dict[str, torch.Tensor]:
         """Extra training losses ``{name: scalar tensor}`` after the forward (``output`` = the model's
         output, also ``ctx.output``). Added to ``output.loss`` when labels were given; always exposed
         as ``PromptedModel.last_aux_losses``. A method that runs nested forwards from here should

@@ -1,17 +1,16 @@
 """The patch layer: attach prompt methods to transformers models (see ``model.py``).
 
-Names are imported lazily so that ``prompt_kernels.methods`` and ``prompt_kernels.patch`` can import
-each other's submodules without a cycle.
+Names are imported lazily: importing ``prompt_kernels.patch`` does not import transformers.
 """
 
 import importlib
 
 _EXPORTS = {
-    "ARCHITECTURES": "prompt_kernels.patch.architectures",
-    "supported_model_types": "prompt_kernels.patch.architectures",
     "IMPLEMENTATION": "prompt_kernels.patch.attention",
-    "PrefixKV": "prompt_kernels.patch.attention",
+    "PrefixKV": "prompt_kernels.methods.base",
     "ForwardContext": "prompt_kernels.patch.context",
+    "Layout": "prompt_kernels.patch.discovery",
+    "AttentionSite": "prompt_kernels.patch.discovery",
     "ModelInfo": "prompt_kernels.patch.info",
     "load_prompts": "prompt_kernels.patch.io",
     "PromptedModel": "prompt_kernels.patch.model",

@@ -1,12 +1,18 @@
 """The ``prompt_kernels`` attention implementation registered in transformers' attention interface.
 
-``attach`` sets ``config._attn_implementation = "prompt_kernels"`` (through
-``model.set_attn_implementation``) and records an :class:`AttentionBinding` on each attention module:
-the implementation the model used before (``eager`` or ``sdpa``) and, for self-attention modules, the
-layer index. Per forward, the PromptedModel's layer pre-hooks pass the layer's prompt keys/values in
-the keyword argument ``PREFIX_KWARG`` (transformers forwards a layer's ``**kwargs`` to its attention
-call), so no state lives in this module: two prompted models never see each other's prompts and the
-prompts survive gradient-checkpoint recomputation (the layer's keyword arguments are replayed).
+``attach`` gives the model a private copy of its config, sets its ``_attn_implementation`` to
+``"prompt_kernels"`` (through ``model.set_attn_implementation``) and records an
+:class:`AttentionBinding` on each attention module: the implementation the model used before
+(``eager`` or ``sdpa``) and the prompt slots (sites) the module serves. Per forward, the
+PromptedModel's layer pre-hooks pass ``{site: LayerPrompt}`` in the keyword argument ``PREFIX_KWARG``
+(transformers forwards a layer's ``**kwargs`` to its attention call), so no state lives in this
+module: two prompted models never see each other's prompts and the prompts survive
+gradient-checkpoint recomputation (the layer's keyword arguments are replayed).
+
+Routes: the fused op (``ops.gated_prefix_attention``) where it computes exactly what the model
+would; otherwise the concatenation route, which puts the prompt keys/values in front of the layer's
+own and calls the model's own implementation (attention dropout in training, ``softcap``, attention
+sinks, T5's ``position_bias`` (zero on the prompt columns), different key and value head sizes).
 
 Masks: the mask interface entry ``prompt_kernels`` is transformers' ``sdpa_mask`` (a 4D bool mask,
 or None where SDPA would use ``is_causal`` / no mask). Layers without prompts call the wrapped
@@ -28,19 +34,21 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from prompt_kernels.ops.gated_prefix_attention import gated_prefix_attention
+from prompt_kernels.patch import discovery
 
 IMPLEMENTATION = "prompt_kernels"
 PREFIX_KWARG = "prompt_kernels_prefix"
 WRAPPABLE = ("eager", "sdpa")
-# Keyword arguments a prompted layer cannot honour with the fused op (a non-None value raises).
-_UNSUPPORTED = ("softcap", "position_bias", "s_aux", "sinks")
+# Keyword arguments the fused op does not model: a non-None value takes the concatenation route.
+CONCAT_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
 
 
 @dataclass(frozen=True)
-class PrefixKV:
-    """One layer's prompt keys/values and gate, as handed to the attention.
+class LayerPrompt:
+    """One site's prompt keys/values and gate, as handed to the attention.
 
-    key, value: ``[B or 1, Hkv, P, Dh]`` in the attention's dtype; gate: broadcastable to ``[B, H]``.
+    key: ``[B or 1, Hkv, P, Dk]``, value: ``[B or 1, Hkv, P, Dv]`` in the attention's dtype; gate:
+    broadcastable to ``[B, H]``.
     """
 
     key: torch.Tensor
@@ -48,6 +56,7 @@ class PrefixKV:
     gate: torch.Tensor
     gate_is_one: bool = False  # the gate is a constant 1 (no log(gate) bias needed)
     attention_dropout: str = "model"  # PromptConfig.attention_dropout
+    route: str = "auto"  # "auto" (fused op where exact) | "concat" (always the concatenation route)
     # The layer's attention mask as the layer received it, and its convert_mask() form (computed once
     # per forward by the PromptedModel, shared by all layers that receive the same mask object).
     mask_in: torch.Tensor | None = None
@@ -61,7 +70,7 @@ class AttentionBinding:
 
     inner: str  # "eager" | "sdpa": the implementation the model used before attach
     eager_fn: Callable  # the model file's own eager_attention_forward
-    layer_idx: int | None  # None: not a prompted self-attention (e.g. cross-attention)
+    sites: frozenset[int]  # the prompt slots this module serves (empty: e.g. cross-attention)
 
     def call_inner(self, module, query, key, value, attention_mask, **kwargs):
         if self.inner == "sdpa":
@@ -75,12 +84,26 @@ BINDING_ATTR = "_prompt_kernels_binding"
 
 
 def model_eager_function(attn_module) -> Callable:
-    fn = getattr(sys.modules.get(type(attn_module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        raise ValueError(
-            f"{type(attn_module).__name__}: its modeling file has no eager_attention_forward to wrap"
-        )
-    return fn
+    """The modeling file's ``eager_attention_forward`` (what ``get_interface("eager", ...)`` falls back
+    to), else a plain one (no softcap or sinks: those models' files define their own)."""
+    for cls in type(attn_module).__mro__:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+    return _plain_eager
+
+
+def _plain_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 def _is_causal(module, kwargs) -> bool:
@@ -142,8 +165,9 @@ def convert_mask(mask: torch.Tensor, B: int, causal: bool, exact: bool = True):
     return additive, False
 
 
-def _concat_path(binding, module, query, key, value, mask, prefix: PrefixKV, scaling, dropout, kwargs):
-    """Prompt keys/values concatenated in front, through the wrapped implementation (keeps its dropout).
+def _concat_path(binding, module, query, key, value, mask, prefix: LayerPrompt, scaling, dropout, kwargs):
+    """Prompt keys/values concatenated in front, through the wrapped implementation (keeps its dropout,
+    softcap, sinks; a ``position_bias`` gets zero columns for the prompts).
 
     The mask over ``P + S`` keys stays None (no mask: SDPA's fastest kernels) or bool where it can:
     an additive mask is built only for a gate other than 1 (``log(gate)`` on the prompt columns).
@@ -151,6 +175,11 @@ def _concat_path(binding, module, query, key, value, mask, prefix: PrefixKV, sca
     B, H, T, _ = query.shape
     S = key.shape[2]
     P = prefix.key.shape[2]
+    if mask is not None and mask.dim() != 4:
+        raise NotImplementedError(
+            f"prompt_kernels: {type(module).__name__} passes a {mask.dim()}D attention mask; prompted "
+            "attention needs the 4D masks transformers builds"
+        )
     causal = _is_causal(module, kwargs) and T > 1
     real = mask if mask is not None else (_causal_bool(T, S, query.device)[None, None] if causal else None)
     if prefix.gate_is_one and real is None:
@@ -178,27 +207,44 @@ def _concat_path(binding, module, query, key, value, mask, prefix: PrefixKV, sca
     k = torch.cat([prefix.key.expand(B, -1, -1, -1), key], dim=2)
     v = torch.cat([prefix.value.expand(B, -1, -1, -1), value], dim=2)
     kwargs = {**kwargs, "is_causal": False}
+    bias = kwargs.get("position_bias")
+    if bias is not None:
+        zeros = bias.new_zeros(*bias.shape[:-1], P)
+        kwargs["position_bias"] = torch.cat([zeros, bias], dim=-1)
     return binding.call_inner(module, query, k, v, full, scaling=scaling, dropout=dropout, **kwargs)
 
 
 def prompt_kernels_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The registered implementation. query ``[B, H, T, Dh]``, key/value ``[B, Hkv, S, Dh]``;
     returns ``(out [B, T, H, Dh], None or weights)`` like every transformers attention function."""
-    prefix = kwargs.pop(PREFIX_KWARG, None)
+    prompts = kwargs.pop(PREFIX_KWARG, None)
     binding: AttentionBinding | None = getattr(module, BINDING_ATTR, None)
     if binding is None:
-        raise RuntimeError(
-            f"{type(module).__name__} runs the 'prompt_kernels' attention implementation but was not set up by "
-            "prompt_kernels.attach (was the config shared with another model?)"
+        rec = discovery.recording()
+        if rec is None:
+            raise RuntimeError(
+                f"{type(module).__name__} runs the 'prompt_kernels' attention implementation but was not set up "
+                "by prompt_kernels.attach"
+            )
+        discovery.record_call(
+            rec, module, query, key, value, {**kwargs, rec.kwarg: prompts, "scaling": scaling}
         )
-    if prefix is None or binding.layer_idx is None:
+        binding = AttentionBinding(rec.inner, model_eager_function(module), frozenset())
+        prompts = None
+    prefix = None
+    if prompts:
+        prefix = next((prompts[i] for i in binding.sites if i in prompts), None)
+    if prefix is None:
         return binding.call_inner(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    for name in _UNSUPPORTED:
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"prompt_kernels: prompted attention does not support `{name}`")
-    if dropout and prefix.attention_dropout == "model":
+    if (
+        prefix.route == "concat"
+        or (dropout and prefix.attention_dropout == "model")
+        or any(kwargs.get(name) is not None for name in CONCAT_KWARGS)
+        or key.shape[-1] != value.shape[-1]
+        or query.shape[-1] != key.shape[-1]
+    ):
         return _concat_path(
             binding, module, query, key, value, attention_mask, prefix, scaling, dropout, kwargs
         )

@@ -8,16 +8,12 @@ owned by that PromptedModel: nothing lives in module globals.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from prompt_kernels.patch.attention import convert_mask
-
-if TYPE_CHECKING:
-    from prompt_kernels.patch.info import ModelInfo
-    from prompt_kernels.patch.model import PromptedModel
-
+from prompt_kernels.patch.info import ModelInfo
 
 # The keyword a model's forward takes its key/value cache under: ``cache`` since transformers 5.24
 # (``@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")``, and what ``generate`` passes),
@@ -56,7 +52,7 @@ class ForwardContext:
         sequence_rows: ``[B|1, p, d]`` the sequence-style rows after the last layer (set after the forward).
     """
 
-    def __init__(self, owner: PromptedModel, kwargs: dict[str, Any], depth: int):
+    def __init__(self, owner, kwargs: dict[str, Any], depth: int):
         self.owner = owner
         self.info: ModelInfo = owner.info
         self.kwargs = kwargs
@@ -70,6 +66,17 @@ class ForwardContext:
         self.input_ids = ids
         self._inputs_embeds = embeds
         ref = ids if ids is not None else embeds
+        # An encoder-decoder's decoder call with the encoder's output given (generate): no encoder input.
+        self.decoder_only_call = ref is None and self.info.encoder_decoder
+        if self.decoder_only_call:
+            ref = next(
+                (
+                    kwargs[k]
+                    for k in ("decoder_input_ids", "decoder_inputs_embeds")
+                    if kwargs.get(k) is not None
+                ),
+                None,
+            )
         if ref is None:
             raise ValueError("prompt_kernels: the forward call needs input_ids or inputs_embeds")
         self.batch_size, self.seq_len = int(ref.shape[0]), int(ref.shape[1])
@@ -81,7 +88,7 @@ class ForwardContext:
             int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         )
         self.decoding = self.past_length > 0
-        mask = kwargs.get("attention_mask")
+        mask = None if self.decoder_only_call else kwargs.get("attention_mask")
         self.past_attention_mask = None
         if mask is not None and mask.dim() == 2:
             if mask.shape[1] != self.seq_len:
@@ -94,6 +101,7 @@ class ForwardContext:
             )
 
         # Filled by the PromptedModel while the forward runs.
+        self.host_calls: dict[int, int] = {}  # calls of each host layer so far (layers run several times)
         self.layer_inputs: dict[int, torch.Tensor] = {}
         self.rows_in_front: dict[int, int] = {}  # prompt rows in front of layer_inputs[l]
         self.input_prompt_length = 0

@@ -5,7 +5,44 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prompt_kernels.patch import architectures as archs
+from prompt_kernels.patch.discovery import ENCODER, Layout
+from prompt_kernels.patch.projections import find_projection
+
+
+class Positions:
+    """How the model numbers its tokens' positions by itself.
+
+    ``arange`` (0..T-1 after the cache), or the RoBERTa scheme (``padding_idx + 1 + cumsum`` of the
+    non-padding tokens), recognised by a learned position table with a ``padding_idx`` next to the
+    word embeddings.
+    """
+
+    def __init__(self, model: nn.Module, word_embeddings: nn.Module):
+        self.padding_idx: int | None = None
+        for m in model.modules():
+            pos = getattr(m, "position_embeddings", None)
+            if (
+                any(c is word_embeddings for c in m.children())
+                and isinstance(pos, nn.Embedding)
+                and pos.padding_idx is not None
+            ):
+                self.padding_idx = int(pos.padding_idx)
+                break
+
+    @property
+    def first(self) -> int:
+        """Position id of the first real token (also given to input-style prompt vectors)."""
+        return 0 if self.padding_idx is None else self.padding_idx + 1
+
+    def default_ids(self, input_ids: torch.Tensor | None, length: int, past: int, device) -> torch.Tensor:
+        """The position ids ``[B or 1, T]`` the model would give its tokens (after ``past`` cached ones)."""
+        pad = self.padding_idx
+        if pad is None:
+            return torch.arange(past, past + length, device=device).unsqueeze(0)
+        if input_ids is not None:
+            mask = input_ids.ne(pad).int()
+            return ((torch.cumsum(mask, dim=1) + past) * mask).long() + pad
+        return torch.arange(pad + 1, pad + 1 + length, device=device).unsqueeze(0)
 
 
 class ModelInfo:
@@ -13,62 +50,81 @@ class ModelInfo:
 
     Attributes:
         model: the transformers model passed to ``attach`` (with its head, if any).
-        backbone: ``model.base_model`` (e.g. ``BertModel``, ``LlamaModel``).
-        arch: the :class:`~prompt_kernels.patch.architectures.Architecture` row.
-        num_layers (``L``), hidden_size (``d``), num_heads (``H``), num_kv_heads (``Hkv``), head_dim (``Dh``).
-        causal: whether the self-attention is causal.
-        layers: the ``L`` layer modules; attentions: their self-attention modules.
-        input_embeddings: the token embedding module (``model.get_input_embeddings()``); its output
-            (``[B, T, d]``) is what input-style prompts are prepended to.
-        dtype, device: of the model's parameters.
+        backbone: ``model.base_model``. layout: the discovered :class:`~prompt_kernels.patch.discovery.Layout`.
+        num_layers (``L``): the prompted self-attention sites (an encoder-decoder's encoder sites first,
+            then its decoder's; a hybrid model's attention layers only).
+        kv_shapes: per site ``(Hkv, Dk, Dv)``: key/value heads and the key and value head sizes.
+        num_heads (``H``), num_kv_heads (``Hkv``), head_dim (``Dh``): of site 0 (``uniform_kv`` says
+            whether every site has the same ``(Hkv, Dk, Dv)`` with ``Dk == Dv``).
+        hidden_size (``d``): the width of the input embeddings (hidden-space prompts).
+        causal: whether site 0's self-attention is causal. encoder_decoder: the model has both.
+        layers: per site, the layer that hosts it; attentions: per site, the attention module.
+        input_embeddings: the token embedding module of the stack that reads ``input_ids`` (the encoder's
+            in an encoder-decoder); its output ``[B, T, d]`` is what input-style prompts are prepended to.
+        positions: :class:`Positions`. dtype, device: of the model's parameters.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layout: Layout):
         self.model = model
-        self.arch = archs.resolve(model)
+        self.layout = layout
+        self.sites = layout.sites
         self.backbone = model.base_model
         self.config = model.config
-        self.layers = archs.layer_modules(model, self.arch)
-        self.attentions = [archs.attention_module(layer, self.arch) for layer in self.layers]
-        cfg = self.config
-        self.num_layers = len(self.layers)
-        self.hidden_size = int(cfg.hidden_size)
-        self.num_heads = int(cfg.num_attention_heads)
-        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
-        self.head_dim = int(getattr(cfg, "head_dim", None) or self.hidden_size // self.num_heads)
-        self.causal = bool(getattr(self.attentions[0], "is_causal", self.arch.is_causal(cfg)))
-        self.input_embeddings = model.get_input_embeddings()
+        self.encoder_decoder = layout.encoder_decoder
+        self.layers = [s.host for s in self.sites]
+        self.attentions = [s.module for s in self.sites]
+        self.num_layers = len(self.sites)
+        self.kv_shapes = [(s.num_kv_heads, s.key_dim, s.value_dim) for s in self.sites]
+        first = self.sites[0]
+        self.num_heads, self.num_kv_heads, self.head_dim = first.num_heads, first.num_kv_heads, first.key_dim
+        self.uniform_kv = all(shape == self.kv_shapes[0] for shape in self.kv_shapes) and (
+            first.key_dim == first.value_dim
+        )
+        self.causal = first.causal
+        self.input_embeddings = self._input_embeddings(model)
+        self.hidden_size = int(self.input_embeddings.weight.shape[1])
+        self.positions = Positions(model, self.input_embeddings)
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
-        self._check_projection_shapes()
+        self._projections: dict[int, object] = {}
 
-    def _check_projection_shapes(self) -> None:
-        n = self.num_kv_heads * self.head_dim
-        attn = self.attentions[0]
-        if self.arch.fused_qkv is not None:
-            w = archs.get_module(attn, self.arch.fused_qkv).weight
-            ok = w.shape[1] == 3 * n
-        else:
-            ok = archs.get_module(attn, self.arch.key).weight.shape[0] == n
-        if not ok:
-            raise ValueError(
-                f"{type(self.model).__name__}: key projection size does not match num_kv_heads={self.num_kv_heads} "
-                f"x head_dim={self.head_dim}"
-            )
+    def _input_embeddings(self, model: nn.Module) -> nn.Module:
+        if self.encoder_decoder and hasattr(model, "get_encoder"):
+            encoder = model.get_encoder()
+            if hasattr(encoder, "get_input_embeddings") and encoder.get_input_embeddings() is not None:
+                return encoder.get_input_embeddings()
+        return model.get_input_embeddings()
+
+    def sites_of(self, stack: str) -> list[int]:
+        """The site indices of one stack (``"encoder"``, ``"decoder"``, or ``"model"``)."""
+        return [s.index for s in self.sites if s.stack == stack]
+
+    def in_encoder(self, layer_idx: int) -> bool:
+        return self.sites[layer_idx].stack == ENCODER
 
     def project_key_value(self, layer_idx: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``layer_idx``'s frozen key/value projections of hidden-space prompts.
+        """Site ``layer_idx``'s frozen key/value projections of hidden-space prompts.
 
-        hidden ``[b, p, d]`` (``b`` = B or 1) -> (key, value) each ``[b, Hkv, p, Dh]`` in the model's dtype.
-        No rotary position is applied to the keys; gradients flow to ``hidden``.
+        hidden ``[b, p, d]`` (``b`` = B or 1) -> (key ``[b, Hkv, p, Dk]``, value ``[b, Hkv, p, Dv]``) in the
+        model's dtype. No rotary position is applied to the keys; gradients flow to ``hidden``.
         """
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"hidden-space prompts must have shape [b, p, d={self.hidden_size}], got {tuple(hidden.shape)}"
             )
-        return archs.project_key_value(
-            self.attentions[layer_idx], self.arch, hidden, self.num_kv_heads, self.head_dim
-        )
+        proj = self._projections.get(layer_idx)
+        if proj is None:
+            s = self.sites[layer_idx]
+            proj = find_projection(s.module, self.hidden_size, s.num_kv_heads, s.key_dim, s.value_dim)
+            if proj is None:
+                raise ValueError(
+                    f"{type(self.model).__name__}: prompt_kernels found no key/value projection of {s.name} "
+                    f"({type(s.module).__name__}) that maps d={self.hidden_size} to {s.num_kv_heads} heads x "
+                    f"{s.key_dim}/{s.value_dim}; methods with hidden-space prompts cannot run on this model "
+                    "(prefix tuning and prompt tuning can)"
+                )
+            self._projections[layer_idx] = proj
+        return proj(hidden)
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The input embedding module's output for ``token_ids`` (``[..., d]``), no gradient to the table."""

@@ -109,7 +109,6 @@ def load_prompts(model, path, **options):
     from safetensors.torch import load_file
 
     from prompt_kernels.configs import config_from_dict
-    from prompt_kernels.patch.info import ModelInfo
     from prompt_kernels.patch.model import attach
 
     cfg_path, w_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
@@ -122,8 +121,12 @@ def load_prompts(model, path, **options):
     config = config_from_dict(meta["prompt_config"])
     tensors = load_file(w_path)
     head_saved = any(k.startswith(HEAD_PREFIX) for k in tensors)
-    _check_fingerprint(meta.get("base_model", {}), fingerprint(model, ModelInfo(model)), path, head_saved)
     pm = attach(model, config, **options)
+    try:
+        _check_fingerprint(meta.get("base_model", {}), fingerprint(model, pm.info), path, head_saved)
+    except BaseException:
+        pm.detach()
+        raise
     method_sd = {k[len(METHOD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(METHOD_PREFIX)}
     pm.method.load_state_dict(method_sd, strict=True)
     if head_saved:

@@ -2,25 +2,31 @@
 
 ``attach(model, config)`` leaves the model's classes, its ``forward`` and every module global alone:
 
+- the model gets a private copy of its config (the caller's config object is never changed), whose
+  attention implementation becomes ``"prompt_kernels"`` (``model.set_attn_implementation``); it
+  wraps the previous one (see ``patch/attention.py``);
+- ``discovery.discover`` runs one probe forward and finds the self-attention sites, their layers
+  (hosts) and dimensions; each attention module gets an ``AttentionBinding`` attribute;
 - the base model's parameters are frozen (flags remembered);
-- its attention implementation becomes ``"prompt_kernels"`` (``model.set_attn_implementation``),
-  which wraps the previous one (see ``patch/attention.py``); each attention module gets an
-  ``AttentionBinding`` attribute;
 - hooks: a forward pre-hook and a forward hook on the model (per-call context, input style, aux
-  losses), a forward hook on the input embedding module (input-style vectors), a forward pre-hook on
-  every layer (records ``X^l``, inserts sequence rows, extends masks, hands the layer's prompt
-  keys/values to its attention as a keyword argument) and a forward hook on the layers of sequence
-  style (rewrites / strips the rows).
+  losses), on an encoder-decoder's encoder too (``generate`` runs it by itself), a forward hook on
+  the input embedding module (input-style vectors), a forward pre-hook on every host layer (records
+  ``X^l``, inserts sequence rows, extends masks, hands the layer's prompt keys/values to its attention
+  as a keyword argument) and a forward hook on the layers of sequence style (rewrites / strips the
+  rows).
 
-``detach()`` undoes all of it. Per-forward state lives in a stack of ForwardContexts on the
-PromptedModel. Because transformers (>= 5) checkpoints a layer's ``forward`` (not ``__call__``), the
-layer hooks run once per forward even with gradient checkpointing, and the recomputation replays the
-layer's keyword arguments, prompts included.
+The per-forward data path reads top to bottom: model pre-hook (context, input style) -> host
+pre-hook (prompts of the host's sites) -> ``prompt_kernels_attention`` -> ``ops.gated_prefix_attention``
+(or the concatenation route). ``detach()`` undoes all of it. Per-forward state lives in a stack of
+ForwardContexts on the PromptedModel. Because transformers (>= 5) checkpoints a layer's ``forward``
+(not ``__call__``), the host hooks run once per forward even with gradient checkpointing, and the
+recomputation replays the layer's keyword arguments, prompts included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import itertools
@@ -31,8 +37,7 @@ import torch
 from torch import nn
 
 from prompt_kernels.configs import PromptConfig
-from prompt_kernels.methods.base import PromptMethod, build_method
-from prompt_kernels.patch import architectures as archs
+from prompt_kernels.methods.base import PrefixKV, PromptMethod, build_method
 from prompt_kernels.patch import sequence as seq
 from prompt_kernels.patch.attention import (
     BINDING_ATTR,
@@ -40,11 +45,14 @@ from prompt_kernels.patch.attention import (
     PREFIX_KWARG,
     WRAPPABLE,
     AttentionBinding,
-    PrefixKV,
+    LayerPrompt,
     model_eager_function,
 )
 from prompt_kernels.patch.context import ForwardContext
+from prompt_kernels.patch.discovery import discover
 from prompt_kernels.patch.info import ModelInfo
+
+ROUTES = ("auto", "concat")
 
 
 def _param_index(fn, name: str) -> int | None:
@@ -57,11 +65,39 @@ def _param_index(fn, name: str) -> int | None:
     return None
 
 
+def _isolate_configs(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """Give ``model`` (and each of its modules holding a config) a private deep copy of its config.
+
+    Returns ``[(module, original config)]`` for :func:`_restore_configs`. Sub-configs keep their
+    identity relations (one ``deepcopy`` memo), so a layer holding ``config.text_config`` gets the
+    copy's ``text_config``.
+    """
+    from transformers import PretrainedConfig
+
+    memo: dict[int, object] = {}
+    top = copy.deepcopy(model.config, memo)
+    swaps = []
+    for m in model.modules():
+        cfg = m.__dict__.get("config")
+        if isinstance(cfg, PretrainedConfig):
+            new = top if cfg is model.config else memo.get(id(cfg))
+            if new is None:
+                new = memo[id(cfg)] = copy.deepcopy(cfg, memo)
+            m.__dict__["config"] = new
+            swaps.append((m, cfg))
+    return swaps
+
+
+def _restore_configs(swaps) -> None:
+    for m, cfg in swaps:
+        m.__dict__["config"] = cfg
+
+
 class _Generation:
     """Prompts computed on the first forward of a ``generate`` call, reused for every new token."""
 
     def __init__(self):
-        self.prefix: dict[int, PrefixKV | None] = {}
+        self.prefix: dict[int, LayerPrompt | None] = {}
 
 
 class PromptedModel(nn.Module):
@@ -72,7 +108,7 @@ class PromptedModel(nn.Module):
     PromptedModel does not know go to the model (``config``, ``generation_config``, ...).
     """
 
-    def __init__(self, model: nn.Module, config: PromptConfig, **options):
+    def __init__(self, model: nn.Module, config: PromptConfig, *, attention_route: str = "auto", **options):
         super().__init__()
         from transformers import PreTrainedModel
 
@@ -80,7 +116,8 @@ class PromptedModel(nn.Module):
             raise TypeError(f"attach needs a transformers PreTrainedModel, got {type(model).__name__}")
         if not isinstance(config, PromptConfig):
             raise TypeError(f"config must be a prompt_kernels PromptConfig, got {type(config).__name__}")
-        info = ModelInfo(model)  # ValueError for unsupported architectures
+        if attention_route not in ROUTES:
+            raise ValueError(f"attention_route must be one of {ROUTES}, got {attention_route!r}")
         if any(hasattr(m, BINDING_ATTR) for m in model.modules()):
             raise ValueError("this model already has prompts attached; detach() them first")
         inner = model.config._attn_implementation
@@ -89,7 +126,21 @@ class PromptedModel(nn.Module):
                 f"prompt_kernels wraps the 'eager' or 'sdpa' attention implementation; this model uses {inner!r}. "
                 "Call model.set_attn_implementation('sdpa') first."
             )
+        self._previous_attn = inner
+        self._route = attention_route
+        self._handles: list = []
+        self._bound: list[nn.Module] = []
+        self._configs = _isolate_configs(model)
+        try:
+            model.set_attn_implementation(IMPLEMENTATION)
+            if model.config._attn_implementation != IMPLEMENTATION:
+                raise ValueError(f"{type(model).__name__} does not let its attention implementation be set")
+            info = ModelInfo(model, discover(model, PREFIX_KWARG, inner))
+        except BaseException:
+            _restore_configs(self._configs)
+            raise
         if config.trainable_head and not info.head_parameters():
+            _restore_configs(self._configs)
             raise ValueError(
                 f"trainable_head=True but {type(model).__name__} has no task head outside its backbone"
             )
@@ -97,11 +148,16 @@ class PromptedModel(nn.Module):
         self.model = model
         self.info = info
         self.prompt_config = config
-        self.method: PromptMethod = build_method(config, info, **options)
+        try:
+            self.method: PromptMethod = build_method(config, info, **options)
+        except BaseException:
+            _restore_configs(self._configs)
+            raise
         self.method.to(info.device)
         self.last_aux_losses: dict[str, torch.Tensor] = {}
 
         self._stack: list[ForwardContext | None] = []
+        self._encoder_pushed: list[bool] = []
         self._disabled = 0
         self._generation: _Generation | None = None
         self._cached_input_prompt = 0  # input-style rows in the key/value cache of the last prefill
@@ -112,26 +168,31 @@ class PromptedModel(nn.Module):
         self._placeholder = int(getattr(model.config, "pad_token_id", None) or 0)
         self._sequence_layer = self._resolve_sequence_layer()
 
-        # Freeze (remembering every flag), bind the attention modules, switch the implementation.
+        # Freeze (remembering every flag), bind the attention modules, hook the hosts.
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         for p in model.parameters():
             p.requires_grad_(False)
         if config.trainable_head:
             for p in info.head_parameters().values():
                 p.requires_grad_(True)
-        self._bound: list[nn.Module] = []
-        eager = model_eager_function(info.attentions[0])
-        for idx, attn in enumerate(info.attentions):
-            self._bind(attn, AttentionBinding(inner, eager, idx))
-        for m in model.modules():  # cross-attention and other modules calling the interface: unprompted
-            if "Attention" in type(m).__name__ and not hasattr(m, BINDING_ATTR):
-                with contextlib.suppress(ValueError):
-                    self._bind(m, AttentionBinding(inner, model_eager_function(m), None))
-        self._previous_attn = inner
+        sites_of: dict[int, set[int]] = {}
+        for s in info.sites:
+            sites_of.setdefault(id(s.module), set()).add(s.index)
+        for s in info.sites:
+            if not hasattr(s.module, BINDING_ATTR):
+                self._bind(
+                    s.module,
+                    AttentionBinding(
+                        inner, model_eager_function(s.module), frozenset(sites_of[id(s.module)])
+                    ),
+                )
+        for m in [*info.layout.unprompted, *model.modules()]:
+            # Cross-attention and other modules that may call the interface: unprompted.
+            if not hasattr(m, BINDING_ATTR) and (
+                m in info.layout.unprompted or "Attention" in type(m).__name__
+            ):
+                self._bind(m, AttentionBinding(inner, model_eager_function(m), frozenset()))
         try:
-            model.set_attn_implementation(IMPLEMENTATION)
-            if model.config._attn_implementation != IMPLEMENTATION:
-                raise ValueError(f"{type(model).__name__} does not let its attention implementation be set")
             self._register_hooks()
         except BaseException:
             self._undo()
@@ -156,6 +217,14 @@ class PromptedModel(nn.Module):
             return None
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.info.num_layers:
             raise ValueError(f"sequence_layer must be an int in [0, {self.info.num_layers}), got {layer!r}")
+        sites = self.info.sites
+        single = len({id(s.host) for s in sites}) == len(sites) and all(s.stack == "model" for s in sites)
+        if not single or len(self.info.layout.hosts) != len(sites):
+            raise ValueError(
+                f"sequence-style prompts need a single stack of layers with one self-attention each; "
+                f"{type(self.model).__name__} has {len(sites)} attention sites in "
+                f"{len(self.info.layout.hosts)} layers ({'encoder-decoder' if self.info.encoder_decoder else 'shared or hybrid layers'})"
+            )
         return layer
 
     def _bind(self, module: nn.Module, binding: AttentionBinding) -> None:
@@ -163,28 +232,37 @@ class PromptedModel(nn.Module):
         self._bound.append(module)
 
     def _register_hooks(self) -> None:
-        h = []
+        h = self._handles
+        info = self.info
         h.append(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         h.append(self.model.register_forward_hook(self._on_model_end, always_call=True))
-        h.append(self.info.input_embeddings.register_forward_hook(self._on_embeddings))
-        self._mask_index = []
-        for idx, layer in enumerate(self.info.layers):
-            self._mask_index.append(_param_index(layer.forward, "attention_mask"))
-            h.append(layer.register_forward_pre_hook(self._layer_start_hook(idx), with_kwargs=True))
-            if self._sequence_layer is not None and idx >= self._sequence_layer:
-                h.append(layer.register_forward_hook(self._layer_end_hook(idx)))
-        self._handles = h
+        h.append(info.input_embeddings.register_forward_hook(self._on_embeddings))
+        if info.encoder_decoder:
+            encoder = self.model.get_encoder()
+            h.append(encoder.register_forward_pre_hook(self._on_encoder_start, with_kwargs=True))
+            h.append(encoder.register_forward_hook(self._on_encoder_end, always_call=True))
+        # Per host: which sites it serves on its k-th call within one forward.
+        self._host_sites: dict[tuple[int, int], list[int]] = {}
+        for s in info.sites:
+            self._host_sites.setdefault((id(s.host), s.host_call), []).append(s.index)
+        self._mask_index: dict[int, int | None] = {}
+        for host in info.layout.hosts:
+            self._mask_index[id(host)] = _param_index(host.forward, "attention_mask")
+            h.append(host.register_forward_pre_hook(self._host_start_hook(host), with_kwargs=True))
+        if self._sequence_layer is not None:
+            for s in info.sites[self._sequence_layer :]:
+                h.append(s.host.register_forward_hook(self._layer_end_hook(s.index)))
 
     def _undo(self) -> None:
-        for handle in getattr(self, "_handles", []):
+        for handle in self._handles:
             handle.remove()
         self._handles = []
         for m in self._bound:
             if hasattr(m, BINDING_ATTR):
                 delattr(m, BINDING_ATTR)
         self._bound = []
-        if self.model.config._attn_implementation != self._previous_attn:
-            self.model.set_attn_implementation(self._previous_attn)
+        _restore_configs(self._configs)
+        self._configs = []
         for n, p in self.model.named_parameters(remove_duplicate=False):
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
 
@@ -279,7 +357,14 @@ class PromptedModel(nn.Module):
         depth = sum(c is not None for c in self._stack)
         ctx = ForwardContext(self, dict(kwargs), depth)
         self._stack[-1] = ctx
-        kwargs = self._apply_input_style(ctx, dict(kwargs))
+        if (
+            self.info.encoder_decoder
+            and kwargs.get("input_ids") is None
+            and kwargs.get("inputs_embeds") is None
+        ):
+            kwargs = self._extend_encoder_mask(dict(kwargs))
+        else:
+            kwargs = self._apply_input_style(ctx, dict(kwargs))
         if self._sequence_layer is not None:
             if ctx.decoding:
                 raise NotImplementedError(
@@ -288,6 +373,34 @@ class PromptedModel(nn.Module):
             if "use_cache" in self._accepts:
                 kwargs["use_cache"] = False
         return (), kwargs
+
+    def _extend_encoder_mask(self, kwargs: dict) -> dict:
+        """A decoder call of an encoder-decoder with ``encoder_outputs`` (``generate``): the encoder output
+        holds the input-style rows in front, so its 2D attention mask gets as many ones in front."""
+        p, mask, enc = self._cached_input_prompt, kwargs.get("attention_mask"), kwargs.get("encoder_outputs")
+        if p and mask is not None and mask.dim() == 2 and enc is not None:
+            states = enc[0] if isinstance(enc, (tuple, list)) else enc.get("last_hidden_state")
+            if torch.is_tensor(states) and states.shape[1] == mask.shape[1] + p:
+                kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
+        return kwargs
+
+    # -- hooks: an encoder-decoder's encoder, when run by itself (generate) -------------------------------
+    def _on_encoder_start(self, module, args, kwargs):
+        pushed = not (self._stack or self._disabled or self._detached)
+        self._encoder_pushed.append(pushed)
+        if not pushed:
+            return None
+        if args:
+            names = [p.name for p in inspect.signature(module.forward).parameters.values()]
+            kwargs = {**dict(zip(names, args)), **kwargs}
+        self._stack.append(None)
+        ctx = ForwardContext(self, dict(kwargs), 0)
+        self._stack[-1] = ctx
+        return (), self._apply_input_style(ctx, dict(kwargs))
+
+    def _on_encoder_end(self, module, args, output):
+        if self._encoder_pushed and self._encoder_pushed.pop() and self._stack:
+            self._stack.pop()
 
     def _on_model_end(self, module, args, output):
         # The context stays on the stack while aux_losses runs, so a forward started from there is
@@ -316,15 +429,15 @@ class PromptedModel(nn.Module):
     def _apply_input_style(self, ctx: ForwardContext, kwargs: dict) -> dict:
         info = self.info
         B, T = ctx.batch_size, ctx.seq_len
-        if ctx.decoding:
+        if ctx.decoding and not info.encoder_decoder:
             p = self._cached_input_prompt
             if p and ctx.depth == 0:
                 mask = kwargs.get("attention_mask")
                 if mask is not None and mask.dim() == 2 and mask.shape[1] + p == ctx.past_length + T:
                     kwargs["attention_mask"] = torch.cat([mask.new_ones(B, p), mask], dim=1)
                 if kwargs.get("position_ids") is None and "position_ids" in self._accepts:
-                    kwargs["position_ids"] = archs.default_position_ids(
-                        info.arch, info.config, None, T, ctx.past_length - p, ctx.device
+                    kwargs["position_ids"] = info.positions.default_ids(
+                        None, T, ctx.past_length - p, ctx.device
                     ).expand(B, -1)
             return kwargs
         prompts = self.method.input_prompts(ctx)
@@ -358,15 +471,15 @@ class PromptedModel(nn.Module):
         if "position_ids" in self._accepts:
             pos = kwargs.get("position_ids")
             if pos is None:
-                pos = archs.default_position_ids(
-                    info.arch, info.config, ctx.input_ids, T, ctx.past_length, ctx.device
-                )
-            first = info.arch.first_position(info.config)
+                pos = info.positions.default_ids(ctx.input_ids, T, ctx.past_length, ctx.device)
+            first = info.positions.first
             kwargs["position_ids"] = torch.cat([pos.new_full((pos.shape[0], p), first), pos], dim=1)
         labels = kwargs.get("labels")
-        # Token-level labels (causal / masked LM, token classification): integer [B, T, ...].
+        # Token-level labels (causal / masked LM, token classification): integer [B, T, ...]. An
+        # encoder-decoder's labels are the decoder's: they stay as they are.
         if (
-            labels is not None
+            not info.encoder_decoder
+            and labels is not None
             and labels.dim() >= 2
             and labels.shape[1] == T
             and not labels.is_floating_point()
@@ -387,10 +500,17 @@ class PromptedModel(nn.Module):
         return torch.cat([prompts.to(output.dtype).expand(output.shape[0], -1, -1), output[:, p:]], dim=1)
 
     # -- hooks: the layers -----------------------------------------------------------------------------
-    def _layer_start_hook(self, idx: int):
+    def _host_start_hook(self, host: nn.Module):
+        key = id(host)
+
         def hook(layer, args, kwargs):
             ctx = self._current()
-            return None if ctx is None else self._on_layer_start(ctx, idx, args, kwargs)
+            if ctx is None:
+                return None
+            call = ctx.host_calls.get(key, 0)
+            ctx.host_calls[key] = call + 1
+            sites = self._host_sites.get((key, call))
+            return None if not sites else self._on_host_start(ctx, key, sites, args, kwargs)
 
         return hook
 
@@ -401,18 +521,22 @@ class PromptedModel(nn.Module):
 
         return hook
 
-    def _on_layer_start(self, ctx: ForwardContext, idx: int, args, kwargs):
+    def _on_host_start(self, ctx: ForwardContext, host: int, sites: list[int], args, kwargs):
         args = list(args)
         from_args = bool(args)
-        hidden = args[0] if from_args else kwargs["hidden_states"]
+        hidden = args[0] if from_args else kwargs.get("hidden_states")
         seq_p = ctx.cache.get("_sequence_rows", 0)
-        ctx.layer_inputs[idx] = hidden
-        ctx.rows_in_front[idx] = ctx.input_prompt_length + seq_p
-        mi = self._mask_index[idx]
+        mi = self._mask_index[host]
         in_args = mi is not None and mi < len(args)
         mask = args[mi] if in_args else kwargs.get("attention_mask")
         changed = False
+        for idx in sites:
+            ctx.layer_inputs[idx] = hidden
+            # Input-style rows sit in front of the stack that reads input_ids (an encoder-decoder's encoder).
+            reads_inputs = not self.info.encoder_decoder or self.info.in_encoder(idx)
+            ctx.rows_in_front[idx] = (ctx.input_prompt_length if reads_inputs else 0) + seq_p
 
+        idx = sites[0]
         if self._sequence_layer is not None and idx >= self._sequence_layer:
             if idx == self._sequence_layer:
                 rows = self.method.sequence_init(ctx)
@@ -439,9 +563,13 @@ class PromptedModel(nn.Module):
                     kwargs["position_embeddings"] = hit[1]
                 changed = True
 
-        prefix = self._layer_prefix(ctx, idx, mask)
-        if prefix is not None:
-            kwargs[PREFIX_KWARG] = prefix
+        prompts = {}
+        for idx in sites:
+            prefix = self._layer_prefix(ctx, idx, mask)
+            if prefix is not None:
+                prompts[idx] = prefix
+        if prompts:
+            kwargs[PREFIX_KWARG] = prompts
             changed = True
         if not changed:
             return None
@@ -483,7 +611,7 @@ class PromptedModel(nn.Module):
             )
         return rows
 
-    def _layer_prefix(self, ctx: ForwardContext, idx: int, mask) -> PrefixKV | None:
+    def _layer_prefix(self, ctx: ForwardContext, idx: int, mask) -> LayerPrompt | None:
         gen = self._generation if ctx.depth == 0 else None
         if gen is not None and idx in gen.prefix:
             prefix = gen.prefix[idx]
@@ -495,45 +623,46 @@ class PromptedModel(nn.Module):
         if prefix is None:
             return None
         if mask is not None and torch.is_tensor(mask) and mask.dim() == 4:
-            op_mask, op_causal = ctx.converted_mask(mask, self.info.causal)
+            op_mask, op_causal = ctx.converted_mask(mask, self.info.sites[idx].causal)
             return dataclasses.replace(prefix, mask_in=mask, mask_op=op_mask, mask_causal=op_causal)
         return dataclasses.replace(prefix, mask_in=None, mask_op=None, mask_causal=False)
 
-    def _normalize_prefix(self, raw, ctx: ForwardContext, idx: int) -> PrefixKV:
+    def _normalize_prefix(self, raw, ctx: ForwardContext, idx: int) -> LayerPrompt:
         if isinstance(raw, PrefixKV):
             key, value, gate = raw.key, raw.value, raw.gate
         else:
             key, value, gate = raw
-        info, B = self.info, ctx.batch_size
-        shape = (info.num_kv_heads, None, info.head_dim)
-        for name, t in (("key", key), ("value", value)):
+        B = ctx.batch_size
+        hkv, dk, dv = self.info.kv_shapes[idx]
+        for name, t, dim in (("key", key, dk), ("value", value, dv)):
             if (
                 not torch.is_tensor(t)
                 or t.dim() != 4
                 or t.shape[0] not in (1, B)
-                or t.shape[1] != shape[0]
-                or t.shape[3] != shape[2]
+                or t.shape[1] != hkv
+                or t.shape[3] != dim
             ):
                 got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
                 raise ValueError(
-                    f"prefix {name} must have shape [B={B} or 1, Hkv={info.num_kv_heads}, p, Dh={info.head_dim}], got {got}"
+                    f"prefix {name} of layer {idx} must have shape [B={B} or 1, Hkv={hkv}, p, {dim}], got {got}"
                 )
-        if value.shape != key.shape:
+        if value.shape[:3] != key.shape[:3]:
             raise ValueError(
-                f"prefix value shape {tuple(value.shape)} differs from key shape {tuple(key.shape)}"
+                f"prefix value shape {tuple(value.shape)} does not match key shape {tuple(key.shape)}"
             )
-        dtype = ctx.layer_inputs[idx].dtype if idx in ctx.layer_inputs else info.dtype
+        dtype = ctx.layer_inputs[idx].dtype if idx in ctx.layer_inputs else self.info.dtype
         gate_is_one = gate is None
         if gate is None:
             if self._one.device != key.device:
                 self._one = torch.ones(1, device=key.device)
             gate = self._one
-        return PrefixKV(
+        return LayerPrompt(
             key.to(dtype),
             value.to(dtype),
             gate,
             gate_is_one=gate_is_one,
             attention_dropout=self.prompt_config.attention_dropout,
+            route=self._route,
         )
 
 
@@ -541,7 +670,10 @@ def attach(model: nn.Module, config: PromptConfig, **options) -> PromptedModel:
     """Attach the prompt method described by ``config`` to ``model`` (a transformers PreTrainedModel).
 
     Freezes the model, routes its attention through the ``prompt_kernels`` implementation and returns
-    the :class:`PromptedModel`. ``options`` go to the method (e.g. ``tokenizer=`` for
-    ``PromptTuningConfig(init="text", init_text=...)``). Raises ValueError for an unsupported model.
+    the :class:`PromptedModel`. ``attention_route="concat"`` makes every prompted layer take the
+    concatenation route through the model's own attention (the reference the fused op is tested
+    against). Other ``options`` go to the method (e.g. ``tokenizer=`` for
+    ``PromptTuningConfig(init="text", init_text=...)``). Raises ValueError for a model whose attention
+    does not go through transformers' attention interface.
     """
     return PromptedModel(model, config, **options)

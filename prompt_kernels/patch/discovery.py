@@ -1,0 +1,280 @@
+"""Discovery: where a transformers model's attention goes through the attention interface.
+
+Nothing here is per model class. ``discover(model)`` runs one small forward of the model (batch 1, a
+few tokens, no gradient) with every attention call routed to a recorder, and reads from those calls:
+
+- the self-attention sites (query and key from the same stream) in the order the forward reaches
+  them: encoder before decoder, attention layers of hybrid models only (recurrent / linear-attention
+  layers never call the interface); cross-attention calls are recorded as unprompted sites;
+- each site's number of query and key/value heads and key and value head sizes (they may differ
+  per layer, and between keys and values), its ``scaling``, whether it is causal, and the extra
+  keyword arguments it receives (``softcap``, ``sinks``, ``position_bias``, ...);
+- the *host* of each site: the layer (outermost ``GradientCheckpointingLayer``, else the outermost
+  ``nn.ModuleList`` element around it) whose keyword arguments reach the attention call. Prompts
+  travel in those keyword arguments, so they survive gradient-checkpoint recomputation; the probe
+  checks that they arrive.
+
+The model must already run the ``prompt_kernels`` attention implementation (``attach`` switches it);
+what a probe records lives in a ``ContextVar`` for the duration of the probe only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ENCODER, DECODER, MODEL = "encoder", "decoder", "model"
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One self-attention call of a forward that takes prompts (``index`` = its prompt slot ``l``).
+
+    ``host`` is the layer whose keyword arguments carry the prompts (``host_call``: which call of the
+    host within one forward, for layers run several times), ``stack`` the encoder or decoder.
+    """
+
+    index: int
+    name: str
+    module: nn.Module
+    host: nn.Module
+    host_name: str
+    host_call: int
+    stack: str
+    num_heads: int
+    num_kv_heads: int
+    key_dim: int
+    value_dim: int
+    causal: bool
+    scaling: float | None
+    extras: frozenset[str] = frozenset()
+
+
+@dataclass
+class Layout:
+    """What ``discover`` found: the prompted sites in order and the unprompted attention modules."""
+
+    sites: list[AttentionSite]
+    unprompted: list[nn.Module] = field(default_factory=list)
+    encoder_decoder: bool = False
+
+    @property
+    def hosts(self) -> list[nn.Module]:
+        seen, out = set(), []
+        for s in self.sites:
+            if id(s.host) not in seen:
+                seen.add(id(s.host))
+                out.append(s.host)
+        return out
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    query: tuple
+    key: tuple
+    value: tuple
+    kwargs: dict
+    hosts: tuple  # (host module, call number) of the host calls enclosing this attention call
+    token: object  # the probe token that reached the attention function (None: none arrived)
+
+
+class _Recorder:
+    def __init__(self, kwarg: str, inner: str):
+        self.kwarg = kwarg
+        self.inner = inner  # the implementation the probe's attention calls run through
+        self.calls: list[_Call] = []
+        self.host_stack: list[tuple[nn.Module, int]] = []
+        self.host_counts: dict[int, int] = {}
+
+
+_PROBE: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar(
+    "prompt_kernels_probe", default=None
+)
+
+
+def recording() -> _Recorder | None:
+    """The active probe's recorder (the attention function records into it), or None."""
+    return _PROBE.get()
+
+
+def record_call(rec: _Recorder, module, query, key, value, kwargs) -> None:
+    token = kwargs.get(rec.kwarg)
+    rec.calls.append(
+        _Call(
+            module,
+            tuple(query.shape),
+            tuple(key.shape),
+            tuple(value.shape),
+            {k: v for k, v in kwargs.items() if k != rec.kwarg},
+            tuple(rec.host_stack),
+            token,
+        )
+    )
+
+
+def accepts_var_kwargs(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def candidate_hosts(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """The layers of the model's stacks: outermost ``GradientCheckpointingLayer``s, or (in models without
+    them) the elements of the outermost ``nn.ModuleList``s. ``{id(module): (name, module)}``."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    named = list(model.named_modules())
+    out: dict[int, tuple[str, nn.Module]] = {}
+    for kind in (GradientCheckpointingLayer, None):
+        taken: list[str] = []
+        for name, m in named:
+            if any(name.startswith(t + ".") for t in taken):
+                continue
+            if (kind is not None and isinstance(m, kind)) or (kind is None and _in_module_list(model, name)):
+                taken.append(name)
+                out.setdefault(id(m), (name, m))
+        if out:
+            return out
+    return out
+
+
+def _in_module_list(model: nn.Module, name: str) -> bool:
+    parent, _, last = name.rpartition(".")
+    if not last.isdigit():
+        return False
+    try:
+        return isinstance(model.get_submodule(parent), nn.ModuleList)
+    except AttributeError:
+        return False
+
+
+def probe_inputs(model: nn.Module) -> dict:
+    """A batch of one: 3 encoder (or decoder-only) tokens, 2 decoder tokens, no cache."""
+    emb = model.get_input_embeddings()
+    vocab = int(getattr(emb, "num_embeddings", 0) or getattr(model.config, "vocab_size", 8) or 8)
+    ids = torch.arange(3, device=_device(model)).remainder(max(vocab - 1, 1)).add(1).clamp_max(vocab - 1)
+    kwargs = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]}
+    params = inspect.signature(model.forward).parameters
+    if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        kwargs["decoder_input_ids"] = ids[None, :2]
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _probe(model: nn.Module, kwarg: str, inner: str):
+    rec = _Recorder(kwarg, inner)
+    hosts = candidate_hosts(model)
+    handles = []
+
+    def pre(m, args, kwargs):
+        n = rec.host_counts.get(id(m), 0)
+        rec.host_counts[id(m)] = n + 1
+        rec.host_stack.append((m, n))
+        if accepts_var_kwargs(m.forward):
+            return args, {**kwargs, kwarg: (id(m), n)}
+        return None
+
+    def post(m, args, output):
+        if rec.host_stack and rec.host_stack[-1][0] is m:
+            rec.host_stack.pop()
+
+    for _, m in hosts.values():
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, always_call=True))
+    reset = _PROBE.set(rec)
+    try:
+        yield rec, hosts
+    finally:
+        _PROBE.reset(reset)
+        for h in handles:
+            h.remove()
+
+
+def discover(model: nn.Module, kwarg: str, inner: str) -> Layout:
+    """Run the probe forward and build the :class:`Layout` (ValueError when nothing can take prompts).
+
+    ``kwarg``: the keyword the hosts pass prompts in; ``inner``: the implementation (``eager``/``sdpa``)
+    the probe's attention calls run through."""
+    name_of = {id(m): n for n, m in model.named_modules()}
+    encoder = None
+    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    if enc_dec and hasattr(model, "get_encoder"):
+        with contextlib.suppress(Exception):
+            encoder = model.get_encoder()
+    encoder_ids = {id(m) for m in encoder.modules()} if isinstance(encoder, nn.Module) else set()
+
+    with _probe(model, kwarg, inner) as (rec, hosts), torch.no_grad():
+        try:
+            model(**probe_inputs(model))
+        except Exception as exc:
+            raise ValueError(
+                f"prompt_kernels could not run a probe forward of {type(model).__name__} "
+                f"(input_ids only): {type(exc).__name__}: {exc}"
+            ) from exc
+    if not rec.calls:
+        raise ValueError(
+            f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}) never calls "
+            "transformers' attention interface (ALL_ATTENTION_FUNCTIONS): its modeling file computes attention "
+            "itself, so prompt_kernels cannot route prompts into it"
+        )
+    sites: list[AttentionSite] = []
+    unprompted: list[nn.Module] = []
+    for call in rec.calls:
+        q, k, v = call.query, call.key, call.value
+        is_self = q[2] == k[2] and not getattr(call.module, "is_cross_attention", False)
+        if not is_self:
+            if not any(call.module is m for m in unprompted):
+                unprompted.append(call.module)
+            continue
+        host = next(((m, n) for m, n in call.hosts if id(m) in hosts), None)
+        if host is None or call.token != (id(host[0]), host[1]):
+            where = "no layer around it" if host is None else f"its layer {name_of.get(id(host[0]))}"
+            raise ValueError(
+                f"{type(model).__name__}: the attention module {name_of.get(id(call.module))} does not receive "
+                f"the keyword arguments of its layer ({where}), so prompts cannot reach it"
+            )
+        flag = call.kwargs.get("is_causal")
+        causal = bool(getattr(call.module, "is_causal", False) if flag is None else flag)
+        extras = frozenset(
+            k for k in ("softcap", "sinks", "s_aux", "position_bias") if call.kwargs.get(k) is not None
+        )
+        stack = MODEL if not enc_dec else (ENCODER if id(call.module) in encoder_ids else DECODER)
+        sites.append(
+            AttentionSite(
+                index=len(sites),
+                name=name_of.get(id(call.module), "?"),
+                module=call.module,
+                host=host[0],
+                host_name=name_of.get(id(host[0]), "?"),
+                host_call=host[1],
+                stack=stack,
+                num_heads=int(q[1]),
+                num_kv_heads=int(k[1]),
+                key_dim=int(k[3]),
+                value_dim=int(v[3]),
+                causal=causal,
+                scaling=call.kwargs.get("scaling"),
+                extras=extras,
+            )
+        )
+    if not sites:
+        raise ValueError(
+            f"{type(model).__name__} has no self-attention that goes through the attention interface"
+        )
+    unprompted = [m for m in unprompted if not any(m is s.module for s in sites)]
+    return Layout(sites, unprompted, enc_dec)
