@@ -12,7 +12,7 @@ from patch_helpers import D, assert_save_load_round_trip, batch, tiny_model
 
 import prompt_kernels as pk
 from prompt_kernels.configs import config_from_dict, config_from_json
-from prompt_kernels.methods.gpc import GPC, GPCConfig
+from prompt_kernels.methods.gpc import GPC, GPCConfig, rms, token_scale
 
 MODELS = ("bert", "llama")
 
@@ -79,9 +79,14 @@ def test_parameter_count_and_shapes(model_type, rank):
     torch.testing.assert_close(m.forget_gate[-1].bias if rank else m.forget_gate.bias, torch.ones(d))
 
 
+def _rms(x):
+    return x.square().mean(-1, keepdim=True).sqrt()
+
+
 @pytest.mark.parametrize("model_type", MODELS)
 def test_cell_by_hand(model_type):
-    """The rows entering layer l + 1 are o * tanh(f * c + i * tanh(W_c h + b_c)) with h the rows layer l output."""
+    """The rows entering layer l + 1 are s * y / RMS(y), y = o * tanh(f * c + i * tanh(W_c h^ + b_c)), with
+    h the rows layer l output, s their RMS and h^ = h / s; the rows entering layer 0 are s_0 P^."""
     pm = _attach(model_type, head="base", rank=None)
     m = pm.method
     with torch.no_grad():
@@ -97,26 +102,33 @@ def test_cell_by_hand(model_type):
 
     m.sequence_update = spy
     ids, mask = batch(model_type)
-    with torch.no_grad():
-        pm(input_ids=ids, attention_mask=mask)
+    seen, _ = _layer_inputs(pm, ids, mask)
     assert [c[0] for c in calls] == [0, 1, 2]
+    p = 3
+    x0 = seen[0][:, p:].double()
+    real = mask.bool()
+    s0 = torch.stack([_rms(x0[b, real[b]]).mean() for b in range(3)])[:, None, None]
+    torch.testing.assert_close(seen[0][:, :p].double(), s0 * m.prompt.detach().double()[None])
     c = m.prompt[None].detach().double()
     lin = {n: (g.weight.detach().double(), g.bias.detach().double()) for n, g in m.named_children()}
     for _, h, got in calls[:2]:
-        h = h.double()
+        s = _rms(h.double())
+        h = h.double() / s
         hc = torch.cat([h, c.expand_as(h)], -1)
         f = torch.sigmoid(F.linear(hc, *lin["forget_gate"]))
         i = torch.sigmoid(F.linear(hc, *lin["input_gate"]))
         o = torch.sigmoid(F.linear(hc, *lin["output_gate"]))
         c = f * c + i * torch.tanh(F.linear(h, *lin["candidate"]))
-        torch.testing.assert_close(got.double(), o * torch.tanh(c), rtol=1e-5, atol=1e-5)
+        y = o * torch.tanh(c)
+        torch.testing.assert_close(got.double(), s * y / (_rms(y) + 1e-6), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(calls[2][2], calls[2][1])  # nothing after the last layer
 
 
 @pytest.mark.parametrize("rank", [None, 4])
 @pytest.mark.parametrize("model_type", MODELS)
 def test_keep_everything_cell_gives_tanh_c0_at_every_later_layer(model_type, rank):
-    """Forget 1, input 0, output 1 (weights 0, biases +-large): rows entering layers 1.. are tanh(P^0)."""
+    """Forget 1, input 0, output 1 (weights 0, biases +-large): the rows entering layers 1.. are
+    tanh(P^) (rescaled to the RMS of the rows the previous layer output)."""
     pm = _attach(model_type, head="base", rank=rank)
     m = pm.method
     with torch.no_grad():
@@ -143,17 +155,35 @@ def test_keep_everything_cell_gives_tanh_c0_at_every_later_layer(model_type, ran
     p, T = 3, ids.shape[1]
     assert sorted(seen) == [0, 1, 2]
     assert all(x.shape == (3, p + T, D) for x in seen.values())
-    torch.testing.assert_close(seen[0][:, :p], m.prompt.detach()[None].expand(3, -1, -1))
-    want = torch.tanh(m.prompt.detach())[None].expand(3, -1, -1)
+    s0 = token_scale(seen[0][:, p:], mask.bool())
+    torch.testing.assert_close(seen[0][:, :p], s0 * m.prompt.detach()[None])
+    t = torch.tanh(m.prompt.detach())[None]
+    direction = t / (_rms(t) + 1e-6)
     for idx in (1, 2):
-        torch.testing.assert_close(seen[idx][:, :p], want, rtol=1e-6, atol=1e-6)
+        want = _rms(outputs[idx - 1]) * direction
+        torch.testing.assert_close(seen[idx][:, :p], want, rtol=1e-5, atol=1e-6)
         # what the previous layer output was something else: the cell replaced it
         assert not torch.allclose(outputs[idx - 1], want, atol=1e-2)
-    assert not torch.allclose(want, seen[0][:, :p], atol=1e-2)
     # and the real tokens did see the prompt: the output differs from the unprompted model
     ref = pm.detach()(input_ids=ids, attention_mask=mask).last_hidden_state
     assert out.last_hidden_state.shape == ref.shape
     assert not torch.allclose(out.last_hidden_state, ref)
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_prompt_rows_are_on_the_token_scale_at_init(model_type):
+    """At initialisation the prompt rows entering every layer have about the norm of the real tokens
+    entering it (within a factor 2). Before: P^0 had the vocabulary rows' scale (0.02 per entry where
+    BERT's embedding LayerNorm makes tokens ~1) and the cell output was bounded in (-1, 1)."""
+    pm = _attach(model_type, head="base")
+    ids, mask = batch(model_type)
+    seen, _ = _layer_inputs(pm, ids, mask)
+    real, p = mask.bool(), 3
+    for idx, x in seen.items():
+        rows = x[:, :p].norm(dim=-1).mean().item()
+        tokens = x[:, p:].norm(dim=-1)[real].mean().item()
+        assert 0.5 < rows / tokens < 2.0, (idx, rows, tokens)
+    assert torch.allclose(rms(pm.method.prompt.detach()), torch.ones(p, 1))
 
 
 @pytest.mark.parametrize("model_type", MODELS)

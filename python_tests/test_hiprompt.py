@@ -185,3 +185,20 @@ def test_causal_lm_loss_and_generate():
     pm.eval()
     gen = pm.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False)
     assert gen.shape == (1, 10)
+
+
+@pytest.mark.parametrize("base_rank", [None, 4])
+@pytest.mark.parametrize("model_type", MODELS)
+def test_layer_norms_normalise_at_init(model_type, base_rank):
+    """At initialisation E = Z W_e has about unit variance and the interaction terms' variances are far
+    above the LayerNorm eps, so LN_2 and LN_3 normalise (LN(2 I) = LN(I)) instead of acting as a fixed
+    scaling x / sqrt(eps) (I3 had a variance ~1e-8 with the default Linear init)."""
+    pm = _attach(model_type, head="base", layers=4, base_rank=base_rank, rank=16)
+    m = pm.method
+    with torch.no_grad():
+        E = m.embed(m.base_prompts())
+        assert 0.1 < E.var().item() < 10.0  # about 1 (few entries on the tiny model)
+        I2, I3 = interaction_terms(E, 3)
+        for term, norm in ((I2, m.order2_norm), (I3, m.order3_norm)):
+            assert term.var(-1).min().item() > 100 * norm.eps
+            torch.testing.assert_close(norm(2 * term), norm(term), rtol=1e-2, atol=1e-2)

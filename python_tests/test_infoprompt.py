@@ -60,10 +60,10 @@ def test_config_defaults_round_trip_and_validation():
 @pytest.mark.parametrize("model_type", MODELS)
 def test_parameter_count_and_prompt_shape(model_type):
     pm = _attach(model_type)
-    assert pm.num_trainable_parameters == 3 * D + D * D
+    assert pm.num_trainable_parameters == 3 * D + 2 * D * D
     m = pm.method
     assert isinstance(m, InfoPrompt) and m.prompt.shape == (3, D)
-    torch.testing.assert_close(m.context.weight, torch.eye(D))
+    torch.testing.assert_close(m.context.weight, torch.cat([torch.eye(D), torch.eye(D)], dim=1))
     ids, mask = batch(model_type)
     pm.eval()
     with torch.no_grad():
@@ -77,10 +77,12 @@ def test_parameter_count_and_prompt_shape(model_type):
 def test_losses_by_hand(model_type):
     pm = _attach(model_type, gamma=0.3, beta=0.7)
     m = pm.method
-    with torch.no_grad():  # something other than the identity, so W_r is really used
-        m.context.weight.add_(0.1 * torch.randn(D, D))
+    with torch.no_grad():  # something other than [I | I], so W_r is really used
+        m.context.weight.add_(0.1 * torch.randn(D, 2 * D))
     ids, mask = batch(model_type)
+    labels = torch.tensor([2, 0, 1])
     pm.train()
+    m.set_labels(labels)
     out = pm(input_ids=ids, attention_mask=mask)
     aux = pm.last_aux_losses
     assert set(aux) == {"infoprompt_head", "infoprompt_rep"}
@@ -88,13 +90,16 @@ def test_losses_by_hand(model_type):
     real = mask.bool()
     with torch.no_grad():
         table = pm.info.input_embeddings.weight
-        e = torch.stack([table[5], table[6:8].mean(0), table[8]]).mean(0)
+        E = torch.stack([table[5], table[6:8].mean(0), table[8]])
         P = m.prompt
-        # head loss: positive <mean P, e>, negatives the real tokens' embeddings against e
-        pos = _score(P.mean(0), e)
+        # head loss: positive <mean P, E_y>, negatives the other labels' rows against mean P and the
+        # real tokens' embeddings against E_y
         head = 0.0
         for b in range(B):
-            negs = [_score(table[ids[b, t]], e) for t in range(T) if real[b, t]]
+            y = int(labels[b])
+            pos = _score(P.mean(0), E[y])
+            negs = [_score(P.mean(0), E[k]) for k in range(3) if k != y]
+            negs += [_score(table[ids[b, t]], E[y]) for t in range(T) if real[b, t]]
             head += _lse([pos, *negs]) - pos
         head /= B
         # representation loss
@@ -108,11 +113,12 @@ def test_losses_by_hand(model_type):
 
         z = [pool(hidden, b) for b in range(B)]
         z0 = [pool(hidden0, b) for b in range(B)]
-        c = m.context.weight @ P.mean(0)
         rep = 0.0
         for b in range(B):
+            e_b = torch.stack([table[ids[b, t]] for t in range(T) if real[b, t]]).mean(0)
+            c = m.context.weight @ torch.cat([P.mean(0), e_b])
             s = _score(z[b], c)
-            negs = [_score(z0[j], c) for j in range(B)] + [_score(z[j], c) for j in range(B) if j != b]
+            negs = [_score(z0[b], c)] + [_score(z[j], c) for j in range(B) if j != b]
             rep += _lse([s, *negs]) - s
         rep /= B
     assert pm.info.causal == (model_type == "llama")
@@ -131,25 +137,27 @@ def test_losses_by_hand(model_type):
 
 
 def test_clamp_clamps():
-    """A prompt aligned with the label embedding far beyond the clamp: the positive score is exactly
-    the clamp, and the head loss gives the prompt no gradient."""
+    """A prompt aligned with the gold label's row far beyond the clamp: the positive score is exactly
+    the clamp, and (with the other labels' scores clamped too) the head loss gives the prompt no gradient."""
     pm = _attach("bert", beta=0.0, clamp=1.5)
     m = pm.method
     table = pm.info.input_embeddings.weight
-    e = torch.stack([table[5], table[6:8].mean(0), table[8]]).mean(0)
+    E = torch.stack([table[5], table[6:8].mean(0), table[8]])
+    direction = E.sum(0)  # scores high against every label row
     with torch.no_grad():
-        m.prompt.copy_(
-            e[None].expand(3, -1) * (50.0 / e.norm() ** 2) * math.sqrt(D)
-        )  # <mean P, e>/sqrt(d) = 50
-    assert float(m.prompt.detach().mean(0) @ e) / math.sqrt(D) > 40
+        m.prompt.copy_(direction[None].expand(3, -1) * (500.0 / direction.norm() ** 2) * math.sqrt(D))
+    assert min(float(m.prompt.detach().mean(0) @ e) / math.sqrt(D) for e in E) > 1.5
     ids, mask = batch("bert")
+    labels = torch.tensor([0, 1, 2])
     pm.train()
+    m.set_labels(labels)
     pm(input_ids=ids, attention_mask=mask)
     loss = pm.last_aux_losses["infoprompt_head"]
     real = mask.bool()
     expected = 0.0
     for b in range(ids.shape[0]):
-        negs = [_score(table[ids[b, t]], e, 1.5) for t in range(ids.shape[1]) if real[b, t]]
+        y = int(labels[b])
+        negs = [1.5, 1.5] + [_score(table[ids[b, t]], E[y], 1.5) for t in range(ids.shape[1]) if real[b, t]]
         expected += _lse([1.5, *negs]) - 1.5
     expected /= ids.shape[0]
     torch.testing.assert_close(
@@ -160,9 +168,99 @@ def test_clamp_clamps():
     # below the clamp the same loss does move the prompt
     with torch.no_grad():
         m.prompt.mul_(0.001)
+    m.set_labels(labels)
     pm(input_ids=ids, attention_mask=mask)
     pm.last_aux_losses["infoprompt_head"].backward()
     assert m.prompt.grad.abs().sum() > 0
+
+
+def _head_grad(pm, ids, mask, labels):
+    m = pm.method
+    m.prompt.grad = None
+    m.set_labels(labels)
+    pm(input_ids=ids, attention_mask=mask)
+    pm.last_aux_losses["infoprompt_head"].backward()
+    return m.prompt.grad.clone()
+
+
+def test_head_loss_carries_the_labels_with_two_classes():
+    """With two classes (classifier rows), the head loss's gradient w.r.t. the prompt is non-zero and
+    depends on the labels. (Scoring against the mean of the rows gave the same gradient whatever the
+    labels, and the mean of two rows trained by cross-entropy never moves: no task information.)"""
+    pm = _attach("bert", cfg_head="classifier", beta=0.0)
+    classifier = torch.nn.Linear(D, 2)
+    pm.method.set_label_embeddings(lambda: classifier.weight)
+    ids, mask = batch("bert")
+    pm.train()
+    g0 = _head_grad(pm, ids, mask, torch.tensor([0, 0, 0]))
+    g1 = _head_grad(pm, ids, mask, torch.tensor([1, 1, 1]))
+    mixed = _head_grad(pm, ids, mask, torch.tensor([0, 1, 0]))
+    for g in (g0, g1, mixed):
+        assert g.abs().sum() > 0
+    assert not torch.allclose(g0, g1, rtol=1e-3, atol=1e-8)
+    assert not torch.allclose(mixed, g0, rtol=1e-3, atol=1e-8)
+    # the positive pulls mean(P) towards the gold row: the gradient of label 0 has a negative
+    # component along row 0 - row 1 (gradient descent moves the prompt towards row 0)
+    w = classifier.weight.detach()
+    assert float(g0.sum(0) @ (w[0] - w[1])) < 0 < float(g1.sum(0) @ (w[0] - w[1]))
+
+
+def test_labels_from_the_call_and_missing_labels():
+    """Class labels of the call ([B] ints) are used; without any, the head loss is skipped with one
+    warning and the representation loss still runs; set_labels is consumed by the next forward."""
+    pm = _attach("bert", head="cls", cfg_head="classifier")
+    m = pm.method
+    ids, mask = batch("bert")
+    labels = torch.tensor([1, 0, 2])
+    pm.train()
+    pm(input_ids=ids, attention_mask=mask, labels=labels)
+    from_call = m.last_losses["head"]
+    m.set_labels(labels)
+    pm(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(m.last_losses["head"], from_call)
+    with pytest.warns(UserWarning, match="skips the head loss"):
+        pm(input_ids=ids, attention_mask=mask)  # set_labels was consumed
+    assert set(pm.last_aux_losses) == {"infoprompt_rep"}
+    m.set_labels(labels)
+    pm.eval()
+    with torch.no_grad():
+        pm(input_ids=ids, attention_mask=mask)  # an eval forward takes the labels too
+    pm.train()
+    pm(input_ids=ids, attention_mask=mask)
+    assert set(pm.last_aux_losses) == {"infoprompt_rep"}
+    with pytest.raises(ValueError):
+        m.set_labels(torch.tensor([0.5, 1.0]))
+    m.set_labels(torch.tensor([0, 1]))  # wrong batch size
+    with pytest.raises(ValueError, match="set_labels"):
+        pm(input_ids=ids, attention_mask=mask)
+    m.set_labels(torch.tensor([0, 1, 3]))  # no row 3
+    with pytest.raises(ValueError, match="labels must lie"):
+        pm(input_ids=ids, attention_mask=mask)
+
+
+def test_representation_context_depends_on_the_example():
+    """c_b = W_r [sg(mean P); e(x_b)]: examples with different tokens get different contexts, and the
+    unprompted representation is computed with dropout off (the same on every call)."""
+    pm = _attach("bert", gamma=0.0)
+    m = pm.method
+    ids, mask = batch("bert")
+    emb = pm.info.input_embeddings(ids)
+    c = m.contexts(emb, mask.bool())
+    assert c.shape == (3, D)
+    assert not torch.allclose(c[0], c[1])
+    real = mask.bool()
+    e1 = emb[2, real[2]].mean(0)
+    torch.testing.assert_close(c[2], m.prompt.mean(0) + e1, rtol=1e-5, atol=1e-6)  # [I | I] at init
+    model = tiny_model("bert", dropout=True)
+    pm2 = pk.attach(model, InfoPromptConfig(prompt_length=3, head="label_words", gamma=0.0))
+    pm2.train()
+    seen = []
+    original = pm2.method._unprompted_hidden
+    pm2.method._unprompted_hidden = lambda ctx: seen.append(original(ctx)) or seen[-1]
+    pm2(input_ids=ids, attention_mask=mask)
+    pm2(input_ids=ids, attention_mask=mask)
+    assert torch.equal(seen[0], seen[1])  # no dropout in the unprompted run
+    assert pm2.training and all(mod.training for mod in pm2.model.modules())  # modes restored
 
 
 # -- training behaviour --------------------------------------------------------------------------------
@@ -197,7 +295,9 @@ def test_classifier_rows_and_setter():
         m.set_label_embeddings("weights")
     ids, mask = batch("bert")
     pm.train()
-    pm(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    m.set_labels(torch.tensor([0, 1, 1]))
+    out = pm(input_ids=ids, attention_mask=mask)
+    (out.logits.sum() + pm.last_aux_losses["infoprompt_head"]).backward()
     assert other.weight.grad is None  # E_label is detached
 
 
@@ -205,11 +305,13 @@ def test_missing_label_source_raises():
     pm = _attach("bert", cfg_head="classifier")  # AutoModel: no classifier, no setter called
     ids, mask = batch("bert")
     pm.train()
+    pm.method.set_labels(torch.tensor([0, 1, 0]))
     with pytest.raises(ValueError, match="set_label_embeddings"):
         pm(input_ids=ids, attention_mask=mask)
     model = tiny_model("bert", dropout=False)
     pm2 = pk.attach(model, InfoPromptConfig(prompt_length=2, head="label_words"))
     pm2.train()
+    pm2.method.set_labels(torch.tensor([0, 1, 0]))
     with pytest.raises(ValueError, match="label_token_ids"):
         pm2(input_ids=ids, attention_mask=mask)
     with pytest.raises(ValueError):
@@ -223,6 +325,7 @@ def test_linear_decay():
     pm.train()
     m.set_progress(3, 4)
     assert m.loss_scale() == 0.25
+    m.set_labels(torch.tensor([0, 1, 2]))
     pm(input_ids=ids, attention_mask=mask)
     aux = pm.last_aux_losses
     torch.testing.assert_close(aux["infoprompt_head"], 0.25 * 0.1 * m.last_losses["head"])
@@ -241,7 +344,7 @@ def test_save_load_round_trip(model_type, tmp_path):
     pm = _attach(model_type, head=head, cfg_head="classifier" if head == "cls" else "label_words")
     with torch.no_grad():
         pm.method.prompt.add_(torch.randn_like(pm.method.prompt))
-        pm.method.context.weight.add_(torch.randn(D, D))
+        pm.method.context.weight.add_(torch.randn(D, 2 * D))
     ids, mask = batch(model_type)
     pm.eval()
     with torch.no_grad():
@@ -259,6 +362,7 @@ def test_causal_lm_with_labels_and_generate():
     pm = _attach("llama", head="lm")
     ids, _ = batch("llama", pad_last=0)
     pm.train()
+    pm.method.set_labels(torch.tensor([0, 2, 1]))  # token labels are not class labels: given separately
     out = pm(input_ids=ids, labels=ids)
     assert set(pm.last_aux_losses) == {"infoprompt_head", "infoprompt_rep"}
     assert torch.isfinite(out.loss)
@@ -283,6 +387,7 @@ def test_minilm_both_methods():
         pm = pk.attach(model, cfg)
         if isinstance(cfg, InfoPromptConfig):
             pm.method.set_label_embeddings(lambda: classifier.weight)
+            pm.method.set_labels(torch.tensor([1, 0]))
         pm.train()
         out = pm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         assert out.last_hidden_state.shape[1] == 4 + enc["input_ids"].shape[1]

@@ -138,6 +138,15 @@ def test_generator_on_cpu_runs_the_cpp_ops(monkeypatch):
 def test_config_round_trip_and_validation():
     c = SPTConfig(prompt_length=4, lambda_=0.5, style="sequence", selected_layers=[3, 1, 3], gate_lr=0.1)
     assert c.selected_layers == [1, 3]
+    default = SPTConfig()
+    assert (default.gate_lr, default.gate_travel, default.representation, default.retrain_from) == (
+        None,
+        8.0,
+        "pooled",
+        "searched",
+    )
+    other = SPTConfig(representation="first", retrain_from="scratch", gate_travel=3.0)
+    assert SPTConfig.from_json(other.to_json()) == other
     d = json.loads(c.to_json())
     assert d["method"] == "spt"
     assert config_from_dict(d) == c and SPTConfig.from_json(c.to_json()) == c
@@ -150,6 +159,9 @@ def test_config_round_trip_and_validation():
         (dict(dropout=1.0), ValueError),
         (dict(budget_k=0), ValueError),
         (dict(gate_lr=0.0), ValueError),
+        (dict(gate_travel=0.0), ValueError),
+        (dict(representation="cls"), ValueError),
+        (dict(retrain_from="warm"), ValueError),
         (dict(selected_layers=[]), ValueError),
         (dict(selected_layers=[-1]), ValueError),
         (dict(activation="swish2"), ValueError),
@@ -507,3 +519,178 @@ def test_prompt_magnitude_at_init_is_finite():
     pm(input_ids=ids, attention_mask=mask)
     norms = [pm.method.last_prompts[i].norm(dim=-1).mean().item() for i in range(L)]
     assert all(math.isfinite(n) and n > 0 for n in norms)
+
+
+# ----------------------------------------------------------------------------- the search decides
+def test_search_optimisers_split_and_default_gate_learning_rate():
+    """ω (generators + head) and α (the gate logits) get separate optimisers; α's learning rate is
+    config.gate_lr, else gate_travel / the number of gate steps."""
+    pm, head, data, loss_fn = _toy_task("bert")
+    opt_w, opt_a = spt.search_optimizers(pm, head, lr=1e-3, gate_lr=0.25)
+    (group_a,) = opt_a.param_groups
+    assert group_a["params"] == [pm.method.gate_logits] and group_a["lr"] == 0.25
+    assert isinstance(opt_a, torch.optim.Adam) and group_a["weight_decay"] == 0
+    w_params = [p for g in opt_w.param_groups for p in g["params"]]
+    assert all(p is not pm.method.gate_logits for p in w_params)
+    assert {id(p) for p in w_params} == {id(p) for p in spt.omega_parameters(pm, head)}
+    assert opt_w.param_groups[0]["lr"] == 1e-3
+    cfg = pm.method.config
+    assert spt.gate_learning_rate(cfg, 50) == pytest.approx(8.0 / 50)
+    assert spt.gate_learning_rate(dataclasses_replace(cfg, gate_lr=0.03), 50) == 0.03
+    record = spt.search(pm, head, iter(data[:2]), iter(data[2:]), 2, loss_fn)
+    assert record.gate_lr == pytest.approx(8.0 / 2)
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_gate_budget_lets_the_gates_separate(kind):
+    """With a steady gate gradient (a loss that rewards gate 0), the default learning rate lets α move by
+    several units over the search (Adam: about gate_travel / steps per step while the gradient keeps its
+    size; the sigmoid's shrinking slope slows it near 0 / 1), the re-parameterisation pushing α_1 down.
+    The old fixed 1e-2 moved it by at most 0.06 in 6 steps."""
+    pm = prompt_kernels.attach(make_model(kind), config(dropout=0.0, consistency_weight=0.0))
+    pm.method.record_prompts = True
+    ids, mask = batch()
+
+    def loss_fn(pm_, head_, b):
+        out = pm_(input_ids=ids, attention_mask=mask).last_hidden_state
+        return 0.0 * out.sum() - pm_.method.last_gates[0]
+
+    steps = 6
+    record = spt.search(pm, None, iter([None] * steps), iter([None] * steps), steps, loss_fn)
+    alpha = pm.method.gate_logits.detach()
+    travel = pm.method.config.gate_travel
+    assert record.gate_lr == pytest.approx(travel / steps)
+    first = torch.tensor(record.gate_trajectory[1]).logit()  # after one gate step: exactly one lr
+    assert first[0].item() == pytest.approx(travel / steps, rel=1e-3)
+    assert first[1].item() == pytest.approx(-travel / steps, rel=1e-3)
+    assert alpha[0].item() > travel / 2 and (alpha[0] - alpha[1]).item() > travel
+    assert record.gate_trajectory[-1][0] > 0.99 and record.gate_trajectory[-1][1] < 0.01
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gate_steps_run_without_dropout(kind):
+    """The ω step runs in training mode (dropout on); the α step with every module of pm and the head in
+    eval mode; the modes are restored afterwards."""
+    pm, head, data, task_loss = _toy_task(kind)
+    pm.method.generators["0"].dropout.p = 0.5
+    head = torch.nn.Sequential(torch.nn.Dropout(0.3), head)
+    modes = []
+
+    def loss_fn(pm_, head_, b):
+        modes.append(
+            (
+                pm_.training,
+                any(m.training for m in pm_.modules()),
+                all(m.training for m in pm_.modules()),
+                head_.training,
+                head_[0].training,
+            )
+        )
+        return task_loss(pm_, head_, b)
+
+    pm.train()
+    spt.search(pm, head, iter(data[:2]), iter(data[2:]), 2, loss_fn, lr=1e-2)
+    omega_modes, alpha_modes = modes[0::2], modes[1::2]
+    assert all(m == (True, True, True, True, True) for m in omega_modes)
+    assert all(m == (False, False, False, False, False) for m in alpha_modes)
+    assert pm.training and all(m.training for m in pm.modules()) and head.training
+    pm.eval()
+    spt.search(pm, head, iter(data[:1]), iter(data[1:2]), 1, loss_fn, lr=1e-2)
+    assert not pm.training  # restored to what it was
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("style", STYLES)
+def test_consistency_reaches_the_gates(kind, style, monkeypatch):
+    """With a task loss that gives nothing to α, the consistency loss of the ω step alone moves the gates
+    (its gradient is taken from the masked run through a copy of α); without it α stays put."""
+    moved = {}
+    for weight in (1.0, 0.0):
+        pm = prompt_kernels.attach(
+            make_model(kind), config(style=style, dropout=0.0, consistency_weight=weight)
+        )
+        monkeypatch.setattr(pm.method, "sample_consistency_mask", lambda: torch.tensor([1.0, 0.0]))
+        ids, mask = batch()
+        harvested = []
+
+        def loss_fn(pm_, head_, b, ids=ids, mask=mask, harvested=harvested):
+            out = pm_(input_ids=ids, attention_mask=mask).last_hidden_state
+            if pm_.training:
+                harvested.append(pm_.method._masked_logits)
+            return 0.0 * out.sum()
+
+        before = pm.method.gate_logits.detach().clone()
+        spt.search(pm, None, iter([None] * 2), iter([None] * 2), 2, loss_fn, lr=1e-2)
+        moved[weight] = (pm.method.gate_logits.detach() - before).abs().max().item()
+        if weight:
+            assert all(h is not None and h.grad is not None and h.grad.abs().sum() > 0 for h in harvested)
+    assert moved[1.0] > 0.1 and moved[0.0] == 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_consistency_compares_the_heads_representation(kind, monkeypatch):
+    """The consistency loss is the MSE between the pooled final hidden states (mean of the real tokens
+    for encoders, last real token for causal models: what the command line's head reads) of the masked
+    and the full run; representation="first" compares the first real token ([CLS])."""
+    for rep in ("pooled", "first"):
+        model = make_model(kind)
+        for m in model.modules():  # no dropout: the eval-mode runs below are the training runs
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        pm = prompt_kernels.attach(model, config(dropout=0.0, representation=rep))
+        monkeypatch.setattr(pm.method, "sample_consistency_mask", lambda: torch.tensor([0.0, 1.0]))
+        ids, mask = batch()
+        pm.train()
+        pm(input_ids=ids, attention_mask=mask)
+        got = pm.last_aux_losses["spt_consistency"]
+        pm.eval()
+        with torch.no_grad():
+            full = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+            pm.method.gate_mask = torch.tensor([0.0, 1.0])
+            masked = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+        real = mask.bool()
+        rows = []
+        for h in (full, masked):
+            if kind == "llama":
+                rows.append(torch.stack([h[b, real[b]][-1] for b in range(3)]))
+            elif rep == "pooled":
+                rows.append(torch.stack([h[b, real[b]].mean(0) for b in range(3)]))
+            else:
+                rows.append(h[:, 0])
+        want = torch.nn.functional.mse_loss(rows[1], rows[0])
+        torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-7)
+    custom = prompt_kernels.attach(make_model(kind), config(dropout=0.0))
+    custom.method.set_representation(lambda out, m: out.last_hidden_state[:, -1] * 0)
+    custom.train()
+    custom(input_ids=ids, attention_mask=mask)
+    assert custom.last_aux_losses["spt_consistency"].item() == 0.0
+
+
+def test_head_representation_from_logits_only():
+    h = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    pooled = spt.head_representation({"last_hidden_state": h}, mask, causal=False)
+    torch.testing.assert_close(pooled, torch.stack([h[0, :3].mean(0), h[1, 2:].mean(0)]))
+    assert torch.equal(spt.head_representation({"logits": h[:, 0]}, mask, causal=False), h[:, 0])
+    assert torch.equal(
+        spt.head_representation({"last_hidden_state": h, "logits": h[:, 1]}, mask, False, "logits"), h[:, 1]
+    )
+
+
+@pytest.mark.parametrize("from_searched", [True, False])
+def test_retrain_from_searched_or_scratch(from_searched):
+    pm = prompt_kernels.attach(
+        make_model("bert"), config(retrain_from="searched" if from_searched else "scratch")
+    )
+    searched = {k: v.clone() for k, v in pm.method.state_dict().items() if k.startswith("generators.1.")}
+    discrete = spt.build_discrete(pm, [1])
+    same = all(torch.equal(v, searched[k]) for k, v in discrete.method.state_dict().items())
+    assert same == from_searched
+    record = spt.SearchRecord(gate_trajectory=[[0.5, 0.5], [0.3, 0.9]], selected_layers=[1], gate_lr=0.1)
+    assert record.gate_margin() == pytest.approx(0.6)

@@ -13,7 +13,7 @@ from patch_helpers import D, assert_save_load_round_trip, batch, tiny_model
 
 import prompt_kernels as pk
 from prompt_kernels.configs import config_from_dict, config_from_json
-from prompt_kernels.methods.vip import VIP, VIPConfig
+from prompt_kernels.methods.vip import VIP, VIPConfig, embedding_norm
 from prompt_kernels.nn.vector_quantizer import VectorQuantizer
 
 MODELS = ("bert", "llama")
@@ -38,7 +38,9 @@ def test_config_defaults_and_round_trip():
         4,
         64,
     )
-    assert cfg.codebook_size == 40 and cfg.codebook_norm == 100.0 and cfg.temperature == 100.0
+    assert cfg.codebook_size == 40 and cfg.codebook_norm == "embedding" and cfg.temperature == 100.0
+    assert cfg.temperature_reference_norm == 100.0
+    assert (cfg.sample_in_eval, cfg.eval_seed) == (True, 0)  # eval runs the training path, seeded
     assert (cfg.num_samples, cfg.commitment_weight, cfg.ema_decay, cfg.ema_eps, cfg.mode) == (
         10,
         0.1,
@@ -49,6 +51,8 @@ def test_config_defaults_and_round_trip():
     assert VIPConfig(prompt_length=2, codebook_size=7).codebook_size == 7
     odd = VIPConfig(prompt_length=5, codebook_norm=None, mode="nearest", temperature=3.0)
     assert VIPConfig.from_json(odd.to_json()) == odd
+    paper = VIPConfig(prompt_length=5, codebook_norm=100, temperature_reference_norm=None, eval_seed=3)
+    assert paper.codebook_norm == 100.0 and VIPConfig.from_json(paper.to_json()) == paper
     assert config_from_json(odd.to_json()) == odd
     assert config_from_dict(json.loads(json.dumps(odd.to_dict()))) == odd
     assert pk.VIPConfig is VIPConfig
@@ -62,6 +66,9 @@ def test_config_defaults_and_round_trip():
         {"contextualizer_layers": 0},
         {"codebook_size": 0},
         {"codebook_norm": 0.0},
+        {"codebook_norm": "vocab"},
+        {"temperature_reference_norm": 0.0},
+        {"eval_seed": -1},
         {"temperature": 0.0},
         {"num_samples": 0},
         {"commitment_weight": -0.1},
@@ -92,7 +99,13 @@ def test_parameter_count_and_shapes(model_type):
     assert m.quantizer.codebook.shape == (30, d)
     assert not m.quantizer.codebook.requires_grad
     norms = m.quantizer.codebook.norm(dim=-1)
-    torch.testing.assert_close(norms, torch.full_like(norms, 100.0))
+    table_norms = pm.info.input_embeddings.weight.detach().double().norm(dim=-1)
+    assert m.codebook_norm == pytest.approx(table_norms[table_norms > 0].mean().item(), rel=1e-9)
+    assert m.codebook_norm == embedding_norm(pm.info)
+    torch.testing.assert_close(norms, torch.full_like(norms, m.codebook_norm))
+    # τ is the paper's at norm 100, rescaled with the squared norm
+    assert m.temperature == pytest.approx(100.0 * (m.codebook_norm / 100.0) ** 2)
+    assert m.quantizer.temperature == m.temperature
     # the prompt starts as vocabulary rows
     table = pm.info.input_embeddings.weight
     for row in m.prompt:
@@ -106,8 +119,11 @@ def test_parameter_count_and_shapes(model_type):
 
 @pytest.mark.parametrize("model_type", MODELS)
 def test_prompt_is_P_plus_Q_and_commitment_by_hand(model_type):
-    """Eval mode (nearest code): the prepended prompt is P + codebook[nearest(C~)], the loss w mean((C~ - Q)^2)."""
-    pm = _attach(model_type, head="base", prompt_length=2, codebook_size=9, commitment_weight=0.3)
+    """Eval mode, nearest code (``sample_in_eval=False``): the prepended prompt is P + codebook[nearest(C~)],
+    the loss w mean((C~ - Q)^2)."""
+    pm = _attach(
+        model_type, head="base", prompt_length=2, codebook_size=9, commitment_weight=0.3, sample_in_eval=False
+    )
     pm.eval()
     m = pm.method
     ids, mask = batch(model_type)
@@ -119,7 +135,7 @@ def test_prompt_is_P_plus_Q_and_commitment_by_hand(model_type):
         hook.remove()
     with torch.no_grad():
         C = m.contextualize(pm.info.input_embeddings(ids), mask.bool())
-        rows = F.normalize(C, dim=-1) * 100.0
+        rows = F.normalize(C, dim=-1) * m.codebook_norm
         dist = ((rows[:, :, None, :] - m.quantizer.codebook[None, None]) ** 2).sum(-1)  # [B, p, K]
         Q = m.quantizer.codebook[dist.argmin(-1)]
         expected = m.prompt[None] + Q
@@ -234,7 +250,7 @@ def test_ema_update_by_hand(ema):
         "sample",
         7,
         3,
-        100.0,
+        pm.method.temperature,
         0.9,
         0.1,
         0.1,
@@ -317,3 +333,68 @@ def test_causal_lm_loss_and_generate():
     pm.eval()
     gen = pm.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False)
     assert gen.shape == (1, 10)
+
+
+# -- scales and the evaluation path ----------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", MODELS)
+def test_skip_and_quantised_parts_have_comparable_norms_at_init(model_type):
+    """Both terms of P + Q matter at initialisation: their row norms are within a factor 3 (with the
+    paper's norm 100 on a model whose embedding rows have norm ~0.1, Q was ~1000 times P)."""
+    pm = _attach(model_type, head="base")
+    pm.train()
+    seen = {}
+    original = pm.method.quantize
+
+    def spy(rows):
+        out = original(rows)
+        seen["q"] = out[0].detach()
+        return out
+
+    pm.method.quantize = spy
+    ids, mask = batch(model_type)
+    pm(input_ids=ids, attention_mask=mask)
+    p_norm = pm.method.prompt.detach().norm(dim=-1).mean().item()
+    q_norm = seen["q"].norm(dim=-1).mean().item()
+    assert 1 / 3 < q_norm / p_norm < 3, (p_norm, q_norm)
+    # and the code distribution is not uniform: with τ rescaled, the sampled codes are concentrated
+    # (a uniform draw of 10 codes out of 30 would average to a row norm well below the codes' norm)
+    assert q_norm > 0.5 * pm.method.codebook_norm
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_eval_uses_the_training_quantiser_path_seeded(model_type):
+    """Eval draws S codes and averages them, as training does, from a generator seeded with eval_seed:
+    repeated eval forwards agree exactly, the codebook is untouched, and Q is vq_sample's output."""
+    from prompt_kernels.ops.vq import vq_sample
+
+    pm = _attach(model_type, head="base", prompt_length=2, num_samples=4, codebook_size=6, eval_seed=11)
+    m = pm.method
+    seen = {}
+    original = m.quantize
+
+    def spy(rows):
+        out = original(rows)
+        seen["rows"], seen["q"], seen["idx"] = rows.detach(), out[0].detach(), out[1]
+        return out
+
+    m.quantize = spy
+    ids, mask = batch(model_type)
+    pm.eval()
+    before = m.quantizer.codebook.clone()
+    with torch.no_grad():
+        a = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+        q_a = seen["q"]
+        b = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert seen["idx"].shape == (3, 2, 4)  # S samples per row, as in training
+    assert torch.equal(a, b)
+    assert torch.equal(m.quantizer.codebook, before)
+    ref = vq_sample(
+        seen["rows"],
+        before,
+        4,
+        m.temperature,
+        generator=torch.Generator().manual_seed(11),
+        commitment_weight=0.1,
+    )
+    torch.testing.assert_close(q_a, ref.quantized)
+    torch.testing.assert_close(q_a, before[seen["idx"]].mean(-2))

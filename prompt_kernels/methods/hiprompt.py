@@ -12,6 +12,13 @@ Shapes (``L`` layers, ``p`` prompt length, ``d`` hidden size, ``r`` interaction 
     P        [L, p, d]     Z + W_2 LN_2(I2) + W_3 LN_3(I3)         (``order2_out``, ``order3_out``: r -> d,
                                                                     no bias, zero-initialised)
 
+Scale at initialisation: ``W_e`` starts normal with standard deviation ``1 / (sqrt(d) σ_Z)`` (``σ_Z`` the
+base prompts' initial standard deviation), so ``E`` has unit variance, ``I2`` about ``L - 1`` and ``I3``
+about ``(L - 1)(L - 2) / 2``: far above the LayerNorms' eps (1e-5), so ``LN_2`` and ``LN_3`` normalise
+from the first step. (With PyTorch's default ``Linear`` init and vocabulary-scale prompts, ``E`` had
+entries ~0.01 and ``I3`` a variance ~1e-8 below the eps: the LayerNorm then acted as a fixed scaling
+``x / sqrt(eps)``, not as a normalisation.)
+
 All layers' ``P`` are computed once per forward (``ctx.memo``) with stacked tensors (no loop over
 pairs or layers); layer ``l``'s prompt keys/values are ``P_l`` through its frozen key/value
 projections (``ctx.project_key_value``), gate 1. At initialisation ``W_2 = W_3 = 0``, so the model is
@@ -82,7 +89,8 @@ class HiPrompt(PromptMethod):
         max_order >= 2:  d r (W_e) + 2 r (LN_2) + r d (W_2)
         max_order == 3:  + 2 r (LN_3) + r d (W_3)
 
-    Base prompts start normal with the standard deviation of the vocabulary embeddings.
+    Base prompts start normal with the standard deviation ``σ_Z`` of the vocabulary embeddings; ``W_e``
+    normal with standard deviation ``1 / (sqrt(d) σ_Z)`` (unit-variance ``E``); ``W_2 = W_3 = 0``.
     """
 
     def __init__(self, config: HiPromptConfig, info, **options):
@@ -97,6 +105,7 @@ class HiPrompt(PromptMethod):
             self.prompt_basis = nn.Parameter(torch.randn(k, d, device=dev) * std)
         if config.max_order >= 2:
             self.embed = nn.Linear(d, r, bias=False, device=dev)
+            nn.init.normal_(self.embed.weight, 0.0, 1.0 / (d**0.5 * max(std, 1e-12)))  # E ~ unit variance
             self.order2_norm = nn.LayerNorm(r, device=dev)
             self.order2_out = nn.Linear(r, d, bias=False, device=dev)
             nn.init.zeros_(self.order2_out.weight)

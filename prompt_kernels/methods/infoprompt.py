@@ -11,17 +11,28 @@ gradient). For one example with positive score ``s+`` and negative scores ``s-_1
 loss is ``logsumexp(s+, s-_1, ..., s-_n) - s+`` (>= 0; the InfoNCE estimate of the MI is
 ``log(n + 1)`` minus it); each loss is the mean of that over the batch.
 
-Head loss ``L_head`` (prompt vs task head): ``e = mean_j sg(E_label[j])`` ``[d]`` (label words'
-embeddings or the classifier's weight rows, see below), ``s+ = f(mean_k P_k, e)`` (the same for every
-example), negatives ``s-_t = f(E(x_t), e)`` for every real token ``t`` of the example (the frozen input
-embeddings, padding excluded).
+Head loss ``L_head`` (prompt vs task head; needs the gold class label ``y_b`` of each example):
+``E = sg(E_label)`` ``[C, d]`` (label words' embeddings or the classifier's weight rows, see below),
+``m = mean_k P_k``. For example ``b``: ``s+ = f(m, E_{y_b})``; negatives ``f(m, E_{y'})`` for every
+other label ``y' != y_b``, and ``f(E(x_t), E_{y_b})`` for every real token ``t`` of the example (the
+frozen input embeddings, padding excluded). The gradient reaches ``P`` through the positive and the
+label negatives and depends on ``y_b`` for any number of classes. (Scoring the prompt against the mean
+of all labels' rows would be inert: with two classes trained by cross-entropy their gradients are
+exactly opposite, so the mean stays at its random start and carries no task information.)
 
-Representation loss ``L_rep`` (prompt vs output representation, given the input): context
-``c = W_r mean_k sg(P_k)`` ``[d]`` (``W_r: d x d`` trainable, no bias, initialised to the identity),
-``z_b = z(x_b, P)`` the prompted representation, ``z0_b = z(x_b)`` the same batch's representation
-WITHOUT the prompt (``ctx.forward_without_prompts``, no gradient). For example ``b``:
-``s+ = f(z_b, c)``, negatives ``f(z0_b', c)`` for every ``b'`` of the batch (``b`` included) and
-``f(z_b', c)`` for every ``b' != b``. Gradients reach ``P`` through ``z`` and ``W_r`` through ``c``.
+Where the labels come from: ``labels`` of the forward call when they are class indices ``[B]`` (e.g. a
+sequence-classification model), else ``method.set_labels(labels)`` called before the forward (one-shot:
+used by the next training forward only; ``prompt_kernels/train.py``, whose base model takes no
+labels, must call it). A training forward without class labels skips the head loss and warns once.
+
+Representation loss ``L_rep`` (prompt vs output representation, given the input): an example-dependent
+context ``c_b = W_r [sg(m); e(x_b)]`` with ``e(x_b)`` the mean of example ``b``'s real input embeddings
+(``W_r: 2d -> d`` trainable, no bias, initialised to ``[I | I]``, so ``c_b = m + e(x_b)`` at the start),
+``z_b = z(x_b, P)`` the prompted representation, ``z0_b = z(x_b)`` the same example's representation
+WITHOUT the prompt (``ctx.forward_without_prompts``, no gradient, dropout off: a deterministic function
+of the frozen model and the input). For example ``b``: ``s+ = f(z_b, c_b)``, negatives ``f(z0_b, c_b)``
+(the same example without the prompt) and ``f(z_b', c_b)`` for every other example ``b' != b``.
+Gradients reach ``P`` through ``z`` and ``W_r`` through ``c``.
 
 ``z`` is the base model's pooled final hidden state (the backbone's ``last_hidden_state``, i.e. after
 the final norm of decoders) over the real tokens: the mean of the real tokens for encoders, the last
@@ -48,6 +59,7 @@ The losses are computed in training mode, or whenever ``labels`` are given, at t
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -137,7 +149,7 @@ def _last_hidden(output) -> torch.Tensor | None:
 @register_method(InfoPromptConfig)
 class InfoPrompt(PromptMethod):
     """Soft prompt ``P [p, d]`` (parameter ``prompt``, vocabulary-row init) + ``W_r`` (parameter
-    ``context.weight [d, d]``): ``p d + d^2`` trainable parameters."""
+    ``context.weight [d, 2d]``): ``p d + 2 d^2`` trainable parameters."""
 
     def __init__(self, config: InfoPromptConfig, info, label_token_ids=None, **options):
         super().__init__(config, info)
@@ -145,11 +157,14 @@ class InfoPrompt(PromptMethod):
         vocab = info.input_embeddings.weight.shape[0]
         ids = torch.randint(0, vocab, (config.prompt_length,), device=info.input_embeddings.weight.device)
         self.prompt = nn.Parameter(info.embed_tokens(ids).float().to(dev))
-        self.context = nn.Linear(d, d, bias=False, device=dev)
+        self.context = nn.Linear(2 * d, d, bias=False, device=dev)
         with torch.no_grad():
-            self.context.weight.copy_(torch.eye(d, device=dev))
+            eye = torch.eye(d, device=dev)
+            self.context.weight.copy_(torch.cat([eye, eye], dim=1))
         self._label_source: torch.Tensor | Callable[[], torch.Tensor] | None = None
         self._label_ids: list[list[int]] | None = None
+        self._pending_labels: torch.Tensor | None = None
+        self._warned_no_labels = False
         self._step, self._total = 0, None
         self._hook = None
         self.last_losses: dict[str, torch.Tensor] = {}
@@ -183,6 +198,20 @@ class InfoPrompt(PromptMethod):
                     raise ValueError(f"label_token_ids: {t!r} is not a token id in [0, {vocab})")
             rows.append(list(word))
         self._label_ids = rows
+
+    def set_labels(self, labels) -> None:
+        """The gold class labels ``[B]`` (ints in ``[0, num_labels)``) of the next forward, for the head
+        loss when the forward call itself carries no class labels (one-shot: the next outermost
+        forward takes them, whether it computes the losses or not). None clears them."""
+        if labels is None:
+            self._pending_labels = None
+            return
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels must be integer class indices [B], got {labels.dtype} {tuple(labels.shape)}"
+            )
+        self._pending_labels = labels
 
     def set_progress(self, step: int, total_steps: int) -> None:
         """Training progress for ``decay="linear"`` (call before the step's forward; step 0 = full weight)."""
@@ -234,30 +263,52 @@ class InfoPrompt(PromptMethod):
         self._check_label_matrix(t)
         return t.detach().float().to(dev)
 
-    def head_loss(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``L_head`` from the input embeddings ``[B, T, d]`` and the real-token mask ``[B, T]``."""
-        e = self.label_embeddings().mean(0)
+    def head_loss(self, embeddings: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``L_head`` from the input embeddings ``[B, T, d]``, the real-token mask ``[B, T]`` and the gold
+        class labels ``[B]``."""
+        E = self.label_embeddings()  # [C, d]
+        B, C = embeddings.shape[0], E.shape[0]
+        labels = labels.to(E.device).long()
+        if labels.shape != (B,):
+            raise ValueError(
+                f"InfoPrompt head loss: labels must have shape [B={B}], got {tuple(labels.shape)}"
+            )
+        if labels.numel() and (labels.min() < 0 or labels.max() >= C):
+            raise ValueError(f"InfoPrompt head loss: labels must lie in [0, {C}) (the label rows)")
         clamp = self.config.clamp
-        positive = critic(self.prompt.mean(0), e, clamp).expand(embeddings.shape[0])
-        negatives = critic(embeddings.detach().float(), e, clamp)
-        return infonce_loss(positive, negatives, mask.bool())
+        scores = critic(self.prompt.mean(0), E, clamp)  # [C]: the prompt against every label row
+        gold = E[labels]  # [B, d]
+        positive = scores[labels]  # [B]
+        other_labels = scores[None, :].expand(B, C)
+        tokens = critic(embeddings.detach().float(), gold[:, None, :], clamp)  # [B, T]
+        negatives = torch.cat([other_labels, tokens], dim=1)
+        not_gold = torch.arange(C, device=E.device)[None, :] != labels[:, None]
+        valid = torch.cat([not_gold, mask.bool().to(E.device)], dim=1)
+        return infonce_loss(positive, negatives, valid)
 
-    def representation_loss(self, z: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-        """``L_rep`` from the prompted ``z [B, d]`` and unprompted ``z0 [B, d]`` representations."""
+    def contexts(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``c [B, d]``: ``W_r [sg(mean_k P_k); e(x_b)]``, ``e(x_b)`` the mean real input embedding."""
+        m = mask.to(torch.float32)[..., None]
+        e = (embeddings.detach().float() * m).sum(1) / m.sum(1).clamp_min(1)
+        prompt = self.prompt.detach().mean(0).expand(e.shape[0], -1)
+        return self.context(torch.cat([prompt, e], dim=-1))
+
+    def representation_loss(self, z: torch.Tensor, z0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``L_rep`` from the prompted ``z [B, d]``, unprompted ``z0 [B, d]`` representations and the
+        contexts ``c [B, d]``."""
         B, clamp = z.shape[0], self.config.clamp
-        c = self.context(self.prompt.detach().mean(0))
-        s = critic(z, c, clamp)  # [B] prompted: positives, and negatives for the other examples
-        s0 = critic(z0.detach(), c, clamp)  # [B] unprompted: negatives for everyone
-        others = s[None, :].expand(B, B)
-        negatives = torch.cat([s0[None, :].expand(B, B), others], dim=1)
+        scores = critic(z[None, :, :], c[:, None, :], clamp)  # [B (context b), B (representation b')]
+        positive = scores.diagonal()
+        unprompted = critic(z0.detach(), c, clamp)  # [B]: the same example without the prompt
+        negatives = torch.cat([unprompted[:, None], scores], dim=1)
         valid = torch.cat(
             [
-                torch.ones(B, B, dtype=torch.bool, device=z.device),
+                torch.ones(B, 1, dtype=torch.bool, device=z.device),
                 ~torch.eye(B, dtype=torch.bool, device=z.device),
             ],
             dim=1,
         )
-        return infonce_loss(s, negatives, valid)
+        return infonce_loss(positive, negatives, valid)
 
     # -- hooks -------------------------------------------------------------------------------------
     def _capture_backbone(self, store: dict) -> None:
@@ -278,18 +329,47 @@ class InfoPrompt(PromptMethod):
         return ctx.depth == 0 and not ctx.decoding and (ctx.training or ctx.labels is not None)
 
     def input_prompts(self, ctx):
+        if ctx.depth == 0 and not ctx.decoding:  # set_labels applies to this forward only
+            ctx.cache["infoprompt_labels"], self._pending_labels = self._pending_labels, None
         if self._wants_losses(ctx) and self.config.beta > 0 and self.info.backbone is not self.info.model:
             self._capture_backbone(ctx.cache.setdefault("infoprompt", {}))
         return self.prompt[None]
+
+    def _class_labels(self, ctx) -> torch.Tensor | None:
+        pending = ctx.cache.get("infoprompt_labels")
+        labels = ctx.labels
+        if (
+            torch.is_tensor(labels)
+            and labels.dim() == 1
+            and labels.shape[0] == ctx.batch_size
+            and not labels.dtype.is_floating_point
+        ):
+            return labels
+        if pending is not None:
+            if pending.shape[0] != ctx.batch_size:
+                raise ValueError(
+                    f"InfoPrompt.set_labels got {pending.shape[0]} labels for a batch of {ctx.batch_size}"
+                )
+            return pending
+        return None
 
     def aux_losses(self, ctx, output):
         if not self._wants_losses(ctx):
             return {}
         scale, cfg = self.loss_scale(), self.config
         losses, raw = {}, {}
+        labels = self._class_labels(ctx)
         if cfg.gamma * scale > 0:
-            raw["head"] = self.head_loss(ctx.input_embeddings, ctx.attention_mask)
-            losses["infoprompt_head"] = cfg.gamma * scale * raw["head"]
+            if labels is not None:
+                raw["head"] = self.head_loss(ctx.input_embeddings, ctx.attention_mask, labels)
+                losses["infoprompt_head"] = cfg.gamma * scale * raw["head"]
+            elif not self._warned_no_labels:
+                self._warned_no_labels = True
+                warnings.warn(
+                    "InfoPrompt: a training forward without class labels skips the head loss (pass "
+                    "labels=[B] class indices, or call method.set_labels(labels) before the forward)",
+                    stacklevel=2,
+                )
         if cfg.beta * scale > 0:
             hidden = _last_hidden(output) if self.info.backbone is self.info.model else None
             if hidden is None:
@@ -297,22 +377,33 @@ class InfoPrompt(PromptMethod):
             if hidden is None:
                 raise RuntimeError("InfoPrompt could not read the backbone's final hidden states")
             z = pooled(hidden, ctx.attention_mask, self.info.causal)
-            with torch.no_grad():
-                z0 = pooled(self._unprompted_hidden(ctx), ctx.attention_mask, self.info.causal)
-            raw["rep"] = self.representation_loss(z, z0)
+            z0 = pooled(self._unprompted_hidden(ctx), ctx.attention_mask, self.info.causal)
+            c = self.contexts(ctx.input_embeddings, ctx.attention_mask)
+            raw["rep"] = self.representation_loss(z, z0, c)
             losses["infoprompt_rep"] = cfg.beta * scale * raw["rep"]
         self.last_losses = {k: v.detach() for k, v in raw.items()}
         return losses
 
     def _unprompted_hidden(self, ctx) -> torch.Tensor:
+        """The backbone's final hidden states of the same call without the prompt: no gradient, and
+        with dropout off (every module of the model in eval mode for that run, then restored), so
+        ``z0`` depends only on the frozen model and the input."""
         overrides = {"labels": None} if "labels" in ctx.kwargs else {}
-        if self.info.backbone is self.info.model:
-            hidden = _last_hidden(ctx.forward_without_prompts(**overrides))
-        else:
-            store: dict = {}
-            self._capture_backbone(store)
-            ctx.forward_without_prompts(**overrides)
-            hidden = store.get("hidden")
+        model = ctx.owner.model
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                if self.info.backbone is self.info.model:
+                    hidden = _last_hidden(ctx.forward_without_prompts(**overrides))
+                else:
+                    store: dict = {}
+                    self._capture_backbone(store)
+                    ctx.forward_without_prompts(**overrides)
+                    hidden = store.get("hidden")
+        finally:
+            for m, mode in modes:
+                m.training = mode
         if hidden is None:
             raise RuntimeError(
                 "InfoPrompt could not read the backbone's final hidden states (unprompted run)"

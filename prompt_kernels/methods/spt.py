@@ -34,11 +34,14 @@ Architecture consistency: while training (``model.training``, outermost forward,
 probability that a gate is *dropped*; 0.5 = Bern(0.5)), runs the same call again as a nested
 forward of the model with gates ``ã_l * m_l`` (the random-number state is replayed so both runs see
 the same dropout masks: the loss measures the architecture difference only) and returns
-``{"spt_consistency": w_c * MSE(h_masked, h_full)}`` where ``h`` is the final hidden state of the
-classification token: the first real token (``[CLS]``) for encoders, the last real token for causal
-models, read from the output's ``last_hidden_state`` (else ``hidden_states[-1]``, else the
-classification token's ``logits``). The PromptedModel adds it to ``loss`` when labels are given and
-exposes it in ``last_aux_losses``.
+``{"spt_consistency": w_c * MSE(h_masked, h_full)}`` where ``h`` is the representation the task head
+reads (``config.representation``): by default (``"pooled"``) the mean of the real tokens' final
+hidden states for encoders and the last real token's for causal models (what the linear head of
+``prompt-kernels train`` reads), from the output's ``last_hidden_state`` (else ``hidden_states[-1]``;
+an output with only ``logits`` uses them: ``[B, C]`` as is, ``[B, T, V]`` at the last real token);
+``"first"`` reads the first real token (``[CLS]``) of encoders; :meth:`SPT.set_representation` sets
+any function. The PromptedModel adds the loss to ``loss`` when labels are given and exposes it in
+``last_aux_losses``.
 
 Discrete model (``selected_layers=[...]``): generators only at the selected layers, gates fixed at
 1, no gate parameters and no consistency loss: ``P^l = (1 - λ) P^{l-1} + G^l`` at a selected layer,
@@ -46,8 +49,20 @@ Discrete model (``selected_layers=[...]``): generators only at the selected laye
 
 Training (:func:`search`, :func:`select_layers`, :func:`build_discrete`, :func:`retrain`,
 :func:`search_and_retrain`; :func:`cli_train` for ``prompt-kernels train --method spt``): see their
-docstrings. The chosen layers and the gate trajectory are saved as ``spt_search.json`` next to the
-prompts (:class:`SearchRecord`).
+docstrings. One search step (first-order DARTS, METHODS.md):
+
+1. ω step on a D1 batch, training mode: the task loss plus the consistency loss, one AdamW step of
+   the generators (and the task head). The gates are frozen in the full run; the masked run of the
+   consistency loss reads them through a detached copy of ``α`` that requires grad, so the backward
+   also yields ``∂ consistency / ∂α`` through the masked run, at no extra pass.
+2. α step on a D2 batch, eval mode (no dropout anywhere): the task loss; its gradient plus the
+   consistency gradient of step 1 go to ``α``'s own Adam (learning rate ``gate_lr``; by default
+   ``gate_travel / gate steps``, so Adam, which moves a parameter by about its learning rate per step,
+   can move each ``α`` by ``gate_travel`` logit units over the search).
+
+Cost: three forward+backward passes of the frozen model per search step (the D1 full and masked runs,
+the D2 run); a discrete-model step is one. The chosen layers, the gate trajectory and the gate
+learning rate are saved as ``spt_search.json`` next to the prompts (:class:`SearchRecord`).
 """
 
 from __future__ import annotations
@@ -76,6 +91,7 @@ from prompt_kernels.methods.base import PromptMethod, register_method
 from prompt_kernels.nn.prompt_generator import ACTIVATIONS, PromptGenerator
 
 SEARCH_FILE = "spt_search.json"
+REPRESENTATIONS = ("pooled", "first", "logits")
 
 
 @register_config
@@ -100,8 +116,20 @@ class SPTConfig(PromptConfig):
         Default 0.5. 0 keeps every gate (the loss is then exactly 0).
     budget_k: ``K``, the number of layers kept after the search (capped at the number of layers).
         Default 4.
-    gate_lr: learning rate of the gate parameters ``α`` in the bi-level search (their own AdamW).
-        Default 1e-2.
+    gate_lr: learning rate of the gate parameters ``α`` in the bi-level search (their own Adam). None
+        (default) = ``gate_travel / gate steps`` of the search.
+    gate_travel: with ``gate_lr=None``, the distance in logit units Adam can move each ``α`` over the
+        search (Adam moves a parameter by about its learning rate per step when the gradient's sign
+        is steady). Default 8 (``σ(±4) = 0.98 / 0.02``: room for the gates to separate). With 50
+        gate steps this is a learning rate of 0.16; the old fixed 1e-2 moved ``α`` by at most 0.5.
+    representation: what the consistency loss compares: ``"pooled"`` (default; mean of the real
+        tokens' final hidden states for encoders, the last real token for causal models: what the
+        linear head of ``prompt-kernels train`` reads), ``"first"`` (the first real token, ``[CLS]``,
+        for encoders; the last real token for causal models) or ``"logits"`` (the model's output
+        logits: ``[B, C]``, or ``[B, T, V]`` at the last real token).
+    retrain_from: how :func:`build_discrete` initialises the kept generators: ``"searched"`` (default;
+        the weights trained during the search) or ``"scratch"`` (fresh generators, as in DARTS).
+        ``benchmarks/notes/methods_spt.md`` has the measured comparison behind the default.
     selected_layers: None (default) = the search super-network (a generator and a gate at every
         layer); a list of layer indices = the discrete model retrained after the search
         (generators only there, gates fixed at 1). Stored sorted, without duplicates.
@@ -117,7 +145,10 @@ class SPTConfig(PromptConfig):
     consistency_weight: float = 1.0
     mask_rate: float = 0.5
     budget_k: int = 4
-    gate_lr: float = 1e-2
+    gate_lr: float | None = None
+    gate_travel: float = 8.0
+    representation: str = "pooled"
+    retrain_from: str = "searched"
     selected_layers: list[int] | None = None
 
     def __post_init__(self):
@@ -135,7 +166,11 @@ class SPTConfig(PromptConfig):
         check_float("consistency_weight", self.consistency_weight, 0.0)
         check_float("mask_rate", self.mask_rate, 0.0, 1.0)
         check_int("budget_k", self.budget_k)
-        check_float("gate_lr", self.gate_lr, 0.0, open_low=True)
+        if self.gate_lr is not None:
+            check_float("gate_lr", self.gate_lr, 0.0, open_low=True)
+        check_float("gate_travel", self.gate_travel, 0.0, open_low=True)
+        check_choice("representation", self.representation, REPRESENTATIONS)
+        check_choice("retrain_from", self.retrain_from, ("searched", "scratch"))
         if self.selected_layers is not None:
             layers = self.selected_layers
             if isinstance(layers, tuple):
@@ -175,7 +210,8 @@ class SPT(PromptMethod):
     Runtime attributes (not saved): ``gate_mask`` (None or ``[L]``: multiplies the gates of every
     forward; for experiments and tests), ``record_prompts`` (keep the outermost forward's
     ``P^l`` in ``last_prompts`` and its gates in ``last_gates``), :meth:`consistency` (context
-    manager switching the consistency loss off, e.g. for the gate step of the search).
+    manager switching the consistency loss off), :meth:`harvest_consistency_gradient` (the search's
+    way of getting ``∂ consistency / ∂α`` from the ω step), :meth:`set_representation`.
     """
 
     def __init__(self, config: SPTConfig, info, **options):
@@ -216,6 +252,8 @@ class SPT(PromptMethod):
         self.last_gates: torch.Tensor | None = None
         self._consistency_enabled = True
         self._masked_run: torch.Tensor | None = None
+        self._masked_logits: torch.Tensor | None = None
+        self._representation: Callable | None = None
 
     # -- gates --------------------------------------------------------------------------------------
     def gates(self) -> torch.Tensor:
@@ -226,15 +264,17 @@ class SPT(PromptMethod):
             return g
         return torch.sigmoid(self.gate_logits)
 
-    def reparameterised_gates(self) -> torch.Tensor:
-        """``ã = a * sg(S) / S``, ``S = sum_j a_j`` ``[L]``: the values of ``a``, coupled gradients."""
-        a = torch.sigmoid(self.gate_logits)
+    def reparameterised_gates(self, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """``ã = a * sg(S) / S``, ``S = sum_j a_j`` ``[L]``: the values of ``a``, coupled gradients
+        (``a = σ(logits)``, by default the gate parameters ``α``)."""
+        a = torch.sigmoid(self.gate_logits if logits is None else logits)
         s = a.sum()
         return a * (s.detach() / s)
 
     def _forward_gates(self, ctx) -> torch.Tensor:
         def compute():
-            g = self.reparameterised_gates()
+            masked = self._masked_run is not None
+            g = self.reparameterised_gates(self._masked_logits if masked else None)
             if self.gate_mask is not None:
                 g = g * self.gate_mask.to(g)
             if self._masked_run is not None:
@@ -244,6 +284,36 @@ class SPT(PromptMethod):
             return g
 
         return ctx.memo("spt_gates", compute)
+
+    @contextlib.contextmanager
+    def harvest_consistency_gradient(self):
+        """Within the block, the masked run of the consistency loss reads the gates through a detached
+        copy of ``α`` that requires grad (yielded): after ``backward`` its ``.grad`` holds
+        ``∂ consistency / ∂α`` through the masked run, whether or not ``α`` itself is frozen."""
+        leaf = self.gate_logits.detach().clone().requires_grad_(True)
+        old = self._masked_logits
+        self._masked_logits = leaf
+        try:
+            yield leaf
+        finally:
+            self._masked_logits = old
+
+    def set_representation(self, fn: Callable | None) -> None:
+        """The representation the consistency loss compares: ``fn(output, attention_mask [B, T] bool)
+        -> [B, ...]`` (None: ``config.representation``)."""
+        if fn is not None and not callable(fn):
+            raise TypeError(f"set_representation needs a callable or None, got {type(fn).__name__}")
+        self._representation = fn
+
+    def representation(self, output, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the consistency loss compares (see the module docstring)."""
+        if self._representation is not None:
+            return self._representation(output, attention_mask)
+        return head_representation(output, attention_mask, self.info.causal, self.config.representation)
+
+    def sample_consistency_mask(self) -> torch.Tensor:
+        """``m [L]`` float: 1 keeps a gate, 0 drops it (``m_l ~ Bern(1 - mask_rate)``)."""
+        return (torch.rand(self.info.num_layers) >= self.config.mask_rate).float()
 
     @contextlib.contextmanager
     def consistency(self, enabled: bool):
@@ -338,8 +408,8 @@ class SPT(PromptMethod):
     def aux_losses(self, ctx, output):
         if not self._wants_consistency(ctx) or "spt_rng" not in ctx.cache:
             return {}
-        h_full = classification_hidden(output, ctx.attention_mask, self.info.causal)
-        keep = torch.rand(self.info.num_layers, generator=None) >= self.config.mask_rate
+        h_full = self.representation(output, ctx.attention_mask)
+        keep = self.sample_consistency_mask()
         kwargs = dict(ctx.kwargs)
         if "labels" in kwargs:
             kwargs["labels"] = None
@@ -351,7 +421,7 @@ class SPT(PromptMethod):
         finally:
             self._masked_run = None
             _set_rng_state(ctx.device, after)
-        h_masked = classification_hidden(masked, ctx.attention_mask, self.info.causal)
+        h_masked = self.representation(masked, ctx.attention_mask)
         loss = F.mse_loss(h_masked.float(), h_full.float())
         return {"spt_consistency": self.config.consistency_weight * loss}
 
@@ -378,18 +448,34 @@ def _tokens_after_rows(rows: torch.Tensor, ctx) -> torch.Tensor:
     return base[:, p:]
 
 
-def classification_hidden(output, attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    """The final hidden state of the classification token ``[B, d]``: the first real token of
-    encoders, the last real token of causal models. Read from ``last_hidden_state``, else
-    ``hidden_states[-1]``, else ``logits`` (``[B, C]`` as is, ``[B, T, V]`` at that token)."""
-    h = None
+def _output_field(output, name):
     if isinstance(output, dict):
-        h = output.get("last_hidden_state")
-        if h is None and output.get("hidden_states") is not None:
-            h = output["hidden_states"][-1]
+        return output.get(name)
+    return getattr(output, name, None)
+
+
+def head_representation(
+    output, attention_mask: torch.Tensor, causal: bool, kind: str = "pooled"
+) -> torch.Tensor:
+    """``[B, d]`` (or ``[B, C]`` logits): what a task head reads from a model output.
+
+    ``kind``: ``"pooled"`` = mean of the real tokens' final hidden states (encoders) or the last real
+    token's (causal models); ``"first"`` = the first real token (encoders) or the last real token
+    (causal models); ``"logits"`` = the output's logits. The hidden states come from
+    ``last_hidden_state``, else ``hidden_states[-1]``, else (an output with only logits) the logits:
+    ``[B, C]`` as is, ``[B, T, V]`` at the last real token (causal) or pooled as ``kind`` says. Input-style
+    prompt rows in front of the tokens are skipped (the last ``T`` positions are the tokens)."""
+    if kind not in REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {kind!r}")
+    h = None
+    if kind != "logits":
+        h = _output_field(output, "last_hidden_state")
         if h is None:
-            h = output.get("logits")
-    elif isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+            states = _output_field(output, "hidden_states")
+            h = states[-1] if states is not None else None
+    if h is None:
+        h = _output_field(output, "logits")
+    if h is None and isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
         h = output[0]
     if h is None:
         raise ValueError(
@@ -400,11 +486,19 @@ def classification_hidden(output, attention_mask: torch.Tensor, causal: bool) ->
     mask = attention_mask.bool()
     T = mask.shape[1]
     h = h[:, -T:]
+    rows = torch.arange(h.shape[0], device=h.device)
     if causal:
-        index = T - 1 - mask.flip(1).int().argmax(1)
-    else:
-        index = mask.int().argmax(1)
-    return h[torch.arange(h.shape[0], device=h.device), index]
+        return h[rows, T - 1 - mask.flip(1).int().argmax(1)]
+    if kind == "pooled":
+        m = mask.to(h.dtype)[..., None]
+        return (h * m).sum(1) / m.sum(1).clamp_min(1)
+    return h[rows, mask.int().argmax(1)]
+
+
+def classification_hidden(output, attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The final hidden state of the classification token ``[B, d]``: the first real token of
+    encoders, the last real token of causal models (``head_representation(..., "first")``)."""
+    return head_representation(output, attention_mask, causal, "first")
 
 
 # ================================ training: search, selection, retraining ================================
@@ -417,12 +511,26 @@ class SearchRecord:
     gate_trajectory: ``a = σ(α)`` (one list of ``L`` floats) before the search and after each gate step.
     selected_layers: the top-K layers (None before selection).
     search_steps / retrain_steps: steps run (one search step = one ω step + one α step).
+    gate_lr: the gates' learning rate the search used.
+    retrain_from: ``"searched"`` or ``"scratch"``: how the discrete model's generators started.
     """
 
     gate_trajectory: list[list[float]] = field(default_factory=list)
     selected_layers: list[int] | None = None
     search_steps: int = 0
     retrain_steps: int = 0
+    gate_lr: float | None = None
+    retrain_from: str | None = None
+
+    def gate_margin(self, k: int | None = None) -> float | None:
+        """The smallest chosen gate minus the largest unchosen one, after the last gate step (None
+        before selection or when every layer is chosen)."""
+        if not self.gate_trajectory or self.selected_layers is None:
+            return None
+        gates = self.gate_trajectory[-1]
+        chosen = [gates[i] for i in self.selected_layers]
+        rest = [g for i, g in enumerate(gates) if i not in self.selected_layers]
+        return min(chosen) - max(rest) if rest else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -490,6 +598,37 @@ def _total(pm, task_loss: torch.Tensor, add_aux: bool) -> torch.Tensor:
     return task_loss + sum(aux.values()) if aux else task_loss
 
 
+def gate_learning_rate(config: SPTConfig, gate_steps: int) -> float:
+    """``config.gate_lr``, or ``config.gate_travel / gate_steps`` when it is None."""
+    if config.gate_lr is not None:
+        return float(config.gate_lr)
+    return config.gate_travel / max(1, gate_steps)
+
+
+def search_optimizers(
+    pm, head: nn.Module | None, lr: float, gate_lr: float, weight_decay: float = 0.0
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """The two optimisers of the bi-level search: AdamW over ``ω`` (:func:`omega_parameters`, learning
+    rate ``lr``) and Adam over ``α`` (:func:`alpha_parameters`, learning rate ``gate_lr``, no decay)."""
+    opt_w = torch.optim.AdamW(omega_parameters(pm, head), lr=lr, weight_decay=weight_decay)
+    opt_a = torch.optim.Adam(alpha_parameters(pm), lr=gate_lr)
+    return opt_w, opt_a
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: nn.Module | None):
+    """Every submodule of ``modules`` in eval mode within the block (no dropout), modes restored after."""
+    saved = [(m, m.training) for mod in modules if mod is not None for m in mod.modules()]
+    for mod in modules:
+        if mod is not None:
+            mod.eval()
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
 def search(
     pm,
     head: nn.Module | None,
@@ -503,14 +642,20 @@ def search(
     add_aux_losses: bool = True,
     record: SearchRecord | None = None,
     progress: Callable[[int, float, float], None] | None = None,
+    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer] | None = None,
 ) -> SearchRecord:
-    """Bi-level gate search on the super-network (first-order DARTS).
+    """Bi-level gate search on the super-network (first-order DARTS; module docstring).
 
-    Each of ``steps`` steps: one AdamW step of ``ω`` (generators, and ``head``) on the next D1 batch
-    with the task loss plus the consistency loss, then one AdamW step of ``α`` (learning rate
-    ``gate_lr``, default ``config.gate_lr``) on the next D2 batch with the task loss only (the
-    consistency loss and its second forward are switched off for the gate step). The parameters not
-    being stepped are frozen during the other's step, so ``ω`` steps never change ``α`` and vice versa.
+    Each of ``steps`` steps:
+
+    1. ω step on the next D1 batch in training mode: ``loss_fn`` plus the consistency loss, one AdamW
+       step of ``ω`` (generators, and ``head``). ``α`` is frozen; the consistency loss's masked run
+       reads the gates through a copy of ``α`` (:meth:`SPT.harvest_consistency_gradient`), so the
+       same backward gives ``∂ consistency / ∂α``.
+    2. α step on the next D2 batch with every module of ``pm`` and ``head`` in eval mode (no dropout)
+       and ``ω`` frozen: ``loss_fn`` (no consistency run); ``α`` gets its gradient plus the
+       consistency gradient of step 1, then one Adam step with learning rate ``gate_lr`` (default
+       :func:`gate_learning_rate`: ``config.gate_lr``, else ``config.gate_travel / steps``).
 
     Args:
         pm: a PromptedModel with an SPT super-network (``selected_layers=None``).
@@ -522,45 +667,61 @@ def search(
             consistency loss) is added to it unless ``add_aux_losses=False`` (use that if ``loss_fn``
             passes labels to a model that already adds them).
         progress: called as ``progress(step, omega_loss, alpha_loss)`` after each step.
+        optimizers: ``(ω optimiser, α optimiser)`` to continue with (default :func:`search_optimizers`).
 
-    Returns the :class:`SearchRecord` (``record`` extended if given) with the gate trajectory.
+    Returns the :class:`SearchRecord` (``record`` extended if given) with the gate trajectory and the
+    gate learning rate.
     """
     method = _spt(pm)
     if method.discrete:
         raise ValueError("search needs the SPT super-network (selected_layers=None)")
     omega, alpha = omega_parameters(pm, head), alpha_parameters(pm)
-    opt_w = torch.optim.AdamW(omega, lr=lr, weight_decay=weight_decay)
-    opt_a = torch.optim.AdamW(alpha, lr=gate_lr or method.config.gate_lr, weight_decay=0.0)
+    if optimizers is None:
+        gate_lr = gate_lr if gate_lr is not None else gate_learning_rate(method.config, steps)
+        opt_w, opt_a = search_optimizers(pm, head, lr, gate_lr, weight_decay)
+    else:
+        opt_w, opt_a = optimizers
+        gate_lr = opt_a.param_groups[0]["lr"]
     record = record if record is not None else SearchRecord()
+    record.gate_lr = float(gate_lr)
     if not record.gate_trajectory:
         record.gate_trajectory.append(method.gates().tolist())
-    pm.train()
-    if head is not None:
-        head.train()
+    modes = [(m, m.training) for mod in (pm, head) if mod is not None for m in mod.modules()]
     if d2_batches is None:
         pairs = iter(d1_batches)
         it1 = it2 = None
     else:
         it1, it2 = iter(d1_batches), iter(d2_batches)
-    for step in range(steps):
-        if it1 is None:
-            b1, b2 = next(pairs)
-        else:
-            b1, b2 = next(it1), next(it2)
-        with _frozen(alpha):
-            loss_w = _total(pm, loss_fn(pm, head, b1), add_aux_losses)
-            opt_w.zero_grad(set_to_none=True)
-            loss_w.backward()
-            opt_w.step()
-        with _frozen(omega), method.consistency(False):
-            loss_a = _total(pm, loss_fn(pm, head, b2), add_aux_losses)
-            opt_a.zero_grad(set_to_none=True)
-            loss_a.backward()
-            opt_a.step()
-        record.gate_trajectory.append(method.gates().tolist())
-        record.search_steps += 1
-        if progress is not None:
-            progress(step, loss_w.item(), loss_a.item())
+    try:
+        for step in range(steps):
+            if it1 is None:
+                b1, b2 = next(pairs)
+            else:
+                b1, b2 = next(it1), next(it2)
+            pm.train()
+            if head is not None:
+                head.train()
+            with _frozen(alpha), method.harvest_consistency_gradient() as leaf:
+                loss_w = _total(pm, loss_fn(pm, head, b1), add_aux_losses)
+                opt_w.zero_grad(set_to_none=True)
+                loss_w.backward()
+                opt_w.step()
+            consistency_grad = leaf.grad
+            with _frozen(omega), method.consistency(False), _eval_mode(pm, head):
+                loss_a = _total(pm, loss_fn(pm, head, b2), add_aux_losses)
+                opt_a.zero_grad(set_to_none=True)
+                loss_a.backward()
+                if consistency_grad is not None:
+                    g = method.gate_logits.grad
+                    method.gate_logits.grad = consistency_grad if g is None else g + consistency_grad
+                opt_a.step()
+            record.gate_trajectory.append(method.gates().tolist())
+            record.search_steps += 1
+            if progress is not None:
+                progress(step, loss_w.item(), loss_a.item())
+    finally:
+        for m, mode in modes:
+            m.training = mode
     return record
 
 
@@ -577,13 +738,17 @@ def select_layers(pm, k: int | None = None) -> list[int]:
     return sorted(order[: min(k, len(gates))])
 
 
-def build_discrete(pm, layers: list[int]):
+def build_discrete(pm, layers: list[int], from_searched: bool | None = None):
     """The discrete model: detaches ``pm``'s super-network and attaches ``SPTConfig(selected_layers=layers)``
-    (other fields unchanged) to the same base model, with the searched generators of ``layers``.
-    ``pm`` is unusable afterwards; returns the new PromptedModel (same train/eval mode)."""
+    (other fields unchanged) to the same base model. Its generators are the searched ones of
+    ``layers`` (``from_searched``, default ``config.retrain_from == "searched"``) or freshly
+    initialised (``"scratch"``). ``pm`` is unusable afterwards; returns the new PromptedModel (same
+    train/eval mode)."""
     from prompt_kernels.patch.model import attach
 
     method = _spt(pm)
+    if from_searched is None:
+        from_searched = method.config.retrain_from == "searched"
     layers = sorted(set(layers))
     config = dataclasses.replace(pm.prompt_config, selected_layers=layers)
     keep = {str(v) for v in layers}
@@ -595,7 +760,8 @@ def build_discrete(pm, layers: list[int]):
     training = method.training
     model = pm.detach()
     new = attach(model, config)
-    new.method.load_state_dict(state, strict=True)
+    if from_searched:
+        new.method.load_state_dict(state, strict=True)
     new.train(training)
     return new
 
@@ -650,6 +816,7 @@ def search_and_retrain(
     with ``out``, saves the prompts (``config.selected_layers`` included) and ``spt_search.json`` there."""
     record = search(pm, head, search_batches, None, search_steps, loss_fn, lr=lr, gate_lr=gate_lr)
     record.selected_layers = select_layers(pm, k)
+    record.retrain_from = pm.prompt_config.retrain_from
     discrete = build_discrete(pm, record.selected_layers)
     opt = retrain(discrete, head, retrain_batches, retrain_steps, loss_fn, lr=lr)
     record.retrain_steps = retrain_steps
@@ -661,9 +828,11 @@ def search_and_retrain(
 
 def cli_train(args, pm, head, tok, data, encode, forward, lr: float):
     """``prompt-kernels train --method spt``: search for ``max(1, steps // 2)`` steps (each an ω step on a
-    D1 batch and an α step on a D2 batch), keep the top ``budget_k`` layers, retrain the discrete model
-    for the remaining steps; writes ``spt_search.json`` to ``args.out``. Returns ``(discrete pm, optimizer)``
-    (the optimizer over ``[*pm.prompt_parameters(), *head.parameters()]``, as ``--resume`` expects)."""
+    D1 batch and an α step on a D2 batch; the gates' learning rate is ``config.gate_lr``, by default
+    ``gate_travel / search steps``), keep the top ``budget_k`` layers, retrain the discrete model
+    (from ``config.retrain_from``) for the remaining steps; writes ``spt_search.json`` to ``args.out``.
+    Returns ``(discrete pm, optimizer)`` (the optimizer over ``[*pm.prompt_parameters(),
+    *head.parameters()]``, as ``--resume`` expects)."""
     from tqdm.auto import tqdm
 
     search_steps = max(1, args.steps // 2)
@@ -705,6 +874,7 @@ def cli_train(args, pm, head, tok, data, encode, forward, lr: float):
         progress=on_search,
     )
     record.selected_layers = select_layers(pm)
+    record.retrain_from = pm.prompt_config.retrain_from
     pm = build_discrete(pm, record.selected_layers)
     opt = retrain(pm, head, plain_batches(args.seed + 1), retrain_steps, loss_fn, lr=lr, progress=on_retrain)
     bar.close()
@@ -722,10 +892,13 @@ __all__ = [
     "classification_hidden",
     "cli_train",
     "epoch_halves",
+    "gate_learning_rate",
+    "head_representation",
     "omega_parameters",
     "propagate",
     "retrain",
     "search",
     "search_and_retrain",
+    "search_optimizers",
     "select_layers",
 ]

@@ -199,11 +199,12 @@ class VectorQuantizer(nn.Module):
         rows = x.detach().reshape(-1, D).to(self.codebook.dtype)
         drawn = indices.reshape(rows.shape[0], -1)
         S = drawn.shape[1]
-        counts = torch.bincount(drawn.reshape(-1), minlength=K).to(rows.dtype) / S
-        sums = torch.zeros_like(self.codebook)
-        for s in range(S):  # S index_adds rather than an [N * S, D] copy of the rows
-            sums.index_add_(0, drawn[:, s], rows)
-        sums /= S
+        # draws[i, k] = how often row i drew code k / S; one GEMM gives every code's sum of rows
+        # (no per-sample loop, no [N * S, D] copy of the rows).
+        draws = torch.zeros(rows.shape[0], K, dtype=rows.dtype, device=rows.device)
+        draws.scatter_add_(1, drawn, torch.full(drawn.shape, 1.0 / S, dtype=rows.dtype, device=rows.device))
+        counts = draws.sum(0)
+        sums = draws.t() @ rows
         self.cluster_size.mul_(g).add_(counts, alpha=1 - g)
         if self.ema == "vip":
             self.cluster_size.copy_(self._laplace(self.cluster_size))
