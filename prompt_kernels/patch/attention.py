@@ -260,6 +260,8 @@ def prompt_kernels_attention(module, query, key, value, attention_mask, scaling=
         op_mask, op_causal = prefix.mask_op, prefix.mask_causal
     else:
         op_mask, op_causal = convert_mask(attention_mask, B, causal, exact=False)
+    if op_mask is not None and op_mask.dim() == 4 and op_mask.shape[2] == 1 < T:
+        op_mask = op_mask.expand(-1, -1, T, -1)  # a broadcast [B, 1, 1, S] additive padding mask
     out = gated_prefix_attention(
         query, key, value, prefix.key, prefix.value, prefix.gate, op_mask, is_causal=op_causal, scale=scaling
     )

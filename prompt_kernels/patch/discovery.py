@@ -62,6 +62,7 @@ class Layout:
     sites: list[AttentionSite]
     unprompted: list[nn.Module] = field(default_factory=list)
     encoder_decoder: bool = False
+    module_hosts: bool = False  # some attention modules host their own prompts (layer drops kwargs)
 
     @property
     def hosts(self) -> list[nn.Module]:
@@ -91,6 +92,7 @@ class _Recorder:
         self.calls: list[_Call] = []
         self.host_stack: list[tuple[nn.Module, int]] = []
         self.host_counts: dict[int, int] = {}
+        self.same_lengths = False  # encoder and decoder inputs of the same length (see _is_self)
 
 
 _PROBE: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar(
@@ -156,14 +158,15 @@ def _in_module_list(model: nn.Module, name: str) -> bool:
         return False
 
 
-def probe_inputs(model: nn.Module) -> dict:
-    """A batch of one: 3 encoder (or decoder-only) tokens, 2 decoder tokens, no cache."""
+def probe_inputs(model: nn.Module, decoder_ids: bool = True) -> dict:
+    """A batch of one: 3 encoder (or decoder-only) tokens, 2 decoder tokens (``decoder_ids``: else the model
+    builds its decoder inputs from ``input_ids``), no cache."""
     emb = model.get_input_embeddings()
     vocab = int(getattr(emb, "num_embeddings", 0) or getattr(model.config, "vocab_size", 8) or 8)
     ids = torch.arange(3, device=_device(model)).remainder(max(vocab - 1, 1)).add(1).clamp_max(vocab - 1)
     kwargs = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]}
     params = inspect.signature(model.forward).parameters
-    if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+    if decoder_ids and getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         kwargs["decoder_input_ids"] = ids[None, :2]
     if "use_cache" in params:
         kwargs["use_cache"] = False
@@ -176,9 +179,9 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def _probe(model: nn.Module, kwarg: str, inner: str):
+def _probe(model: nn.Module, kwarg: str, inner: str, extra_hosts: dict[int, tuple[str, nn.Module]]):
     rec = _Recorder(kwarg, inner)
-    hosts = candidate_hosts(model)
+    hosts = {**candidate_hosts(model), **extra_hosts}
     handles = []
 
     def pre(m, args, kwargs):
@@ -186,7 +189,7 @@ def _probe(model: nn.Module, kwarg: str, inner: str):
         rec.host_counts[id(m)] = n + 1
         rec.host_stack.append((m, n))
         if accepts_var_kwargs(m.forward):
-            return args, {**kwargs, kwarg: (id(m), n)}
+            return args, {**kwargs, kwarg: (id(m), n)}  # an inner host's token replaces an outer one's
         return None
 
     def post(m, args, output):
@@ -209,45 +212,99 @@ def discover(model: nn.Module, kwarg: str, inner: str) -> Layout:
     """Run the probe forward and build the :class:`Layout` (ValueError when nothing can take prompts).
 
     ``kwarg``: the keyword the hosts pass prompts in; ``inner``: the implementation (``eager``/``sdpa``)
-    the probe's attention calls run through."""
+    the probe's attention calls run through. A self-attention module whose layer does not pass its
+    keyword arguments on becomes its own host (a second probe checks that it passes them to the
+    attention call); such a site cannot be recomputed under gradient checkpointing (``Layout``
+    records it in ``module_hosts``).
+    """
     name_of = {id(m): n for n, m in model.named_modules()}
-    encoder = None
     enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    encoder = None
     if enc_dec and hasattr(model, "get_encoder"):
         with contextlib.suppress(Exception):
             encoder = model.get_encoder()
     encoder_ids = {id(m) for m in encoder.modules()} if isinstance(encoder, nn.Module) else set()
+    calls, hosts, same = _run_probe(model, kwarg, inner, {})
 
-    with _probe(model, kwarg, inner) as (rec, hosts), torch.no_grad():
+    def is_self(c: _Call) -> bool:
+        return _is_self(c, same, enc_dec and id(c.module) not in encoder_ids)
+
+    lost = {
+        id(c.module): (name_of.get(id(c.module), "?"), c.module)
+        for c in calls
+        if is_self(c) and not _arrived(c, hosts)
+    }
+    if lost:
+        calls, hosts, same = _run_probe(model, kwarg, inner, lost)
+    return _layout(model, calls, hosts, name_of, set(lost), is_self, encoder_ids)
+
+
+def _is_self(call: _Call, same_lengths: bool = False, in_decoder: bool = False) -> bool:
+    """Self-attention: queries and keys of the same length (the probe gives an encoder-decoder's
+    decoder fewer tokens than its encoder). Where both had to be equal, a decoder's non-causal
+    attention is its cross-attention (every encoder-decoder's decoder self-attention is causal)."""
+    if call.query[2] != call.key[2] or getattr(call.module, "is_cross_attention", False):
+        return False
+    if same_lengths and in_decoder:
+        flag = call.kwargs.get("is_causal")
+        return bool(getattr(call.module, "is_causal", False) if flag is None else flag)
+    return True
+
+
+def _host_of(call: _Call, hosts) -> tuple[nn.Module, int] | None:
+    """The innermost host call around ``call`` (the one whose token the attention would receive)."""
+    return next(((m, n) for m, n in reversed(call.hosts) if id(m) in hosts), None)
+
+
+def _arrived(call: _Call, hosts) -> bool:
+    host = _host_of(call, hosts)
+    return host is not None and call.token == (id(host[0]), host[1])
+
+
+def _run_probe(model, kwarg, inner, extra_hosts):
+    with _probe(model, kwarg, inner, extra_hosts) as (rec, hosts), torch.no_grad():
         try:
             model(**probe_inputs(model))
         except Exception as exc:
-            raise ValueError(
-                f"prompt_kernels could not run a probe forward of {type(model).__name__} "
-                f"(input_ids only): {type(exc).__name__}: {exc}"
-            ) from exc
+            if not getattr(model.config, "is_encoder_decoder", False):
+                raise ValueError(
+                    f"prompt_kernels could not run a probe forward of {type(model).__name__} "
+                    f"(input_ids only): {type(exc).__name__}: {exc}"
+                ) from exc
+            # Encoder-decoders whose head reads the decoder at the input's positions (sequence
+            # classification) need decoder inputs as long as the encoder's: let the model build them.
+            rec.calls.clear()
+            rec.host_counts.clear()
+            rec.host_stack.clear()
+            rec.same_lengths = True
+            model(**probe_inputs(model, decoder_ids=False))
     if not rec.calls:
         raise ValueError(
             f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}) never calls "
             "transformers' attention interface (ALL_ATTENTION_FUNCTIONS): its modeling file computes attention "
             "itself, so prompt_kernels cannot route prompts into it"
         )
+    return rec.calls, hosts, rec.same_lengths
+
+
+def _layout(model, calls, hosts, name_of, module_hosts: set[int], is_self, encoder_ids: set[int]) -> Layout:
+    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     sites: list[AttentionSite] = []
     unprompted: list[nn.Module] = []
-    for call in rec.calls:
+    for call in calls:
         q, k, v = call.query, call.key, call.value
-        is_self = q[2] == k[2] and not getattr(call.module, "is_cross_attention", False)
-        if not is_self:
+        if not is_self(call):
             if not any(call.module is m for m in unprompted):
                 unprompted.append(call.module)
             continue
-        host = next(((m, n) for m, n in call.hosts if id(m) in hosts), None)
-        if host is None or call.token != (id(host[0]), host[1]):
-            where = "no layer around it" if host is None else f"its layer {name_of.get(id(host[0]))}"
+        if not _arrived(call, hosts):
+            host = _host_of(call, hosts)
+            where = "no layer around it" if host is None else f"its host {name_of.get(id(host[0]))}"
             raise ValueError(
-                f"{type(model).__name__}: the attention module {name_of.get(id(call.module))} does not receive "
-                f"the keyword arguments of its layer ({where}), so prompts cannot reach it"
+                f"{type(model).__name__}: the attention module {name_of.get(id(call.module))} does not pass "
+                f"its keyword arguments to the attention function ({where}), so prompts cannot reach it"
             )
+        host = _host_of(call, hosts)
         flag = call.kwargs.get("is_causal")
         causal = bool(getattr(call.module, "is_causal", False) if flag is None else flag)
         extras = frozenset(
@@ -277,4 +334,4 @@ def discover(model: nn.Module, kwarg: str, inner: str) -> Layout:
             f"{type(model).__name__} has no self-attention that goes through the attention interface"
         )
     unprompted = [m for m in unprompted if not any(m is s.module for s in sites)]
-    return Layout(sites, unprompted, enc_dec)
+    return Layout(sites, unprompted, enc_dec, module_hosts=any(id(s.host) in module_hosts for s in sites))

@@ -134,7 +134,12 @@ class PromptedModel(nn.Module):
         try:
             model.set_attn_implementation(IMPLEMENTATION)
             if model.config._attn_implementation != IMPLEMENTATION:
-                raise ValueError(f"{type(model).__name__} does not let its attention implementation be set")
+                raise ValueError(
+                    f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}) does not "
+                    "support transformers' attention interface (it keeps attn_implementation="
+                    f"{model.config._attn_implementation!r}): its modeling file computes attention itself, so "
+                    "prompt_kernels cannot route prompts into it"
+                )
             info = ModelInfo(model, discover(model, PREFIX_KWARG, inner))
         except BaseException:
             _restore_configs(self._configs)
@@ -218,7 +223,9 @@ class PromptedModel(nn.Module):
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.info.num_layers:
             raise ValueError(f"sequence_layer must be an int in [0, {self.info.num_layers}), got {layer!r}")
         sites = self.info.sites
-        single = len({id(s.host) for s in sites}) == len(sites) and all(s.stack == "model" for s in sites)
+        single = len({id(s.host) for s in sites}) == len(sites) and all(
+            s.stack == "model" and s.host is not s.module for s in sites
+        )
         if not single or len(self.info.layout.hosts) != len(sites):
             raise ValueError(
                 f"sequence-style prompts need a single stack of layers with one self-attention each; "
@@ -357,6 +364,12 @@ class PromptedModel(nn.Module):
         depth = sum(c is not None for c in self._stack)
         ctx = ForwardContext(self, dict(kwargs), depth)
         self._stack[-1] = ctx
+        if self.info.layout.module_hosts and self.model.training and torch.is_grad_enabled():
+            if any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
+                raise NotImplementedError(
+                    f"gradient checkpointing of {type(self.model).__name__} with prompts is not supported: its layers "
+                    "do not pass keyword arguments to their attention, so a recomputed layer would lose its prompts"
+                )
         if (
             self.info.encoder_decoder
             and kwargs.get("input_ids") is None
@@ -471,7 +484,7 @@ class PromptedModel(nn.Module):
         if "position_ids" in self._accepts:
             pos = kwargs.get("position_ids")
             if pos is None:
-                pos = info.positions.default_ids(ctx.input_ids, T, ctx.past_length, ctx.device)
+                pos = info.positions.default_ids(ctx.input_ids, T, ctx.past_length, ctx.device).expand(B, -1)
             first = info.positions.first
             kwargs["position_ids"] = torch.cat([pos.new_full((pos.shape[0], p), first), pos], dim=1)
         labels = kwargs.get("labels")
