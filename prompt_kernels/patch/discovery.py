@@ -31,6 +31,10 @@ from torch import nn
 ENCODER, DECODER, MODEL = "encoder", "decoder", "model"
 
 
+class NoAttentionInterface(ValueError):
+    """The model does not route its attention through transformers' attention interface."""
+
+
 @dataclass(frozen=True)
 class AttentionSite:
     """One self-attention call of a forward that takes prompts (``index`` = its prompt slot ``l``).
@@ -41,8 +45,8 @@ class AttentionSite:
 
     index: int
     name: str
-    module: nn.Module
-    host: nn.Module
+    module: nn.Module | None  # None on the cache route
+    host: nn.Module | None
     host_name: str
     host_call: int
     stack: str
@@ -63,12 +67,19 @@ class Layout:
     unprompted: list[nn.Module] = field(default_factory=list)
     encoder_decoder: bool = False
     module_hosts: bool = False  # some attention modules host their own prompts (layer drops kwargs)
+    # "interface": prompts joined inside the attention function (the normal route); "cache": the model
+    # does not use the attention interface, and prefix prompts travel as a pre-filled key/value cache.
+    kind: str = "interface"
+    cache_kwarg: str | None = None  # the forward's cache keyword ("cache" or "past_key_values")
+    cache_wrap: str = (
+        "dynamic"  # "encoder_decoder": the model keeps its self-attention cache in an EncoderDecoderCache
+    )
 
     @property
     def hosts(self) -> list[nn.Module]:
         seen, out = set(), []
         for s in self.sites:
-            if id(s.host) not in seen:
+            if s.host is not None and id(s.host) not in seen:
                 seen.add(id(s.host))
                 out.append(s.host)
         return out
@@ -279,7 +290,7 @@ def _run_probe(model, kwarg, inner, extra_hosts):
             rec.same_lengths = True
             model(**probe_inputs(model, decoder_ids=False))
     if not rec.calls:
-        raise ValueError(
+        raise NoAttentionInterface(
             f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}) never calls "
             "transformers' attention interface (ALL_ATTENTION_FUNCTIONS): its modeling file computes attention "
             "itself, so prompt_kernels cannot route prompts into it"
@@ -335,3 +346,75 @@ def _layout(model, calls, hosts, name_of, module_hosts: set[int], is_self, encod
         )
     unprompted = [m for m in unprompted if not any(m is s.module for s in sites)]
     return Layout(sites, unprompted, enc_dec, module_hosts=any(id(s.host) in module_hosts for s in sites))
+
+
+def cache_keyword(model: nn.Module) -> str | None:
+    """The keyword ``model.forward`` takes its key/value cache under, or None."""
+    params = inspect.signature(model.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def discover_cache(model: nn.Module, reason: str) -> Layout:
+    """The cache route for a model that does not use the attention interface (``reason``): one probe
+    forward with ``use_cache=True``; the cache it returns gives the layers and their key/value shapes.
+    Prefix prompts then travel as a pre-filled cache (the route PEFT takes for every model): gate 1
+    only, positions and masks of the model's own cache handling. ValueError with ``reason`` if the
+    model takes or returns no cache."""
+    from transformers.cache_utils import Cache
+
+    kw = cache_keyword(model)
+    params = inspect.signature(model.forward).parameters
+    if kw is None or "use_cache" not in params or getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(reason)
+    inputs = probe_inputs(model)
+    inputs["use_cache"] = True
+    try:
+        with torch.no_grad():
+            out = model(**inputs)
+    except Exception as exc:
+        raise ValueError(f"{reason}; its forward with use_cache=True failed: {exc}") from exc
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    wrap = "dynamic"
+    if isinstance(getattr(cache, "self_attention_cache", None), Cache):  # BERT-style decoders
+        cache, wrap = cache.self_attention_cache, "encoder_decoder"
+    layers = []
+    if isinstance(cache, Cache):
+        for layer in getattr(cache, "layers", []):
+            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if not (torch.is_tensor(k) and torch.is_tensor(v) and k.dim() == 4 and v.dim() == 4):
+                raise ValueError(f"{reason}; its key/value cache is not laid out [B, heads, T, head_dim]")
+            layers.append((k.shape, v.shape))
+    if not layers or any(k[2] != 3 for k, _ in layers):
+        raise ValueError(f"{reason}; it returns no key/value cache of the standard layout to carry prompts")
+    try:  # the route itself: a multi-token forward on top of that cache
+        with torch.no_grad():
+            model(
+                input_ids=inputs["input_ids"],
+                attention_mask=torch.ones_like(inputs["attention_mask"]).repeat(1, 2),
+                use_cache=True,
+                **{kw: getattr(out, "past_key_values", None) or getattr(out, "cache", None)},
+            )
+    except Exception as exc:
+        raise ValueError(
+            f"{reason}; it does not take a key/value cache in front of several new tokens: {exc}"
+        ) from exc
+    heads = int(getattr(model.config.get_text_config(), "num_attention_heads", 0) or layers[0][0][1])
+    sites = [
+        AttentionSite(
+            index=i,
+            name=f"cache layer {i}",
+            module=None,
+            host=None,
+            host_name="",
+            host_call=0,
+            stack=MODEL,
+            num_heads=heads,
+            num_kv_heads=int(k[1]),
+            key_dim=int(k[3]),
+            value_dim=int(v[3]),
+            causal=True,
+            scaling=None,
+        )
+        for i, (k, v) in enumerate(layers)
+    ]
+    return Layout(sites, kind="cache", cache_kwarg=kw, cache_wrap=wrap)

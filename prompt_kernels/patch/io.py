@@ -33,7 +33,9 @@ def _digest(tensors) -> str:
 
 def fingerprint(model, info) -> dict:
     """Identity of ``model``'s backbone (dims + a hash of a few weights) and head."""
-    attn0, attn_last = info.attentions[0], info.attentions[-1]
+    # The first and last prompted attention modules (the backbone itself on the cache route).
+    attns = [a for a in info.attentions if a is not None] or [info.backbone]
+    attn0, attn_last = attns[0], attns[-1]
     backbone = [
         info.input_embeddings.weight[:16],
         *[p for _, p in sorted(attn0.named_parameters())][:2],

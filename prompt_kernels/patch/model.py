@@ -48,8 +48,8 @@ from prompt_kernels.patch.attention import (
     LayerPrompt,
     model_eager_function,
 )
-from prompt_kernels.patch.context import ForwardContext
-from prompt_kernels.patch.discovery import discover
+from prompt_kernels.patch.context import ForwardContext, cache_argument
+from prompt_kernels.patch.discovery import NoAttentionInterface, discover, discover_cache
 from prompt_kernels.patch.info import ModelInfo
 
 ROUTES = ("auto", "concat")
@@ -134,16 +134,20 @@ class PromptedModel(nn.Module):
         try:
             model.set_attn_implementation(IMPLEMENTATION)
             if model.config._attn_implementation != IMPLEMENTATION:
-                raise ValueError(
+                raise NoAttentionInterface(
                     f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}) does not "
                     "support transformers' attention interface (it keeps attn_implementation="
-                    f"{model.config._attn_implementation!r}): its modeling file computes attention itself, so "
-                    "prompt_kernels cannot route prompts into it"
+                    f"{model.config._attn_implementation!r}): its modeling file computes attention itself"
                 )
-            info = ModelInfo(model, discover(model, PREFIX_KWARG, inner))
+            layout = discover(model, PREFIX_KWARG, inner)
+        except NoAttentionInterface as exc:
+            _restore_configs(self._configs)
+            self._configs = []
+            layout = discover_cache(model, str(exc))  # ValueError when no cache can carry prompts either
         except BaseException:
             _restore_configs(self._configs)
             raise
+        info = ModelInfo(model, layout)
         if config.trainable_head and not info.head_parameters():
             _restore_configs(self._configs)
             raise ValueError(
@@ -180,23 +184,8 @@ class PromptedModel(nn.Module):
         if config.trainable_head:
             for p in info.head_parameters().values():
                 p.requires_grad_(True)
-        sites_of: dict[int, set[int]] = {}
-        for s in info.sites:
-            sites_of.setdefault(id(s.module), set()).add(s.index)
-        for s in info.sites:
-            if not hasattr(s.module, BINDING_ATTR):
-                self._bind(
-                    s.module,
-                    AttentionBinding(
-                        inner, model_eager_function(s.module), frozenset(sites_of[id(s.module)])
-                    ),
-                )
-        for m in [*info.layout.unprompted, *model.modules()]:
-            # Cross-attention and other modules that may call the interface: unprompted.
-            if not hasattr(m, BINDING_ATTR) and (
-                m in info.layout.unprompted or "Attention" in type(m).__name__
-            ):
-                self._bind(m, AttentionBinding(inner, model_eager_function(m), frozenset()))
+        if info.layout.kind == "interface":
+            self._bind_attention(inner)
         try:
             self._register_hooks()
         except BaseException:
@@ -233,6 +222,26 @@ class PromptedModel(nn.Module):
                 f"{len(self.info.layout.hosts)} layers ({'encoder-decoder' if self.info.encoder_decoder else 'shared or hybrid layers'})"
             )
         return layer
+
+    def _bind_attention(self, inner: str) -> None:
+        """An AttentionBinding on every module that calls the attention interface (prompted sites and the
+        unprompted ones the probe saw, e.g. cross-attention), and on other attention modules a later
+        forward may reach (e.g. a BERT decoder's cross-attention, unused by the probe)."""
+        info = self.info
+        sites_of: dict[int, set[int]] = {}
+        for s in info.sites:
+            sites_of.setdefault(id(s.module), set()).add(s.index)
+        for s in info.sites:
+            if not hasattr(s.module, BINDING_ATTR):
+                binding = AttentionBinding(
+                    inner, model_eager_function(s.module), frozenset(sites_of[id(s.module)])
+                )
+                self._bind(s.module, binding)
+        for m in [*info.layout.unprompted, *self.model.modules()]:
+            if not hasattr(m, BINDING_ATTR) and (
+                m in info.layout.unprompted or "Attention" in type(m).__name__
+            ):
+                self._bind(m, AttentionBinding(inner, model_eager_function(m), frozenset()))
 
     def _bind(self, module: nn.Module, binding: AttentionBinding) -> None:
         setattr(module, BINDING_ATTR, binding)
@@ -286,6 +295,11 @@ class PromptedModel(nn.Module):
             raise RuntimeError("this PromptedModel was detached")
         if not (hasattr(self.model, "can_generate") and self.model.can_generate()):
             raise TypeError(f"{type(self.model).__name__} cannot generate (not a causal LM)")
+        if self.info.layout.kind == "cache":
+            raise NotImplementedError(
+                f"generate() with prompts on {type(self.model).__name__} is not supported: it does not use "
+                "transformers' attention interface, and its prompts travel in the key/value cache"
+            )
         if self._sequence_layer is not None:
             raise NotImplementedError(
                 "generate() with sequence-style prompts is not supported (the rows would "
@@ -378,6 +392,8 @@ class PromptedModel(nn.Module):
             kwargs = self._extend_encoder_mask(dict(kwargs))
         else:
             kwargs = self._apply_input_style(ctx, dict(kwargs))
+        if self.info.layout.kind == "cache":
+            kwargs = self._apply_cache_prompts(ctx, kwargs)
         if self._sequence_layer is not None:
             if ctx.decoding:
                 raise NotImplementedError(
@@ -386,6 +402,49 @@ class PromptedModel(nn.Module):
             if "use_cache" in self._accepts:
                 kwargs["use_cache"] = False
         return (), kwargs
+
+    def _apply_cache_prompts(self, ctx: ForwardContext, kwargs: dict) -> dict:
+        """The cache route (models without the attention interface): every layer's prompt keys/values
+        become a pre-filled ``DynamicCache`` the model's own attention reads, the 2D attention mask gets
+        ``p`` ones in front, and the tokens keep the positions they have without prompts."""
+        from transformers import DynamicCache
+
+        if cache_argument(kwargs) is not None:
+            raise NotImplementedError(
+                f"{type(self.model).__name__} does not use transformers' attention interface; its prompts travel "
+                "in the key/value cache, so a forward with a cache of its own (decoding) is not supported"
+            )
+        prompts = [self._layer_prefix(ctx, i, None) for i in range(self.info.num_layers)]
+        if all(p is None for p in prompts):
+            return kwargs
+        if any(p is None or not p.gate_is_one for p in prompts):
+            raise NotImplementedError(
+                f"{type(self.model).__name__} does not use transformers' attention interface: prompts reach it only "
+                "as a key/value cache, which needs ungated prompts at every layer (prefix tuning, prompt tuning)"
+            )
+        B, T = ctx.batch_size, ctx.seq_len
+        cache = DynamicCache()
+        for i, p in enumerate(prompts):
+            cache.update(p.key.expand(B, -1, -1, -1), p.value.expand(B, -1, -1, -1), i)
+        P = prompts[0].key.shape[2]
+        if self.info.layout.cache_wrap == "encoder_decoder":
+            from transformers import EncoderDecoderCache
+
+            cache = EncoderDecoderCache(cache, DynamicCache())
+        kwargs[self.info.layout.cache_kwarg] = cache
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError("prompts on the cache route need a 2D attention_mask [B, T] (or none)")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
+        if "position_ids" in self._accepts and kwargs.get("position_ids") is None:
+            T = (
+                kwargs["input_ids"].shape[1]
+                if kwargs.get("input_ids") is not None
+                else kwargs["inputs_embeds"].shape[1]
+            )
+            kwargs["position_ids"] = torch.arange(T, device=ctx.device).expand(B, -1)
+        return kwargs
 
     def _extend_encoder_mask(self, kwargs: dict) -> dict:
         """A decoder call of an encoder-decoder with ``encoder_outputs`` (``generate``): the encoder output

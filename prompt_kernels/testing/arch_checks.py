@@ -1,0 +1,141 @@
+"""What "prompt_kernels works on this architecture" means, checked on a tiny random model.
+
+``check_architecture(model_type, mapping)`` builds the tiny model (``tiny_models.build_tiny``) and checks:
+
+1. P-tuning v2 (``PrefixTuningConfig``): forward with labels and backward give a finite loss and a
+   non-zero gradient on the prompts; the same prompts through the concatenation route
+   (``attention_route="concat"``: the prompt keys/values put in front of the layer's own and run
+   through the model's own attention implementation) give the same loss, outputs and prompt
+   gradients;
+2. ``detach`` gives back the model bit for bit: the same outputs, config object, attention
+   implementation and ``requires_grad`` flags;
+3. ``save_prompts`` / ``load_prompts`` onto the detached model give identical outputs;
+4. prompt tuning (``PromptTuningConfig``): finite loss, non-zero prompt gradient.
+
+It raises ``ArchitectureCheckFailed`` naming the check that failed (``TinyModelUnavailable`` when the
+bare tiny model does not run).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from prompt_kernels.testing.tiny_models import build_tiny, tiny_inputs
+
+PROMPT_LENGTH = 3
+
+
+class ArchitectureCheckFailed(Exception):
+    pass
+
+
+def _main(output) -> torch.Tensor:
+    for name in ("logits", "last_hidden_state"):
+        t = getattr(output, name, None)
+        if torch.is_tensor(t):
+            return t
+    return output[0] if isinstance(output, tuple) else next(v for v in output.values() if torch.is_tensor(v))
+
+
+def _fail(what: str, exc: BaseException | None = None):
+    detail = (
+        ""
+        if exc is None
+        else f": {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    )
+    raise ArchitectureCheckFailed(f"{what}{detail}") from exc
+
+
+def _run(pm, inputs):
+    out = pm(**inputs)
+    loss = out.loss
+    if loss is None or not torch.isfinite(loss):
+        _fail(f"loss is {None if loss is None else float(loss)}")
+    loss.backward()
+    grads = [p.grad for p in pm.method.prompt_parameters()]
+    if any(g is None for g in grads) or sum(float(g.abs().sum()) for g in grads) == 0:
+        _fail("no gradient reaches the prompts")
+    return loss.detach(), _main(out).detach(), [g.clone() for g in grads]
+
+
+def _close(a, b, what: str, rtol=1e-4, atol=1e-5):
+    try:
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    except AssertionError as exc:
+        _fail(what, exc)
+
+
+def check_prefix(model, inputs) -> None:
+    import prompt_kernels as pk
+
+    with torch.no_grad():
+        bare = _main(model(**inputs)).clone()
+    config_before, attn_before = model.config, model.config._attn_implementation
+    flags = [p.requires_grad for p in model.parameters()]
+    config = pk.PrefixTuningConfig(prompt_length=PROMPT_LENGTH)
+    try:
+        pm = pk.attach(model, config)
+    except Exception as exc:
+        _fail("attach", exc)
+    if config_before._attn_implementation != attn_before:
+        _fail("attach changed the caller's config object")
+    try:
+        loss, out, grads = _run(pm, inputs)
+    except ArchitectureCheckFailed:
+        raise
+    except Exception as exc:
+        _fail("prefix forward/backward", exc)
+    state = {k: v.clone() for k, v in pm.method.state_dict().items()}
+    with torch.no_grad():
+        inference = _main(pm(**inputs)).clone()
+    with tempfile.TemporaryDirectory() as tmp:
+        pm.save_prompts(tmp)
+        model = pm.detach()
+        if pm.info.layout.kind == "interface":  # the cache route is the model's own concatenation
+            pm = pk.attach(model, config, attention_route="concat")
+            pm.method.load_state_dict(state)
+            try:
+                loss_c, out_c, grads_c = _run(pm, inputs)
+            except Exception as exc:
+                _fail("concatenation route", exc)
+            _close(loss, loss_c, "loss differs from the concatenation route")
+            _close(out, out_c, "outputs differ from the concatenation route")
+            for g, gc in zip(grads, grads_c):
+                _close(g, gc, "prompt gradients differ from the concatenation route", rtol=1e-3, atol=1e-5)
+            model = pm.detach()
+        pm = pk.load_prompts(model, tmp)
+        with torch.no_grad():
+            _close(_main(pm(**inputs)), inference, "outputs after save/load differ", rtol=0, atol=0)
+        model = pm.detach()
+    with torch.no_grad():
+        after = _main(model(**inputs))
+    if not torch.equal(after, bare):
+        _fail("detach did not restore the model's outputs bit for bit")
+    if model.config is not config_before or model.config._attn_implementation != attn_before:
+        _fail("detach did not restore the model's config")
+    if [p.requires_grad for p in model.parameters()] != flags:
+        _fail("detach did not restore requires_grad")
+
+
+def check_prompt_tuning(model, inputs) -> None:
+    import prompt_kernels as pk
+
+    try:
+        pm = pk.attach(model, pk.PromptTuningConfig(prompt_length=PROMPT_LENGTH))
+        _run(pm, inputs)
+    except ArchitectureCheckFailed:
+        raise
+    except Exception as exc:
+        _fail("prompt tuning", exc)
+    pm.detach()
+
+
+def check_architecture(model_type: str, mapping: str) -> None:
+    model = build_tiny(model_type, mapping)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    inputs = tiny_inputs(model, mapping)
+    check_prefix(model, inputs)
+    check_prompt_tuning(model, tiny_inputs(model, mapping, padding="left"))
