@@ -575,3 +575,22 @@ def test_input_style_leaves_multilabel_float_labels_alone():
     out = pm(input_ids=ids, attention_mask=mask, labels=labels)
     ref = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels)
     torch.testing.assert_close(out.loss, ref)
+
+
+def test_attach_leaves_a_shared_config_object_alone():
+    """Two models built from one config object: attaching to one changes nothing the other sees."""
+    from transformers import LlamaForCausalLM
+
+    first = tiny_model("llama", "lm")
+    shared = first.config
+    second = LlamaForCausalLM(shared)
+    ids, mask = batch("llama")
+    with torch.no_grad():
+        ref = second(input_ids=ids, attention_mask=mask).logits
+    pm = pk.attach(first, pk.PrefixTuningConfig(prompt_length=2))
+    assert shared._attn_implementation == "sdpa" and first.config is not shared
+    assert first.config._attn_implementation == "prompt_kernels"
+    with torch.no_grad():  # the unattached model still runs its own attention
+        torch.testing.assert_close(second(input_ids=ids, attention_mask=mask).logits, ref, rtol=0, atol=0)
+    assert pm.detach().config is shared
+    assert all(m.config is shared for m in first.modules() if hasattr(m, "config") and m is not first)
