@@ -14,13 +14,12 @@ import torch
 from prompt_kernels import cli
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def make_tiny_model_dir(path, seed: int = 0) -> str:
+    """A tiny random BERT (2 layers, d = 32, dropout on) with MiniLM's tokenizer, saved to ``path``."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from prompt_kernels.models import minilm_path
 
-    path = tmp_path_factory.mktemp("tiny_bert")
     tok = AutoTokenizer.from_pretrained(minilm_path())
     cfg = BertConfig(
         vocab_size=tok.vocab_size,
@@ -30,25 +29,33 @@ def tiny_model_dir(tmp_path_factory):
         intermediate_size=64,
         max_position_embeddings=64,
     )
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(path)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
 
-def _write_csv(path, rows, header=("text", "label")):
-    with open(path, "w", newline="") as f:
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def write_csv(path, rows, header=("text", "label"), encoding="utf-8"):
+    with open(path, "w", newline="", encoding=encoding) as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
     return str(path)
 
 
+WORDS = {"good": "pos", "great": "pos", "fine": "pos", "bad": "neg", "awful": "neg", "dull": "neg"}
+TINY_ROWS = [(f"a {w} movie number {i}", lab) for i in range(8) for w, lab in WORDS.items()]
+
+
 @pytest.fixture(scope="module")
 def tiny_csv(tmp_path_factory):
-    words = {"good": "pos", "great": "pos", "fine": "pos", "bad": "neg", "awful": "neg", "dull": "neg"}
-    rows = [(f"a {w} movie number {i}", lab) for i in range(8) for w, lab in words.items()]
-    return _write_csv(tmp_path_factory.mktemp("csv") / "task.csv", rows)
+    return write_csv(tmp_path_factory.mktemp("csv") / "task.csv", TINY_ROWS)
 
 
 def _train(capsys, *args):
@@ -110,13 +117,13 @@ def test_missing_task_file(tiny_model_dir, tmp_path, capsys):
 
 
 def test_csv_without_columns(tiny_model_dir, tmp_path, capsys):
-    path = _write_csv(tmp_path / "bad.csv", [("x", "1"), ("y", "0")], header=("sentence", "y"))
+    path = write_csv(tmp_path / "bad.csv", [("x", "1"), ("y", "0")], header=("sentence", "y"))
     rc, _, err = _train(capsys, "--model", tiny_model_dir, "--task", path, "--steps", "1")
     assert rc != 0 and "'text' and 'label'" in err
 
 
 def test_single_class(tiny_model_dir, tmp_path, capsys):
-    path = _write_csv(tmp_path / "one.csv", [(f"t{i}", "a") for i in range(10)])
+    path = write_csv(tmp_path / "one.csv", [(f"t{i}", "a") for i in range(10)])
     rc, _, err = _train(capsys, "--model", tiny_model_dir, "--task", path, "--steps", "1")
     assert rc != 0 and "at least 2" in err
 
@@ -152,3 +159,61 @@ def test_unknown_method_exits_nonzero():
         text=True,
     )
     assert proc.returncode != 0 and "invalid choice" in proc.stderr
+
+
+# -- CSV problems ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("missing", ["short row", "empty label"])
+def test_csv_row_without_a_label_names_the_line(tiny_model_dir, tmp_path, capsys, missing):
+    path = tmp_path / "gap.csv"
+    lines = ["text,label", *(f"row {i},{'ab'[i % 2]}" for i in range(6))]
+    lines.insert(4, "no label here" if missing == "short row" else "no label here,")
+    path.write_text("\n".join(lines) + "\n")
+    rc, _, err = _train(capsys, "--model", tiny_model_dir, "--task", str(path), "--steps", "1")
+    assert rc == 2 and "line 5" in err and "no label" in err, err
+    assert "NoneType" not in err
+
+
+def test_csv_with_a_utf8_bom_is_read(tiny_model_dir, tmp_path, capsys):
+    """Excel's "CSV UTF-8" export starts with a byte-order mark."""
+    path = write_csv(tmp_path / "excel.csv", TINY_ROWS, encoding="utf-8-sig")
+    assert open(path, "rb").read(3) == b"\xef\xbb\xbf"
+    rc, _, err = _train(
+        capsys, "--model", tiny_model_dir, "--task", path, "--steps", "1", "--out", str(tmp_path / "r")
+    )
+    assert rc == 0, err
+    assert json.load(open(tmp_path / "r" / "state.json"))["label_names"] == ["neg", "pos"]
+
+
+def test_tiny_eval_split_warns(tiny_model_dir, tmp_path, capsys):
+    """Two rows: one to train on, one to evaluate on, whose label the training row lacks. The run goes
+    on (a smoke test on a tiny CSV is legitimate) but says why its accuracy means nothing."""
+    path = write_csv(tmp_path / "two.csv", [("a good movie", "pos"), ("a bad movie", "neg")])
+    rc, out, err = _train(
+        capsys, "--model", tiny_model_dir, "--task", path, "--steps", "1", "--out", str(tmp_path / "r")
+    )
+    assert rc == 0, err
+    assert "warning" in err and "1 example" in err, err
+    assert "not in the training split" in err, err
+    assert json.loads(out.strip().splitlines()[-1])["eval_examples"] == 1
+
+
+def test_string_labels_mapping_is_saved(tiny_model_dir, tiny_csv, tmp_path, capsys):
+    rc, _, err = _train(
+        capsys, "--model", tiny_model_dir, "--task", tiny_csv, "--steps", "1", "--out", str(tmp_path / "r")
+    )
+    assert rc == 0, err
+    state = json.load(open(tmp_path / "r" / "state.json"))
+    assert state["label_names"] == ["neg", "pos"] and state["num_labels"] == 2
+
+
+def test_progress_is_sparse_when_not_a_terminal(tiny_model_dir, tiny_csv, tmp_path, capsys):
+    """Under capsys stderr is not a tty: no bar redraws (``\\r``), a handful of log lines."""
+    capsys.readouterr()  # (what the fixtures printed)
+    argv = ["train", "--model", tiny_model_dir, "--task", tiny_csv, "--steps", "40", "--batch-size", "4"]
+    rc = cli.main([*argv, "--max-length", "16", "--prompt-length", "3", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "\r" not in err, err[:500]
+    lines = [line for line in err.splitlines() if "step" in line]
+    assert 1 <= len(lines) <= 12, err
+    assert "step 40/40" in lines[-1], lines

@@ -9,10 +9,21 @@ from prompt_kernels.configs import PromptTuningConfig
 from prompt_kernels.methods.base import PromptMethod, register_method
 
 
+def _check_token_ids(ids, vocab: int, source: str = "init_token_ids") -> None:
+    bad = [int(i) for i in ids if not 0 <= int(i) < vocab]
+    if bad:
+        raise ValueError(
+            f"{source} hold id(s) {bad[:8]} outside the vocabulary: the model's input "
+            f"embeddings have vocabulary size {vocab} (ids 0 .. {vocab - 1})"
+        )
+
+
 def initial_prompt(config: PromptTuningConfig, info, tokenizer=None) -> torch.Tensor:
     """``[p, d]`` float32 initial prompt following ``config.init`` (see PromptTuningConfig)."""
     p, emb = config.prompt_length, info.input_embeddings
     vocab = emb.weight.shape[0]
+    if config.init_token_ids is not None:  # checked whatever ``init`` is: never silently ignored
+        _check_token_ids(config.init_token_ids, vocab)
     if config.init == "random":
         std = float(emb.weight.detach().float().std())
         return torch.randn(p, info.hidden_size, device=info.device) * std
@@ -28,9 +39,10 @@ def initial_prompt(config: PromptTuningConfig, info, tokenizer=None) -> torch.Te
             ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise ValueError(f"init_text {config.init_text!r} tokenises to no tokens")
+            _check_token_ids(
+                ids, vocab, source=f"init_token_ids (the tokens of init_text {config.init_text!r})"
+            )
             config.init_token_ids = list(ids)
-        if max(ids) >= vocab:
-            raise ValueError(f"init_token_ids hold id {max(ids)} >= the vocabulary size {vocab}")
         ids = torch.tensor((list(ids) * (p // len(ids) + 1))[:p], device=emb.weight.device)
     return info.embed_tokens(ids).float().to(info.device)
 
