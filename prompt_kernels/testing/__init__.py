@@ -1,0 +1,1 @@
+"""Test utilities: a zoo of tiny random transformers models (``tiny_models``)."""
