@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint compile-check pytest demo bench bench-quick clean
+.PHONY: install test lint compile-check pytest demo bench bench-quick gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick
+
+# On a machine with a CUDA GPU: the kernel tests on CUDA tensors and every op benchmark (time, peak
+# memory) -> benchmarks/results/gpu/gpu_check.{csv,md}. Without CUDA it says so and fails.
+gpu-check: install
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf build *.egg-info prompt_kernels/*.so

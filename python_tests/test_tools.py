@@ -123,6 +123,93 @@ def test_occupancy_rules():
     assert cc.occupancy(90, 1, 16, 0).blocks_per_sm == 32  # the block limit
 
 
+_TTIR = """module {
+  tt.func public @k(%a: !tt.ptr<f16>) {
+    %x = tt.load %p : tensor<64x32x!tt.ptr<f16>> loc(#loc1)
+    %r:2 = scf.for %k0 = %c0 to %K step %c32 iter_args(%acc = %cst) -> (tensor<64x64xf32>)  : i32 {
+      %b = tt.load %q : tensor<32x64x!tt.ptr<f16>> loc(#loc2)
+      %d = tt.dot %x, %b, %acc, inputPrecision = tf32 : tensor<64x32xf16> * tensor<32x64xf16> -> tensor<64x64xf32> loc(#loc3)
+      scf.yield %d : tensor<64x64xf32> loc(#loc4)
+    } loc(#loc5)
+    %e = tt.dot %u, %v, %w : tensor<16x16xf32> * tensor<16x16xf32> -> tensor<16x16xf32> loc(#loc6)
+    tt.return loc(#loc7)
+  } loc(#loc8)
+} loc(#loc9)
+"""
+
+
+def test_ttir_facts_reads_dot_types_and_dot_loops():
+    f = cc.ttir_facts(_TTIR)
+    assert f["dots"] == ["f16", "f32/ieee"]  # no inputPrecision attribute: IEEE
+    assert f["tensor_core_dot"] and f["dot_loop"]
+    no_loop = _TTIR.replace("scf.for", "scf.if_not_a_loop")
+    assert not cc.ttir_facts(no_loop)["dot_loop"]
+    fp32_only = "%e = tt.dot %u, %v, %w : tensor<16x16xf32> * tensor<16x16xf32> -> tensor<16x16xf32>"
+    assert cc.ttir_facts(fp32_only) == {"dots": ["f32/ieee"], "tensor_core_dot": False, "dot_loop": False}
+    tf32 = fp32_only.replace("%w :", "%w, inputPrecision = tf32 :")
+    assert cc.ttir_facts(tf32)["tensor_core_dot"]
+
+
+def test_ptx_facts_reads_mma_kind_and_async_copies():
+    ptx = """
+    cp.async.cg.shared.global [ %r1 + 0 ], [ %rd1 + 0 ], 0x10, %r2;
+    cp.async.commit_group;
+    cp.async.wait_group 0;
+    mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 { %f1 }, { %r1 }, { %r2 }, { %f1 };
+    """
+    f = cc.ptx_facts(ptx)
+    assert f["mma_kind"] == "HMMA" and f["async_copies"] == {"cp.async": 1}
+    assert f["mma_ops"] == ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"]
+    hopper = (
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {..};\ncp.async.bulk.tensor.2d.shared::cluster"
+    )
+    f = cc.ptx_facts(hopper)
+    assert f["mma_kind"] == "HGMMA" and f["async_copies"] == {"TMA": 1}
+    assert cc.ptx_facts("ld.global.v4.b32") == {"mma_kind": "", "mma_ops": [], "async_copies": {}}
+
+
+def _result(name, arch, **kw):
+    base = dict(name=name, op="selftest", arch=arch, num_warps=4, num_stages=2, ok=True, registers=32)
+    return cc.CompileResult(**(base | kw))
+
+
+def test_known_failures_are_reported_not_failing():
+    from prompt_kernels.kernels.registry import KnownFailure
+
+    spill = _result("k[fp16,BM=16]", 90, spill_store_bytes=8)
+    hmma = _result("k[bf16,BM=16]", 90, dots=["bf16"], tensor_core_dot=True, mma_kind="HMMA")
+    other = _result("k[fp32,BM=16]", 90, spill_load_bytes=4)  # not covered: "*16" does not match fp32
+    fine = _result("j[fp16,BM=64]", 90)
+    known = [
+        KnownFailure("k[*16,**", (90,), "spills", "tile too big"),
+        KnownFailure("k[*16,**", (90,), "hgmma", "16 rows"),
+        KnownFailure("j[**", (90,), "spills", "fixed since"),  # matches a name but no failure: stale
+        KnownFailure("k[**", (80,), "spills", "other arch"),  # matches no compiled name: not stale
+    ]
+    warnings = cc.apply_known_failures([spill, hmma, other, fine], known)
+    assert spill.verdict == "known" and spill.open_failures() == [] and "tile too big" in spill.known[0]
+    assert hmma.verdict == "known" and "16 rows" in hmma.known[0]
+    assert other.verdict == "FAIL" and other.open_failures() == other.failures()
+    assert fine.verdict == "ok"
+    assert len(warnings) == 1 and "'j[**'" in warnings[0]
+    table = cc.format_table([spill, hmma, other, fine])
+    assert table.count("known") == 2 and table.count("FAIL") == 1
+    summary = cc.summary_table([spill, hmma, other, fine])
+    assert (
+        "known 1: spills" in summary and "known 1: HMMA not HGMMA" in summary and "FAIL 1: spills" in summary
+    )
+
+
+def test_capture_reports_the_checked_architecture():
+    from prompt_kernels.kernels import registry
+
+    with cc.capture_launches(90, [], lambda: "test"):
+        assert registry.target_arch() == 90
+    from triton.runtime import driver
+
+    assert not getattr(getattr(driver, "_active", None), "compile_only", False)  # restored
+
+
 def _compile_check_in_subprocess(*jobs):
     """Run compile-check jobs in a fresh Python without TRITON_INTERPRET (``tool_kernels.compile_check_child``).
 
@@ -160,9 +247,14 @@ def _compile_check_in_subprocess(*jobs):
     return out
 
 
-def test_compile_check_reports_registers_and_tensor_cores():
-    results, (status, out) = _compile_check_in_subprocess(
-        ("check", ["copy_and_dot"], (80, 90)), ("report", ["copy_and_dot"], (80, 90))
+def test_compile_check_compiles_what_launches():
+    """Registers, MMA kind, asynchronous copies and the launch specialisation, on sm_80 and sm_90; the
+    spec-versus-launcher num_stages check; the pipelined loop without asynchronous copies."""
+    results, stages, pipeline, (status, out) = _compile_check_in_subprocess(
+        ("check", ["copy_and_dot"], (80, 90)),
+        ("check", ["stages_differ"], (90,)),
+        ("check", ["pipeline"], (80,)),
+        ("report", ["copy_and_dot"], (80, 90)),
     )
     by = {(r.name.split("[")[0], r.arch): r for r in results}
     for arch in (80, 90):
@@ -171,39 +263,88 @@ def test_compile_check_reports_registers_and_tensor_cores():
             assert r.ok, r.error
             assert r.registers > 0 and r.spill_bytes == 0 and r.failures() == []
             assert 0 < r.occupancy <= 1
-        assert copy.tensor_cores == "–" and copy.tensor_core_ops == []
-        assert dot.tensor_cores == "yes" and dot.low_precision and dot.shared_bytes > 0
-    assert by["dot", 80].tensor_core_ops[0].startswith("HMMA")
-    assert by["dot", 90].tensor_core_ops[0].startswith("HGMMA")
+            assert r.num_stages == 3  # neither the spec nor the launch says: the JIT's default
+        assert copy.tensor_cores == "–" and copy.mma_kind == "" and copy.dots == []
+        assert copy.specialisation == "div16 3/3"  # both pointers and n = 4096
+        assert dot.tensor_cores == "yes" and dot.dots == ["f16"] and dot.shared_bytes > 0
+    assert by["dot", 80].mma_kind == "HMMA" and by["dot", 90].mma_kind == "HGMMA"
     assert status == 0, out
-    assert "yes (HGMMA)" in out
+    assert "HGMMA" in out and "ptxas" in out.splitlines()[0]
+
+    (r,) = stages
+    assert r.specialisation == "div16 2/2, =1 n"  # n == 1 became a constexpr, as at launch
+    assert r.num_stages == 3 and any("num_stages=3" in f and "the spec says 4, 2" in f for f in r.failures())
+
+    loop, nested = sorted(pipeline, key=lambda r: r.name)
+    assert loop.name.startswith("loop_dot") and loop.ok and loop.dot_loop
+    assert loop.async_copies.get("cp.async", 0) > 0 and loop.failures() == []
+    assert nested.ok and nested.dot_loop and nested.n_async == 0
+    assert nested.failures() == ["num_stages=2 but the tl.dot loop has no asynchronous copy"]
 
 
-def test_compile_check_fails_on_spills_and_errors():
-    (r,), (e,), (status, out) = _compile_check_in_subprocess(
+def test_compile_check_failures():
+    spill, bad, fake, small, nolaunch, (status, out) = _compile_check_in_subprocess(
         ("check", ["spill"], (90,)),
-        ("check", ["missing_constexpr"], (80,)),
-        ("report", ["spill", "missing_constexpr"], (90,)),
+        ("check", ["bad_constexpr"], (80,)),
+        ("check", ["fake_dot"], (80,)),
+        ("check", ["small_dot"], (80, 90)),
+        ("check", ["no_launch"], (80,)),
+        ("report", ["spill", "bad_constexpr"], (90,)),
     )
+    (r,) = spill
     assert r.ok and r.spill_store_bytes > 0 and r.spill_load_bytes > 0, r.error
     assert any("spills" in f for f in r.failures())
-    assert not e.ok and e.failures()
-    assert e.error.startswith("CompilationError"), e.error  # BLOCK is None: the kernel does not compile
+    e, launched = sorted(bad, key=lambda r: r.name)  # the spec, and the launch case's own BLOCK=128
+    assert launched.name == "copy_kernel[fp32,BLOCK=128] (launch case)" and launched.failures() == []
+    assert not e.ok and e.failures() and e.error.startswith("CompilationError"), e.error
+    (f,) = fake
+    assert f.ok and f.failures() == ["the spec says uses_dot but the kernel compiles no tl.dot"]
+    s80, s90 = sorted((r for r in small if r.name == "dot[fp16,16x16x32]"), key=lambda r: r.arch)
+    assert s80.mma_kind == "HMMA" and s80.failures() == []
+    assert s90.mma_kind == "HMMA" and s90.failures() == ["tl.dot on f16 needs HGMMA on sm_90: HMMA only"]
+    (n,) = nolaunch
+    assert n.ok and any("no launch case launches read_twice_kernel" in x for x in n.failures())
     assert status == 1
-    assert "FAIL spill[BLOCK=16384,w1] sm_90: spills" in out and "FAIL copy[missing constexpr]" in out
-
-
-def test_compile_check_fails_when_fp16_dot_has_no_tensor_cores():
-    # a copy kernel claiming uses_dot on fp16 data: no HMMA/HGMMA in its SASS -> failure
-    ((r,),) = _compile_check_in_subprocess(("check", ["fake_dot"], (80,)))
-    assert r.ok and r.tensor_cores == "no", r.error
-    assert any("tensor-core" in f for f in r.failures())
+    assert "FAIL spill[BLOCK=16384,w1] sm_90: spills" in out and "FAIL copy[BLOCK=3]" in out
 
 
 def test_compile_check_refuses_interpreted_kernels():
-    spec = CompileSpec("interp", _interp(tk.copy_kernel), tk.COPY_SIG, {"BLOCK": 128})
-    (r,) = cc.check([("selftest", spec)], archs=(80,))
+    interp = _interp(tk.copy_kernel)
+    spec = CompileSpec("interp", interp, tk.COPY_SIG, {"BLOCK": 128})
+    (r,) = cc.check([("selftest", spec)], archs=(80,))  # no launch: compiled as declared
     assert not r.ok and "JITFunction" in r.error
+
+
+# ---------------------------------------------------------------------------------- gpu check
+
+
+def test_gpu_check_dry_mode_runs_every_case_on_cpu():
+    """``benchmarks.gpu_check --dry``: the kernel tests collected without the interpreter, every op
+    benchmark case built and run once on CPU, one CSV and the summary written."""
+    root = Path(cc.__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", tmp],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        import csv
+
+        rows = list(csv.DictReader(open(Path(tmp) / "gpu_check.csv")))
+        summary = (Path(tmp) / "gpu_check.md").read_text()
+    kernels = {r["kernel"] for r in rows}
+    assert {"gated_prefix_attention", "phm_linear", "prompt_pool", "vq_nearest"} <= kernels, kernels
+    assert {r["metric"] for r in rows} == {"time", "peak_memory"}
+    for kernel in kernels:
+        providers = {r["provider"] for r in rows if r["kernel"] == kernel}
+        assert "prompt_kernels" in providers and "torch_reference" in providers, (kernel, providers)
+    assert "dry run" in summary and "collected" in summary and "## Errors" not in summary
 
 
 # ---------------------------------------------------------------------------------- roofline
@@ -252,8 +393,11 @@ def _selftest_cases():
 
 def test_roofline_rows_on_test_kernels():
     facts = [
-        {"op": "selftest_dot", "arch": 90, "ok": True, "registers": 40, "shared_bytes": 2048, "occupancy": 0.5,
-         "spill_bytes": 0, "tensor_cores": "yes"},
+        # registered under "selftest": matches the "selftest_dot" case's op, narrowed to its kernel
+        {"op": "selftest", "kernel": "dot_kernel", "arch": 90, "ok": True, "registers": 40, "shared_bytes": 2048,
+         "occupancy": 0.5, "spill_bytes": 0, "mma_kind": "HGMMA", "async_copies": {}, "failures": []},
+        {"op": "selftest", "kernel": "other_kernel", "arch": 90, "ok": True, "registers": 99, "shared_bytes": 0,
+         "occupancy": 0.5, "spill_bytes": 0, "mma_kind": "", "async_copies": {}, "failures": []},
     ]  # fmt: skip
     rows = roofline.build_rows(
         _selftest_cases(), uses_dot_ops={"selftest_dot", "selftest_nodot"}, facts=facts
@@ -264,7 +408,8 @@ def test_roofline_rows_on_test_kernels():
     assert (
         dot.dot_flops == 2 * 16 * 16 * 32 and dot.flop_ratio == pytest.approx(1.0) and dot.dot_goal == "met"
     )
-    assert dot.memory_goal == "–" and "regs 40-40" in dot.compile_facts and "TC yes" in dot.compile_facts
+    assert dot.memory_goal == "–" and "regs 40-40" in dot.compile_facts and "MMA HGMMA" in dot.compile_facts
+    assert "no compile facts" in copy.compile_facts
     assert nodot.dot_goal == "not met"
     assert broken.error.startswith("ZeroDivisionError") and broken.launches == 0
     expect_us = 1e6 * max(8000 / 3.35e12, 1000 / 990e12)

@@ -10,8 +10,9 @@ interpreter with the :class:`~prompt_kernels.tools.traffic.TrafficMeter` and rep
 * tl.dot flops / floor flops,
 * a *predicted* H100 SXM time ``max(bytes / 3.35e12 B/s, flops / 990e12 flop/s)`` for the floors and
   for the kernel (issued bytes, max(dot flops, floor flops)): a model, not a measurement,
-* the compile-check facts of the op's kernels (``compile_check`` run in a subprocess without the
-  interpreter, cached by Triton), and the case's scale note,
+* the compile-check facts of the kernels the case launches (``compile_check`` run in a subprocess
+  without the interpreter, cached by Triton; records matched by the op they are registered under,
+  ``vq`` for the ``vq_nearest`` case, and by kernel name), and the case's scale note,
 * two goals: memory-bound cases (``prompt_pool``, or ``phm_linear`` whose floor intensity is below the
   H100 ridge point) issue at most 1.5x their floor bytes; ops whose CompileSpecs say ``uses_dot``
   do their products with ``tl.dot`` (dot flops > 0).
@@ -111,8 +112,20 @@ def compile_facts(filter_text: str | None = None, timeout: float = 3600) -> list
         return json.loads(path.read_text()) if path.exists() else []
 
 
+def facts_for(records: list[dict], op: str, kernels: list[str] | None = None) -> list[dict]:
+    """The compile-check records of a case: those of its op (the op it is registered under, which
+    may be a prefix of the case's own op: ``vq`` for ``vq_nearest``), narrowed to the kernels the case
+    launched when known (two ops may both have a ``_forward_kernel``)."""
+    mine = [r for r in records if r.get("op") and (op == r["op"] or op.startswith(r["op"] + "_"))]
+    if kernels:
+        named = [r for r in mine if r.get("kernel") in kernels]
+        mine = named or mine
+    return mine
+
+
 def summarize_compile_facts(records: list[dict]) -> str:
-    """One line per arch over an op's configurations: register range, spills, shared, occupancy, TCs."""
+    """One line per arch over a case's configurations: registers, spills, shared, occupancy, MMA kind,
+    asynchronous copies, failures."""
     if not records:
         return "no compile facts"
     parts = []
@@ -127,23 +140,34 @@ def summarize_compile_facts(records: list[dict]) -> str:
         shared = max(r["shared_bytes"] for r in ok)
         occ = sorted(r["occupancy"] for r in ok)
         spills = sum(r["spill_bytes"] for r in ok)
-        tcs = sorted({r["tensor_cores"] for r in ok})
+        mma = sorted({r.get("mma_kind") or ("none" if r.get("tensor_core_dot") else "-") for r in ok})
+        if "mma_kind" not in ok[0]:  # records of an older compile check
+            mma = sorted({r.get("tensor_cores", "?") for r in ok})
+        n_async = sum(1 for r in ok if sum((r.get("async_copies") or {}).values()))
+        failing = sum(1 for r in rs if r.get("failures"))
         text = (
             f"sm_{arch}: {len(ok)} cfg, regs {regs[0]}-{regs[-1]}, spill {spills} B, shared <= {shared} B, "
-            f"occ {occ[0]:.0%}-{occ[-1]:.0%}, TC {'/'.join(tcs)}"
+            f"occ {occ[0]:.0%}-{occ[-1]:.0%}, MMA {'/'.join(mma)}, async copies in {n_async}/{len(ok)}"
         )
         if bad:
             text += f", {len(bad)} compile errors"
+        if failing:
+            text += f", {failing} failing"
         parts.append(text)
     return "; ".join(parts)
 
 
-def measure_case(case, uses_dot_ops: set[str], facts_by_op: dict[str, list[dict]]) -> Row:
-    """Run one LaunchCase under the traffic meter (kernels must be interpreted) and fill its row."""
+def _of_op(case_op: str, ops) -> bool:
+    """Whether a case's op is one of ``ops`` or refines one (``vq_nearest`` of ``vq``)."""
+    return any(case_op == o or case_op.startswith(o + "_") for o in ops)
+
+
+def measure_case(case, uses_dot_ops: set[str], facts: list[dict]) -> Row:
+    """Run one LaunchCase under the traffic meter (kernels must be interpreted) and fill its row;
+    ``facts``: the compile-check JSON records (see :func:`facts_for`)."""
     from prompt_kernels.tools.traffic import TrafficMeter
 
     row = Row(case.name, case.op, case.direction, case.floor_bytes, case.floor_flops, case.scale_note)
-    row.compile_facts = summarize_compile_facts(facts_by_op.get(case.op, []))
     meter = TrafficMeter()
     try:
         with meter:
@@ -155,23 +179,21 @@ def measure_case(case, uses_dot_ops: set[str], facts_by_op: dict[str, list[dict]
     row.launches, row.programs = t.launches, t.programs
     row.issued_bytes, row.unique_bytes, row.dot_flops = t.issued_bytes, t.unique_bytes, t.dot_flops
     row.kernels = sorted({r.kernel for r in meter.launches})
+    row.compile_facts = summarize_compile_facts(facts_for(facts, case.op, row.kernels))
     row.predicted_floor_us = 1e6 * predicted_seconds(case.floor_bytes, case.floor_flops)
     row.predicted_kernel_us = 1e6 * predicted_seconds(t.issued_bytes, max(t.dot_flops, case.floor_flops))
     if t.launches == 0:
         row.error = "the launch ran no Triton kernel (is TRITON_INTERPRET=1 set and the backend triton?)"
     if memory_goal_applies(case):
         row.memory_goal = "met" if row.issued_bytes <= MEMORY_GOAL_RATIO * case.floor_bytes else "not met"
-    if case.op in uses_dot_ops:
+    if _of_op(case.op, uses_dot_ops):
         row.dot_goal = "met" if t.dot_flops > 0 else "not met"
     return row
 
 
 def build_rows(cases, uses_dot_ops: set[str] | None = None, facts: list[dict] | None = None) -> list[Row]:
-    """Rows for ``cases``; ``facts`` are compile-check JSON records (grouped by their ``op``)."""
-    facts_by_op: dict[str, list[dict]] = {}
-    for rec in facts or []:
-        facts_by_op.setdefault(rec.get("op", ""), []).append(rec)
-    return [measure_case(c, uses_dot_ops or set(), facts_by_op) for c in cases]
+    """Rows for ``cases``; ``facts`` are compile-check JSON records (matched by op and kernel)."""
+    return [measure_case(c, uses_dot_ops or set(), list(facts or [])) for c in cases]
 
 
 def time_on_gpu(cases, rows: list[Row]) -> None:
@@ -302,11 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--filter", args.filter]
             subprocess.run(cmd, env=_env_for_interpreter(), capture_output=True, text=True)
             rows = [Row(**d) for d in json.loads(path.read_text())] if path.exists() else []
-        summary = {}
-        for rec in facts:
-            summary.setdefault(rec.get("op", ""), []).append(rec)
         for row in rows:
-            row.compile_facts = summarize_compile_facts(summary.get(row.op, []))
+            row.compile_facts = summarize_compile_facts(facts_for(facts, row.op, row.kernels))
         time_on_gpu(cases, rows)
     else:
         rows = build_rows(cases, ops_using_dot(), facts)
