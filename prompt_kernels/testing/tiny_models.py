@@ -6,9 +6,14 @@ counts, vocabulary, ...): 2 layers, hidden size 64, 4 heads (2 key/value heads),
 4 experts, vocabulary 512, sliding windows of 8. Per-layer lists (``layer_types``, ...) keep two
 layers, one of them a full-attention layer and, in hybrid models, one of another kind. A short table
 (``_OVERRIDES``) holds the per-model exceptions where generic shrinking cannot work, each with its
-reason. ``build_tiny`` builds the model (fp32, eval mode) and checks that the bare model runs a
-forward with labels and a backward; every architecture that cannot be built or run raises
-``TinyModelUnavailable`` with the reason.
+reason. Composite configs (``text_config``, vision / audio sub-configs, ...) have each sub-config
+shrunk the same way; heterogeneous configs (``per_layer_config``) keep their per-layer differences,
+scaled; multi-head latent attention keeps one key/value head per query head. ``build_tiny`` builds
+the model (fp32, eval mode) and checks that the bare model runs a forward with labels and a backward;
+every architecture that cannot be built or run raises ``TinyModelUnavailable`` with the reason. The
+whole zoo (three mappings, about 360 model types) builds and runs in about 15 s of one CPU thread.
+Nothing is downloaded, but run with ``HF_HUB_OFFLINE=1`` (the test-suite does): importing some
+modeling files (GPT-Neo's) asks the Hub for flash-attention kernels through the ``kernels`` package.
 
     >>> for model_type, model in iter_tiny("causal-lm"):
     ...     if isinstance(model, str):
