@@ -12,7 +12,7 @@ _EXPORTS = {
     "Layout": "prompt_kernels.patch.discovery",
     "AttentionSite": "prompt_kernels.patch.discovery",
     "ModelInfo": "prompt_kernels.patch.info",
-    "load_prompts": "prompt_kernels.patch.io",
+    "load_prompts": "prompt_kernels.patch.model",
     "PromptedModel": "prompt_kernels.patch.model",
     "attach": "prompt_kernels.patch.model",
 }

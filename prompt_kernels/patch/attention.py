@@ -23,6 +23,7 @@ padding mask becomes its bool ``[B, S]`` key-padding mask, any other mask its ad
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
@@ -238,6 +239,15 @@ def prompt_kernels_attention(module, query, key, value, attention_mask, scaling=
         return binding.call_inner(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    # The attention's compute dtype: autocast's (what SDPA would run in), else the query's. Prompts (and,
+    # under autocast, query/key/value, which rotary embeddings may have promoted) are cast where they are
+    # used; gradients flow back to the prompts in their own dtype.
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    if not (query.dtype == key.dtype == value.dtype == dtype):
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if prefix.key.dtype != dtype or prefix.value.dtype != dtype:
+        prefix = dataclasses.replace(prefix, key=prefix.key.to(dtype), value=prefix.value.to(dtype))
     if (
         prefix.route == "concat"
         or (dropout and prefix.attention_dropout == "model")

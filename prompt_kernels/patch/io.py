@@ -293,15 +293,15 @@ def read_prompt_files(path) -> tuple[dict, dict]:
     return meta, tensors
 
 
-def load_prompts(model, path, **options):
+def load_prompts_with(attach, model, path, **options):
     """Rebuild the PromptedModel saved by ``save_prompts(path)`` on ``model`` (a fresh copy of the base model,
-    in any dtype, on any device).
+    in any dtype, on any device), attaching with ``attach`` (``prompt_kernels.patch.model.attach``; passed
+    in so that this module, which the PromptedModel saves through, does not import it).
 
     Raises ValueError if ``model`` differs from the base model the prompts were trained on (naming what
     differs), or if a file in ``path`` is unreadable; ``model`` is then left as it was.
     """
     from prompt_kernels.configs import config_from_dict
-    from prompt_kernels.patch.model import attach
 
     meta, tensors = read_prompt_files(path)
     w_path = os.path.join(path, WEIGHTS_FILE)

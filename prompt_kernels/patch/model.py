@@ -30,7 +30,7 @@ import copy
 import dataclasses
 import inspect
 import itertools
-import types
+import os
 from collections.abc import Iterator
 
 import torch
@@ -38,6 +38,7 @@ from torch import nn
 
 from prompt_kernels.configs import PromptConfig
 from prompt_kernels.methods.base import PrefixKV, PromptMethod, build_method
+from prompt_kernels.patch import io
 from prompt_kernels.patch import sequence as seq
 from prompt_kernels.patch.attention import (
     BINDING_ATTR,
@@ -53,6 +54,31 @@ from prompt_kernels.patch.discovery import NoAttentionInterface, discover, disco
 from prompt_kernels.patch.info import ModelInfo
 
 ROUTES = ("auto", "concat")
+
+
+class NotOffered(AttributeError, NotImplementedError):
+    """A PEFT call prompt_kernels does not offer: NotImplementedError for a caller, AttributeError for
+    ``hasattr`` / ``getattr(obj, name, default)`` probes (the attribute does not exist here)."""
+
+
+# PEFT calls a PEFT user may make that have no meaning here: they raise instead of falling through to
+# the base model (where some exist under the same name and would silently act on the base model alone).
+PEFT_ONLY = {
+    "merge_and_unload": "prompts are extra keys/values and vectors, not weight deltas; use detach()",
+    "merge_adapter": "prompts cannot be merged into the base model's weights",
+    "unmerge_adapter": "prompts are never merged",
+    "unload": "use detach() to get the base model back",
+    "set_adapter": "one prompt method per PromptedModel; attach another to a fresh copy",
+    "add_adapter": "one prompt method per PromptedModel; attach another to a fresh copy",
+    "delete_adapter": "use detach()",
+    "disable_adapter": "use the PromptedModel.disabled() context manager",
+    "enable_adapters": "prompts are on unless inside PromptedModel.disabled()",
+    "disable_adapters": "use the PromptedModel.disabled() context manager",
+    "load_adapter": "use prompt_kernels.load_prompts / PromptedModel.from_pretrained",
+    "active_adapter": "one prompt method per PromptedModel",
+    "active_adapters": "one prompt method per PromptedModel",
+    "get_base_model": "use detach() (or .model while attached)",
+}
 
 
 def _param_index(fn, name: str) -> int | None:
@@ -91,6 +117,27 @@ def _isolate_configs(model: nn.Module) -> list[tuple[nn.Module, object]]:
 def _restore_configs(swaps) -> None:
     for m, cfg in swaps:
         m.__dict__["config"] = cfg
+
+
+_PROMPTED_CLASSES: dict[type, type] = {}
+
+
+def _prompted_class(model_class: type, params: list[inspect.Parameter]) -> type:
+    """``Prompted<ModelClass>``: a PromptedModel subclass whose ``forward`` has ``model_class.forward``'s
+    signature (one per model class)."""
+    cls = _PROMPTED_CLASSES.get(model_class)
+    if cls is None:
+
+        def forward(self, *args, **kwargs):
+            return self._call_model(*args, **kwargs)
+
+        first = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        forward.__signature__ = inspect.Signature([first, *params])
+        forward.__doc__ = PromptedModel._call_model.__doc__
+        name = f"Prompted{model_class.__name__}"
+        cls = type(name, (PromptedModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+        _PROMPTED_CLASSES[model_class] = cls
+    return cls
 
 
 class _Generation:
@@ -192,19 +239,13 @@ class PromptedModel(nn.Module):
             self._undo()
             raise
         # The model's forward signature on our forward (Trainer keeps the columns it names).
-        self.forward = types.MethodType(self._make_forward(), self)
+        # The model's forward signature on our forward, at class level too: Trainer keeps the dataset
+        # columns it names and finds the label arguments on the class (find_labels), so eval_loss and
+        # compute_metrics work without label_names.
+        self.__class__ = _prompted_class(type(model), self._forward_params)
         self.train(model.training)  # the prompts follow the model's train/eval mode
 
     # -- set-up ------------------------------------------------------------------------------------
-    def _make_forward(self):
-        def forward(self, *args, **kwargs):
-            return PromptedModel._call_model(self, *args, **kwargs)
-
-        first = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        forward.__signature__ = inspect.Signature([first, *self._forward_params])
-        forward.__doc__ = PromptedModel._call_model.__doc__
-        return forward
-
     def _resolve_sequence_layer(self) -> int | None:
         layer = self.method.sequence_layer
         if layer is None:
@@ -346,14 +387,39 @@ class PromptedModel(nn.Module):
         return self.model.config
 
     def save_prompts(self, path) -> None:
-        from prompt_kernels.patch.io import save_prompts
+        """Write the prompts (and the head, if trained) and the config to the folder ``path``; never the
+        base model's own weights."""
+        io.save_prompts(self, path)
 
-        save_prompts(self, path)
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """PEFT's name for :meth:`save_prompts` (``prompts.safetensors`` + ``config.json``). The keyword
+        arguments ``Trainer`` passes (``state_dict``, ``safe_serialization``, ...) are accepted; what is
+        written is always the prompts, read from this PromptedModel."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.save_prompts(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path, **options) -> PromptedModel:
+        """PEFT's name for :func:`load_prompts`: the prompts saved in ``path`` attached to ``model``."""
+        return load_prompts(model, path, **options)
+
+    def print_trainable_parameters(self) -> None:
+        """``trainable params: ... || all params: ... || trainable%: ...`` (as PEFT prints it)."""
+        trainable = self.num_trainable_parameters
+        total = trainable + sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name in PEFT_ONLY:
+                raise NotOffered(
+                    f"PromptedModel.{name}: {PEFT_ONLY[name]} (a PEFT call prompt_kernels does not offer; it is "
+                    "not passed on to the base model)"
+                ) from None
             model = self.__dict__["_modules"].get("model")
             if model is None or name.startswith("_"):
                 raise
@@ -749,3 +815,10 @@ def attach(model: nn.Module, config: PromptConfig, **options) -> PromptedModel:
     does not go through transformers' attention interface.
     """
     return PromptedModel(model, config, **options)
+
+
+def load_prompts(model: nn.Module, path, **options) -> PromptedModel:
+    """Rebuild the PromptedModel saved by ``save_prompts(path)`` / ``save_pretrained(path)`` on ``model``
+    (a fresh copy of the base model, in any dtype, on any device). Raises ValueError naming what differs
+    if ``model`` is not the base model the prompts were trained on; ``model`` is then left as it was."""
+    return io.load_prompts_with(attach, model, path, **options)
