@@ -2,6 +2,9 @@
 query, key, value, prompt_key, prompt_value and gate), awkward sizes, every mask kind, causal with
 T != S, GQA, gate 0 / gate 1 / per-head / per-batch gates, fully masked rows, broadcast prompts,
 a backward on another backend than its forward, floors, opcheck, torch.compile and bad inputs.
+Hugging Face's finfo.min padding with fully masked rows (value and every gradient), 64-bit element
+offsets (read from the kernels' TTIR for sm_90) and launch grids within CUDA's limits for B * H over
+65,535 (the launchers with recording stand-ins for the kernels).
 
 The Triton kernels run under the interpreter with 16 x 16 blocks (``force_blocks``) so that tiny
 shapes still cross block boundaries; two cases run the launcher's own block sizes.
@@ -10,7 +13,14 @@ shapes still cross block boundaries; two cases run the launcher's own block size
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,8 +108,10 @@ def _run_backend(backend, tensors, mask, is_causal, grad_out, small_blocks=True)
         return _run(gated_prefix_attention, tensors, mask, is_causal, grad_out, device_for(backend))
 
 
-def _check_against_reference(backend, tensors, mask, is_causal, dtype, small_blocks=True, factor=2.0):
-    grad_out = torch.randn(tensors[0].shape)
+def _check_against_reference(
+    backend, tensors, mask, is_causal, dtype, small_blocks=True, factor=2.0, grad_out=None
+):
+    grad_out = torch.randn(tensors[0].shape) if grad_out is None else grad_out
     ours = _run_backend(backend, tensors, mask, is_causal, grad_out, small_blocks)
     m64 = None if mask is None or mask.dtype == torch.bool else mask.double()
     ref64 = _run(reference, [t.double() for t in tensors], m64, is_causal, grad_out.double())
@@ -182,7 +194,10 @@ def _gate_term_scale(tensors, mask64, is_causal, grad_out, out64) -> float:
     lse = torch.logsumexp(torch.cat([sp + torch.log(g), sk], -1), -1, keepdim=True)
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     go = grad_out.double()
-    terms = torch.exp(sp - lse) * (go @ pvv.transpose(-1, -2) - (go * out64).sum(-1, keepdim=True))
+    factor = go @ pvv.transpose(-1, -2) - (go * out64).sum(-1, keepdim=True)
+    # exp(sp - lse) overflows on a row whose keys all carry finfo.min and whose prompt has gate 0;
+    # such rows enter only with a zero grad_out (where d out / d gate is finite: 0).
+    terms = torch.where(factor == 0, 0.0, torch.exp(sp - lse) * factor)
     per_bh = terms.abs().sum(dim=(2, 3))  # [B, H]
     g2 = (1,) * (2 - gate.dim()) + tuple(gate.shape)
     return per_bh.sum_to_size(g2).max().item() if terms.numel() else 0.0
@@ -387,6 +402,95 @@ def test_finfo_min_padding_is_not_masking(backend):
     torch.testing.assert_close(out, reference(*tensors, m), rtol=1e-5, atol=1e-5)
 
 
+def hf_causal_mask(B, T, S, dtype, left_pad) -> torch.Tensor:
+    """The additive mask transformers builds for a causal LM with left padding: finfo(dtype).min on
+    the padded keys and above the (bottom-right) diagonal, 0 elsewhere, [B, 1, T, S]. A query row
+    whose visible keys are all padding (t < left_pad[b] when T == S) has every key at finfo.min."""
+    t, s = torch.arange(T)[:, None], torch.arange(S)[None, :]
+    hidden = [(s > t + S - T) | (s < n) for n in left_pad]
+    return torch.stack([torch.zeros(T, S).masked_fill(h, torch.finfo(dtype).min) for h in hidden])[
+        :, None
+    ].to(dtype)
+
+
+# (query dtype, mask dtype): transformers builds the mask in the model's dtype. fp32 queries with a
+# bf16 mask: bf16's finfo.min in float32, as huge as fp32's (and bf16 runs on CPU only under the
+# interpreter). fp16's finfo.min, -65504, is not absorbed: softmax of the scores there.
+HF_MASK_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+]
+HF_MASK_IDS = ["fp32-fp32mask", "fp32-bf16mask", "fp16-fp16mask", "bf16-bf16mask"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch_recompute", "triton"])
+@pytest.mark.parametrize("dtypes", HF_MASK_DTYPES, ids=HF_MASK_IDS)
+@pytest.mark.parametrize("P,gate", [(0, "head"), (3, "zero"), (3, "mixed")], ids=["P0", "gate0", "mixed"])
+def test_hf_min_mask_fully_masked_rows_backward(backend, dtypes, P, gate, monkeypatch):
+    """Hugging Face pads additive masks with finfo.min (finite): a query row whose keys all carry it
+    and whose prompt has no weight (P = 0 or gate 0) is softmax over equal scores, uniform over its
+    keys, in value AND gradient (as softmax of the biased scores in float64 gives). Every gradient,
+    dgate included, against float64; with gate 0 those rows' grad_out is 0 (as transformers' padded
+    positions get), where d out / d gate is 0, not 0 * inf. ``torch_recompute``: the CPU path's
+    blockwise backward from the log-sum-exp (what fp16/bf16 and large float32 calls run)."""
+    qdt, mdt = dtypes
+    if backend == "triton" and INTERPRET and qdt == torch.bfloat16:
+        pytest.skip("bf16 under the Triton interpreter is numpy's weak emulation; run on a GPU to test it")
+    if backend == "torch_recompute":
+        op_module = importlib.import_module("prompt_kernels.ops.gated_prefix_attention")
+        monkeypatch.setattr(op_module, "_SAVE_PROBS_ELEMENTS", 0)
+        monkeypatch.setattr(op_module, "_BLOCK_ELEMENTS", 150)  # several row blocks
+        backend = "torch"
+    B, H, Hkv, T, S, Dh = 2, 4, 2, 7, 7, 32
+    tensors, _ = make_inputs(B, H, Hkv, T, S, P, Dh, 1, gate, "none", qdt)
+    m = hf_causal_mask(B, T, S, mdt, left_pad=(3, 0))  # rows 0-2 of batch 0 see only padding
+    m[1, :, 4] = torch.finfo(mdt).min  # and one fully masked row in the middle of batch 1
+    dead_rows = torch.zeros(B, 1, T, 1, dtype=torch.bool)
+    dead_rows[0, :, :3] = dead_rows[1, :, 4] = True
+    grad_out = torch.randn(B, H, T, Dh)
+    if P > 0:
+        gate_zero = (tensors[5].expand(B, H) == 0)[:, :, None, None]
+        grad_out = grad_out.masked_fill(dead_rows & gate_zero, 0.0)
+    ours = _check_against_reference(backend, tensors, m, False, qdt, grad_out=grad_out)
+    if mdt != torch.float16:  # (fp16's finfo.min is not absorbed: softmax of the scores there)
+        v = tensors[2].float().repeat_interleave(H // Hkv, 1)
+        g = tensors[5].expand(B, H)
+        for b, t in ((0, 0), (0, 2), (1, 4)):
+            for h in range(H):
+                if P == 0 or g[b, h] == 0:  # no weight anywhere but on the padded keys: their mean
+                    torch.testing.assert_close(ours[0][b, h, t].float(), v[b, h].mean(0), **_tol(qdt))
+
+
+def _tol(dtype) -> dict:
+    return {torch.float32: dict(rtol=1e-5, atol=1e-5)}.get(dtype, dict(rtol=2e-2, atol=2e-2))
+
+
+@pytest.mark.parametrize("forward,backward", [("triton", "torch"), ("torch", "triton")])
+@pytest.mark.parametrize("P,gate", [(0, "head"), (3, "mixed")], ids=["P0", "mixed"])
+def test_hf_min_mask_backward_on_another_backend(forward, backward, P, gate, monkeypatch):
+    """The saved log-sum-exp of rows with every key at finfo.min means the same on every backend."""
+    op_module = importlib.import_module("prompt_kernels.ops.gated_prefix_attention")
+    monkeypatch.setattr(op_module, "_SAVE_PROBS_ELEMENTS", 0)  # the CPU backward from the lse
+    B, H, Hkv, T, S, Dh = 2, 2, 1, 6, 6, 32
+    tensors, _ = make_inputs(B, H, Hkv, T, S, P, Dh, 1, gate, "none", torch.float32)
+    m = hf_causal_mask(B, T, S, torch.float32, left_pad=(2, 4))
+    grad_out = torch.randn(B, H, T, Dh)
+    if P > 0:
+        gate_zero = (tensors[5].expand(B, H) == 0)[:, :, None, None]
+        grad_out[:, :, :4] = grad_out[:, :, :4].masked_fill(gate_zero, 0.0)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    with use_backend(forward), _blocks(forward):
+        out = gated_prefix_attention(*leaves, m)
+    with use_backend(backward), _blocks(backward):
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    ref = _run(reference, [t.double() for t in tensors], m.double(), False, grad_out.double())
+    torch.testing.assert_close(out.detach().double(), ref[0], rtol=1e-5, atol=1e-5)
+    for name, g, r in zip(NAMES[1:], grads, ref[1:]):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_broadcast_prompt_gradients_are_summed(backend):
     B, H, T, S, P, Dh = 3, 2, 5, 6, 4, 32
@@ -475,6 +579,146 @@ def test_cpu_forward_keeps_probabilities_only_for_a_backward():
     torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)  # two algorithms (flash, GEMM)
     torch.testing.assert_close(lse_a, lse_b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probs_b.sum(-1), torch.ones(B, H, T))
+
+
+# ----------------------------------------------------------------------------------------------
+# Index arithmetic and grids at sizes that cannot be allocated in a test
+
+# Compiles some of the kernels for sm_90 in a fresh interpreter (the test session's Triton runs under
+# TRITON_INTERPRET=1, whose @jit helpers cannot be compiled) and prints their TTIR as JSON.
+_TTIR_CHILD = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from prompt_kernels.kernels import gated_prefix_attention as gpa
+
+wanted, out = json.loads(sys.argv[1]), {}
+for spec in gpa._compile_specs():
+    key = next((w for w in wanted if spec.name.startswith(w)), None)
+    if key is None or key in out:
+        continue
+    src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs))
+    options = {"num_warps": spec.num_warps}
+    if spec.num_stages is not None:
+        options["num_stages"] = spec.num_stages
+    out[key] = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ttir"]
+print(json.dumps(out))
+"""
+
+_TTIR_KERNELS = [
+    "gpa_fwd[fp16,Dh=64,mask=add,causal=1",
+    "gpa_bwd_preprocess[fp16,Dh=64",
+    "gpa_bwd_dkdv[fp16,Dh=64,mask=add,causal=1",
+    "gpa_bwd_dkdv_prompt[fp16,Dh=64",
+    "gpa_bwd_dq[fp16,Dh=64,mask=add,causal=1",
+]
+_SSA = re.compile(r"^\s*(%[\w.]+)(?::\d+)? = ([\w.]+) (.*)$")
+
+
+def _i32_products_of_strides(ttir: str) -> list[str]:
+    """The ``arith.muli`` of 32-bit integers in a TTIR function one of whose operands is (a splat,
+    broadcast or reshape of) a stride argument or ``T``: element offsets that wrap around at 2^31."""
+    head = re.search(r"tt\.func public @\w+\((.*?)\) attributes", ttir, re.S)
+    assert head, "no kernel signature in the TTIR"
+    args = dict(re.findall(r"(%\w+): (\w+)", head.group(1)))
+    watched = {a for a, ty in args.items() if ty == "i32" and (a == "%T" or a.startswith("%s"))}
+    defs = {}
+    for line in ttir.splitlines():
+        m = _SSA.match(line)
+        if m:
+            name, op, rest = m.groups()
+            body, _, ty = rest.split(" loc(")[0].rpartition(" : ")
+            defs[name] = (op, re.findall(r"%[\w.]+", body), ty)
+
+    def source(v):
+        while v in defs and defs[v][0] in ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape"):
+            v = defs[v][1][0]
+        return v
+
+    bad = []
+    for name, (op, operands, ty) in defs.items():
+        if (
+            op == "arith.muli"
+            and (ty == "i32" or ty.endswith("xi32>"))
+            and any(source(o) in watched for o in operands)
+        ):
+            bad.append(f"{name} = muli {', '.join(operands)} : {ty}")
+    return bad
+
+
+def test_offsets_are_64_bit():
+    """Every element offset that scales a stride (head * head stride, row * row stride, of q, k, v,
+    the prompt, the outputs, the gradients and an additive [B, H, T, S] mask) is computed in 64 bits:
+    one batch item's H x T x Dh, or a mask's H x T x S, may exceed 2^31. Checked on the kernels as
+    compiled for sm_90 (their TTIR), since such tensors do not fit a test."""
+    root = Path(gpa_kernels_file()).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run(
+        [sys.executable, "-c", _TTIR_CHILD, json.dumps(_TTIR_KERNELS)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ttirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(ttirs) == sorted(_TTIR_KERNELS)
+    # The check itself: the unfixed pattern (h * head stride in 32 bits) is what it finds.
+    assert _i32_products_of_strides(
+        "tt.func public @k(%Q: !tt.ptr<f16>, %sqh: i32, %T: i32) attributes {} {\n"
+        "  %h = tt.get_program_id y : i32 loc(#l)\n  %o = arith.muli %h, %sqh : i32 loc(#l)\n"
+        "  %r = tt.make_range {end = 16 : i32, start = 0 : i32} : tensor<16xi32> loc(#l)\n"
+        "  %t = tt.splat %T : i32 -> tensor<16xi32> loc(#l)\n  %u = arith.muli %r, %t : tensor<16xi32> loc(#l)\n"
+    ) == ["%o = muli %h, %sqh : i32", "%u = muli %r, %t : tensor<16xi32>"]
+    found = {name: _i32_products_of_strides(ttir) for name, ttir in ttirs.items()}
+    assert not any(found.values()), f"32-bit products of strides: {found}"
+
+
+def gpa_kernels_file() -> str:
+    spec = importlib.util.find_spec("prompt_kernels.kernels.gated_prefix_attention")
+    return spec.origin
+
+
+class _GridRecorder:
+    """Stands in for a @triton.jit kernel: records the grid of each launch, launches nothing."""
+
+    def __init__(self, name: str, grids: list):
+        self.name, self.grids = name, grids
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.grids.append((self.name, tuple(grid), kwargs))
+
+
+@pytest.mark.parametrize("heads", [(35_000, 35_000), (70_000, 1)], ids=["H35000-Hkv35000", "H70000-Hkv1"])
+def test_grids_within_cuda_limits(heads, monkeypatch):
+    """B * H = 70,000 (over CUDA's 65,535 on grid axes y and z): every launch of the forward and the
+    backward stays within CUDA's grid limits and still has a program for every (query block, batch,
+    head) (key block, batch, kv head). The launchers run with the kernels replaced by recorders."""
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+
+    grids = []
+    for name in (
+        "_gpa_fwd_kernel",
+        "_gpa_bwd_preprocess_kernel",
+        "_gpa_bwd_dkdv_kernel",
+        "_gpa_bwd_dq_kernel",
+    ):
+        monkeypatch.setattr(gk, name, _GridRecorder(name, grids))
+    (H, Hkv), B, T, S, P, Dh = heads, 2, 3, 2, 1, 32
+    q = torch.randn(B, H, T, Dh)
+    k, v = torch.randn(B, Hkv, S, Dh), torch.randn(B, Hkv, S, Dh)
+    pk, pv = torch.randn(1, Hkv, P, Dh), torch.randn(1, Hkv, P, Dh)
+    gate, mask = torch.rand(H), torch.zeros(B, H, T, S)
+    out, lse = gk.forward(q, k, v, pk, pv, gate, mask, True, 0.1)
+    gk.backward(torch.ones_like(out), q, k, v, pk, pv, gate, mask, out, lse, True, 0.1)
+    assert {g[0] for g in grids} == {
+        "_gpa_fwd_kernel", "_gpa_bwd_preprocess_kernel", "_gpa_bwd_dkdv_kernel", "_gpa_bwd_dq_kernel"
+    }  # fmt: skip
+    for name, grid, _ in grids:
+        assert 1 <= len(grid) <= 3, (name, grid)
+        limits = (2**31 - 1, 65_535, 65_535)
+        assert all(0 < n <= lim for n, lim in zip(grid, limits)), f"{name}: grid {grid} over CUDA's limits"
+        heads_here = Hkv if name == "_gpa_bwd_dkdv_kernel" else H
+        assert math.prod(grid) >= B * heads_here, f"{name}: grid {grid} has fewer programs than heads"
 
 
 def test_floors():

@@ -7,19 +7,36 @@ Shapes (strides are free except a unit stride on the last dimension, which the l
     pk, pv:            [B or 1, Hkv, P, Dh]      batch 1 is read with batch stride 0
     gate:              [B, H] float32 (the launcher expands the caller's broadcast gate)
     mask:              none | uint8 [B, S] key padding | additive [B, 1 or H, T, S] (query dtype)
-    lse:               [B, H, T] float32, natural log; +inf on rows with no weight (their output is 0)
+    lse:               [B, H, T] float32, natural log; +inf on rows with no weight (their output is
+                       0), below ``SATURATED_LSE`` on saturated rows (see below)
+
+Grids: one program per (block, batch x head) on grid axis x (``_grid``; CUDA allows 2^31 - 1
+programs there and only 65,535 on y and z), split in the kernel as ``block = pid % blocks``,
+``bh = pid // blocks``: consecutive programs work on the same head, as with a 2-D grid. Element
+offsets are 64-bit: the head index and the row indices are widened before they scale a stride.
 
 Forward, one program per (BLOCK_M queries, b, h): the online softmax runs over the P prompt keys
 (logit ``scale * q.pk + log(gate)``, skipped entirely when gate = 0), then over the S keys (masked,
 causal bottom-right), in base 2. The running max is made safe for rows that have seen only -inf.
 
-Backward (three launches plus a tiny preprocess):
-  * ``delta = rowsum(grad_out * out)``;
+Saturated keys: an additive mask value whose base-2 logit would overflow (below -FLT_MAX * ln 2:
+Hugging Face pads with ``finfo(float32 or bfloat16).min``) gives the logit -FLT_MAX exactly, whatever
+q.k (which cannot move a number that large). A row whose weighted keys are all saturated (no prompt
+weight: P = 0 or gate 0) is then softmax over equal logits: uniform over those keys, as softmax of
+the biased scores gives in float64. Its log-sum-exp cannot be stored (log(count) vanishes next to
+-FLT_MAX in float32), so the forward stores -FLT_MAX and the backward counts the row's saturated keys.
+
+Backward (three launches plus a small preprocess):
+  * preprocess, per query row: ``delta = rowsum(grad_out * out)`` and the row's normaliser in base 2
+    as two terms, ``hi`` (lse * log2(e), -FLT_MAX on saturated rows) and ``lo`` (0, log2 of the
+    row's count of saturated keys on saturated rows), so that ``p = exp2((s - hi) - lo)``;
   * dk, dv: one program per (BLOCK_N keys, b, kv head), looping over the query heads of the group
     and the query blocks that can see those keys; written directly (each key has one owner);
   * dprompt_key, dprompt_value, dgate: the same kernel over prompt key blocks, writing per-batch fp32
     partials [B, Hkv, P, Dh] (summed over the batch on the host when the prompt is broadcast) and
-    dgate partials [B, H, P blocks] = sum exp(s_ungated - lse) * (dP - delta), finite at gate = 0;
+    dgate partials [B, H, P blocks] = sum exp(s_ungated - lse) * (dP - delta), finite at gate = 0
+    (the exponent is clamped as the reference clamps it, so a row with no key weight and a zero
+    grad_out adds 0, not inf * 0);
   * dq: one program per (BLOCK_M queries, b, h) over both segments.
 The T x (P + S) probability matrix never exists in global memory.
 """
@@ -27,12 +44,13 @@ The T x (P + S) probability matrix never exists in global memory.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from prompt_kernels import _alloc
+from prompt_kernels import _alloc, floors
 from prompt_kernels.kernels.registry import (
     CompileSpec,
     LaunchCase,
@@ -46,6 +64,20 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+FLT_MAX = 3.4028234663852886e38
+# A stored (natural) log-sum-exp below this marks a saturated row; the CPU path (ops) uses the same.
+SATURATED_LSE = -FLT_MAX * LN2
+# exp's argument is clamped at log(FLT_MAX) - 1 where a gated-out prompt logit may exceed the row's
+# normaliser (the reference does the same); here in base 2.
+EXP2_CLAMP = (math.log(FLT_MAX) - 1.0) * LOG2E
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis x (y and z: 65,535)
+
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
+_NEG_MAX = tl.constexpr(-FLT_MAX)
+_SAT_LSE = tl.constexpr(SATURATED_LSE)
+_EXP2_CLAMP = tl.constexpr(EXP2_CLAMP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,10 +94,40 @@ def _dot(a, b, FP32: tl.constexpr):
 
 @triton.jit
 def _rows(base, rows, stride, offs_d, D_PAD: tl.constexpr):
-    """Pointers [len(rows), D_PAD] to rows of a [..., Dh] tensor. The launcher guarantees 16-byte
-    aligned rows (data pointer and every stride), so the hints let the loads vectorise."""
-    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    """Pointers [len(rows), D_PAD] to rows of a [..., Dh] tensor (64-bit row offsets). The launcher
+    guarantees 16-byte aligned rows (data pointer and every stride), so the hints let the loads
+    vectorise."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride + offs_d[None, :]
     return tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, D_PAD])
+
+
+@triton.jit
+def _split_pid(n_blocks, heads):
+    """The program's (block, batch, head) from a 1-D grid of n_blocks * B * heads programs; batch
+    and head as int64, so that products with strides are 64-bit."""
+    pid = tl.program_id(0)
+    pid_bh = pid // n_blocks
+    return pid % n_blocks, pid_bh, (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64)
+
+
+@triton.jit
+def _additive2(add):
+    """An additive mask value (float32) in base-2 units. Where * log2(e) overflows (Hugging Face's
+    finfo.min padding) it saturates at -FLT_MAX, which stays finite (see the module docstring);
+    a true -inf stays -inf."""
+    add2 = add * _LOG2E
+    return tl.where((add2 == float("-inf")) & (add > float("-inf")), _NEG_MAX, add2)
+
+
+@triton.jit
+def _mask_tile(MASK, mask_base, rows, cols, r_ok, c_ok, smt):
+    """The additive mask's [BLOCK_M, BLOCK_N] tile (64-bit row offsets) in base 2."""
+    add = tl.load(
+        MASK + mask_base + rows[:, None].to(tl.int64) * smt + cols[None, :],
+        mask=r_ok[:, None] & c_ok[None, :],
+        other=0.0,
+    )
+    return _additive2(add.to(tl.float32))
 
 
 @triton.jit
@@ -77,15 +139,7 @@ def _mask_keys(
         keep = tl.load(MASK + mask_base + cols, mask=c_ok, other=0)
         s = tl.where(keep[None, :] != 0, s, float("-inf"))
     if MASK_KIND == 2:
-        add = tl.load(
-            MASK + mask_base + rows[:, None] * smt + cols[None, :],
-            mask=r_ok[:, None] & c_ok[None, :],
-            other=0.0,
-        )
-        add = add.to(tl.float32)
-        # Base 2 for the mask too, except near float32's limit (Hugging Face pads with finfo.min),
-        # where * log2(e) would overflow to -inf and turn "tiny but finite" into "masked".
-        s = s + tl.where(add > -1.0e38, add * 1.4426950408889634, add)
+        s = s + _mask_tile(MASK, mask_base, rows, cols, r_ok, c_ok, smt)
     if IS_CAUSAL:
         s = tl.where(cols[None, :] <= rows[:, None] + (S - T), s, float("-inf"))
     return tl.where(c_ok[None, :], s, float("-inf"))
@@ -127,10 +181,7 @@ def _gpa_fwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _split_pid(tl.cdiv(T, BLOCK_M), H)
     hk = h // GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -176,11 +227,13 @@ def _gpa_fwd_kernel(
         s = _mask_keys(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
         m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, FP32)
 
-    # Rows with no weight at all (every key masked, no prompt): zeros, lse = +inf.
+    # Rows with no weight at all (every key masked, no prompt): zeros, lse = +inf. Saturated rows
+    # (max logit -FLT_MAX, where log2(l) vanishes in the sum): lse = -FLT_MAX, the backward recounts.
     dead = m_i == float("-inf")
     l_safe = tl.where(dead, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(dead, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(m_i == _NEG_MAX, _NEG_MAX, (m_i + tl.log2(l_safe)) * _LN2)
+    lse = tl.where(dead, float("inf"), lse)
     tl.store(
         _rows(OUT + b * sob + h * soh, rows, sot, offs_d, D_PAD),
         out.to(OUT.dtype.element_ty),
@@ -195,26 +248,48 @@ def _gpa_fwd_kernel(
 
 @triton.jit
 def _gpa_bwd_preprocess_kernel(
-    OUT, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, H, T,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    OUT, DO, LSE, MASK, DELTA, HI, LO,
+    sob, soh, sot, sdob, sdoh, sdot, smb, smh, smt, H, T, S,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """delta[b, h, t] = sum_d grad_out * out (float32)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    """Per query row: delta = sum_d grad_out * out, and the normaliser in base 2 as hi + lo (float32):
+    hi = lse * log2(e), lo = 0; on saturated rows (lse < SATURATED_LSE) hi = -FLT_MAX and lo = log2 of
+    the number of saturated keys the row sees (counted here, reading the mask rows of those rows only)."""
+    pid_m, pid_bh, b, h = _split_pid(tl.cdiv(T, BLOCK_M), H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    ok = (rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    r_ok = rows < T
+    ok = r_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(_rows(OUT + b * sob + h * soh, rows, sot, offs_d, D_PAD), mask=ok, other=0.0)
     do = tl.load(_rows(DO + b * sdob + h * sdoh, rows, sdot, offs_d, D_PAD), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * T + rows, delta, mask=rows < T)
+    row_base = pid_bh.to(tl.int64) * T
+    lse = tl.load(LSE + row_base + rows, mask=r_ok, other=float("inf"))
+    saturated = lse < _SAT_LSE
+    hi = tl.where(saturated, _NEG_MAX, lse * _LOG2E)
+    lo = tl.zeros([BLOCK_M], tl.float32)
+    if MASK_KIND == 2:  # (only an additive mask saturates keys)
+        n_saturated = tl.sum(saturated.to(tl.int32), 0)
+        end = tl.where(n_saturated > 0, _causal_key_end(pid_m, S, T, BLOCK_M, IS_CAUSAL), 0)
+        count = tl.zeros([BLOCK_M], tl.int32)
+        mask_base = b * smb + h * smh
+        for start in range(0, end, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            c_ok = cols < S
+            seen = (_mask_tile(MASK, mask_base, rows, cols, r_ok, c_ok, smt) == _NEG_MAX) & c_ok[None, :]
+            if IS_CAUSAL:
+                seen = seen & (cols[None, :] <= rows[:, None] + (S - T))
+            count += tl.sum(seen.to(tl.int32), 1)
+        lo = tl.where(saturated, tl.log2(tl.maximum(count, 1).to(tl.float32)), 0.0)
+    tl.store(DELTA + row_base + rows, delta, mask=r_ok)
+    tl.store(HI + row_base + rows, hi, mask=r_ok)
+    tl.store(LO + row_base + rows, lo, mask=r_ok)
 
 
 @triton.jit
 def _gpa_bwd_dkdv_kernel(
-    Q, K, V, G, MASK, DO, LSE, DELTA, DK, DV, DGATE,
+    Q, K, V, G, MASK, DO, HI, LO, DELTA, DK, DV, DGATE,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
     smb, smh, smt, sdob, sdoh, sdot,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
@@ -225,11 +300,8 @@ def _gpa_bwd_dkdv_kernel(
     """dk, dv of N keys (the S keys, or with IS_PROMPT the P prompt keys, whose logits carry
     log(gate) and which also give the dgate partials). K, V are indexed with batch b (stride 0
     for a broadcast prompt); DK, DV with batch b too (per-batch partials for the prompt)."""
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    Hkv = H // GROUP
-    b = (pid_bk // Hkv).to(tl.int64)
-    hk = pid_bk % Hkv
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n, _, b, hk = _split_pid(n_blocks, H // GROUP)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
@@ -241,45 +313,48 @@ def _gpa_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
 
-    lo = 0
+    lo_m = 0
     if IS_CAUSAL:
         # The first query that sees key pid_n * BLOCK_N is t = key - (S - T).
-        lo = tl.maximum(pid_n * BLOCK_N - (S - T), 0) // BLOCK_M * BLOCK_M
+        lo_m = tl.maximum(pid_n * BLOCK_N - (S - T), 0) // BLOCK_M * BLOCK_M
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
         bh = b * H + h
         if IS_PROMPT:
             g = tl.load(G + bh)
-            # -inf at gate = 0: p = 0, while the ungated term below stays finite.
-            log2g = tl.where(g > 0, tl.log2(tl.where(g > 0, g, 1.0)), float("-inf"))
             dg = tl.zeros([BLOCK_M], tl.float32)
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         mask_base = b * smb + h * smh
-        for start_m in range(lo, T, BLOCK_M):
+        for start_m in range(lo_m, T, BLOCK_M):
             rows = start_m + offs_m
             r_ok = rows < T
             qo_ok = r_ok[:, None] & d_ok[None, :]
             q = tl.load(_rows(q_base, rows, sqt, offs_d, D_PAD), mask=qo_ok, other=0.0)
             do = tl.load(_rows(do_base, rows, sdot, offs_d, D_PAD), mask=qo_ok, other=0.0)
-            lse2 = tl.load(LSE + bh * T + rows, mask=r_ok, other=float("inf")) * 1.4426950408889634
+            hi = tl.load(HI + bh * T + rows, mask=r_ok, other=float("inf"))
             delta = tl.load(DELTA + bh * T + rows, mask=r_ok, other=0.0)
             s = _dot(q, tl.trans(k), FP32) * qk_scale
             if IS_PROMPT:
+                # The ungated probability exp(s - lse), its exponent clamped where the row's keys have
+                # (next to) no weight and the gate is 0 (as the reference clamps it): finite, so
+                # that p = gate * pu is 0 at gate 0 and d out / d gate below is 0 for a zero grad_out.
+                # (lo is 0 on every row with prompt weight: not needed here.)
                 s = tl.where(c_ok[None, :], s, float("-inf"))
-                p = tl.exp2(s + log2g - lse2[:, None])
+                pu = tl.exp2(tl.minimum(s - hi[:, None], _EXP2_CLAMP))
+                p = pu * g
             else:
+                lo = tl.load(LO + bh * T + rows, mask=r_ok, other=0.0)
                 s = _mask_keys(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
-                p = tl.exp2(s - lse2[:, None])
+                p = tl.exp2(s - hi[:, None] - lo[:, None])
             dv += _dot(tl.trans(p.to(do.dtype)), do, FP32)
             dp_delta = _dot(do, tl.trans(v), FP32) - delta[:, None]
             ds = p * dp_delta
             if IS_PROMPT:
-                # d out / d gate uses the ungated probability exp(s - lse): finite at gate = 0.
-                dg += tl.sum(tl.exp2(s - lse2[:, None]) * dp_delta, 1)
+                dg += tl.sum(pu * dp_delta, 1)  # d out / d gate: the ungated probability, finite at 0
             dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32)
         if IS_PROMPT:
-            tl.store(DGATE + bh * tl.num_programs(0) + pid_n, tl.sum(dg, 0))
+            tl.store(DGATE + bh * n_blocks + pid_n, tl.sum(dg, 0))
     dk = dk * sm_scale
     tl.store(
         _rows(DK + b * sdkb + hk * sdkh, cols, sdks, offs_d, D_PAD),
@@ -295,7 +370,7 @@ def _gpa_bwd_dkdv_kernel(
 
 @triton.jit
 def _gpa_bwd_dq_kernel(
-    Q, K, V, PK, PV, G, MASK, DO, LSE, DELTA, DQ,
+    Q, K, V, PK, PV, G, MASK, DO, HI, LO, DELTA, DQ,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
     spkb, spkh, spkp, spvb, spvh, spvp,
     smb, smh, smt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
@@ -303,10 +378,7 @@ def _gpa_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _split_pid(tl.cdiv(T, BLOCK_M), H)
     hk = h // GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -316,8 +388,10 @@ def _gpa_bwd_dq_kernel(
     qo_ok = r_ok[:, None] & d_ok[None, :]
     q = tl.load(_rows(Q + b * sqb + h * sqh, rows, sqt, offs_d, D_PAD), mask=qo_ok, other=0.0)
     do = tl.load(_rows(DO + b * sdob + h * sdoh, rows, sdot, offs_d, D_PAD), mask=qo_ok, other=0.0)
-    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=r_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + rows, mask=r_ok, other=0.0)
+    row_base = pid_bh.to(tl.int64) * T
+    hi = tl.load(HI + row_base + rows, mask=r_ok, other=float("inf"))
+    lo = tl.load(LO + row_base + rows, mask=r_ok, other=0.0)
+    delta = tl.load(DELTA + row_base + rows, mask=r_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
     g = tl.load(G + pid_bh)
@@ -333,7 +407,7 @@ def _gpa_bwd_dq_kernel(
         v = tl.load(_rows(pv_base, cols, spvp, offs_d, D_PAD), mask=kv_ok, other=0.0)
         s = _dot(q, tl.trans(k), FP32) * qk_scale + log2g
         s = tl.where(c_ok[None, :], s, float("-inf"))
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2(s - hi[:, None])  # (lo is 0 on rows with prompt weight)
         ds = p * (_dot(do, tl.trans(v), FP32) - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, FP32)
 
@@ -349,7 +423,7 @@ def _gpa_bwd_dq_kernel(
         v = tl.load(_rows(v_base, cols, svs, offs_d, D_PAD), mask=kv_ok, other=0.0)
         s = _dot(q, tl.trans(k), FP32) * qk_scale
         s = _mask_keys(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2(s - hi[:, None] - lo[:, None])
         ds = p * (_dot(do, tl.trans(v), FP32) - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, FP32)
 
@@ -429,7 +503,7 @@ _CONFIGS = {
         },
     },
 }
-_PRE_CONFIG = (64, 0, 4, 1)
+_PRE_CONFIG = (64, 64, 4, 1)  # BLOCK_N: the mask tiles read on saturated rows
 
 
 def configs(dtype: torch.dtype, head_dim: int) -> dict[str, tuple[int, int, int, int]]:
@@ -501,6 +575,19 @@ def _gate_bh(gate: torch.Tensor, B: int, H: int) -> torch.Tensor:
     return gate.detach().to(torch.float32).expand(B, H).contiguous()
 
 
+def _grid(blocks: int, heads: int) -> tuple[int]:
+    """The launch grid of ``blocks`` programs for each of ``heads`` (batch x head) pairs: all on axis
+    x, which CUDA allows 2^31 - 1 programs (axes y and z: 65,535, fewer than B * H may be); the
+    kernels split the program id as ``block = pid % blocks``, ``head = pid // blocks``."""
+    n = blocks * heads
+    if n > MAX_GRID_X:
+        raise ValueError(
+            f"{OP}: {blocks} blocks x {heads} (batch x head) pairs = {n} programs, over CUDA's grid "
+            f"limit of {MAX_GRID_X}"
+        )
+    return (n,)
+
+
 def forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal: bool, scale: float):
     """-> (out [B, H, T, Dh] in the query dtype, lse [B, H, T] float32)."""
     q, k, v, pk, pv = (_aligned(t) for t in (query, key, value, prompt_key, prompt_value))
@@ -514,8 +601,7 @@ def forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, i
     kind, m, ms = _prepare_mask(attention_mask, q, H)
     g = _gate_bh(gate, B, H)
     BM, BN, warps, stages = _blocks(configs(q.dtype, Dh)["fwd"])
-    grid = (triton.cdiv(T, BM), B * H)
-    _gpa_fwd_kernel[grid](
+    _gpa_fwd_kernel[_grid(triton.cdiv(T, BM), B * H)](
         q, k, v, pk, pv, g, m, out, lse,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv),
         *ms, *_strides3(out),
@@ -554,11 +640,13 @@ def backward(
     dp_, fp32 = d_pad(Dh), dt == torch.float32
     group = H // Hkv
 
-    delta = _alloc.empty((B, H, T), dtype=torch.float32, device=dev)
-    BM, _, warps, stages = _blocks(cfg["pre"])
-    _gpa_bwd_preprocess_kernel[(triton.cdiv(T, BM), B * H)](
-        o, do, delta, *_strides3(o), *_strides3(do), H, T,
-        HEAD_DIM=Dh, D_PAD=dp_, BLOCK_M=BM, num_warps=warps, num_stages=stages,
+    # delta = rowsum(grad_out * out) and the rows' normalisers in base 2 as hi + lo (module docstring)
+    delta, hi, lo = (_alloc.empty((B, H, T), dtype=torch.float32, device=dev) for _ in range(3))
+    BM, BN, warps, stages = _blocks(cfg["pre"])
+    _gpa_bwd_preprocess_kernel[_grid(triton.cdiv(T, BM), B * H)](
+        o, do, lse, m, delta, hi, lo, *_strides3(o), *_strides3(do), *ms, H, T, S,
+        HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), BLOCK_M=BM, BLOCK_N=BN,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
     BM, BN, warps, stages = _blocks(cfg["dkdv"])
@@ -566,8 +654,8 @@ def backward(
         HEAD_DIM=Dh, D_PAD=dp_, FP32=fp32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages
     )
     if S > 0:
-        _gpa_bwd_dkdv_kernel[(triton.cdiv(S, BN), B * Hkv)](
-            q, k, v, g, m, do, lse, delta, dk, dv, dgate,
+        _gpa_bwd_dkdv_kernel[_grid(triton.cdiv(S, BN), B * Hkv)](
+            q, k, v, g, m, do, hi, lo, delta, dk, dv, dgate,
             *_strides3(q), *_strides3(k), *_strides3(v), *ms, *_strides3(do), *_strides3(dk), *_strides3(dv),
             H, group, T, S, S, scale * LOG2E, scale,
             MASK_KIND=kind, IS_CAUSAL=bool(is_causal), IS_PROMPT=False, **common,
@@ -581,8 +669,8 @@ def backward(
         dpk_part = _alloc.empty((B, Hkv, P, Dh), dtype=torch.float32, device=dev)
         dpv_part = _alloc.empty((B, Hkv, P, Dh), dtype=torch.float32, device=dev)
         dgate_part = _alloc.empty((B, H, n_pblocks), dtype=torch.float32, device=dev)
-        _gpa_bwd_dkdv_kernel[(n_pblocks, B * Hkv)](
-            q, pk, pv, g, q, do, lse, delta, dpk_part, dpv_part, dgate_part,  # no mask on the prompt
+        _gpa_bwd_dkdv_kernel[_grid(n_pblocks, B * Hkv)](
+            q, pk, pv, g, q, do, hi, lo, delta, dpk_part, dpv_part, dgate_part,  # no mask on the prompt
             *_strides3(q), *_strides3(pk), *_strides3(pv), 0, 0, 0, *_strides3(do),
             *_strides3(dpk_part), *_strides3(dpv_part),
             H, group, T, S, P, scale * LOG2E, scale,
@@ -601,8 +689,8 @@ def backward(
         dv.zero_()
 
     BM, BN, warps, stages = _blocks(cfg["dq"])
-    _gpa_bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](
-        q, k, v, pk, pv, g, m, do, lse, delta, dq,
+    _gpa_bwd_dq_kernel[_grid(triton.cdiv(T, BM), B * H)](
+        q, k, v, pk, pv, g, m, do, hi, lo, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv), *ms,
         *_strides3(do), *_strides3(dq),
         H, group, T, S, P, scale * LOG2E, scale,
@@ -627,13 +715,13 @@ _FWD_ARGS = (
     "Q K V PK PV G MASK OUT LSE sqb sqh sqt skb skh sks svb svh svs spkb spkh spkp spvb spvh spvp "
     "smb smh smt sob soh sot H GROUP T S P qk_scale"
 )
-_PRE_ARGS = "OUT DO DELTA sob soh sot sdob sdoh sdot H T"
+_PRE_ARGS = "OUT DO LSE MASK DELTA HI LO sob soh sot sdob sdoh sdot smb smh smt H T S"
 _DKDV_ARGS = (
-    "Q K V G MASK DO LSE DELTA DK DV DGATE sqb sqh sqt skb skh sks svb svh svs smb smh smt "
+    "Q K V G MASK DO HI LO DELTA DK DV DGATE sqb sqh sqt skb skh sks svb svh svs smb smh smt "
     "sdob sdoh sdot sdkb sdkh sdks sdvb sdvh sdvs H GROUP T S N qk_scale sm_scale"
 )
 _DQ_ARGS = (
-    "Q K V PK PV G MASK DO LSE DELTA DQ sqb sqh sqt skb skh sks svb svh svs spkb spkh spkp spvb spvh spvp "
+    "Q K V PK PV G MASK DO HI LO DELTA DQ sqb sqh sqt skb skh sks svb svh svs spkb spkh spkp spvb spvh spvp "
     "smb smh smt sdob sdoh sdot sdqb sdqh sdqt H GROUP T S P qk_scale sm_scale"
 )
 
@@ -656,7 +744,7 @@ def _compile_specs() -> list[CompileSpec]:
             cfg = configs(dtype, hd)
             base = dict(HEAD_DIM=hd, D_PAD=d_pad(hd))
             ptr = {n: f"*{ty}" for n in ("Q", "K", "V", "PK", "PV", "OUT", "DO", "DQ")}
-            f32 = {n: "*fp32" for n in ("G", "LSE", "DELTA", "DGATE")} | {
+            f32 = {n: "*fp32" for n in ("G", "LSE", "HI", "LO", "DELTA", "DGATE")} | {
                 "qk_scale": "fp32",
                 "sm_scale": "fp32",
             }
@@ -690,6 +778,19 @@ def _compile_specs() -> list[CompileSpec]:
                         uses_dot=True,
                     )
                 )
+                BM, BN, w, st = cfg["pre"]
+                pre = dict(MASK_KIND=kind, IS_CAUSAL=causal)
+                specs.append(
+                    CompileSpec(
+                        name=f"gpa_bwd_preprocess[{tag},BM={BM},BN={BN}]",
+                        kernel=_gpa_bwd_preprocess_kernel,
+                        signature=_sig(_PRE_ARGS, ptr | f32 | mask_ty)
+                        | {k: "constexpr" for k in (*base, *pre, "BLOCK_M", "BLOCK_N")},
+                        constexprs=base | pre | {"BLOCK_M": BM, "BLOCK_N": BN},
+                        num_warps=w,
+                        num_stages=st,
+                    )
+                )
                 BM, BN, w, st = cfg["dq"]
                 specs.append(
                     CompileSpec(
@@ -718,18 +819,6 @@ def _compile_specs() -> list[CompileSpec]:
                     uses_dot=True,
                 )
             )
-            BM, _, w, st = cfg["pre"]
-            specs.append(
-                CompileSpec(
-                    name=f"gpa_bwd_preprocess[{ty},Dh={hd},BM={BM}]",
-                    kernel=_gpa_bwd_preprocess_kernel,
-                    signature=_sig(_PRE_ARGS, {"OUT": f"*{ty}", "DO": f"*{ty}", "DELTA": "*fp32"})
-                    | {k: "constexpr" for k in (*base, "BLOCK_M")},
-                    constexprs=base | {"BLOCK_M": BM},
-                    num_warps=w,
-                    num_stages=st,
-                )
-            )
     return specs
 
 
@@ -747,10 +836,30 @@ def _case_inputs(B, H, Hkv, T, S, P, Dh, dtype, Bp, mask_kind, seed=0):
     return q, k, v, pk, pv, gate, mask
 
 
+def _torch_out_lse(q, k, v, pk, pv, gate, mask, is_causal, scale):
+    """(out, lse) of the launch cases' inputs in plain PyTorch (float32; gates > 0, no saturated or
+    fully masked row), for the backward's cases."""
+    B, H, T, _ = q.shape
+    S, P, rep = k.shape[2], pk.shape[2], H // k.shape[1]
+    keys, values = (torch.cat([p.expand(B, -1, -1, -1), t], 2).float() for p, t in ((pk, k), (pv, v)))
+    s = q.float() @ keys.repeat_interleave(rep, 1).transpose(-1, -2) * scale
+    s[..., :P] += gate.float().expand(B, H).log()[:, :, None, None]
+    if mask is not None:
+        if mask.is_floating_point():
+            s[..., P:] += mask.to(q.dtype).float()
+        else:
+            s[..., P:] = s[..., P:].masked_fill(~mask[:, None, None], -math.inf)
+    if is_causal:
+        s[..., P:] = s[..., P:].masked_fill(
+            torch.ones(T, S, dtype=torch.bool).tril(S - T).logical_not(), -math.inf
+        )
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1) @ values.repeat_interleave(rep, 1)
+    return out.to(q.dtype), lse.contiguous()
+
+
 @register_launch_cases(OP)
 def _launch_cases() -> list[LaunchCase]:
-    from prompt_kernels.ops.gated_prefix_attention import cpu_forward, gated_prefix_attention_floors
-
     cases = []
     shapes = [
         # (B, H, Hkv, T, S, P, Dh, dtype, Bp, mask kind, causal)
@@ -761,7 +870,7 @@ def _launch_cases() -> list[LaunchCase]:
     for B, H, Hkv, T, S, P, Dh, dtype, Bp, kind, causal in shapes:
         ins = _case_inputs(B, H, Hkv, T, S, P, Dh, dtype, Bp, kind)
         scale = Dh**-0.5
-        fl = gated_prefix_attention_floors(
+        fl = floors.gated_prefix_attention_floors(
             B, H, Hkv, T, S, P, Dh, dtype=dtype, prompt_batch=Bp, gate_numel=H,
             mask=("none", "bool", "additive")[kind], mask_heads=1, is_causal=causal,
         )  # fmt: skip
@@ -779,8 +888,8 @@ def _launch_cases() -> list[LaunchCase]:
             return forward(*ins, causal, scale)
 
         def bwd(ins=ins, scale=scale, causal=causal):
-            # out and lse come from the CPU path (same lse convention), so only backward launches count.
-            out, lse, *_ = cpu_forward(*ins, causal, scale)
+            # out and lse from plain PyTorch (same lse convention), so only backward launches count.
+            out, lse = _torch_out_lse(*ins, causal, scale)
             return backward(torch.ones_like(out), *ins, out, lse, causal, scale)
 
         cases.append(

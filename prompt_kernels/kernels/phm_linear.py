@@ -414,7 +414,7 @@ def _compile_specs() -> list[CompileSpec]:
 
 @register_launch_cases(OP)
 def _launch_cases() -> list[LaunchCase]:
-    from prompt_kernels.ops.phm_linear import phm_linear_floors
+    from prompt_kernels.floors import phm_linear_floors
 
     cases = []
     for dt, (N, in_f, out_f, n) in ((torch.float32, (64, 96, 48, 4)), (torch.float16, (40, 64, 32, 2))):

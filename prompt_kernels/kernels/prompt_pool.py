@@ -345,7 +345,7 @@ def _compile_specs() -> list[CompileSpec]:
 
 @register_launch_cases(OP)
 def _launch_cases() -> list[LaunchCase]:
-    from prompt_kernels.ops.prompt_pool import prompt_pool_floors
+    from prompt_kernels.floors import prompt_pool_floors
 
     B, T, D, L = 2, 24, 80, 5
     gen = torch.Generator().manual_seed(0)

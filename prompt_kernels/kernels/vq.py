@@ -452,7 +452,7 @@ def _compile_specs() -> list[CompileSpec]:
 
 @register_launch_cases(OP)
 def _launch_cases() -> list[LaunchCase]:
-    from prompt_kernels.ops.vq import vq_nearest_floors
+    from prompt_kernels.floors import vq_nearest_floors
 
     N, K, D, S = 40, 70, 48, 3
     gen = torch.Generator().manual_seed(0)

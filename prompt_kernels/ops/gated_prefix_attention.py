@@ -35,7 +35,16 @@ traced.
 
 Both custom ops share one convention for the saved ``lse`` [B, H, T] (float32, natural log of the
 row's total weight, ``+inf`` on rows with no weight), so a backward may run on another backend than
-its forward.
+its forward. One kind of row cannot be stored that way: Hugging Face pads additive masks with
+``finfo(float32 or bfloat16).min``, finite but so large that q.k vanishes next to it; a query row
+whose weighted keys all carry such a value ("saturated": below ``-FLT_MAX * ln 2``, where the Triton
+kernels' base-2 logits would overflow), with no prompt weight (P = 0 or gate 0), is softmax over
+equal scores, uniform over those keys, as softmax of the biased scores in float64 gives; but its
+log(count of keys) vanishes next to the huge logit in float32. Such rows store an ``lse`` below
+``_SATURATED_LSE`` (the huge logit itself) and every backward recomputes their probabilities as
+1 / (number of saturated keys the row sees), never ``exp(s - lse)``. The gate's gradient there is
+``exp(s_prompt - lse) * (dP - delta)`` with an overflowing exponent: it is clamped as the reference
+clamps it (0 where grad_out is 0, as on the padded positions Hugging Face gives those rows).
 """
 
 from __future__ import annotations
@@ -45,6 +54,10 @@ import math
 import torch
 
 from prompt_kernels import _backend, _eager, _validate
+from prompt_kernels.floors import (  # noqa: F401  (the op's floors, re-exported)
+    gated_prefix_attention_floors,
+    visible_key_pairs,
+)
 
 OP = "gated_prefix_attention"
 
@@ -174,66 +187,6 @@ def gated_prefix_attention_reference(
     num = torch.matmul(w, v)
     safe_z = torch.where(z > 0, z, torch.ones_like(z))
     return torch.where(z > 0, num / safe_z, torch.zeros_like(num)).to(query.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Floors
-
-
-def visible_key_pairs(T: int, S: int, is_causal: bool) -> int:
-    """Number of (query, key) pairs among the S keys that attention reads: T * S, or with bottom-right
-    causality sum_t clamp(t + S - T + 1, 0, S)."""
-    if not is_causal:
-        return T * S
-    d = S - T
-    if d >= 0:
-        return T * (d + 1) + T * (T - 1) // 2
-    return S * (S + 1) // 2
-
-
-def gated_prefix_attention_floors(
-    B: int,
-    H: int,
-    Hkv: int,
-    T: int,
-    S: int,
-    P: int,
-    Dh: int,
-    *,
-    dtype: torch.dtype = torch.float32,
-    prompt_batch: int = 1,
-    gate_numel: int = 1,
-    gate_dtype: torch.dtype = torch.float32,
-    mask: str = "none",
-    mask_heads: int = 1,
-    is_causal: bool = False,
-) -> dict[str, dict[str, int]]:
-    """Byte and flop floors of one call: each input read once, each output written once.
-
-    Forward reads q, k, v, prompt_key, prompt_value, gate and the mask (``"none"``, ``"bool"`` [B, S]
-    or ``"additive"`` [B, mask_heads, T, S] in ``dtype``) and writes out plus the float32
-    log-sum-exp [B, H, T] the backward needs. Flops: two matmuls (q.k and p.v), 4 * Dh per visible
-    (query, key) pair, the P prompt keys always visible. Backward reads the forward's inputs, out,
-    grad_out and lse, writes dq, dk, dv, dprompt_key, dprompt_value and dgate; 5 matmuls, 2.5x the
-    forward's flops (the recomputation of q.k counted once).
-    """
-    es = torch.empty((), dtype=dtype).element_size()
-    gs = torch.empty((), dtype=gate_dtype).element_size()
-    q = B * H * T * Dh * es
-    kv = 2 * B * Hkv * S * Dh * es
-    pkv = 2 * prompt_batch * Hkv * P * Dh * es
-    g = gate_numel * gs
-    mask_bytes = {"none": 0, "bool": B * S, "additive": B * mask_heads * T * S * es}[mask]
-    lse = B * H * T * 4
-    pairs = T * P + visible_key_pairs(T, S, is_causal)
-    fwd_flops = 4 * B * H * Dh * pairs
-    return {
-        "forward": {"bytes": q + kv + pkv + g + mask_bytes + q + lse, "flops": fwd_flops},
-        "backward": {
-            "bytes": (q + kv + pkv + g + mask_bytes + 2 * q + lse) + (q + kv + pkv + g),
-            "flops": fwd_flops * 5 // 2,
-        },
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,6 +462,12 @@ def _cpu_forward_flash(query, key, value, prompt_key, prompt_value, gate, attent
 
 
 _LOG2E = 1.4426950408889634
+_FLT_MAX = torch.finfo(torch.float32).max
+# An lse below this marks a saturated row; an additive bias below it is a saturated key (module
+# docstring). The Triton kernels use the same bound (kernels.gated_prefix_attention.SATURATED_LSE).
+_SATURATED_LSE = -_FLT_MAX * math.log(2.0)
+# exp's argument where a gated-out prompt logit exceeds the row's lse: clamped as the reference does.
+_EXP_CLAMP = math.log(_FLT_MAX) - 1.0
 # The CPU backward works on blocks of batch items (or of query rows) whose fp32 probability matrix
 # holds at most this many elements, so that a block's intermediates stay in cache.
 _BLOCK_ELEMENTS = 1 << 18
@@ -519,11 +478,14 @@ def _grouped(t: torch.Tensor, Hkv: int) -> torch.Tensor:
     return t.reshape(t.shape[0], Hkv, -1, t.shape[-1])
 
 
-def _segment_probs(qg, dog, k, v, bias, lse, delta, scale, shape):
+def _segment_probs(qg, dog, k, v, bias, lse, delta, scale, shape, saturated=None):
     """One key segment's probabilities and score gradients for a block of query rows, in float32.
 
     qg, dog [B, Hkv, rep * n, Dh]; k, v [B or 1, Hkv, L, Dh]; bias broadcastable to ``shape`` =
-    [B, H, n, L] or None; lse and delta = rowsum(grad_out * out), both [B, H, n, 1].
+    [B, H, n, L] or None (None: the prompt segment, whose ungated probabilities are returned, their
+    exponent clamped at ``_EXP_CLAMP``); lse and delta = rowsum(grad_out * out), both [B, H, n, 1];
+    ``saturated``: None, or (rows [B, H, n, 1] bool, probabilities broadcastable to ``shape``) that
+    replace ``exp(s - lse)`` on the saturated rows (module docstring).
     -> (p, ds = p * (dP - delta)), both ``shape``.
 
     The exponent ``s * scale + bias - lse`` is formed in the natural-log domain (one rounding per
@@ -533,9 +495,27 @@ def _segment_probs(qg, dog, k, v, bias, lse, delta, scale, shape):
     x = torch.matmul(qg, k.transpose(-1, -2)).view(shape).to(f32).mul_(scale)
     if bias is not None:
         x.add_(bias)
-    p = x.sub_(lse).mul_(_LOG2E).exp2_()  # lse = +inf (rows with no weight) gives 0
+    x.sub_(lse)
+    if bias is None:
+        x.clamp_(max=_EXP_CLAMP)  # a gated-out prompt on a row whose keys have (next to) no weight
+    p = x.mul_(_LOG2E).exp2_()  # lse = +inf (rows with no weight) gives 0
+    if saturated is not None:
+        p = torch.where(saturated[0], saturated[1], p)
     ds = torch.matmul(dog, v.transpose(-1, -2)).view(shape).to(f32)
     return p, ds.sub_(delta).mul_(p)
+
+
+def _saturated_rows(key_bias, lse1):
+    """-> (rows [B, H, T, 1] bool, probabilities [B or 1, 1 or H, T or 1, S] float32) of the saturated
+    rows (lse below ``_SATURATED_LSE``): uniform over the saturated keys each row sees; or (None, None)
+    when there are none (module docstring)."""
+    if key_bias is None:
+        return None, None
+    rows = lse1 < _SATURATED_LSE
+    if not bool(rows.any()):
+        return None, None
+    keys = (key_bias < _SATURATED_LSE) & (key_bias > float("-inf"))
+    return rows, keys / keys.sum(dim=-1, keepdim=True).clamp_(min=1)
 
 
 def _accumulate(acc, x):
@@ -582,7 +562,7 @@ def cpu_backward_probs(
     # would add.
     dgate = query.new_zeros((B, H))
     if P > 0:
-        pu = torch.sub(prompt_scores, lse[..., None]).mul_(_LOG2E).exp2_()
+        pu = torch.sub(prompt_scores, lse[..., None]).clamp_(max=_EXP_CLAMP).mul_(_LOG2E).exp2_()
         dgate = pu.mul_(dp[..., :P] - delta).sum(dim=(2, 3))
     dsg = _grouped(dp.sub_(delta).mul_(probs), Hkv)
     dq = _scaled_matmul(dsg, kc, scale).view(B, H, T, Dh)
@@ -618,6 +598,7 @@ def cpu_backward(
     kb = _key_bias(attention_mask, is_causal, B, T, S, dt, dev)
     g4 = _gate_2d(gate)[:, :, None, None]
     lse1 = lse[..., None]
+    sat_rows, uniform = _saturated_rows(kb, lse1)
     delta = (do.to(f32) * out.to(f32)).sum(-1, keepdim=True)
     width = H * max(P, S, 1)  # elements of one query row's block, over all heads
     per_item = width * max(T, 1)
@@ -639,7 +620,11 @@ def cpu_backward(
                 bias = _batch_rows(kb, b0, b1)
                 if bias is not None and bias.shape[2] > 1:
                     bias = bias[:, :, t0:t1]
-                p, ds = _segment_probs(qg, dog, k_b, v_b, bias, lse_c, delta_c, scale, (nb, H, n, S))
+                sat = None
+                if sat_rows is not None:
+                    u = _batch_rows(uniform, b0, b1)
+                    sat = (sat_rows[b0:b1, :, t0:t1], u if u.shape[2] == 1 else u[:, :, t0:t1])
+                p, ds = _segment_probs(qg, dog, k_b, v_b, bias, lse_c, delta_c, scale, (nb, H, n, S), sat)
                 p, ds = _grouped(p.to(dt), Hkv), _grouped(ds.to(dt), Hkv)
                 dq_c = torch.matmul(ds, k_b)
                 acc = f32 if rows < T else dt

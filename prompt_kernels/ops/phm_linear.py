@@ -23,11 +23,11 @@ runs one GEMM. The backward op returns ``(grad_x, grad_rules, grad_weights, grad
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 
 from prompt_kernels import _alloc, _backend, _cpp, _eager, _validate
+from prompt_kernels.floors import PhmLinearFloors, phm_linear_floors  # noqa: F401  (re-exported)
 
 OP = "phm_linear"
 
@@ -74,39 +74,6 @@ def phm_linear_reference(x, rules, weights, bias=None):
     if bias is not None:
         y = y + bias
     return y
-
-
-class PhmLinearFloors(NamedTuple):
-    """Least bytes moved and flops of one call (each input read once, each output written once)."""
-
-    forward_bytes: int
-    forward_flops: int
-    backward_bytes: int
-    backward_flops: int
-    kron_build_flops: int  # building H once: 2 * n * in * out (n^3 * I * O multiply-adds)
-
-
-def phm_linear_floors(
-    rows: int, in_features: int, out_features: int, n: int, element_size: int, bias: bool = True
-):
-    """Floors for ``x: [rows, in_features] -> [rows, out_features]``.
-
-    Forward reads x, rules, weights, bias and writes y; its flops are those of the dense equivalent,
-    ``2 * rows * in * out`` (the Kronecker structure does not lower them: ``y_b = sum_i (sum_a
-    rules[i,a,b] x_a) W_i`` is still ``n^2`` GEMMs of ``rows x I x O``), plus ``rows * out`` for the bias.
-    Backward reads dy, x, rules, weights and writes dx, drules, dweights, dbias: ``dx = dy @ H^T`` and
-    ``dH = x^T dy`` are ``2 * rows * in * out`` each; the reductions of ``dH`` onto ``weights`` and
-    ``rules`` are ``2 * n * in * out`` each and ``dbias`` is ``rows * out``.
-    """
-    params = n**3 + in_features * out_features // n + (out_features if bias else 0)
-    fwd_bytes = element_size * (rows * in_features + params + rows * out_features)
-    fwd_flops = 2 * rows * in_features * out_features + (rows * out_features if bias else 0)
-    bwd_bytes = element_size * (
-        2 * rows * out_features + 2 * rows * in_features + 2 * params - (out_features if bias else 0)
-    )
-    bwd_flops = 4 * rows * in_features * out_features + 4 * n * in_features * out_features
-    bwd_flops += rows * out_features if bias else 0
-    return PhmLinearFloors(fwd_bytes, fwd_flops, bwd_bytes, bwd_flops, 2 * n * in_features * out_features)
 
 
 @functools.cache

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from prompt_kernels import _alloc, _backend, _cpp, _validate
+from prompt_kernels.floors import prompt_pool_floors  # noqa: F401  (the op's floors, re-exported)
 
 OP = "prompt_pool"
 # Mask dtypes the C++ and Triton kernels read directly; any other integer mask is turned into bool first.
@@ -84,39 +85,6 @@ def prompt_pool_reference(x: torch.Tensor, attention_mask: torch.Tensor | None, 
     """Plain-PyTorch specification: the [B, length, T] bin-weight matrix times ``x``."""
     B, T, _ = _check(x, attention_mask, length, _validate.REFERENCE_DTYPES)
     return torch.bmm(bin_weights(attention_mask, B, T, length, x.dtype, x.device), x)
-
-
-def _bin_widths_sum(n: int, length: int) -> int:
-    """sum_j (e_j - s_j): how many (token, bin) memberships a row of n real tokens has."""
-    return sum(-(-((j + 1) * n) // length) - (j * n) // length for j in range(length))
-
-
-def prompt_pool_floors(
-    B: int,
-    T: int,
-    D: int,
-    length: int,
-    *,
-    dtype: torch.dtype = torch.float32,
-    mask_dtype: torch.dtype | None = torch.bool,
-    n_real: int | None = None,
-) -> dict[str, dict[str, int]]:
-    """Byte and flop floors: each input read once, each output written once, the fewest flops.
-
-    ``n_real`` is the number of real tokens per row (default ``T``). Forward: read x and the mask,
-    write out; one add (or the final scale) per (token, bin) membership and feature. Backward: read
-    grad_out and the mask, write grad_x; one multiply-add per membership and feature.
-    """
-    es = torch.empty((), dtype=dtype).element_size()
-    ms = 0 if mask_dtype is None else torch.empty((), dtype=mask_dtype).element_size()
-    n = T if n_real is None else n_real
-    memberships = B * _bin_widths_sum(n, length)
-    fwd_bytes = B * T * D * es + B * T * ms + B * length * D * es
-    bwd_bytes = B * length * D * es + B * T * ms + B * T * D * es
-    return {
-        "forward": {"bytes": fwd_bytes, "flops": memberships * D},
-        "backward": {"bytes": bwd_bytes, "flops": 2 * memberships * D},
-    }
 
 
 def _has_cpp() -> bool:

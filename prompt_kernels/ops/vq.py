@@ -37,6 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from prompt_kernels import _alloc, _backend, _cpp, _validate
+from prompt_kernels.floors import (  # noqa: F401  (the op's floors, re-exported)
+    VQFloors,
+    vq_nearest_floors,
+    vq_quantize_floors,
+    vq_sample_floors,
+)
 
 _SEED_BOUND = 2**31 - 1  # seeds are drawn in [0, 2^31 - 1): a valid Philox key for every backend
 
@@ -201,50 +207,6 @@ def vq_sample_reference(x, codebook, num_samples, temperature, generator=None, c
         indices.reshape(*x.shape[:-1], num_samples),
         _commitment(x, mean_code, weight),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# floors
-
-
-class VQFloors(NamedTuple):
-    """Least bytes moved and flops of one call (each input read once, each output written once)."""
-
-    forward_bytes: int
-    forward_flops: int
-    backward_bytes: int
-    backward_flops: int
-
-
-def vq_nearest_floors(rows: int, codes: int, dim: int, element_size: int) -> VQFloors:
-    """``vq_nearest``: read x ``[N, D]`` and the codebook ``[K, D]``, write int64 indices and float32
-    distances; ``2 N K D`` flops for the products (the norms and the minimum are lower order).
-    Not differentiable: no backward."""
-    fwd_bytes = element_size * (rows * dim + codes * dim) + rows * (8 + 4)
-    return VQFloors(fwd_bytes, 2 * rows * codes * dim, 0, 0)
-
-
-def vq_quantize_floors(rows: int, codes: int, dim: int, element_size: int) -> VQFloors:
-    """``vq_quantize``: read x ``[N, D]`` and the codebook, write ``quantized`` ``[N, D]``, int64
-    indices and the scalar loss (the winning rows are part of the codebook read once). Flops: the
-    lookup's ``2 N K D`` plus ``3 N D`` for the loss. Backward: read ``dq``, x and ``quantized``
-    (``[N, D]`` each), write dx: ``dx = dq + (2 w / (N D)) (x - q) dloss``, ``4 N D`` flops (the
-    straight-through itself adds nothing)."""
-    fwd = vq_nearest_floors(rows, codes, dim, element_size)
-    fwd_bytes = fwd.forward_bytes - rows * 4 + element_size * (rows * dim + 1)
-    return VQFloors(
-        fwd_bytes, fwd.forward_flops + 3 * rows * dim, element_size * 4 * rows * dim, 4 * rows * dim
-    )
-
-
-def vq_sample_floors(rows: int, codes: int, dim: int, num_samples: int, element_size: int) -> VQFloors:
-    """``vq_sample``: read x and the codebook, write ``[N, S]`` int64 indices, ``quantized`` and the
-    loss. Flops: ``2 N K D`` products, plus the mean of ``S`` codes (``N S D``) and the loss
-    (``3 N D``); the ``N S K`` (Gumbel) or ``N K`` (inverse CDF) sampling work is not counted as
-    flops. Backward as for ``vq_quantize``."""
-    fwd_bytes = element_size * (rows * dim + codes * dim + rows * dim + 1) + rows * num_samples * 8
-    fwd_flops = 2 * rows * codes * dim + rows * num_samples * dim + 3 * rows * dim
-    return VQFloors(fwd_bytes, fwd_flops, element_size * 4 * rows * dim, 4 * rows * dim)
 
 
 # ---------------------------------------------------------------------------------------------
