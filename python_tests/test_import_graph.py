@@ -14,19 +14,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import prompt_kernels
 
 ROOT = Path(prompt_kernels.__file__).resolve().parent
 PACKAGE = ROOT.name
-
-# The one cycle tolerated, in the attach layer (prompt_kernels.patch / prompt_kernels.methods), which
-# another change is refactoring: at the last commit when this test was written, patch.model's
-# save_prompts imports patch.io and patch.io's load_prompts imports patch.model.attach (the working
-# tree of that refactoring already breaks it). Remove it from here once it is gone from the
-# repository: test_known_cycle_is_gone (xfail, not strict) then passes.
-KNOWN_CYCLES = [sorted({f"{PACKAGE}.patch.io", f"{PACKAGE}.patch.model"})]
 
 
 def _module_names() -> dict[str, Path | None]:
@@ -133,7 +124,7 @@ def test_the_walk_sees_the_package():
 
 
 def test_no_import_cycle():
-    cycles = [c for c in strongly_connected_components(import_graph()) if c not in KNOWN_CYCLES]
+    cycles = strongly_connected_components(import_graph())
     assert not cycles, f"import cycles among {PACKAGE} modules: {cycles}"
 
 
@@ -147,9 +138,3 @@ def test_kernels_never_import_ops():
         if m.startswith(f"{PACKAGE}.kernels")
     }
     assert not any(bad.values()), f"kernels modules importing ops: { {m: t for m, t in bad.items() if t} }"
-
-
-@pytest.mark.xfail(reason="the known cycle of the attach layer (KNOWN_CYCLES)", strict=False)
-def test_known_cycle_is_gone():
-    cycles = [c for c in strongly_connected_components(import_graph()) if c in KNOWN_CYCLES]
-    assert not cycles, f"the known import cycle is still there: {cycles}"

@@ -403,6 +403,43 @@ class PromptedModel(nn.Module):
         """PEFT's name for :func:`load_prompts`: the prompts saved in ``path`` attached to ``model``."""
         return load_prompts(model, path, **options)
 
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """What attaching adds or trains, and nothing of the frozen base model: the method's state
+        (``method.*``) and, with ``trainable_head``, the task head (``model.<name>``). This is what
+        ``Trainer`` checkpoints and reloads; the base model's own weights are ``pm.model.state_dict()``."""
+        if args:
+            raise TypeError(
+                "PromptedModel.state_dict takes keyword arguments only (destination, prefix, keep_vars)"
+            )
+        out = {} if destination is None else destination
+        for k, v in self.method.state_dict(keep_vars=keep_vars).items():
+            out[f"{prefix}method.{k}"] = v
+        if self.prompt_config.trainable_head:
+            for k, v in self.info.head_parameters().items():
+                out[f"{prefix}model.{k}"] = v if keep_vars else v.detach()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load what :meth:`state_dict` returns. With ``strict``, a key of the prompts' state missing from
+        ``state_dict`` or a key that is not part of it raises; the base model's weights are never
+        touched (a full ``nn.Module``-style state dict's base-model keys are ignored only when not
+        ``strict``)."""
+        own = self.state_dict(keep_vars=True)
+        unexpected = [k for k in state_dict if k not in own]
+        missing = [k for k in own if k not in state_dict]
+        if strict and (unexpected or missing):
+            raise RuntimeError(
+                f"PromptedModel.load_state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} "
+                "(the state of a PromptedModel is its prompts and, if trained, its head)"
+            )
+        method_sd = {k[len("method.") :]: v for k, v in state_dict.items() if k.startswith("method.")}
+        result = self.method.load_state_dict(method_sd, strict=strict, assign=assign)
+        with torch.no_grad():
+            for k, v in state_dict.items():
+                if k.startswith("model.") and k in own:
+                    own[k].copy_(v)
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected) if not strict else result
+
     def print_trainable_parameters(self) -> None:
         """``trainable params: ... || all params: ... || trainable%: ...`` (as PEFT prints it)."""
         trainable = self.num_trainable_parameters
