@@ -563,6 +563,37 @@ def test_cpu_inference_runs_outside_the_custom_op(dtype, P, monkeypatch):
     assert out.stride() == sdpa.stride()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "T,S,P,gate,mask,causal",
+    [
+        (1, 13, 1, "bh", "none", False),
+        (1, 40, 5, "mixed", "bool_empty", False),
+        (3, 17, 4, "zero", "bool_empty", False),
+        (2, 33, 3, "head", "add_hf", False),
+        (1, 21, 2, "scalar", "add", False),
+        (3, 29, 5, "batch", "bool", True),
+    ],
+)
+def test_cpu_decoding_inference_merges_two_segments(dtype, T, S, P, gate, mask, causal, monkeypatch):
+    """Few queries over many keys (a generation step): the inference path attends to the prompt and to
+    the keys separately and merges the two by log-sum-exp instead of copying the cache behind the
+    prompt. Same values (within the error budget) as the float64 reference, dead rows included."""
+    B, H, Hkv, Dh = 3, 4, 2, 32
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, 1, gate, mask, dtype)
+    op_module = importlib.import_module("prompt_kernels.ops.gated_prefix_attention")
+    used = []
+    real = op_module._cpu_forward_two_segments
+    monkeypatch.setattr(op_module, "_cpu_forward_two_segments", lambda *a: used.append(1) or real(*a))
+    with torch.no_grad():
+        out = gated_prefix_attention(*tensors, m, is_causal=causal)
+        m64 = None if m is None or m.dtype == torch.bool else m.double()
+        ref64 = reference(*[t.double() for t in tensors], m64, is_causal=causal)
+        same = reference(*tensors, m, is_causal=causal)
+    assert used == [1]
+    assert_within_budget(out, ref64, same, name="out")
+
+
 def test_cpu_forward_keeps_probabilities_only_for_a_backward():
     """float32 on CPU: the probabilities come back (for the backward) only when asked for."""
     B, H, T, S, P, Dh = 2, 2, 5, 7, 3, 32

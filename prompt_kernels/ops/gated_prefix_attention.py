@@ -436,6 +436,10 @@ def cpu_forward(
 def _cpu_forward_flash(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
     B, H, T, _Dh = query.shape
     S, P = key.shape[2], prompt_key.shape[2]
+    if 0 < P and 0 < 4 * T <= S:
+        return _cpu_forward_two_segments(
+            query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale
+        )
     kc, vc, bias, kb, g2 = _cpu_operands(
         query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal
     )
@@ -459,6 +463,33 @@ def _cpu_forward_flash(query, key, value, prompt_key, prompt_value, gate, attent
             dead = keys_dead & g_zero[:, :, None]
             lse = lse.masked_fill(dead.expand(B, H, T), float("inf"))
     return out, lse  # as ATen lays it out (usually [B, T, H, Dh] storage)
+
+
+def _cpu_forward_two_segments(
+    query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale
+):
+    """Few queries over many keys (decoding with a key/value cache): ATen's flash attention over each
+    segment (the P prompt keys, unmasked; the S keys with their mask) and the two merged by their
+    log-sum-exps, ``log(gate)`` added to the prompt's. Exactly the attention over the concatenation,
+    without copying the whole cache behind the prompt at every call."""
+    B, H, T, _Dh = query.shape
+    S = key.shape[2]
+    kb = _key_bias(attention_mask, is_causal, B, T, S, query.dtype, query.device)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    pk = prompt_key.expand(B, -1, -1, -1)
+    pv = prompt_value.expand(B, -1, -1, -1)
+    out_p, lse_p = flash(query, pk, pv, 0.0, False, scale=scale)
+    out_k, lse_k = flash(query, key, value, 0.0, False, attn_mask=kb, scale=scale)
+    lse_p = lse_p + torch.log(_gate_2d(gate))[:, :, None]  # log(0) = -inf: no prompt weight
+    if kb is not None:  # ATen gives lse 0 on a row with no key: it has no weight
+        lse_k = lse_k.masked_fill((kb == float("-inf")).all(dim=-1).expand(B, H, T), float("-inf"))
+    lse = torch.logaddexp(lse_p, lse_k)
+    dead = lse == float("-inf")
+    lse = lse.masked_fill(dead, float("inf"))  # the shared convention for rows with no weight
+    w_p = torch.exp(lse_p - lse).masked_fill(dead, 0.0)
+    w_k = torch.exp(lse_k - lse).masked_fill(dead, 0.0)
+    out = torch.addcmul(out_p.float() * w_p[..., None], out_k.float(), w_k[..., None])  # fp32 merge
+    return out.to(query.dtype), lse
 
 
 _LOG2E = 1.4426950408889634
