@@ -144,7 +144,8 @@ def summarize_compile_facts(records: list[dict]) -> str:
         if "mma_kind" not in ok[0]:  # records of an older compile check
             mma = sorted({r.get("tensor_cores", "?") for r in ok})
         n_async = sum(1 for r in ok if sum((r.get("async_copies") or {}).values()))
-        failing = sum(1 for r in rs if r.get("failures"))
+        failing = sum(1 for r in rs if r.get("verdict", "FAIL" if r.get("failures") else "ok") == "FAIL")
+        known = sum(1 for r in rs if r.get("verdict") == "known")
         text = (
             f"sm_{arch}: {len(ok)} cfg, regs {regs[0]}-{regs[-1]}, spill {spills} B, shared <= {shared} B, "
             f"occ {occ[0]:.0%}-{occ[-1]:.0%}, MMA {'/'.join(mma)}, async copies in {n_async}/{len(ok)}"
@@ -153,6 +154,8 @@ def summarize_compile_facts(records: list[dict]) -> str:
             text += f", {len(bad)} compile errors"
         if failing:
             text += f", {failing} failing"
+        if known:
+            text += f", {known} known failures"
         parts.append(text)
     return "; ".join(parts)
 
