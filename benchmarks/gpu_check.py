@@ -7,7 +7,7 @@ summary.
 1. ``pytest`` on the kernel test files (``KERNEL_TESTS``), one process per file, concurrently (their
    time is mostly Triton compiling), with ``TRITON_INTERPRET=0``: the tests then run the Triton
    backend on CUDA tensors (``python_tests/helpers.py`` picks the device: CUDA when the kernels are
-   not interpreted and CUDA is available). Logs and JUnit XML per file go next to the results.
+   not interpreted and CUDA is available). Logs and JUnit XML per file go to ``DIR/logs/``.
 2. Every op benchmark module (``benchmarks/bench_<op>.py``, found as ``benchmarks.run`` finds them;
    ``bench_patch``, a CPU model-level benchmark, is left to ``make bench``): its cases grouped and
    timed as ``benchmarks.run`` does (``common.time_interleaved``: ``triton.testing.do_bench`` on CUDA),
@@ -52,22 +52,26 @@ BENCH_MODULES = ("bench_gated_prefix_attention", "bench_phm_linear", "bench_prom
 TEST_TIMEOUT_S = 330
 
 
-def pytest_command(test_file: str, junit: Path, dry: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+def pytest_command(test_files: list[str], junit: Path, dry: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "pytest", *test_files, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     return [*cmd, "--collect-only"] if dry else [*cmd, "-rfE"]
 
 
 def run_tests(out: Path, dry: bool) -> dict:
-    """Run (or, dry, collect) the kernel test files without the interpreter, one pytest process per
-    file, concurrently (their time is mostly Triton compiling, on the CPU); counts per file."""
+    """Run the kernel test files without the interpreter, one pytest process per file, concurrently
+    (their time is mostly Triton compiling, on the CPU), or, dry, collect them; counts per file."""
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "0"  # conftest only sets it when unset: the real kernels, on CUDA
     t0 = time.perf_counter()
     procs = []
-    for f in KERNEL_TESTS:
-        junit = out / f"junit_{Path(f).stem}.xml"
-        log = open(out / f"pytest_{Path(f).stem}.log", "w")
-        cmd = pytest_command(f, junit, dry)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    # one process per file on the GPU machine; dry, one process collects them all (fewer imports)
+    for files in [list(KERNEL_TESTS)] if dry else [[f] for f in KERNEL_TESTS]:
+        f = files[0] if len(files) == 1 else "kernel_tests"
+        junit = logs / f"junit_{Path(f).stem}.xml"
+        log = open(logs / f"pytest_{Path(f).stem}.log", "w")
+        cmd = pytest_command(files, junit, dry)
         procs.append(
             (f, junit, log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         )
