@@ -289,7 +289,7 @@ def test_dropout_path_matches_fused_path():
         )
         causal = torch.arange(S)[None, :] <= torch.arange(T)[:, None]
         mask4 = causal[None, None] & pad[:, None, None, :]
-        prefix = {0: attn_mod.LayerPrompt(pk_, pv, gate)}
+        prefix = attn_mod.HostPrompts({0: attn_mod.LayerPrompt(pk_, pv, gate)})
         fused, _ = attn_mod.prompt_kernels_attention(
             mod, q, k, v, mask4, scaling=Dh**-0.5, dropout=0.0, **{attn_mod.PREFIX_KWARG: prefix}
         )

@@ -433,6 +433,15 @@ def cpu_forward(
     return (*_cpu_forward_flash(*args), *_nothing_kept(query))
 
 
+def cpu_inference(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
+    """What :func:`gated_prefix_attention` computes in eager CPU inference, without its input checks,
+    backend choice or dispatch: for callers that built the inputs to the op's contract themselves (the
+    patch layer, once per layer and generated token). ``scale`` must be given (a float)."""
+    return _cpu_forward_flash(
+        query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale
+    )[0]
+
+
 def _cpu_forward_flash(query, key, value, prompt_key, prompt_value, gate, attention_mask, is_causal, scale):
     B, H, T, _Dh = query.shape
     S, P = key.shape[2], prompt_key.shape[2]
@@ -480,15 +489,26 @@ def _cpu_forward_two_segments(
     pv = prompt_value.expand(B, -1, -1, -1)
     out_p, lse_p = flash(query, pk, pv, 0.0, False, scale=scale)
     out_k, lse_k = flash(query, key, value, 0.0, False, attn_mask=kb, scale=scale)
-    lse_p = lse_p + torch.log(_gate_2d(gate))[:, :, None]  # log(0) = -inf: no prompt weight
+    g2 = _gate_2d(gate)
+    if bool((g2 != 1).any()):
+        lse_p = lse_p + torch.log(g2)[:, :, None]  # log(0) = -inf: no prompt weight
+    dead = None
     if kb is not None:  # ATen gives lse 0 on a row with no key: it has no weight
-        lse_k = lse_k.masked_fill((kb == float("-inf")).all(dim=-1).expand(B, H, T), float("-inf"))
+        no_key = (kb == float("-inf")).all(dim=-1).expand(B, H, T)
+        if bool(no_key.any()):
+            lse_k = lse_k.masked_fill(no_key, float("-inf"))
+            dead = no_key & (lse_p == float("-inf"))
+    # The prompt's share of the row's weight: sigmoid(lse_p - lse_k); merged in float32.
+    diff = lse_p - lse_k
+    if dead is not None:
+        diff = diff.masked_fill(dead, 0.0)
+    w_p = torch.sigmoid(diff)[..., None]
+    out_k = out_k.float()
+    out = torch.addcmul(out_k, out_p.float() - out_k, w_p)
     lse = torch.logaddexp(lse_p, lse_k)
-    dead = lse == float("-inf")
-    lse = lse.masked_fill(dead, float("inf"))  # the shared convention for rows with no weight
-    w_p = torch.exp(lse_p - lse).masked_fill(dead, 0.0)
-    w_k = torch.exp(lse_k - lse).masked_fill(dead, 0.0)
-    out = torch.addcmul(out_p.float() * w_p[..., None], out_k.float(), w_k[..., None])  # fp32 merge
+    if dead is not None:  # no weight at all: out 0, lse +inf (the shared convention)
+        out = out.masked_fill(dead[..., None], 0.0)
+        lse = lse.masked_fill(dead, float("inf"))
     return out.to(query.dtype), lse
 
 

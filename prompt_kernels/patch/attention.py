@@ -34,7 +34,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from prompt_kernels.ops.gated_prefix_attention import gated_prefix_attention
+from prompt_kernels.ops.gated_prefix_attention import cpu_inference, gated_prefix_attention
 from prompt_kernels.patch import discovery
 
 IMPLEMENTATION = "prompt_kernels"
@@ -58,11 +58,20 @@ class LayerPrompt:
     gate_is_one: bool = False  # the gate is a constant 1 (no log(gate) bias needed)
     attention_dropout: str = "model"  # PromptConfig.attention_dropout
     route: str = "auto"  # "auto" (fused op where exact) | "concat" (always the concatenation route)
-    # The layer's attention mask as the layer received it, and its convert_mask() form (computed once
-    # per forward by the PromptedModel, shared by all layers that receive the same mask object).
+
+
+@dataclass(frozen=True)
+class HostPrompts:
+    """What a host layer's keyword argument ``PREFIX_KWARG`` carries: its sites' prompts, the layer's
+    attention mask as the layer received it with its ``convert_mask`` form (computed once per forward
+    per mask object by the PromptedModel), and whether the call is eager CPU inference on the ``auto``
+    backend (the op's CPU path is then called directly: the patch layer built valid inputs)."""
+
+    prompts: dict
     mask_in: torch.Tensor | None = None
     mask_op: torch.Tensor | None = None
     mask_causal: bool = False
+    direct_cpu: bool = False
 
 
 @dataclass
@@ -218,7 +227,7 @@ def _concat_path(binding, module, query, key, value, mask, prefix: LayerPrompt, 
 def prompt_kernels_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The registered implementation. query ``[B, H, T, Dh]``, key/value ``[B, Hkv, S, Dh]``;
     returns ``(out [B, T, H, Dh], None or weights)`` like every transformers attention function."""
-    prompts = kwargs.pop(PREFIX_KWARG, None)
+    host = kwargs.pop(PREFIX_KWARG, None)
     binding: AttentionBinding | None = getattr(module, BINDING_ATTR, None)
     if binding is None:
         rec = discovery.recording()
@@ -227,14 +236,12 @@ def prompt_kernels_attention(module, query, key, value, attention_mask, scaling=
                 f"{type(module).__name__} runs the 'prompt_kernels' attention implementation but was not set up "
                 "by prompt_kernels.attach"
             )
-        discovery.record_call(
-            rec, module, query, key, value, {**kwargs, rec.kwarg: prompts, "scaling": scaling}
-        )
+        discovery.record_call(rec, module, query, key, value, {**kwargs, rec.kwarg: host, "scaling": scaling})
         binding = AttentionBinding(rec.inner, model_eager_function(module), frozenset())
-        prompts = None
+        host = None
     prefix = None
-    if prompts:
-        prefix = next((prompts[i] for i in binding.sites if i in prompts), None)
+    if host is not None:
+        prefix = next((host.prompts[i] for i in binding.sites if i in host.prompts), None)
     if prefix is None:
         return binding.call_inner(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -266,15 +273,18 @@ def prompt_kernels_attention(module, query, key, value, attention_mask, scaling=
         if op_causal and S > T:
             # Prefill into an empty static cache (sdpa_mask skipped the mask): only the first T keys are real.
             key, value = key[:, :, :T], value[:, :, :T]
-    elif attention_mask is prefix.mask_in:
-        op_mask, op_causal = prefix.mask_op, prefix.mask_causal
+    elif attention_mask is host.mask_in:
+        op_mask, op_causal = host.mask_op, host.mask_causal
     else:
         op_mask, op_causal = convert_mask(attention_mask, B, causal, exact=False)
     if op_mask is not None and op_mask.dim() == 4 and op_mask.shape[2] == 1 < T:
         op_mask = op_mask.expand(-1, -1, T, -1)  # a broadcast [B, 1, 1, S] additive padding mask
-    out = gated_prefix_attention(
-        query, key, value, prefix.key, prefix.value, prefix.gate, op_mask, is_causal=op_causal, scale=scaling
-    )
+    operands = (query, key, value, prefix.key, prefix.value, prefix.gate, op_mask)
+    if host.direct_cpu and not torch.is_grad_enabled():
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        out = cpu_inference(*operands, op_causal, scale)
+    else:
+        out = gated_prefix_attention(*operands, is_causal=op_causal, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from prompt_kernels._backend import requested_backend
 from prompt_kernels.patch.attention import convert_mask
 from prompt_kernels.patch.info import ModelInfo
 
@@ -101,6 +102,13 @@ class ForwardContext:
             )
 
         # Filled by the PromptedModel while the forward runs.
+        # Eager CPU inference on the auto backend: prompted layers call the op's CPU path directly.
+        self.direct_cpu = (
+            not torch.is_grad_enabled()
+            and self.device.type == "cpu"
+            and requested_backend() == "auto"
+            and not torch.compiler.is_compiling()
+        )
         self.host_calls: dict[int, int] = {}  # calls of each host layer so far (layers run several times)
         self.layer_inputs: dict[int, torch.Tensor] = {}
         self.rows_in_front: dict[int, int] = {}  # prompt rows in front of layer_inputs[l]

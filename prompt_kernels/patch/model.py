@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import inspect
 import itertools
 import os
@@ -46,6 +45,7 @@ from prompt_kernels.patch.attention import (
     PREFIX_KWARG,
     WRAPPABLE,
     AttentionBinding,
+    HostPrompts,
     LayerPrompt,
     model_eager_function,
 )
@@ -517,7 +517,7 @@ class PromptedModel(nn.Module):
                 f"{type(self.model).__name__} does not use transformers' attention interface; its prompts travel "
                 "in the key/value cache, so a forward with a cache of its own (decoding) is not supported"
             )
-        prompts = [self._layer_prefix(ctx, i, None) for i in range(self.info.num_layers)]
+        prompts = [self._layer_prefix(ctx, i) for i in range(self.info.num_layers)]
         if all(p is None for p in prompts):
             return kwargs
         if any(p is None or not p.gate_is_one for p in prompts):
@@ -740,11 +740,15 @@ class PromptedModel(nn.Module):
 
         prompts = {}
         for idx in sites:
-            prefix = self._layer_prefix(ctx, idx, mask)
+            prefix = self._layer_prefix(ctx, idx)
             if prefix is not None:
                 prompts[idx] = prefix
         if prompts:
-            kwargs[PREFIX_KWARG] = prompts
+            if mask is not None and torch.is_tensor(mask) and mask.dim() == 4:
+                op_mask, op_causal = ctx.converted_mask(mask, self.info.sites[sites[0]].causal)
+                kwargs[PREFIX_KWARG] = HostPrompts(prompts, mask, op_mask, op_causal, ctx.direct_cpu)
+            else:
+                kwargs[PREFIX_KWARG] = HostPrompts(prompts, direct_cpu=ctx.direct_cpu)
             changed = True
         if not changed:
             return None
@@ -786,7 +790,7 @@ class PromptedModel(nn.Module):
             )
         return rows
 
-    def _layer_prefix(self, ctx: ForwardContext, idx: int, mask) -> LayerPrompt | None:
+    def _layer_prefix(self, ctx: ForwardContext, idx: int) -> LayerPrompt | None:
         gen = self._generation if ctx.depth == 0 else None
         if gen is not None and idx in gen.prefix:
             prefix = gen.prefix[idx]
@@ -795,12 +799,7 @@ class PromptedModel(nn.Module):
             prefix = None if raw is None else self._normalize_prefix(raw, ctx, idx)
             if gen is not None:
                 gen.prefix[idx] = prefix
-        if prefix is None:
-            return None
-        if mask is not None and torch.is_tensor(mask) and mask.dim() == 4:
-            op_mask, op_causal = ctx.converted_mask(mask, self.info.sites[idx].causal)
-            return dataclasses.replace(prefix, mask_in=mask, mask_op=op_mask, mask_causal=op_causal)
-        return dataclasses.replace(prefix, mask_in=None, mask_op=None, mask_causal=False)
+        return prefix
 
     def _normalize_prefix(self, raw, ctx: ForwardContext, idx: int) -> LayerPrompt:
         if isinstance(raw, PrefixKV):
