@@ -143,8 +143,9 @@ def test_config_round_trip_and_validation():
         None,
         8.0,
         "pooled",
-        "searched",
+        "scratch",
     )
+    assert default.gate_warmup == 0.0
     other = SPTConfig(representation="first", retrain_from="scratch", gate_travel=3.0)
     assert SPTConfig.from_json(other.to_json()) == other
     d = json.loads(c.to_json())
@@ -160,6 +161,9 @@ def test_config_round_trip_and_validation():
         (dict(budget_k=0), ValueError),
         (dict(gate_lr=0.0), ValueError),
         (dict(gate_travel=0.0), ValueError),
+        (dict(gate_warmup=1.0), ValueError),
+        (dict(gate_beta2=1.0), ValueError),
+        (dict(gate_warmup=-0.1), ValueError),
         (dict(representation="cls"), ValueError),
         (dict(retrain_from="warm"), ValueError),
         (dict(selected_layers=[]), ValueError),
@@ -408,7 +412,7 @@ def test_select_build_retrain_save_load(kind, style, tmp_path):
     assert spt.select_layers(pm) == [0]
     assert spt.select_layers(pm, 2) == [0, 1] and spt.select_layers(pm, 5) == [0, 1]
     searched = {k: v.clone() for k, v in pm.method.state_dict().items()}
-    discrete = spt.build_discrete(pm, [1])
+    discrete = spt.build_discrete(pm, [1], from_searched=True)
     assert discrete.prompt_config.selected_layers == [1]
     assert set(discrete.method.generators.keys()) == {"1"}
     assert "gate_logits" not in dict(discrete.method.named_parameters())
@@ -530,6 +534,7 @@ def test_search_optimisers_split_and_default_gate_learning_rate():
     (group_a,) = opt_a.param_groups
     assert group_a["params"] == [pm.method.gate_logits] and group_a["lr"] == 0.25
     assert isinstance(opt_a, torch.optim.Adam) and group_a["weight_decay"] == 0
+    assert group_a["betas"] == (0.9, pm.method.config.gate_beta2)
     w_params = [p for g in opt_w.param_groups for p in g["params"]]
     assert all(p is not pm.method.gate_logits for p in w_params)
     assert {id(p) for p in w_params} == {id(p) for p in spt.omega_parameters(pm, head)}
@@ -694,3 +699,22 @@ def test_retrain_from_searched_or_scratch(from_searched):
     assert same == from_searched
     record = spt.SearchRecord(gate_trajectory=[[0.5, 0.5], [0.3, 0.9]], selected_layers=[1], gate_lr=0.1)
     assert record.gate_margin() == pytest.approx(0.6)
+
+
+def test_gate_warmup_runs_omega_steps_only_first():
+    """gate_warmup: the first round(f * steps) steps skip the α step (the gates stay at 0.5); the gate
+    learning rate spreads gate_travel over the remaining gate steps."""
+    pm, head, data, task_loss = _toy_task("bert")
+    pm.method.config.gate_warmup = 0.5
+    assert spt.warmup_steps(pm.method.config, 4) == 2 and spt.warmup_steps(pm.method.config, 1) == 0
+    calls = []
+
+    def loss_fn(pm_, head_, b):
+        calls.append(pm_.training)
+        return task_loss(pm_, head_, b)
+
+    record = spt.search(pm, head, iter(data * 2), iter(data * 2), 4, loss_fn, lr=1e-2)
+    assert calls == [True, True, True, False, True, False]  # ω, ω, ω+α, ω+α
+    assert record.search_steps == 4 and len(record.gate_trajectory) == 3
+    assert record.gate_lr == pytest.approx(8.0 / 2)
+    assert record.gate_trajectory[0] == [0.5] * L and record.gate_trajectory[1] != [0.5] * L
