@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prompt_kernels.configs import PromptConfig, check_float, check_int, register_config
@@ -96,6 +97,16 @@ def _cell_linear(in_features: int, out_features: int, rank: int | None, device) 
     )
 
 
+def _gate(layer: nn.Module, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``layer([h; c])`` without concatenating: the first linear map's weight ``[out, 2d]`` is applied as
+    its two column blocks, ``W[:, :d] h + W[:, d:] c`` (``c`` may be ``[1, p, d]``: its part is computed
+    once and broadcast over the batch)."""
+    first = layer if isinstance(layer, nn.Linear) else layer[0]
+    d = h.shape[-1]
+    out = F.linear(h, first.weight[:, :d]) + F.linear(c, first.weight[:, d:], first.bias)
+    return out if first is layer else layer[1](out)
+
+
 def _bias(layer: nn.Module) -> torch.Tensor:
     return (layer if isinstance(layer, nn.Linear) else layer[-1]).bias
 
@@ -133,10 +144,9 @@ class GPC(PromptMethod):
         """One step at unit scale: ``h [B, p, d]`` (rows divided by their RMS), ``c [B|1, p, d]`` ->
         (``y = o * tanh(c')``, new state ``c'``), float32."""
         h = h.float()
-        hc = torch.cat([h, c.expand_as(h)], dim=-1)
-        f = torch.sigmoid(self.forget_gate(hc))
-        i = torch.sigmoid(self.input_gate(hc))
-        o = torch.sigmoid(self.output_gate(hc))
+        f = torch.sigmoid(_gate(self.forget_gate, h, c))
+        i = torch.sigmoid(_gate(self.input_gate, h, c))
+        o = torch.sigmoid(_gate(self.output_gate, h, c))
         c_new = f * c + i * torch.tanh(self.candidate(h))
         return o * torch.tanh(c_new), c_new
 
