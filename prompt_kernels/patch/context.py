@@ -7,6 +7,7 @@ owned by that PromptedModel: nothing lives in module globals.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +59,11 @@ class ForwardContext:
         self.info: ModelInfo = owner.info
         self.kwargs = kwargs
         self.depth = depth
-        self.cache: dict[Any, Any] = {}
+        # Per-forward storage, one dict per prompt set (``scope``): several named prompt sets in one
+        # batch never see each other's memos. The patch layer and the default set use scope None.
+        self._caches: dict[Any, dict[Any, Any]] = {None: {}}
+        self._scope = None
+        self.row_sets: dict[str, torch.Tensor] | None = None  # prompt set name -> its batch rows
         self.output = None
         self.sequence_rows: torch.Tensor | None = None
         self.training = owner.model.training
@@ -146,6 +151,20 @@ class ForwardContext:
         """Hidden-space prompts ``[B|1, p, d]`` -> layer ``layer_idx``'s (key, value) ``[B|1, Hkv, p, Dh]``
         through its frozen projections (no rotary on the keys). See ModelInfo.project_key_value."""
         return self.info.project_key_value(layer_idx, hidden)
+
+    @property
+    def cache(self) -> dict[Any, Any]:
+        """A dict for the method's own per-forward values (one per prompt set; see :meth:`memo`)."""
+        return self._caches.setdefault(self._scope, {})
+
+    @contextlib.contextmanager
+    def scope(self, name):
+        """Within this block ``cache`` and ``memo`` are prompt set ``name``'s (None: the default set)."""
+        previous, self._scope = self._scope, name
+        try:
+            yield
+        finally:
+            self._scope = previous
 
     def memo(self, key, fn: Callable[[], Any]):
         """``fn()`` computed once per forward under ``key`` (e.g. all layers' prefixes at once)."""

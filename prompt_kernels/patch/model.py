@@ -210,6 +210,9 @@ class PromptedModel(nn.Module):
             _restore_configs(self._configs)
             raise
         self.method.to(info.device)
+        # Further named prompt sets on the same frozen model (add_prompt_set), chosen per batch row.
+        self.prompt_sets = nn.ModuleDict()
+        self._pending_sets = None
         self.last_aux_losses: dict[str, torch.Tensor] = {}
 
         self._stack: list[ForwardContext | None] = []
@@ -324,11 +327,64 @@ class PromptedModel(nn.Module):
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
 
     # -- public API --------------------------------------------------------------------------------
-    def _call_model(self, *args, **kwargs):
-        """Run the model with the prompts: the model's own arguments and output type."""
+    def _call_model(self, *args, prompt_set=None, **kwargs):
+        """Run the model with the prompts: the model's own arguments and output type.
+
+        ``prompt_set``: which named prompt set (see :meth:`add_prompt_set`) each batch row uses: one name
+        for the whole batch, or a list of ``B`` names (``"default"`` is the set ``attach`` made)."""
         if self._detached:
             raise RuntimeError("this PromptedModel was detached")
-        return self.model(*args, **kwargs)
+        if prompt_set is None:
+            return self.model(*args, **kwargs)
+        self._pending_sets = prompt_set
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._pending_sets = None
+
+    def add_prompt_set(self, name: str, source) -> PromptMethod:
+        """Another named prompt set on this frozen model: ``source`` is a prompt config (fresh prompts, to
+        train: ``pm.prompt_sets[name].parameters()``) or a folder written by ``save_prompts`` /
+        ``save_pretrained`` (loaded; the base model is checked as ``load_prompts`` checks it). Every set
+        must be of the default set's method and prompt length, so one batch can mix them row by row
+        (``pm(..., prompt_set=["default", name, ...])``; each row's output equals running it alone
+        with its set). Returns the set's method module."""
+        from prompt_kernels.configs import config_from_dict
+
+        if not isinstance(name, str) or not name or name == "default" or name in self.prompt_sets:
+            raise ValueError(f"name must be a new prompt set name other than 'default', got {name!r}")
+        tensors = None
+        if isinstance(source, PromptConfig):
+            config = source
+        else:
+            meta, tensors = io.read_prompt_files(source)
+            config = config_from_dict(meta["prompt_config"])
+            saved = meta.get("base_model", {})
+            diff, _ = io.compare_fingerprints(saved, io.fingerprint(self.model, self.info, like=saved), False)
+            if diff:
+                raise ValueError(
+                    f"the prompts in {source} were trained on another base model: {'; '.join(diff)}"
+                )
+        if (
+            type(config) is not type(self.prompt_config)
+            or config.prompt_length != self.prompt_config.prompt_length
+        ):
+            raise ValueError(
+                f"a prompt set must be a {type(self.prompt_config).__name__} with prompt_length="
+                f"{self.prompt_config.prompt_length} like the default set, got {type(config).__name__} with "
+                f"prompt_length={config.prompt_length}"
+            )
+        if self._sequence_layer is not None:
+            raise NotImplementedError(
+                "several prompt sets per batch are not supported for sequence-style methods"
+            )
+        method = build_method(config, self.info).to(self.info.device)
+        if tensors is not None:
+            prefix = io.METHOD_PREFIX
+            method.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        method.train(self.training)
+        self.prompt_sets[name] = method
+        return method
 
     def generate(self, *args, **kwargs):
         """``model.generate`` with the prompts at every step (computed once, on the prefill)."""
@@ -414,6 +470,9 @@ class PromptedModel(nn.Module):
         out = {} if destination is None else destination
         for k, v in self.method.state_dict(keep_vars=keep_vars).items():
             out[f"{prefix}method.{k}"] = v
+        for name, method in self.prompt_sets.items():
+            for k, v in method.state_dict(keep_vars=keep_vars).items():
+                out[f"{prefix}prompt_sets.{name}.{k}"] = v
         if self.prompt_config.trainable_head:
             for k, v in self.info.head_parameters().items():
                 out[f"{prefix}model.{k}"] = v if keep_vars else v.detach()
@@ -434,6 +493,10 @@ class PromptedModel(nn.Module):
             )
         method_sd = {k[len("method.") :]: v for k, v in state_dict.items() if k.startswith("method.")}
         result = self.method.load_state_dict(method_sd, strict=strict, assign=assign)
+        for name, method in self.prompt_sets.items():
+            head = f"prompt_sets.{name}."
+            sd = {k[len(head) :]: v for k, v in state_dict.items() if k.startswith(head)}
+            method.load_state_dict(sd, strict=strict, assign=assign)
         with torch.no_grad():
             for k, v in state_dict.items():
                 if k.startswith("model.") and k in own:
@@ -481,6 +544,8 @@ class PromptedModel(nn.Module):
         depth = sum(c is not None for c in self._stack)
         ctx = ForwardContext(self, dict(kwargs), depth)
         self._stack[-1] = ctx
+        if self._pending_sets is not None and depth == 0:
+            ctx.row_sets = self._row_sets(self._pending_sets, ctx.batch_size, ctx.device)
         if self.info.layout.module_hosts and self.model.training and torch.is_grad_enabled():
             if any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
                 raise NotImplementedError(
@@ -549,6 +614,74 @@ class PromptedModel(nn.Module):
             kwargs["position_ids"] = torch.arange(T, device=ctx.device).expand(B, -1)
         return kwargs
 
+    def _row_sets(self, names, B: int, device) -> dict[str, torch.Tensor] | None:
+        """``prompt_set`` of a call -> {set name: its rows} (None when every row uses the default set)."""
+        if isinstance(names, str):
+            names = [names] * B
+        if not isinstance(names, (list, tuple)) or len(names) != B:
+            raise ValueError(
+                f"prompt_set must be a set name or a list of {B} names (one per batch row), got {names!r}"
+            )
+        unknown = sorted({n for n in names if n != "default" and n not in self.prompt_sets})
+        if unknown:
+            raise ValueError(f"unknown prompt sets {unknown}; known: ['default', *{list(self.prompt_sets)}]")
+        if all(n == "default" for n in names):
+            return None
+        if self._sequence_layer is not None:
+            raise NotImplementedError(
+                "several prompt sets per batch are not supported for sequence-style methods"
+            )
+        groups: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            groups.setdefault(n, []).append(i)
+        return {n: torch.tensor(rows, device=device) for n, rows in groups.items()}
+
+    def _set_method(self, name: str) -> PromptMethod:
+        return self.method if name == "default" else self.prompt_sets[name]
+
+    def _per_row(self, ctx: ForwardContext, hook: str, *args):
+        """Call ``hook`` of the method of every prompt set the batch uses and gather each row's result
+        from its own set: prompt tensors ``[1|B, ...]`` -> ``[B, ...]``; prefixes as (key, value, gate)."""
+        if ctx.row_sets is None:
+            return getattr(self.method, hook)(ctx, *args)
+        B = ctx.batch_size
+        results = {}
+        for name in ctx.row_sets:
+            with ctx.scope(None if name == "default" else name):
+                results[name] = getattr(self._set_method(name), hook)(ctx, *args)
+        if all(r is None for r in results.values()):
+            return None
+        if any(r is None for r in results.values()):
+            raise ValueError(f"{hook}: the prompt sets of one batch must all prompt the same layers")
+        order = torch.cat(list(ctx.row_sets.values()))
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(B, device=order.device)
+
+        def gather(parts):  # per set a tensor [1|B, ...] -> [B, ...] with each row from its own set
+            rows = [p.expand(B, *p.shape[1:])[ctx.row_sets[n]] for n, p in parts.items()]
+            return torch.cat(rows)[inverse]
+
+        if hook == "input_prompts":
+            return gather(results)
+        triples = {n: tuple(r) for n, r in results.items()}  # (key, value, gate) or PrefixKV
+        key = gather({n: t[0] for n, t in triples.items()})
+        value = gather({n: t[1] for n, t in triples.items()})
+        if all(t[2] is None for t in triples.values()):
+            return key, value, None
+        H = self.info.sites[args[0]].num_heads
+        ones = torch.ones(1, H, device=key.device)
+        gates = {
+            n: (
+                ones
+                if t[2] is None
+                else t[2].float().expand(1, H)
+                if t[2].dim() < 2
+                else t[2].float().expand(-1, H)
+            )
+            for n, t in triples.items()
+        }
+        return key, value, gather({n: g.expand(g.shape[0], H) for n, g in gates.items()})
+
     def _extend_encoder_mask(self, kwargs: dict) -> dict:
         """A decoder call of an encoder-decoder with ``encoder_outputs`` (``generate``): the encoder output
         holds the input-style rows in front, so its 2D attention mask gets as many ones in front."""
@@ -586,6 +719,11 @@ class PromptedModel(nn.Module):
                 return None
             ctx.output = output
             aux = self.method.aux_losses(ctx, output) or {}
+            if ctx.row_sets is not None and aux:
+                raise NotImplementedError(
+                    f"{type(self.method).__name__} adds training losses; a batch mixing prompt sets cannot "
+                    "attribute them (run each set's rows as their own batch)"
+                )
         finally:
             if self._stack:
                 self._stack.pop()
@@ -615,7 +753,7 @@ class PromptedModel(nn.Module):
                         None, T, ctx.past_length - p, ctx.device
                     ).expand(B, -1)
             return kwargs
-        prompts = self.method.input_prompts(ctx)
+        prompts = self._per_row(ctx, "input_prompts")
         if ctx.depth == 0:
             self._cached_input_prompt = 0
         if prompts is None:
@@ -795,7 +933,7 @@ class PromptedModel(nn.Module):
         if gen is not None and idx in gen.prefix:
             prefix = gen.prefix[idx]
         else:
-            raw = self.method.prefix(ctx, idx)
+            raw = self._per_row(ctx, "prefix", idx)
             prefix = None if raw is None else self._normalize_prefix(raw, ctx, idx)
             if gen is not None:
                 gen.prefix[idx] = prefix
