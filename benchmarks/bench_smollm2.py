@@ -37,6 +37,7 @@ import argparse
 import copy
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -298,6 +299,28 @@ def _profile(base, calls: int) -> None:
     pstats.Stats(prof, stream=sys.stdout).strip_dirs().sort_stats("tottime").print_stats(25)
 
 
+def _cpu_time_training(base, repeats: int) -> None:
+    """The training-step cases interleaved on one thread, medians of process CPU time (a single-threaded
+    step's CPU time hardly depends on what else the machine runs)."""
+    torch.set_num_threads(1)
+    cs = [c for c in build_cases(base) if c.mode != "generate"]
+    for c in cs:
+        c.fn()
+    cpu = {c.provider: [] for c in cs}
+    for _ in range(repeats):
+        for c in cs:
+            t = time.process_time()
+            c.fn()
+            cpu[c.provider].append(time.process_time() - t)
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    for k, v in med.items():
+        print(f"{k:<16} {v * 1e3:8.0f} ms CPU per step")
+    ours = med["prompt_kernels"]
+    print(
+        f"prompt_kernels / peft: {ours / med['peft']:.3f}; / frozen_floor: {ours / med['frozen_floor']:.3f}"
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -310,6 +333,11 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default="", help="a line for the markdown summary (e.g. the machine's state)")
     ap.add_argument("--profile", action="store_true", help="only profile prompt_kernels generate calls")
     ap.add_argument("--profile-calls", type=int, default=3)
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="only the training steps, one thread, process CPU time (robust on a shared machine); prints ratios",
+    )
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -322,6 +350,9 @@ def main(argv=None) -> int:
     print(f"loaded SmolLM2-135M-Instruct (GGUF -> float32) in {time.perf_counter() - t0:.1f} s", flush=True)
     if args.profile:
         _profile(base, args.profile_calls)
+        return 0
+    if args.cpu_time:
+        _cpu_time_training(base, args.repeats)
         return 0
 
     cs = build_cases(base)
