@@ -136,6 +136,11 @@ class ForwardContext:
         (input style, or sequence style from an earlier layer) sit in front; ``real_only`` drops them.
         ``layer_input(0)`` is the embedding block's output. Only layers already reached are available
         (``prefix(ctx, l)`` may read layers ``<= l``)."""
+        if self.info.layout.kind == "cache":
+            raise NotImplementedError(
+                f"{type(self.info.model).__name__} takes its prompts through the key/value cache (it does not use "
+                "transformers' attention interface): its layers' inputs are not available to prompt methods"
+            )
         if layer_idx not in self.layer_inputs:
             raise KeyError(f"layer {layer_idx} has not been reached yet in this forward")
         x = self.layer_inputs[layer_idx]

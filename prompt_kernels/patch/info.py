@@ -113,6 +113,12 @@ class ModelInfo:
                 f"hidden-space prompts must have shape [b, p, d={self.hidden_size}], got {tuple(hidden.shape)}"
             )
         proj = self._projections.get(layer_idx)
+        if proj is None and self.layout.kind == "cache":
+            raise NotImplementedError(
+                f"{type(self.model).__name__} takes its prompts through the key/value cache (it does not use "
+                "transformers' attention interface): hidden-space prompts, which need its key/value projections, "
+                "are not supported on it (prefix tuning and prompt tuning are)"
+            )
         if proj is None:
             s = self.sites[layer_idx]
             proj = find_projection(s.module, self.hidden_size, s.num_kv_heads, s.key_dim, s.value_dim)
