@@ -11,7 +11,7 @@ excluded type that starts working makes it fail too, so the list stays true. One
 from __future__ import annotations
 
 import pytest
-import torch
+from patch_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from prompt_kernels.testing.arch_checks import ArchitectureCheckFailed, check_architecture
 from prompt_kernels.testing.tiny_models import MAPPINGS, TinyModelUnavailable, model_types
@@ -67,14 +67,6 @@ EXCLUDED: dict[tuple[str, str], str] = {
     ),
     **{("seq2seq", t): _NO_INTERFACE for t in ("fsmt", "led", "mvp", "prophetnet")},
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def sweep(mapping: str) -> tuple[list[str], dict[str, str], dict[str, str]]:

@@ -10,19 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from patch_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 import prompt_kernels as pk
 from prompt_kernels.testing.tiny_models import build_tiny, tiny_inputs
 
 MODELS = ("t5", "bart")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _encoder_output(model, inputs):

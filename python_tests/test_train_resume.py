@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+from patch_helpers import one_thread  # noqa: F401  (autouse: the child runs with OMP_NUM_THREADS=1 too)
 from safetensors.torch import load_file
 from test_cli import TINY_ROWS, make_tiny_model_dir, write_csv
 
@@ -45,15 +46,6 @@ from prompt_kernels.cli import main
 
 raise SystemExit(main(sys.argv[2:]))
 """
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The child runs with OMP_NUM_THREADS=1: same thread count here, so the arithmetic is the same."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
