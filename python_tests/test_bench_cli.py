@@ -36,3 +36,23 @@ def test_cuda_timing_uses_do_bench_round_robin(monkeypatch):
     times = _time_interleaved_cuda(cases, repeats=3)
     assert calls == ["a", "b"] * 3
     assert times == {0: [1.0, 3.0, 5.0], 1: [2.0, 4.0, 6.0]}  # each call counted before it returns
+
+
+def test_op_benchmarks_run_under_pytest_benchmark(tmp_path):
+    """``pytest benchmarks/ --benchmark-only``: the op cases of benchmarks.run, providers side by side."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/test_op_benchmarks.py", "-q", "-p", "no:cacheprovider"]
+    cmd += ["-k", "prompt_pool and forward-", "--benchmark-only", "--benchmark-max-time=0.01"]
+    cmd += ["--benchmark-min-rounds=1", f"--benchmark-json={out}"]
+    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    groups = {}
+    for b in json.loads(out.read_text())["benchmarks"]:
+        groups.setdefault(b["group"], set()).add(b["extra_info"]["provider"])
+    assert groups and all({"prompt_kernels", "torch_reference"} <= providers for providers in groups.values())
