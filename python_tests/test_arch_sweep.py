@@ -33,7 +33,6 @@ EXCLUDED: dict[tuple[str, str], str] = {
     **{
         ("seq-cls", t): _NO_INTERFACE
         for t in (
-            "big_bird",
             "canine",
             "convbert",
             "deberta",
@@ -52,7 +51,6 @@ EXCLUDED: dict[tuple[str, str], str] = {
             "openai-gpt",
             "perceiver",
             "rembert",
-            "roformer",
             "squeezebert",
             "tapas",
             "xlm",

@@ -355,49 +355,50 @@ def cache_keyword(model: nn.Module) -> str | None:
 
 
 def discover_cache(model: nn.Module, reason: str) -> Layout:
-    """The cache route for a model that does not use the attention interface (``reason``): one probe
-    forward with ``use_cache=True``; the cache it returns gives the layers and their key/value shapes.
-    Prefix prompts then travel as a pre-filled cache (the route PEFT takes for every model): gate 1
-    only, positions and masks of the model's own cache handling. ValueError with ``reason`` if the
-    model takes or returns no cache."""
+    """The cache route for a model that does not use the attention interface (``reason``).
+
+    A probe forward with ``use_cache=True``: the cache it returns gives the layers and their key/value
+    shapes, and a multi-token forward on top of it checks the route. Encoders that read a cache but
+    return none (classification heads of BERT-era models, which pass it to their base model through
+    ``**kwargs``) get the shapes of their text config's standard fields instead (as PEFT takes them),
+    checked by a forward whose output must change with a cache of random prompts. Prefix prompts then
+    travel as a pre-filled cache (the route PEFT takes for every model): gate 1 only, positions and
+    masks of the model's own cache handling. ValueError with ``reason`` if none of this works."""
     from transformers.cache_utils import Cache
 
-    kw = cache_keyword(model)
     params = inspect.signature(model.forward).parameters
-    if kw is None or "use_cache" not in params or getattr(model.config, "is_encoder_decoder", False):
+    kw = cache_keyword(model)
+    if kw is None and accepts_var_kwargs(model.forward) and model.base_model is not model:
+        kw = cache_keyword(model.base_model)  # passed through the head's **kwargs
+    if kw is None or getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(reason)
     inputs = probe_inputs(model)
-    inputs["use_cache"] = True
-    try:
-        with torch.no_grad():
-            out = model(**inputs)
-    except Exception as exc:
-        raise ValueError(f"{reason}; its forward with use_cache=True failed: {exc}") from exc
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-    wrap = "dynamic"
-    if isinstance(getattr(cache, "self_attention_cache", None), Cache):  # BERT-style decoders
-        cache, wrap = cache.self_attention_cache, "encoder_decoder"
-    layers = []
-    if isinstance(cache, Cache):
-        for layer in getattr(cache, "layers", []):
-            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if not (torch.is_tensor(k) and torch.is_tensor(v) and k.dim() == 4 and v.dim() == 4):
-                raise ValueError(f"{reason}; its key/value cache is not laid out [B, heads, T, head_dim]")
-            layers.append((k.shape, v.shape))
-    if not layers or any(k[2] != 3 for k, _ in layers):
-        raise ValueError(f"{reason}; it returns no key/value cache of the standard layout to carry prompts")
-    try:  # the route itself: a multi-token forward on top of that cache
-        with torch.no_grad():
-            model(
-                input_ids=inputs["input_ids"],
-                attention_mask=torch.ones_like(inputs["attention_mask"]).repeat(1, 2),
-                use_cache=True,
-                **{kw: getattr(out, "past_key_values", None) or getattr(out, "cache", None)},
-            )
-    except Exception as exc:
-        raise ValueError(
-            f"{reason}; it does not take a key/value cache in front of several new tokens: {exc}"
-        ) from exc
+    cache, wrap, layers = None, "dynamic", []
+    if "use_cache" in params:
+        inputs["use_cache"] = True
+        try:
+            with torch.no_grad():
+                out = model(**inputs)
+        except Exception as exc:
+            raise ValueError(f"{reason}; its forward with use_cache=True failed: {exc}") from exc
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        if isinstance(getattr(cache, "self_attention_cache", None), Cache):  # BERT-style decoders
+            cache, wrap = cache.self_attention_cache, "encoder_decoder"
+        if isinstance(cache, Cache):
+            for layer in getattr(cache, "layers", []):
+                k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+                if not (torch.is_tensor(k) and torch.is_tensor(v) and k.dim() == 4 and v.dim() == 4):
+                    raise ValueError(f"{reason}; its key/value cache is not laid out [B, heads, T, head_dim]")
+                layers.append((tuple(k.shape), tuple(v.shape)))
+        if layers and any(k[2] != 3 for k, _ in layers):
+            raise ValueError(f"{reason}; its key/value cache is not one entry per token")
+    # A model that writes a cache is a decoder; one that only reads it is causal only if its config says so.
+    causal = bool(layers) or bool(getattr(model.config, "is_decoder", False))
+    if layers:
+        _check_cache_route(model, inputs, kw, out_cache(out), reason, must_change=False)
+    else:
+        layers = _config_cache_shapes(model, reason)
+        _check_cache_route(model, inputs, kw, _random_cache(layers), reason, must_change=True)
     heads = int(getattr(model.config.get_text_config(), "num_attention_heads", 0) or layers[0][0][1])
     sites = [
         AttentionSite(
@@ -412,9 +413,56 @@ def discover_cache(model: nn.Module, reason: str) -> Layout:
             num_kv_heads=int(k[1]),
             key_dim=int(k[3]),
             value_dim=int(v[3]),
-            causal=True,
+            causal=causal,
             scaling=None,
         )
         for i, (k, v) in enumerate(layers)
     ]
     return Layout(sites, kind="cache", cache_kwarg=kw, cache_wrap=wrap)
+
+
+def out_cache(out):
+    return getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+
+
+def _config_cache_shapes(model: nn.Module, reason: str) -> list[tuple[tuple, tuple]]:
+    cfg = model.config.get_text_config()
+    L, H, d = (getattr(cfg, n, None) for n in ("num_hidden_layers", "num_attention_heads", "hidden_size"))
+    if not all(isinstance(x, int) and x > 0 for x in (L, H, d)):
+        raise ValueError(
+            f"{reason}; it returns no key/value cache and its config does not give its layers' shapes"
+        )
+    Hkv = getattr(cfg, "num_key_value_heads", None) or H
+    Dh = getattr(cfg, "head_dim", None) or d // H
+    return [((1, Hkv, 3, Dh), (1, Hkv, 3, Dh))] * L
+
+
+def _random_cache(layers):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(torch.randn(k), torch.randn(v), i)
+    return cache
+
+
+def _check_cache_route(model, inputs, kw, cache, reason, must_change: bool) -> None:
+    """A forward of 3 tokens behind a cache of 3: it must run (and, for a cache the model did not write
+    itself, change the output)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(mask).repeat(1, 2), **{kw: cache})
+            if must_change:
+                plain = model(input_ids=ids, attention_mask=mask)
+    except Exception as exc:
+        raise ValueError(
+            f"{reason}; it does not take a key/value cache in front of several new tokens: {exc}"
+        ) from exc
+    if must_change:
+        a, b = (
+            out[0] if isinstance(out, tuple) else out.logits,
+            plain[0] if isinstance(plain, tuple) else plain.logits,
+        )
+        if torch.equal(a, b):
+            raise ValueError(f"{reason}; it ignores a key/value cache given to it")
