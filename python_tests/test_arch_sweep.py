@@ -63,7 +63,7 @@ EXCLUDED: dict[tuple[str, str], str] = {
         "its classification forward runs block-sparse attention in its own code; no self-attention call "
         "goes through the attention interface"
     ),
-    **{("seq2seq", t): _NO_INTERFACE for t in ("fsmt", "led", "mvp", "prophetnet")},
+    **{("seq2seq", t): _NO_INTERFACE for t in ("fsmt", "prophetnet")},
 }
 
 

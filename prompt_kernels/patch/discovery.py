@@ -370,10 +370,13 @@ def discover_cache(model: nn.Module, reason: str) -> Layout:
     kw = cache_keyword(model)
     if kw is None and accepts_var_kwargs(model.forward) and model.base_model is not model:
         kw = cache_keyword(model.base_model)  # passed through the head's **kwargs
-    if kw is None or getattr(model.config, "is_encoder_decoder", False):
+    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    if kw is None:
         raise ValueError(reason)
     inputs = probe_inputs(model)
     cache, wrap, layers = None, "dynamic", []
+    if enc_dec:  # the prompts go to the decoder's self-attention cache only (as PEFT does)
+        return _encoder_decoder_cache_layout(model, inputs, kw, reason)
     if "use_cache" in params:
         inputs["use_cache"] = True
         try:
@@ -466,3 +469,47 @@ def _check_cache_route(model, inputs, kw, cache, reason, must_change: bool) -> N
         )
         if torch.equal(a, b):
             raise ValueError(f"{reason}; it ignores a key/value cache given to it")
+
+
+def _encoder_decoder_cache_layout(model, inputs, kw, reason) -> Layout:
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    if "decoder_input_ids" not in inputs:
+        raise ValueError(reason)
+    try:
+        with torch.no_grad():
+            out = model(**{**inputs, "use_cache": True})
+            cache = out_cache(out)
+            self_cache = getattr(cache, "self_attention_cache", None)
+            layers = [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in self_cache.layers]
+            if not layers or any(k[2] != 2 for k, _ in layers):
+                raise ValueError("no decoder self-attention cache of one entry per token")
+            prompts = EncoderDecoderCache(_random_cache(layers), DynamicCache())
+            prompted = model(**inputs, **{kw: prompts})
+            plain = model(**inputs)
+    except Exception as exc:
+        raise ValueError(f"{reason}; its decoder does not take a key/value cache of prompts: {exc}") from exc
+    if torch.equal(prompted.logits, plain.logits):
+        raise ValueError(f"{reason}; its decoder ignores a key/value cache given to it")
+    heads = int(
+        getattr(model.config.get_text_config(decoder=True), "num_attention_heads", 0) or layers[0][0][1]
+    )
+    sites = [
+        AttentionSite(
+            index=i,
+            name=f"decoder cache layer {i}",
+            module=None,
+            host=None,
+            host_name="",
+            host_call=0,
+            stack=DECODER,
+            num_heads=heads,
+            num_kv_heads=int(k[1]),
+            key_dim=int(k[3]),
+            value_dim=int(v[3]),
+            causal=True,
+            scaling=None,
+        )
+        for i, (k, v) in enumerate(layers)
+    ]
+    return Layout(sites, encoder_decoder=True, kind="cache", cache_kwarg=kw, cache_wrap="encoder_decoder")

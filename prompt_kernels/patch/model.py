@@ -600,11 +600,15 @@ class PromptedModel(nn.Module):
 
             cache = EncoderDecoderCache(cache, DynamicCache())
         kwargs[self.info.layout.cache_kwarg] = cache
-        mask = kwargs.get("attention_mask")
+        # The prompts sit in the (decoder's) self-attention: its 2D mask gets them in front.
+        mask_name = "decoder_attention_mask" if self.info.encoder_decoder else "attention_mask"
+        mask = kwargs.get(mask_name)
         if mask is not None:
             if mask.dim() != 2:
-                raise ValueError("prompts on the cache route need a 2D attention_mask [B, T] (or none)")
-            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
+                raise ValueError(f"prompts on the cache route need a 2D {mask_name} [B, T] (or none)")
+            kwargs[mask_name] = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
+        if self.info.encoder_decoder:
+            return kwargs
         if "position_ids" in self._accepts and kwargs.get("position_ids") is None:
             T = (
                 kwargs["input_ids"].shape[1]
