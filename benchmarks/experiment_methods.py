@@ -26,7 +26,7 @@ from benchmarks.experiment_spt import run_one  # one (method, seed) run of `prom
 ALL = ["prompt-tuning", "prefix-tuning", "vip", "infoprompt", "gpc", "hiprompt"]
 
 
-def _cost_cases(batch_size: int, prompt_length: int, max_length: int):
+def _cost_cases(batch_size: int, prompt_length: int, max_length: int, only: list[str] | None = None):
     """``(name, prompted layers, step function)`` for every method on one batch of movie reviews."""
     import torch
     import torch.nn.functional as F
@@ -64,6 +64,8 @@ def _cost_cases(batch_size: int, prompt_length: int, max_length: int):
         "gpc": GPCConfig(prompt_length=p),
         "hiprompt": HiPromptConfig(prompt_length=p),
     }
+    if only:  # P-tuning v2 (the reference) and the steps whose names contain one of ``only``
+        configs = {k: v for i, (k, v) in enumerate(configs.items()) if i == 0 or any(o in k for o in only)}
     cases = []
     for name, cfg in configs.items():
         torch.manual_seed(0)
@@ -108,7 +110,7 @@ def cost(args) -> int:
     from benchmarks.common import Case, percentiles, time_interleaved
 
     torch.set_num_threads(args.threads)
-    named, shape = _cost_cases(args.batch_size, args.prompt_length, args.max_length)
+    named, shape = _cost_cases(args.batch_size, args.prompt_length, args.max_length, args.cases)
     cases = [Case("method_step", name, "step", "", fn) for name, fn in named]
     times = time_interleaved(cases, args.repeats, warmup=2)
     base = percentiles(times[0])[0]
@@ -116,7 +118,9 @@ def cost(args) -> int:
         f"One training step on MiniLM (all-MiniLM-L6-v2), batch of {shape[0]} movie reviews padded to {shape[1]} "
         f"tokens, prompt length {args.prompt_length}, {args.repeats} round-robin repeats after 2 warm-up calls "
         f"(`python -m benchmarks.experiment_methods --cost --repeats {args.repeats} --batch-size {args.batch_size}"
-        f" --threads {args.threads}`). Machine: {machine_name()}.",
+        f" --threads {args.threads}"
+        + (f" --cases {' '.join(repr(c) for c in args.cases)}" if args.cases else "")
+        + f"`). Machine: {machine_name()}.",
         "",
         "| step | median ms | p20 | p80 | vs P-tuning v2 |",
         "|---|---|---|---|---|",
@@ -135,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--cost", action="store_true", help="time one training step per method instead")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--cases", nargs="+", default=None, help="--cost: only the steps whose names contain these"
+    )
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--methods", nargs="+", default=ALL)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

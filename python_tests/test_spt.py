@@ -511,6 +511,8 @@ def test_command_line_search_then_retrain(tmp_path, capsys):
         record["search_steps"] == 2 and record["retrain_steps"] == 3 and len(record["gate_trajectory"]) == 3
     )
     assert record["selected_layers"] == [0, 1]  # budget_k = 4 >= L
+    assert record["gate_lr"] == pytest.approx(8.0 / 2)  # the default budget, no flag needed
+    assert record["retrain_from"] == "scratch"
     assert json.load(open(out / "config.json"))["prompt_config"]["selected_layers"] == [0, 1]
     assert cli.main([*argv, "--steps", "1", "--out", str(out), "--resume", str(out)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 6

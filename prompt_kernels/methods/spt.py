@@ -350,7 +350,9 @@ class SPT(PromptMethod):
             if layer not in self.layers:
                 return previous
             generated = self.generators[str(layer)](tokens(), ctx.attention_mask)
-            return generated if previous is None else propagate(previous, generated, 1.0, self.config.lambda_)
+            if previous is None or self.config.lambda_ == 1.0:  # (1 - λ) P^{l-1} = 0: no work for it
+                return generated
+            return propagate(previous, generated, 1.0, self.config.lambda_)
         gate = self._forward_gates(ctx)[layer]
         generated = self.generators[str(layer)](tokens(), ctx.attention_mask)
         if previous is None:
