@@ -403,24 +403,7 @@ def discover_cache(model: nn.Module, reason: str) -> Layout:
         layers = _config_cache_shapes(model, reason)
         _check_cache_route(model, inputs, kw, _random_cache(layers), reason, must_change=True)
     heads = int(getattr(model.config.get_text_config(), "num_attention_heads", 0) or layers[0][0][1])
-    sites = [
-        AttentionSite(
-            index=i,
-            name=f"cache layer {i}",
-            module=None,
-            host=None,
-            host_name="",
-            host_call=0,
-            stack=MODEL,
-            num_heads=heads,
-            num_kv_heads=int(k[1]),
-            key_dim=int(k[3]),
-            value_dim=int(v[3]),
-            causal=causal,
-            scaling=None,
-        )
-        for i, (k, v) in enumerate(layers)
-    ]
+    sites = _cache_sites(layers, heads, MODEL, causal, "cache layer")
     return Layout(sites, kind="cache", cache_kwarg=kw, cache_wrap=wrap)
 
 
@@ -494,22 +477,27 @@ def _encoder_decoder_cache_layout(model, inputs, kw, reason) -> Layout:
     heads = int(
         getattr(model.config.get_text_config(decoder=True), "num_attention_heads", 0) or layers[0][0][1]
     )
-    sites = [
+    sites = _cache_sites(layers, heads, DECODER, True, "decoder cache layer")
+    return Layout(sites, encoder_decoder=True, kind="cache", cache_kwarg=kw, cache_wrap="encoder_decoder")
+
+
+def _cache_sites(layers, heads: int, stack: str, causal: bool, name: str) -> list[AttentionSite]:
+    """One site per cache layer (``layers``: ``[(key shape, value shape)]``, ``[B, Hkv, T, D]``); no module."""
+    return [
         AttentionSite(
             index=i,
-            name=f"decoder cache layer {i}",
+            name=f"{name} {i}",
             module=None,
             host=None,
             host_name="",
             host_call=0,
-            stack=DECODER,
+            stack=stack,
             num_heads=heads,
             num_kv_heads=int(k[1]),
             key_dim=int(k[3]),
             value_dim=int(v[3]),
-            causal=True,
+            causal=causal,
             scaling=None,
         )
         for i, (k, v) in enumerate(layers)
     ]
-    return Layout(sites, encoder_decoder=True, kind="cache", cache_kwarg=kw, cache_wrap="encoder_decoder")
