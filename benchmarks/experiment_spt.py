@@ -111,7 +111,8 @@ def run_spt(seed: int, args, variants: list[str]) -> dict:
 
     torch.manual_seed(seed)
     random.seed(seed)
-    data = load_task("mr", seed=seed)
+    data_seed = seed if args.data_seed is None else args.data_seed
+    data = load_task("mr", seed=data_seed)
     model, tok, causal = load_base_model("minilm")
     config = SPTConfig(
         prompt_length=args.prompt_length,
@@ -141,7 +142,7 @@ def run_spt(seed: int, args, variants: list[str]) -> dict:
 
     t0 = time.perf_counter()
     record = spt.search(
-        pm, head, spt.epoch_halves(n, args.batch_size, seed), None, search_steps, loss_fn, lr=lr
+        pm, head, spt.epoch_halves(n, args.batch_size, data_seed), None, search_steps, loss_fn, lr=lr
     )
     search_s = time.perf_counter() - t0
     record.selected_layers = spt.select_layers(pm)
@@ -191,6 +192,13 @@ def main(argv=None) -> int:
     p.add_argument("--style", choices=["prefix", "sequence"], default="prefix")
     p.add_argument("--gate-warmup", type=float, default=SPTConfig_default("gate_warmup"))
     p.add_argument("--gate-beta2", type=float, default=SPTConfig_default("gate_beta2"))
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="one train/test and D1/D2 split for every seed (default: each seed its own); the seeds then "
+        "differ only in the initialisation and the retraining batches",
+    )
     p.add_argument("--compare-retrain", action="store_true")
     p.add_argument("--baselines", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "experiment_spt.md")
@@ -211,6 +219,7 @@ def main(argv=None) -> int:
         f"--batch-size {args.batch_size} --eval-size {args.eval_size}"
         + (f" --style {args.style}" if args.style != "prefix" else "")
         + f" --gate-warmup {args.gate_warmup} --gate-beta2 {args.gate_beta2}"
+        + (f" --data-seed {args.data_seed}" if args.data_seed is not None else "")
         + (" --compare-retrain" if args.compare_retrain else "")
         + (" --baselines" if args.baselines else "")
     )
