@@ -30,7 +30,7 @@ Resumable: every evaluation appends one row to ``--log`` (default
 log is finished and skipped; an unfinished run (a process stopped mid-run) is **restarted cleanly**: its
 earlier rows are dropped from the log and it trains again from step 0 (no model checkpoints are kept).
 Runs are taken seed-major (seed 0 of every method, then seed 1, ...), so a stopped process leaves whole
-seeds. One runner at a time (a lock file next to the log).
+seeds. One runner per log at a time (a lock file in the temporary directory).
 
 ``--report`` reads the log and writes ``converged_summary.csv``, ``converged.md`` (tables: final
 accuracy mean ± sd over seeds, the gain over the last 100 steps, steps to 95 % of the final accuracy,
@@ -178,13 +178,17 @@ def append_row(path: Path, row: dict) -> None:
 @contextlib.contextmanager
 def log_lock(path: Path):
     import fcntl
+    import hashlib
+    import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "w") as f:
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    lock = os.path.join(tempfile.gettempdir(), f"experiment_converged-{digest}.lock")
+    with open(lock, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise SystemExit(f"another experiment_converged runner holds {path}.lock") from exc
+            raise SystemExit(f"another experiment_converged runner is writing {path} (lock {lock})") from exc
         yield
 
 
