@@ -435,6 +435,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "steps_to_95_mean_curve": steps_to_fraction(mean_curve),
                 "steps_to_95_per_seed": " ".join(str(v) for v in per_seed_95),
                 "best_mean": round(max(a for _, a in mean_curve), 4),
+                "last3_mean": round(statistics.mean(a for _, a in mean_curve[-3:]), 4),
                 "step_ms_median": round(statistics.median(step_ms)),
                 "trainable_parameters": int(last[0]["trainable_parameters"]),
                 "eval_examples": int(last[0]["eval_examples"]),
@@ -460,7 +461,13 @@ def majority_accuracy(task: str, eval_size: int) -> float:
 def markdown(summary: list[dict], unfinished: list[tuple], baselines: dict | None = None) -> str:
     lines = [
         "Written by `python -m benchmarks.experiment_converged --report` from "
-        "`benchmarks/results/converged_curves.csv` (finished runs only).",
+        "`benchmarks/results/converged_curves.csv` (finished runs only). Final accuracy: the last "
+        "evaluation of each seed's run; gain over the last 100 steps: the seeds' mean curve at the last "
+        "step minus at 100 steps before it; steps to 95 %: the first evaluation step (step 0 included) at "
+        "which the accuracy reaches 0.95 x the final accuracy, on the seeds' mean curve and per seed; step "
+        "time: training seconds (evaluations excluded) / steps, median over seeds (for SPT the average of "
+        "its search and retraining steps); trainable parameters: prompts + head at the end of the run "
+        "(SPT: the retrained discrete model).",
         "",
     ]
     groups = defaultdict(list)
@@ -490,11 +497,15 @@ def markdown(summary: list[dict], unfinished: list[tuple], baselines: dict | Non
             )
         lines.append("")
     if unfinished:
-        lines += ["Unfinished runs in the log (not counted): " + "; ".join(str(k) for k in unfinished), ""]
+        lines += [
+            "Unfinished (or still running) runs in the log, not counted: "
+            + "; ".join(str(k) for k in unfinished),
+            "",
+        ]
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], task: str, path: Path) -> bool:
+def plot(summary: list[dict], task: str, path: Path, baseline: float | None = None) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -511,6 +522,8 @@ def plot(summary: list[dict], task: str, path: Path) -> bool:
         for s in group:
             several = sum(g["method"] == s["method"] for g in group) > 1
             label = NAMES.get(s["method"], s["method"]) + (f" lr {s['lr']:g}" if several else "")
+            if s["method"] == "spt":
+                label += f" (search to step {max(1, s['steps'] // 2)})"
             c = colors[s["method"]]
             ax.plot(
                 s["curve_steps"],
@@ -521,6 +534,8 @@ def plot(summary: list[dict], task: str, path: Path) -> bool:
                 label=f"{label} (n={s['seeds']})",
             )
             ax.fill_between(s["curve_steps"], s["curve_min"], s["curve_max"], color=c, alpha=0.15)
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", ls=":", lw=1, label=f"majority class {baseline:.3f}")
         ax.set_title(f"{task}, {setting}: held-out accuracy (mean; seeds' min-max shaded)")
         ax.set_xlabel("training step")
         ax.set_ylabel("accuracy")
@@ -550,7 +565,7 @@ def report(log: Path, results: Path, baselines: bool = True) -> str:
     text = markdown(summary, unfinished, base)
     (results / "converged.md").write_text(text)
     for task in sorted({s["task"] for s in summary}):
-        plot(summary, task, results / f"converged_{task}.png")
+        plot(summary, task, results / f"converged_{task}.png", base.get(task))
     return text
 
 
@@ -568,6 +583,7 @@ COLUMNS_SUMMARY = [
     "steps_to_95_mean_curve",
     "steps_to_95_per_seed",
     "best_mean",
+    "last3_mean",
     "step_ms_median",
     "trainable_parameters",
     "eval_examples",

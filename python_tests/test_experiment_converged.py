@@ -104,7 +104,7 @@ def test_summary_and_report(tmp_path):
 
     text = ec.report(log, tmp_path, baselines=False)
     assert "prompt-tuning" in text and "0.710 ± 0.010" in text
-    assert "Unfinished runs" in text and "'prompt-tuning', 0.01, 3, 200" in text
+    assert "Unfinished (or still running) runs" in text and "'prompt-tuning', 0.01, 3, 200" in text
     assert (tmp_path / "converged_mr.png").stat().st_size > 1000
     with open(tmp_path / "converged_summary.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
