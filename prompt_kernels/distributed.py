@@ -1,0 +1,197 @@
+"""FSDP2 for a PromptedModel: the frozen base model sharded, the prompts replicated.
+
+:func:`shard_base_model` applies ``torch.distributed.fsdp.fully_shard`` to every layer of the base model
+and then to the base model itself (``pm.model``; its embeddings, final norm and head). The prompt
+method (``pm.method``, ``pm.prompt_sets``) and every trainable parameter inside the base model (the
+task head with ``trainable_head=True``) are *not* sharded: they stay plain tensors, broadcast from
+rank 0 once and then kept identical on every rank by averaging their gradients across the ranks
+after each backward (an all-reduce from a hook on each parameter, as DDP does). Why replicated rather
+than sharded by FSDP as well:
+
+- they are small (kilobytes to a few megabytes), so sharding them saves next to nothing, while the
+  frozen base model, which holds all the memory, is sharded;
+- ``pm.state_dict()``, ``save_prompts`` and ``Trainer`` checkpoints stay plain tensors (no DTensor,
+  no gathering), and any optimizer runs on them unchanged;
+- the prompt methods' own code (indexing, codebooks, in-place buffer updates) never meets a DTensor.
+
+The base model's frozen weights get no gradient, so FSDP never reduce-scatters anything: per step it
+all-gathers each layer's weights in the forward and again in the backward (needed for the gradient
+with respect to the activations), as for any frozen FSDP module.
+
+Saving: ``pm.save_prompts`` writes a fingerprint of the base model (samples of a few of its weights),
+which cannot be read from a sharded weight on one rank; :func:`save_prompts` is the collective
+version: every rank calls it, the FSDP modules holding the sampled weights are unsharded for the
+moment it takes, and rank 0 writes the folder, which loads onto an unsharded model
+(``prompt_kernels.load_prompts``) like any other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["replicated_parameters", "save_prompts", "shard_base_model"]
+
+
+def _layers(pm) -> list[nn.Module]:
+    """The base model's layers: the elements of the ``nn.ModuleList``\\ s that hold the prompted layers
+    (the hosts found by ``attach``), in order, each once."""
+    hosts = {id(h) for h in pm.info.layout.hosts}
+    layers: list[nn.Module] = []
+    seen: set[int] = set()
+    for module in pm.model.modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        for child in module:
+            if id(child) in seen:
+                continue
+            if id(child) in hosts or any(id(m) in hosts for m in child.modules()):
+                seen.add(id(child))
+                layers.append(child)
+    return layers
+
+
+def replicated_parameters(pm) -> list[nn.Parameter]:
+    """The parameters :func:`shard_base_model` leaves unsharded: the prompt methods' (default set and
+    ``prompt_sets``) and those of the base model that require a gradient (the head with
+    ``trainable_head=True``)."""
+    out: list[nn.Parameter] = []
+    seen: set[int] = set()
+    base = [p for p in pm.model.parameters() if p.requires_grad]
+    for p in [*pm.method.parameters(), *pm.prompt_sets.parameters(), *base]:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def shard_base_model(pm, *, mesh=None, group=None, reshard_after_forward: bool = True, **fsdp_kwargs):
+    """Shard ``pm``'s frozen base model with FSDP2 and replicate its prompts; returns ``pm``.
+
+    Call it on every rank after ``torch.distributed.init_process_group`` and after ``attach`` (the
+    probe forward runs on the full model), with the same base model weights on every rank (e.g.
+    ``from_pretrained``). ``mesh`` (a 1-D ``DeviceMesh``; default: all ranks on the process group's
+    device type), ``reshard_after_forward`` and the other keyword arguments (``mp_policy``,
+    ``offload_policy``) go to ``fully_shard``. The replicated parameters (see
+    :func:`replicated_parameters`) and the prompt methods' buffers are broadcast from rank 0, and each
+    replicated parameter's gradient is averaged over ``group`` (default: the world) by an all-reduce
+    as soon as it is accumulated (every backward, gradient accumulation included).
+
+    Then train as on one process: ``pm(**batch).loss.backward(); opt.step()`` with ``opt`` over
+    ``pm.prompt_parameters()``; save with :func:`save_prompts` (on every rank).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("shard_base_model needs torch.distributed.init_process_group first")
+    if any(isinstance(m, FSDPModule) for m in pm.modules()):
+        raise ValueError("this PromptedModel is already sharded")
+    if pm.info.layout.kind != "interface":
+        raise NotImplementedError(
+            f"{type(pm.model).__name__} takes its prompts through the key/value cache; shard_base_model "
+            "supports models whose prompts go through transformers' attention interface"
+        )
+    replicated = replicated_parameters(pm)
+    ids = {id(p) for p in replicated}
+    ignored = {p for p in pm.model.parameters() if id(p) in ids}
+    kw = dict(fsdp_kwargs, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    if mesh is not None:
+        kw["mesh"] = mesh
+    for layer in _layers(pm):
+        fully_shard(layer, **kw)
+    fully_shard(pm.model, **kw)
+
+    world = dist.get_world_size(group)
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    with torch.no_grad():
+        for t in [*replicated, *pm.method.buffers(), *pm.prompt_sets.buffers()]:
+            dist.broadcast(t.data, src=src, group=group)
+
+    def average(p: torch.Tensor) -> None:
+        # gloo has no ReduceOp.AVG: sum, then divide.
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
+        p.grad.div_(world)
+
+    for p in replicated:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(average)
+    return pm
+
+
+def _fsdp_owner(root: nn.Module, name: str):
+    """The innermost FSDP module on the path to parameter ``name`` of ``root`` (its shards' owner)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    owner = root if isinstance(root, FSDPModule) else None
+    module = root
+    for part in name.split(".")[:-1]:
+        module = getattr(module, part)
+        if isinstance(module, FSDPModule):
+            owner = module
+    return owner
+
+
+def _original_class_name(module: nn.Module) -> str:
+    """The class name of ``module`` before ``fully_shard`` swapped in its ``FSDP<Class>`` subclass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    if isinstance(module, FSDPModule):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls.__name__
+
+
+def _unwrap_class_names(pm, path) -> None:
+    """The fingerprint ``pm.save_prompts`` wrote names the classes as they are now (``FSDP<Class>`` for a
+    sharded module), which ``load_prompts`` compares with an unsharded model's: name the originals."""
+    import json
+    import os
+
+    from prompt_kernels.patch import io
+
+    with open(os.path.join(path, io.CONFIG_FILE)) as f:
+        meta = json.load(f)
+    base = meta["base_model"]
+    base["model_class"] = _original_class_name(pm.model)
+    base["backbone_class"] = _original_class_name(getattr(pm.model, "base_model", pm.model))
+
+    def write(p):
+        with open(p, "w") as f:
+            json.dump(meta, f, indent=1)
+
+    io._replace_into(path, io.CONFIG_FILE, write)
+
+
+def save_prompts(pm, path, rank: int = 0, group=None) -> None:
+    """``pm.save_prompts(path)`` for a PromptedModel sharded by :func:`shard_base_model`: a collective,
+    to be called on every rank of ``group``; rank ``rank`` (of ``group``) writes the folder.
+
+    The FSDP modules that hold the weights the fingerprint samples (the input embeddings, a few weight
+    matrices spread over the depth, the head) are unsharded while it writes, then resharded. An
+    unsharded ``pm`` (no FSDP module) is saved by ``rank`` alone, as ``pm.save_prompts`` does."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from prompt_kernels.patch import io
+
+    model = pm.model
+    base = getattr(model, "base_model", model)
+    prefix = next((n + "." for n, m in model.named_modules() if m is base and n), "")
+    named = dict(base.named_parameters())
+    names = [prefix + n for n in io._pick_backbone_tensors(model, named)]
+    names += list(pm.info.head_parameters())
+    owners: list[FSDPModule] = []
+    for n in names:
+        owner = _fsdp_owner(model, n)
+        if owner is not None and not any(owner is o for o in owners):
+            owners.append(owner)
+    for owner in owners:
+        owner.unshard()
+    try:
+        if dist.get_rank(group) == rank:
+            pm.save_prompts(path)
+            _unwrap_class_names(pm, path)
+    finally:
+        for owner in owners:
+            owner.reshard()
+        dist.barrier(group=group)
