@@ -370,8 +370,12 @@ def test_causal_lm_with_labels_and_generate():
     with torch.no_grad():
         gen = pm.generate(input_ids=ids[:1], max_new_tokens=2, do_sample=False)
     assert gen.shape == (1, 9)
-    # the one-shot backbone hooks are all gone
-    assert not pm.info.backbone._forward_hooks
+    # one backbone hook while attached (registered at attach), nothing waiting for a backbone output
+    # after the forwards, and no hook left after detach
+    backbone = pm.info.backbone
+    assert len(backbone._forward_hooks) == 1 and pm.method._backbone_store is None
+    pm.detach()
+    assert not backbone._forward_hooks
 
 
 def test_minilm_both_methods():

@@ -315,6 +315,11 @@ def test_sample_seed_reproducibility(backend):
     assert torch.equal(a, b) and torch.equal(d, e)
     assert not torch.equal(a, c)
     assert ((a >= 0) & (a < 10)).all()
+    # A seed drawn ahead (what a torch.compile'd caller passes) makes the generator's draws.
+    with prompt_kernels.use_backend(backend):
+        f = vq.vq_sample(x, codebook, 8, 4.0, seed=vq_ops.draw_seed(torch.Generator().manual_seed(3))).indices
+        g = vq.vq_sample(x, codebook, 8, 4.0, seed=vq_ops.draw_seed(torch.Generator().manual_seed(4))).indices
+    assert torch.equal(f, a) and torch.equal(g, c)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -445,6 +450,13 @@ def test_floors():
         (lambda x, e: vq.vq_sample(x, e, 2, float("inf")), ValueError, "temperature must be positive"),
         (lambda x, e: vq.vq_sample(x, e, 2, "1"), TypeError, "temperature must be a float"),
         (lambda x, e: vq.vq_sample(x, e, 2, 1.0, generator=3), TypeError, "generator"),
+        (lambda x, e: vq.vq_sample(x, e, 2, 1.0, seed=3), TypeError, "seed must be an int64"),
+        (lambda x, e: vq.vq_sample(x, e, 2, 1.0, seed=torch.zeros(1, dtype=torch.long)), TypeError, "seed"),
+        (
+            lambda x, e: vq.vq_sample(x, e, 2, 1.0, generator=torch.Generator(), seed=vq_ops.draw_seed()),
+            ValueError,
+            "either generator or seed",
+        ),
         (lambda x, e: vq.vq_sample(x.int(), e, 2, 1.0), TypeError, "x must have dtype"),
         (lambda x, e: vq.vq_sample(x, e[:, :2], 2, 1.0), ValueError, "x must have shape"),
         (lambda x, e: vq.vq_sample(x, e[:0], 2, 1.0), ValueError, "at least one code"),

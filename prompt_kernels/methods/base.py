@@ -174,6 +174,12 @@ class PromptMethod(nn.Module):
         return ``{}`` when ``ctx.depth > 0``."""
         return {}
 
+    def model_hooks(self) -> list:
+        """Hooks the method keeps on the base model while attached: register them here and return their
+        handles (``PromptedModel.detach`` removes them). Called once, when the method is attached.
+        Registering at attach time, not during a forward, keeps a forward traceable by torch.compile."""
+        return []
+
     # -- parameters -------------------------------------------------------------------------------
     def prompt_parameters(self) -> Iterator[nn.Parameter]:
         """The trainable prompt parameters (default: every parameter of the method)."""

@@ -166,7 +166,7 @@ class InfoPrompt(PromptMethod):
         self._pending_labels: torch.Tensor | None = None
         self._warned_no_labels = False
         self._step, self._total = 0, None
-        self._hook = None
+        self._backbone_store: dict | None = None  # where the backbone hook writes its next output
         self.last_losses: dict[str, torch.Tensor] = {}
         if label_token_ids is not None:
             self.set_label_token_ids(label_token_ids)
@@ -273,7 +273,8 @@ class InfoPrompt(PromptMethod):
             raise ValueError(
                 f"InfoPrompt head loss: labels must have shape [B={B}], got {tuple(labels.shape)}"
             )
-        if labels.numel() and (labels.min() < 0 or labels.max() >= C):
+        # A data-dependent check: skipped while torch.compile traces (indexing then fails on its own).
+        if not torch.compiler.is_compiling() and labels.numel() and (labels.min() < 0 or labels.max() >= C):
             raise ValueError(f"InfoPrompt head loss: labels must lie in [0, {C}) (the label rows)")
         clamp = self.config.clamp
         scores = critic(self.prompt.mean(0), E, clamp)  # [C]: the prompt against every label row
@@ -311,19 +312,21 @@ class InfoPrompt(PromptMethod):
         return infonce_loss(positive, negatives, valid)
 
     # -- hooks -------------------------------------------------------------------------------------
-    def _capture_backbone(self, store: dict) -> None:
-        """One-shot forward hook on the backbone storing its final hidden states in ``store``."""
-        if self._hook is not None:
-            self._hook.remove()
+    def model_hooks(self) -> list:
+        if self.info.backbone is self.info.model:
+            return []
 
         def hook(module, args, output):
-            store["hidden"] = _last_hidden(output)
-            handle.remove()
-            if self._hook is handle:
-                self._hook = None
+            store = self._backbone_store
+            if store is not None:
+                store["hidden"] = _last_hidden(output)
+                self._backbone_store = None
 
-        handle = self.info.backbone.register_forward_hook(hook, always_call=True)
-        self._hook = handle
+        return [self.info.backbone.register_forward_hook(hook, always_call=True)]
+
+    def _capture_backbone(self, store: dict) -> None:
+        """The backbone's next output (its final hidden states) goes to ``store`` (see ``model_hooks``)."""
+        self._backbone_store = store
 
     def _wants_losses(self, ctx) -> bool:
         return ctx.depth == 0 and not ctx.decoding and (ctx.training or ctx.labels is not None)

@@ -54,6 +54,7 @@ from prompt_kernels.configs import (
 )
 from prompt_kernels.methods.base import PromptMethod, register_method
 from prompt_kernels.nn.vector_quantizer import VectorQuantizer
+from prompt_kernels.ops.vq import draw_seed
 
 
 @register_config
@@ -216,6 +217,8 @@ class VIP(PromptMethod):
             layer, config.contextualizer_layers, enable_nested_tensor=False
         )
         self.contextualizer_out = nn.Linear(h, d, device=dev)
+        # The evaluation draws' seed, drawn here once: no torch.Generator inside a traced forward.
+        self._eval_seed = draw_seed(torch.Generator().manual_seed(config.eval_seed))
         self.quantizer = VectorQuantizer(
             d,
             config.codebook_size,
@@ -255,8 +258,7 @@ class VIP(PromptMethod):
 
                 codebook = vq.codebook.to(rows.dtype)
                 return tuple(vq_quantize(rows, codebook, commitment_weight=cfg.commitment_weight))
-            generator = torch.Generator().manual_seed(cfg.eval_seed)
-            return tuple(vq(rows, generator=generator))
+            return tuple(vq(rows, seed=self._eval_seed))
         return tuple(vq(rows))
 
     def input_prompts(self, ctx):

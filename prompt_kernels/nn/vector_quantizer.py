@@ -173,8 +173,11 @@ class VectorQuantizer(nn.Module):
             s += f", dead_code_threshold={self.dead_code_threshold}"
         return s
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VQOutput | VQSampleOutput:
-        """Quantise ``x [..., dim]``; in training mode, then update the codebook by EMA."""
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, *, seed: torch.Tensor | None = None
+    ) -> VQOutput | VQSampleOutput:
+        """Quantise ``x [..., dim]``; in training mode, then update the codebook by EMA. ``generator`` or
+        ``seed`` (see ``ops.vq.vq_sample``) only matter in sample mode."""
         codebook = self.codebook.to(x.dtype) if isinstance(x, torch.Tensor) else self.codebook
         if self.mode == "nearest":
             out = vq_quantize(x, codebook, commitment_weight=self.commitment_weight)
@@ -186,6 +189,7 @@ class VectorQuantizer(nn.Module):
                 self.temperature,
                 generator=generator,
                 commitment_weight=self.commitment_weight,
+                seed=seed,
             )
         if self.training:
             self.update(x, out.indices)

@@ -114,6 +114,25 @@ def _draw_seed(generator) -> torch.Tensor:
     return torch.randint(0, _SEED_BOUND, (), generator=generator, dtype=torch.int64)
 
 
+def draw_seed(generator: torch.Generator | None = None) -> torch.Tensor:
+    """The seed ``vq_sample`` would draw from ``generator`` (None: the global generator), as the
+    ``int64`` CPU scalar tensor its ``seed=`` argument takes: drawing it once, outside a compiled
+    region, lets a traced call sample reproducibly without a ``torch.Generator`` object in the graph."""
+    _check_generator(generator)
+    return _draw_seed(generator)
+
+
+def _seed_of(generator, seed) -> torch.Tensor:
+    _check_generator(generator)
+    if seed is None:
+        return _draw_seed(generator)
+    if generator is not None:
+        raise ValueError("pass either generator or seed to vq_sample, not both")
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.dim() != 0 or seed.is_cuda:
+        raise TypeError("seed must be an int64 CPU scalar tensor (see prompt_kernels.ops.vq.draw_seed)")
+    return seed
+
+
 # ---------------------------------------------------------------------------------------------
 # shared pieces: the straight-through output and the commitment loss
 
@@ -292,15 +311,19 @@ def vq_quantize(x, codebook, commitment_weight=0.25) -> VQOutput:
     return VQOutput(quantized, indices, loss)
 
 
-def vq_sample(x, codebook, num_samples, temperature, generator=None, commitment_weight=0.1) -> VQSampleOutput:
+def vq_sample(
+    x, codebook, num_samples, temperature, generator=None, commitment_weight=0.1, *, seed=None
+) -> VQSampleOutput:
     """``num_samples`` codes per row drawn from ``softmax(-||x - e_k||^2 / temperature)``; the mean
-    code, straight-through, and the commitment loss against it."""
+    code, straight-through, and the commitment loss against it. ``seed``: a seed from
+    :func:`draw_seed` used instead of drawing one from ``generator`` (the same draws as passing that
+    generator)."""
     _, D = _check(x, codebook)
     num_samples, temperature = _check_sampling(num_samples, temperature)
     weight = _check_weight(commitment_weight)
-    _check_generator(generator)
+    seed = _seed_of(generator, seed)
     x2 = x.detach().reshape(-1, D)
-    indices = _vq_sample_op(x2, codebook.detach(), num_samples, temperature, _draw_seed(generator))
+    indices = _vq_sample_op(x2, codebook.detach(), num_samples, temperature, seed)
     # Mean of the S drawn rows without materialising [N, S, D].
     mean_code = F.embedding_bag(indices, codebook.detach(), mode="mean").reshape(x.shape)
     return VQSampleOutput(

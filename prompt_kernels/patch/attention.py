@@ -147,7 +147,8 @@ def convert_mask(mask: torch.Tensor, B: int, causal: bool, exact: bool = True):
     A bool mask that is a key-padding pattern (bidirectional), or causal AND key padding (causal),
     becomes the op's bool ``[B, S]`` mask (with ``is_causal`` in the second case); anything else
     (sliding windows, custom masks) becomes an additive float mask. ``exact=False`` skips the
-    equality check (one pass over the mask) and only takes the shortcut when ``T == 1``.
+    equality check (one pass over the mask) and only takes the shortcut when ``T == 1``; so does tracing
+    by torch.compile.
     """
     if mask.dim() != 4:
         raise ValueError(
@@ -158,6 +159,8 @@ def convert_mask(mask: torch.Tensor, B: int, causal: bool, exact: bool = True):
     T, S = mask.shape[2], mask.shape[3]
     if mask.dtype != torch.bool:
         return mask, False
+    # Under torch.compile the equality check would be a data-dependent branch (a graph break per layer).
+    exact = exact and not torch.compiler.is_compiling()
     if mask.shape[1] == 1:
         if T == 1:
             return mask[:, 0, 0, :], False

@@ -109,10 +109,10 @@ class ForwardContext:
         # Filled by the PromptedModel while the forward runs.
         # Eager CPU inference on the auto backend: prompted layers call the op's CPU path directly.
         self.direct_cpu = (
-            not torch.is_grad_enabled()
+            not torch.compiler.is_compiling()  # first: Dynamo does not trace the ContextVar read below
+            and not torch.is_grad_enabled()
             and self.device.type == "cpu"
             and requested_backend() == "auto"
-            and not torch.compiler.is_compiling()
         )
         self.host_calls: dict[int, int] = {}  # calls of each host layer so far (layers run several times)
         self.layer_inputs: dict[int, torch.Tensor] = {}

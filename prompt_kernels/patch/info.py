@@ -86,7 +86,16 @@ class ModelInfo:
         self.positions = Positions(model, self.input_embeddings)
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
-        self._projections: dict[int, object] = {}
+        # Found now, not on first use: a dict filled during a forward would recompile a torch.compile'd
+        # model on its second call. None where the module has no projection we know.
+        self._projections = {
+            s.index: (
+                None
+                if layout.kind == "cache"
+                else find_projection(s.module, self.hidden_size, s.num_kv_heads, s.key_dim, s.value_dim)
+            )
+            for s in self.sites
+        }
 
     def _input_embeddings(self, model: nn.Module) -> nn.Module:
         if self.encoder_decoder and hasattr(model, "get_encoder"):
@@ -121,15 +130,12 @@ class ModelInfo:
             )
         if proj is None:
             s = self.sites[layer_idx]
-            proj = find_projection(s.module, self.hidden_size, s.num_kv_heads, s.key_dim, s.value_dim)
-            if proj is None:
-                raise ValueError(
-                    f"{type(self.model).__name__}: prompt_kernels found no key/value projection of {s.name} "
-                    f"({type(s.module).__name__}) that maps d={self.hidden_size} to {s.num_kv_heads} heads x "
-                    f"{s.key_dim}/{s.value_dim}; methods with hidden-space prompts cannot run on this model "
-                    "(prefix tuning and prompt tuning can)"
-                )
-            self._projections[layer_idx] = proj
+            raise ValueError(
+                f"{type(self.model).__name__}: prompt_kernels found no key/value projection of {s.name} "
+                f"({type(s.module).__name__}) that maps d={self.hidden_size} to {s.num_kv_heads} heads x "
+                f"{s.key_dim}/{s.value_dim}; methods with hidden-space prompts cannot run on this model "
+                "(prefix tuning and prompt tuning can)"
+            )
         return proj(hidden)
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:

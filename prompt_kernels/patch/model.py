@@ -312,6 +312,7 @@ class PromptedModel(nn.Module):
         if self._sequence_layer is not None:
             for s in info.sites[self._sequence_layer :]:
                 h.append(s.host.register_forward_hook(self._layer_end_hook(s.index)))
+        h.extend(self.method.model_hooks())
 
     def _undo(self) -> None:
         for handle in self._handles:
@@ -383,6 +384,7 @@ class PromptedModel(nn.Module):
             prefix = io.METHOD_PREFIX
             method.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         method.train(self.training)
+        self._handles.extend(method.model_hooks())
         self.prompt_sets[name] = method
         return method
 
