@@ -66,7 +66,15 @@ def replicated_parameters(pm) -> list[nn.Parameter]:
     return out
 
 
-def shard_base_model(pm, *, mesh=None, group=None, reshard_after_forward: bool = True, **fsdp_kwargs):
+def shard_base_model(
+    pm,
+    *,
+    mesh=None,
+    group=None,
+    average_gradients: bool = True,
+    reshard_after_forward: bool = True,
+    **fsdp_kwargs,
+):
     """Shard ``pm``'s frozen base model with FSDP2 and replicate its prompts; returns ``pm``.
 
     Call it on every rank after ``torch.distributed.init_process_group`` and after ``attach`` (the
@@ -80,6 +88,13 @@ def shard_base_model(pm, *, mesh=None, group=None, reshard_after_forward: bool =
 
     Then train as on one process: ``pm(**batch).loss.backward(); opt.step()`` with ``opt`` over
     ``pm.prompt_parameters()``; save with :func:`save_prompts` (on every rank).
+
+    ``DistributedDataParallel(pm)`` may wrap the result (``transformers.Trainer`` / ``accelerate`` do
+    so in a multi-process run): the base model's parameters and buffers are marked for DDP to ignore
+    (it neither broadcasts nor reduces them; it could not broadcast a sharded weight), so DDP
+    broadcasts and averages the replicated ones. Pass ``average_gradients=False`` then, to leave the
+    averaging to DDP alone (with it, each gradient is averaged twice: the same result, twice the
+    communication).
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -113,9 +128,14 @@ def shard_base_model(pm, *, mesh=None, group=None, reshard_after_forward: bool =
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
         p.grad.div_(world)
 
-    for p in replicated:
-        if p.requires_grad:
-            p.register_post_accumulate_grad_hook(average)
+    if average_gradients:
+        for p in replicated:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(average)
+    # DistributedDataParallel(pm) leaves these alone (names as pm.named_parameters() / named_buffers()).
+    ignore = [f"model.{n}" for n, p in pm.model.named_parameters() if id(p) not in ids]
+    ignore += [f"model.{n}" for n, _ in pm.model.named_buffers()]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(pm, ignore)
     return pm
 
 

@@ -25,6 +25,8 @@ WORLD, STEPS, B = 2, 3, 4
 CASES = {
     "llama-prefix": ("llama", "lm", lambda: pk.PrefixTuningConfig(prompt_length=3, prefix_dropout=0.0)),
     "llama-prompt-tuning": ("llama", "lm", lambda: pk.PromptTuningConfig(prompt_length=3)),
+    # hidden-space prompts through each layer's own (sharded, frozen) key/value projections
+    "llama-spt": ("llama", "lm", lambda: pk.SPTConfig(prompt_length=3)),
     "bert-prefix-head": (
         "bert",
         "cls",

@@ -1,6 +1,7 @@
 """``transformers.Trainer`` on a PromptedModel in 2 CPU processes (gloo), launched as a user launches it:
 ``torchrun --nproc_per_node 2`` and ``accelerate launch --multi_gpu --num_processes 2`` (the script is
-``trainer_distributed_run.py``; Trainer wraps the PromptedModel in DistributedDataParallel).
+``trainer_distributed_run.py``; Trainer wraps the PromptedModel in DistributedDataParallel), and with the
+base model sharded by FSDP2 first (``prompt_kernels.distributed.shard_base_model``).
 
 Both processes end with the same prompts, equal to a one-process Trainer run on the same global batches
 (plain SGD, no clipping: a gradient not averaged, or scaled wrongly, shows); ``eval_loss`` is logged and
@@ -32,13 +33,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd, out, case):
+def _run(cmd, out, case, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=HERE)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     # Its own process group, so that a hung run's workers are killed with the launcher.
     proc = subprocess.Popen(
-        [*cmd, SCRIPT, case, str(out)],
+        [*cmd, SCRIPT, case, str(out), *extra],
         env=env,
         cwd=HERE,
         stdout=subprocess.PIPE,
@@ -76,18 +77,24 @@ LAUNCHERS = {
 
 
 @pytest.mark.parametrize(
-    "launcher, case",
-    [("torchrun", "llama-prefix"), ("accelerate", "llama-prompt-tuning"), ("torchrun", "bert-prefix-head")],
+    "launcher, case, fsdp",
+    [
+        ("torchrun", "llama-prefix", False),
+        ("accelerate", "llama-prompt-tuning", False),
+        ("torchrun", "bert-prefix-head", False),
+        ("torchrun", "llama-prefix", True),  # the base model sharded by FSDP2 (shard_base_model) first
+    ],
 )
-def test_trainer_two_processes_match_one_process(launcher, case, tmp_path):
+def test_trainer_two_processes_match_one_process(launcher, case, fsdp, tmp_path):
     from safetensors.torch import load_file
 
-    _run(LAUNCHERS[launcher](), tmp_path / "ddp", case)
+    _run(LAUNCHERS[launcher](), tmp_path / "ddp", case, *(["--fsdp"] if fsdp else []))
     main(case, str(tmp_path / "one"))  # the same run in this process, on the whole batches
     r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(2))
     one = torch.load(tmp_path / "one" / "rank0.pt")
     assert (r0["world_size"], one["world_size"]) == (2, 1)
     assert r0["wrapped"] == "DistributedDataParallel"
+    assert r0["sharded"] == r1["sharded"] == fsdp
 
     start = build(case).state_dict()
     assert set(r0["state"]) == set(start)

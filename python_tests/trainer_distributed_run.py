@@ -1,5 +1,6 @@
 """Run by test_patch_trainer_distributed.py under ``torchrun`` / ``accelerate launch`` (2 CPU processes):
-``transformers.Trainer`` on a PromptedModel (``python trainer_distributed_run.py CASE OUT``).
+``transformers.Trainer`` on a PromptedModel (``python trainer_distributed_run.py CASE OUT [--fsdp]``;
+``--fsdp``: the base model sharded with ``prompt_kernels.distributed.shard_base_model`` first).
 
 Writes ``<out>/rank<r>.pt`` (the trained state, a frozen base weight, the world size and what Trainer
 wrapped the model in) and the Trainer's own output (checkpoints, ``trainer_state.json``) in ``<out>``.
@@ -59,7 +60,13 @@ def build(case):
     return pk.attach(model, config())
 
 
-def main(case: str, out: str) -> None:
+def _full(t):
+    """A copy of ``t``, gathered from its shards when FSDP sharded it (a collective: every rank calls it)."""
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+
+
+def main(case: str, out: str, fsdp: bool = False) -> None:
     from transformers import Trainer, TrainingArguments
 
     torch.set_num_threads(1)
@@ -89,13 +96,20 @@ def main(case: str, out: str) -> None:
         average_tokens_across_devices=lm,
         disable_tqdm=True,
     )
+    if fsdp and world > 1:
+        # TrainingArguments started the process group. The base model sharded (FSDP2), the prompts
+        # replicated; Trainer wraps pm in DistributedDataParallel, which averages their gradients.
+        from prompt_kernels.distributed import shard_base_model
+
+        shard_base_model(pm, average_gradients=False)
     trainer = Trainer(model=pm, args=args, train_dataset=Rows(lm=lm), eval_dataset=Rows(8, seed=1, lm=lm))
     trainer.train()
     metrics = trainer.evaluate()
     torch.save(
         {
             "state": {k: v.detach().clone() for k, v in pm.state_dict().items()},
-            "frozen": dict(pm.named_parameters())[frozen_name].detach().clone(),
+            "frozen": _full(dict(pm.named_parameters())[frozen_name]),
+            "sharded": type(dict(pm.named_parameters())[frozen_name]).__name__ == "DTensor",
             "frozen_name": frozen_name,
             "world_size": args.world_size,
             "wrapped": type(trainer.model_wrapped).__name__,
@@ -107,4 +121,4 @@ def main(case: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], fsdp="--fsdp" in sys.argv[3:])
