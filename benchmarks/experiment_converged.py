@@ -393,6 +393,11 @@ def steps_to_fraction(curve: list[tuple[int, float]], fraction: float = 0.95) ->
     return next(step for step, acc in curve if acc >= target - 1e-12)
 
 
+def gain_window(steps: int) -> int:
+    """The steps over which the report measures the final gain: the last 100, or half of a shorter run."""
+    return 100 if steps >= 200 else max(1, steps // 2)
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """One summary row per (task, setting, method, lr, steps) over its finished seeds."""
     done = finished_runs(rows)
@@ -413,7 +418,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             (st, statistics.mean(float(s[st]["accuracy"]) for s in seeds.values())) for st in common
         ]
         finals = [float(s[steps]["accuracy"]) for s in seeds.values()]
-        prev = [st for st in common if st <= steps - 100]
+        window = gain_window(steps)
+        prev = [st for st in common if st <= steps - window]
         gain = mean_curve[-1][1] - dict(mean_curve)[prev[-1]] if prev else float("nan")
         last = [s[steps] for s in seeds.values()]
         step_ms = [1e3 * float(r["train_seconds"]) / steps for r in last]
@@ -431,7 +437,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "seed_list": " ".join(str(s) for s in sorted(seeds)),
                 "final_mean": round(statistics.mean(finals), 4),
                 "final_sd": round(statistics.stdev(finals), 4) if len(finals) > 1 else 0.0,
-                "gain_last_100": round(gain, 4) if not math.isnan(gain) else "",
+                "gain_window": window,
+                "gain_last_window": round(gain, 4) if not math.isnan(gain) else "",
                 "steps_to_95_mean_curve": steps_to_fraction(mean_curve),
                 "steps_to_95_per_seed": " ".join(str(v) for v in per_seed_95),
                 "best_mean": round(max(a for _, a in mean_curve), 4),
@@ -462,8 +469,8 @@ def markdown(summary: list[dict], unfinished: list[tuple], baselines: dict | Non
     lines = [
         "Written by `python -m benchmarks.experiment_converged --report` from "
         "`benchmarks/results/converged_curves.csv` (finished runs only). Final accuracy: the last "
-        "evaluation of each seed's run; gain over the last 100 steps: the seeds' mean curve at the last "
-        "step minus at 100 steps before it; steps to 95 %: the first evaluation step (step 0 included) at "
+        "evaluation of each seed's run; gain over the last 100 steps (half the "
+        "steps in runs under 200): the seeds' mean curve at the last step minus at that many steps before it; steps to 95 %: the first evaluation step (step 0 included) at "
         "which the accuracy reaches 0.95 x the final accuracy, on the seeds' mean curve and per seed; step "
         "time: training seconds (evaluations excluded) / steps, median over seeds (for SPT the average of "
         "its search and retraining steps); trainable parameters: prompts + head at the end of the run "
@@ -484,12 +491,12 @@ def markdown(summary: list[dict], unfinished: list[tuple], baselines: dict | Non
             "",
             f"Machine: {first['machine']}; {first['date']}.",
             "",
-            "| method | lr | seeds | final accuracy (mean ± sd) | gain over the last 100 steps | "
+            f"| method | lr | seeds | final accuracy (mean ± sd) | gain over the last {gain_window(first['steps'])} steps | "
             "steps to 95 % of final (mean curve; per seed) | step time (ms, median) | trainable parameters |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for s in items:
-            gain = f"{s['gain_last_100']:+.3f}" if s["gain_last_100"] != "" else "n/a"
+            gain = f"{s['gain_last_window']:+.3f}" if s["gain_last_window"] != "" else "n/a"
             lines.append(
                 f"| {NAMES.get(s['method'], s['method'])} | {s['lr']:g} | {s['seeds']} | "
                 f"{s['final_mean']:.3f} ± {s['final_sd']:.3f} | {gain} | {s['steps_to_95_mean_curve']} "
@@ -579,7 +586,8 @@ COLUMNS_SUMMARY = [
     "seed_list",
     "final_mean",
     "final_sd",
-    "gain_last_100",
+    "gain_window",
+    "gain_last_window",
     "steps_to_95_mean_curve",
     "steps_to_95_per_seed",
     "best_mean",

@@ -98,7 +98,7 @@ def test_summary_and_report(tmp_path):
     s = summary[0]
     assert s["final_mean"] == pytest.approx(0.71)  # 0.5 + 0.2 + mean(0, 0.01, 0.02)
     assert s["final_sd"] == pytest.approx(0.01)
-    assert s["gain_last_100"] == pytest.approx(0.1)  # 0.71 - 0.61
+    assert s["gain_last_window"] == pytest.approx(0.1)  # 0.71 - 0.61
     assert s["steps_to_95_mean_curve"] == 200  # 0.95 * 0.71 = 0.6745; the mean curve is 0.66 at step 150
     assert s["step_ms_median"] == 500
 
@@ -114,3 +114,7 @@ def test_one_runner_at_a_time(tmp_path):
     log = tmp_path / "curves.csv"
     with ec.log_lock(log), pytest.raises(SystemExit):
         ec.execute(runs(), log, fake_train([]), out=lambda s: None)
+
+
+def test_gain_window():
+    assert [ec.gain_window(s) for s in (300, 200, 100, 1)] == [100, 100, 50, 1]
