@@ -74,3 +74,20 @@ def test_bad_prompt_sets_are_refused():
         pm(input_ids=ids, attention_mask=mask, prompt_set=["default", "nope"])
     with pytest.raises(ValueError, match="one per batch row"):
         pm(input_ids=ids, attention_mask=mask, prompt_set=["default"])
+
+
+def test_a_prompt_set_with_its_own_head_is_refused(tmp_path):
+    """All rows share the model's one head: a set that trained its own (fresh config or saved run) would
+    lose it silently, so it is refused, naming the set."""
+    trained = pk.attach(
+        tiny_model("bert", "cls"), pk.PrefixTuningConfig(prompt_length=2, trainable_head=True)
+    )
+    trained.save_pretrained(tmp_path)
+    pm = pk.attach(tiny_model("bert", "cls"), pk.PrefixTuningConfig(prompt_length=2))
+    with pytest.raises(ValueError, match="'saved' has its own trained head"):
+        pm.add_prompt_set("saved", tmp_path)
+    with pytest.raises(ValueError, match="'fresh' has its own trained head"):
+        pm.add_prompt_set("fresh", pk.PrefixTuningConfig(prompt_length=2, trainable_head=True))
+    assert not pm.prompt_sets
+    pm.add_prompt_set("prompts_only", pk.PrefixTuningConfig(prompt_length=2))
+    assert list(pm.prompt_sets) == ["prompts_only"]

@@ -379,6 +379,15 @@ class PromptedModel(nn.Module):
             raise NotImplementedError(
                 "several prompt sets per batch are not supported for sequence-style methods"
             )
+        # One head serves every row: a set cannot bring (or train) its own without losing it silently.
+        if config.trainable_head or (
+            tensors is not None and any(k.startswith(io.HEAD_PREFIX) for k in tensors)
+        ):
+            raise ValueError(
+                f"prompt set {name!r} has its own trained head (trainable_head=True): the rows of all prompt "
+                "sets share the model's one head, so a set must be prompts only; load that run on its own "
+                "with prompt_kernels.load_prompts"
+            )
         method = build_method(config, self.info).to(self.info.device)
         if tensors is not None:
             prefix = io.METHOD_PREFIX
