@@ -1,7 +1,8 @@
 """FSDP2 for a PromptedModel: the frozen base model sharded, the prompts replicated.
 
-:func:`shard_base_model` applies ``torch.distributed.fsdp.fully_shard`` to every layer of the base model
-and then to the base model itself (``pm.model``; its embeddings, final norm and head). The prompt
+:func:`shard_base_model` applies ``torch.distributed.fsdp.fully_shard`` to every layer of the base model,
+to its input embeddings (unless tied to the output embeddings) and then to the base model itself
+(``pm.model``: the rest, e.g. the final norm and the head). The prompt
 method (``pm.method``, ``pm.prompt_sets``) and every trainable parameter inside the base model (the
 task head with ``trainable_head=True``) are *not* sharded: they stay plain tensors, broadcast from
 rank 0 once and then kept identical on every rank by averaging their gradients across the ranks
@@ -81,10 +82,11 @@ def shard_base_model(
     probe forward runs on the full model), with the same base model weights on every rank (e.g.
     ``from_pretrained``). ``mesh`` (a 1-D ``DeviceMesh``; default: all ranks on the process group's
     device type), ``reshard_after_forward`` and the other keyword arguments (``mp_policy``,
-    ``offload_policy``) go to ``fully_shard``. The replicated parameters (see
+    ``offload_policy``) go to ``fully_shard``; ``group``: the ranks the prompts are replicated over
+    (default: a 1-D ``mesh``'s group, else the world). The replicated parameters (see
     :func:`replicated_parameters`) and the prompt methods' buffers are broadcast from rank 0, and each
-    replicated parameter's gradient is averaged over ``group`` (default: the world) by an all-reduce
-    as soon as it is accumulated (every backward, gradient accumulation included).
+    replicated parameter's gradient is averaged over ``group`` by an all-reduce as soon as it is
+    accumulated (every backward, gradient accumulation included).
 
     Then train as on one process: ``pm(**batch).loss.backward(); opt.step()`` with ``opt`` over
     ``pm.prompt_parameters()``; save with :func:`save_prompts` (on every rank).
@@ -92,9 +94,9 @@ def shard_base_model(
     ``DistributedDataParallel(pm)`` may wrap the result (``transformers.Trainer`` / ``accelerate`` do
     so in a multi-process run): the base model's parameters and buffers are marked for DDP to ignore
     (it neither broadcasts nor reduces them; it could not broadcast a sharded weight), so DDP
-    broadcasts and averages the replicated ones. Pass ``average_gradients=False`` then, to leave the
-    averaging to DDP alone (with it, each gradient is averaged twice: the same result, twice the
-    communication).
+    broadcasts and averages the replicated ones. Pass ``average_gradients=False`` then: DDP averages
+    the gradients, and both together would reduce each gradient twice (with DDP's
+    ``gradient_as_bucket_view=True``, two all-reduces on the same memory at once).
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -115,8 +117,19 @@ def shard_base_model(
         kw["mesh"] = mesh
     for layer in _layers(pm):
         fully_shard(layer, **kw)
+    # The input embeddings in a unit of their own (unless tied to the output embeddings, which the
+    # root then holds with them): a method may embed the input ids after the model's forward (e.g.
+    # InfoPrompt's auxiliary losses, in the model's forward hook), when the root is resharded again;
+    # a unit of its own is gathered whenever it is called.
+    emb = pm.info.input_embeddings
+    out = pm.model.get_output_embeddings() if hasattr(pm.model, "get_output_embeddings") else None
+    tied = out is not None and getattr(out, "weight", None) is getattr(emb, "weight", None)
+    if not tied and any(True for _ in emb.parameters()) and not isinstance(emb, FSDPModule):
+        fully_shard(emb, **kw)
     fully_shard(pm.model, **kw)
 
+    if group is None and mesh is not None and mesh.ndim == 1:
+        group = mesh.get_group()  # the prompts are replicated over the ranks the base model is sharded over
     world = dist.get_world_size(group)
     src = dist.get_global_rank(group, 0) if group is not None else 0
     with torch.no_grad():
