@@ -120,3 +120,36 @@ def test_prompt_tuning_prefixes_the_encoder_input(model_type):
         out = pm(**inputs)
     assert out.encoder_last_hidden_state.shape[1] == 3 + inputs["input_ids"].shape[1]
     assert out.logits.shape[1] == inputs["labels"].shape[1]  # the decoder's labels are not padded
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+@pytest.mark.parametrize(
+    "config",
+    [pk.SPTConfig(prompt_length=3, dropout=0.0), pk.InfoPromptConfig(prompt_length=3, head="label_words")],
+    ids=["spt", "infoprompt"],
+)
+def test_input_dependent_methods_train_and_generate(model_type, config):
+    """SPT (per-layer generators; each stack carries its own chain of prompts, the decoder's from the
+    decoder tokens) and InfoPrompt (representation loss on the encoder's output): a training step with
+    their auxiliary losses reaches every prompt parameter, and generate uses the prompts."""
+    model = build_tiny(model_type, "seq2seq")
+    inputs = tiny_inputs(model, "seq2seq", batch=2, length=6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 20 * (p.dim() > 1))
+    bare = _greedy(model, inputs)
+    pm = pk.attach(model, config)
+    pm.train()
+    if isinstance(config, pk.InfoPromptConfig):
+        pm.method.set_label_token_ids([[5], [7, 8]])  # a generator's classes are label words
+        pm.method.set_labels(torch.tensor([0, 1]))
+    out = pm(**inputs)
+    want = {"spt_consistency"} if isinstance(config, pk.SPTConfig) else {"infoprompt_head", "infoprompt_rep"}
+    assert want <= set(pm.last_aux_losses) and torch.isfinite(out.loss)
+    out.loss.backward()
+    missing = [
+        n for n, p in pm.method.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
+    assert not missing, missing
+    pm.eval()
+    assert not torch.equal(_greedy(pm, inputs), bare)

@@ -135,8 +135,15 @@ def pooled(hidden: torch.Tensor, mask: torch.Tensor, causal: bool) -> torch.Tens
 
 
 def _last_hidden(output) -> torch.Tensor | None:
+    """The final hidden states of the prompted input: an encoder-decoder's encoder output (the prompts
+    and the context are the encoder's input), else ``last_hidden_state`` / the first output."""
     if output is None:
         return None
+    encoder = output.get("encoder_last_hidden_state") if isinstance(output, dict) else None
+    if encoder is None and not isinstance(output, dict):
+        encoder = getattr(output, "encoder_last_hidden_state", None)
+    if encoder is not None:
+        return encoder
     if isinstance(output, dict) or hasattr(output, "last_hidden_state"):
         h = output.get("last_hidden_state") if isinstance(output, dict) else output.last_hidden_state
         if h is not None:
@@ -391,7 +398,7 @@ class InfoPrompt(PromptMethod):
         """The backbone's final hidden states of the same call without the prompt: no gradient, and
         with dropout off (every module of the model in eval mode for that run, then restored), so
         ``z0`` depends only on the frozen model and the input."""
-        overrides = {"labels": None} if "labels" in ctx.kwargs else {}
+        overrides = ctx.kwargs_without_labels()
         model = ctx.owner.model
         modes = [(m, m.training) for m in model.modules()]
         model.eval()

@@ -23,6 +23,11 @@ generators and ``L`` gates::
   output, i.e. the real tokens entering layer ``l``) is written back into those rows. The rows are
   removed after the last layer.
 
+An encoder-decoder's encoder and decoder each carry their own chain (prefix style): the decoder's
+starts at its first layer from the decoder tokens, and the generators pool each layer's own tokens
+(``ctx.layer_mask``); the consistency loss compares the output over the decoder tokens
+(``ctx.output_mask``).
+
 Gates (search super-network, ``selected_layers=None``): ``a_l = σ(α_l)``, ``α`` zero-initialised
 (``gate_logits [L]``). The forward uses the re-parameterised ``ã_l = a_l * sg(S) / S``,
 ``S = sum_j a_j``: the same values, with ``dã_l / da_k = δ_lk - a_l / S``, so
@@ -350,12 +355,12 @@ class SPT(PromptMethod):
         if self.discrete:
             if layer not in self.layers:
                 return previous
-            generated = self.generators[str(layer)](tokens(), ctx.attention_mask)
+            generated = self.generators[str(layer)](tokens(), ctx.layer_mask(layer))
             if previous is None or self.config.lambda_ == 1.0:  # (1 - λ) P^{l-1} = 0: no work for it
                 return generated
             return propagate(previous, generated, 1.0, self.config.lambda_)
         gate = self._forward_gates(ctx)[layer]
-        generated = self.generators[str(layer)](tokens(), ctx.attention_mask)
+        generated = self.generators[str(layer)](tokens(), ctx.layer_mask(layer))
         if previous is None:
             return gate * generated
         return propagate(previous, generated, gate, self.config.lambda_)
@@ -378,8 +383,11 @@ class SPT(PromptMethod):
         if self.config.style != "prefix":
             return None
         state = ctx.cache.setdefault("spt_prefix", {"next": 0, "prompt": None})
-        if layer_idx == 0:
-            state.update(next=0, prompt=None)
+        sites = self.info.sites
+        if layer_idx == 0 or sites[layer_idx].stack != sites[layer_idx - 1].stack:
+            # Each stack (an encoder-decoder's encoder, then its decoder) carries its own chain of
+            # prompts: the decoder's starts from its own tokens (generate runs the two separately).
+            state.update(next=layer_idx, prompt=None)
         if state["next"] != layer_idx:
             raise RuntimeError(
                 f"SPT: layer {layer_idx} ran before layer {state['next']}; layers must run in order"
@@ -429,11 +437,9 @@ class SPT(PromptMethod):
     def aux_losses(self, ctx, output):
         if not self._wants_consistency(ctx) or "spt_rng" not in ctx.cache:
             return {}
-        h_full = self.representation(output, ctx.attention_mask)
+        h_full = self.representation(output, ctx.output_mask)
         keep = self.sample_consistency_mask()
-        kwargs = dict(ctx.kwargs)
-        if "labels" in kwargs:
-            kwargs["labels"] = None
+        kwargs = ctx.kwargs_without_labels()
         after = _rng_state(ctx.device)
         _set_rng_state(ctx.device, ctx.cache["spt_rng"])
         self._masked_run = keep.to(self.info.device, torch.float32)
@@ -442,7 +448,7 @@ class SPT(PromptMethod):
         finally:
             self._masked_run = None
             _set_rng_state(ctx.device, after)
-        h_masked = self.representation(masked, ctx.attention_mask)
+        h_masked = self.representation(masked, ctx.output_mask)
         loss = F.mse_loss(h_masked.float(), h_full.float())
         return {"spt_consistency": self.config.consistency_weight * loss}
 

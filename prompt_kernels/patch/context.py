@@ -15,6 +15,7 @@ import torch
 
 from prompt_kernels._backend import requested_backend
 from prompt_kernels.patch.attention import convert_mask
+from prompt_kernels.patch.discovery import DECODER
 from prompt_kernels.patch.info import ModelInfo
 
 # The keyword a model's forward takes its key/value cache under: ``cache`` since transformers 5.24
@@ -147,6 +148,37 @@ class ForwardContext:
         n = self.rows_in_front.get(layer_idx, 0)
         return x[:, n:] if real_only and n else x
 
+    def layer_mask(self, layer_idx: int) -> torch.Tensor:
+        """``[B, T_l]`` bool, True = real token: the mask of the real tokens entering layer ``layer_idx``
+        (``layer_input(layer_idx, real_only=True)``). ``attention_mask``, except in an encoder-decoder's
+        decoder, whose tokens are the decoder's (``decoder_attention_mask``, else all real)."""
+        if self.info.sites[layer_idx].stack != DECODER:
+            return self.attention_mask
+        x = self.layer_input(layer_idx, real_only=True)
+        return self._decoder_mask(x.shape[0], x.shape[1], x.device)
+
+    @property
+    def output_mask(self) -> torch.Tensor:
+        """``[B, T_out]`` bool: the real tokens of the model output's sequence (the decoder's in an
+        encoder-decoder, whose logits cover the decoder tokens; else ``attention_mask``)."""
+        if not self.info.encoder_decoder:
+            return self.attention_mask
+        out = self.output
+        h = None
+        for name in ("logits", "last_hidden_state"):
+            h = out.get(name) if isinstance(out, dict) else getattr(out, name, None)
+            if h is not None:
+                break
+        if h is None or h.dim() < 3:
+            return self.attention_mask  # [B, C] outputs: no sequence to mask
+        return self._decoder_mask(h.shape[0], h.shape[1], h.device)
+
+    def _decoder_mask(self, B: int, T: int, device) -> torch.Tensor:
+        mask = self.kwargs.get("decoder_attention_mask")
+        if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] >= T:
+            return mask[:, mask.shape[1] - T :].bool()
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+
     @property
     def embedding_output(self) -> torch.Tensor:
         """``[B, T, d]`` the real tokens' output of the embedding block (= ``layer_input(0, real_only=True)``)."""
@@ -176,6 +208,27 @@ class ForwardContext:
         if key not in self.cache:
             self.cache[key] = fn()
         return self.cache[key]
+
+    def kwargs_without_labels(self) -> dict[str, Any]:
+        """This call's keyword arguments for a nested forward that needs no loss: ``labels=None``. An
+        encoder-decoder whose decoder input comes from the labels (none given) gets it from the model's
+        ``prepare_decoder_input_ids_from_labels`` instead (or keeps its labels where it has none)."""
+        kwargs = dict(self.kwargs)
+        labels = kwargs.get("labels")
+        if labels is None:
+            return kwargs
+        needs_decoder_input = (
+            self.info.encoder_decoder
+            and kwargs.get("decoder_input_ids") is None
+            and kwargs.get("decoder_inputs_embeds") is None
+        )
+        if needs_decoder_input:
+            prepare = getattr(self.info.model, "prepare_decoder_input_ids_from_labels", None)
+            if prepare is None:
+                return kwargs
+            kwargs["decoder_input_ids"] = prepare(labels=labels)
+        kwargs["labels"] = None
+        return kwargs
 
     def forward_without_prompts(self, **overrides):
         """Run the same call through the model with every prompt disabled (nested forward).
