@@ -118,9 +118,9 @@ def shard_base_model(
     for layer in _layers(pm):
         fully_shard(layer, **kw)
     # The input embeddings in a unit of their own (unless tied to the output embeddings, which the
-    # root then holds with them): a method may embed the input ids after the model's forward (e.g.
-    # InfoPrompt's auxiliary losses, in the model's forward hook), when the root is resharded again;
-    # a unit of its own is gathered whenever it is called.
+    # root then holds with them): a method that embeds other ids outside the model's forward then
+    # works. (What the model's own lookup produced is kept for ctx.input_embeddings, so InfoPrompt's
+    # auxiliary losses need no second lookup, tied or not.)
     emb = pm.info.input_embeddings
     out = pm.model.get_output_embeddings() if hasattr(pm.model, "get_output_embeddings") else None
     tied = out is not None and getattr(out, "weight", None) is getattr(emb, "weight", None)

@@ -30,6 +30,9 @@ CASES = {
     # auxiliary losses that embed the input ids after the model's forward (the embeddings' own FSDP unit);
     # on a causal LM (no class labels) InfoPrompt has its representation loss only
     "llama-infoprompt": ("llama", "lm", lambda: pk.InfoPromptConfig(prompt_length=3)),
+    # the same with the input embeddings tied to the output layer (no FSDP unit of their own): the
+    # embeddings of the model's own lookup are kept for the auxiliary losses, no second lookup
+    "llama-infoprompt-tied": ("llama", "lm", lambda: pk.InfoPromptConfig(prompt_length=3)),
     "bert-prefix-head": (
         "bert",
         "cls",
@@ -49,7 +52,12 @@ def _global_batch(case, step):
 
 # InfoPrompt's auxiliary losses contrast each row with the other rows of its batch: data-parallel
 # training optimises the mean of the ranks' losses, which the one-process run computes half by half.
-PER_RANK_LOSS = {"llama-infoprompt"}
+PER_RANK_LOSS = {"llama-infoprompt", "llama-infoprompt-tied"}
+
+
+def _tiny(case, **kwargs):
+    model_type, head, _ = CASES[case]
+    return tiny_model(model_type, head, seed=0, tie_word_embeddings=case.endswith("-tied"), **kwargs)
 
 
 def _rows(rank):
@@ -65,8 +73,8 @@ def _eval_batch(case):
 
 
 def _build(case, prompt_seed):
-    model_type, head, config = CASES[case]
-    model = tiny_model(model_type, head, seed=0, dropout=False)
+    config = CASES[case][2]
+    model = _tiny(case, dropout=False)
     torch.manual_seed(prompt_seed)
     return pk.attach(model, config())
 
@@ -163,11 +171,11 @@ def test_fsdp2_sharded_base_replicated_prompts_match_one_process(case, tmp_path)
         assert not torch.equal(got, start)  # it trained
 
     # The frozen base weight, gathered from its shards, is the untouched original.
-    original = dict(tiny_model(CASES[case][0], CASES[case][1], seed=0).named_parameters())[r0["frozen_name"]]
+    original = dict(_tiny(case).named_parameters())[r0["frozen_name"]]
     assert torch.equal(r0["frozen"], original.detach()) and torch.equal(r1["frozen"], original.detach())
 
     # The prompts rank 0 saved load onto an unsharded model and give the sharded model's outputs.
-    fresh = tiny_model(CASES[case][0], CASES[case][1], seed=0, dropout=False)
+    fresh = _tiny(case, dropout=False)
     loaded = pk.load_prompts(fresh, tmp_path / "prompts").eval()
     ids, mask = _eval_batch(case)
     with torch.no_grad():

@@ -822,9 +822,18 @@ class PromptedModel(nn.Module):
         if ctx is None:
             return None
         prompts = ctx.cache.pop("_pending_input_prompts", None)
+        p = 0 if prompts is None else prompts.shape[1]
+        # Keep the real tokens' embeddings of the model's own lookup for ctx.input_embeddings: a method
+        # reading them after the forward then needs no second lookup (which FSDP2 would have resharded).
+        if (
+            ctx._inputs_embeds is None
+            and ctx.input_ids is not None
+            and output.dim() == 3
+            and tuple(output.shape[:2]) == (ctx.batch_size, p + ctx.input_ids.shape[1])
+        ):
+            ctx._inputs_embeds = output[:, p:]
         if prompts is None:
             return None
-        p = prompts.shape[1]
         return torch.cat([prompts.to(output.dtype).expand(output.shape[0], -1, -1), output[:, p:]], dim=1)
 
     # -- hooks: the layers -----------------------------------------------------------------------------
