@@ -26,10 +26,6 @@ _RECURRENT = "no attention at all (state-space / recurrent layers): nothing for 
 EXCLUDED: dict[tuple[str, str], str] = {
     **{("causal-lm", t): _RECURRENT for t in ("falcon_mamba", "mamba", "mamba2", "rwkv", "xlstm")},
     **{("causal-lm", t): _NO_INTERFACE for t in ("cpmant", "openai-gpt", "prophetnet", "xlm", "xlnet")},
-    ("causal-lm", "hrm_text"): (
-        "runs its layers a data-dependent number of cycles, most of them without gradient; the probe's "
-        "cycles are not the training forward's, so the prompted calls get no gradient"
-    ),
     **{
         ("seq-cls", t): _NO_INTERFACE
         for t in (

@@ -68,6 +68,7 @@ class ForwardContext:
         self.output = None
         self.sequence_rows: torch.Tensor | None = None
         self.training = owner.model.training
+        self.grad_enabled = torch.is_grad_enabled()  # the caller's mode (layers may run under no_grad)
 
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         self.input_ids = ids

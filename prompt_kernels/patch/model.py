@@ -957,8 +957,11 @@ class PromptedModel(nn.Module):
         if gen is not None and idx in gen.prefix:
             prefix = gen.prefix[idx]
         else:
-            raw = self._per_row(ctx, "prefix", idx)
-            prefix = None if raw is None else self._normalize_prefix(raw, ctx, idx)
+            # With the forward's own grad mode: a model may run some layer calls under no_grad (HRM's
+            # early recurrence cycles) and a method may compute every layer's prompts on the first call.
+            with torch.set_grad_enabled(ctx.grad_enabled):
+                raw = self._per_row(ctx, "prefix", idx)
+                prefix = None if raw is None else self._normalize_prefix(raw, ctx, idx)
             if gen is not None:
                 gen.prefix[idx] = prefix
         return prefix
