@@ -60,7 +60,8 @@ def _cost_cases(batch_size: int, prompt_length: int, max_length: int, only: list
         "spt search step": SPTConfig(prompt_length=p),
         "spt search step, no consistency": SPTConfig(prompt_length=p, consistency_weight=0.0),
         "vip": VIPConfig(prompt_length=p),
-        "infoprompt": InfoPromptConfig(prompt_length=p),
+        "infoprompt": InfoPromptConfig(prompt_length=p),  # the same batch every step: z0 cached
+        "infoprompt, no z0 cache": InfoPromptConfig(prompt_length=p, cache_unprompted=False),
         "gpc": GPCConfig(prompt_length=p),
         "hiprompt": HiPromptConfig(prompt_length=p),
     }

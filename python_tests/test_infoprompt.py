@@ -252,7 +252,8 @@ def test_representation_context_depends_on_the_example():
     e1 = emb[2, real[2]].mean(0)
     torch.testing.assert_close(c[2], m.prompt.mean(0) + e1, rtol=1e-5, atol=1e-6)  # [I | I] at init
     model = tiny_model("bert", dropout=True)
-    pm2 = pk.attach(model, InfoPromptConfig(prompt_length=3, head="label_words", gamma=0.0))
+    config = InfoPromptConfig(prompt_length=3, head="label_words", gamma=0.0, cache_unprompted=False)
+    pm2 = pk.attach(model, config)  # no cache: both calls run the unprompted forward
     pm2.train()
     seen = []
     original = pm2.method._unprompted_hidden
@@ -402,3 +403,40 @@ def test_minilm_both_methods():
         assert all(p.grad is not None for p in pm.method.parameters())
         assert all(p.grad is None for p in model.parameters())
         model = pm.detach()
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_unprompted_representations_are_cached_per_row(model_type, monkeypatch):
+    """``cache_unprompted``: the forward without the prompt runs only for a batch with a row not seen
+    before; the representation loss (value and gradient) equals the uncached method's on a batch of
+    the same rows in another order."""
+    cached = _attach(model_type, head="cls", cfg_head="classifier").train()
+    plain = _attach(model_type, head="cls", cfg_head="classifier", cache_unprompted=False).train()
+    plain.method.load_state_dict(cached.method.state_dict())
+    runs = []
+    original = cached.method._unprompted_hidden
+    monkeypatch.setattr(cached.method, "_unprompted_hidden", lambda ctx: runs.append(1) or original(ctx))
+    ids, mask = batch(model_type, B=4, pad_last=2)
+    labels = torch.tensor([1, 0, 2, 1])
+
+    def rep_loss(pm, rows):
+        pm.method.zero_grad(set_to_none=True)
+        pm(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
+        loss = pm.last_aux_losses["infoprompt_rep"]
+        loss.backward()
+        return loss.detach(), pm.method.prompt.grad.clone()
+
+    rep_loss(cached, [0, 1, 2, 3])
+    assert len(runs) == 1
+    for rows in ([3, 1, 0, 2], [2, 3]):  # seen rows, another order and a subset: no extra forward
+        got, want = rep_loss(cached, rows), rep_loss(plain, rows)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+    assert len(runs) == 1
+    fresh_ids = ids.clone()
+    fresh_ids[0, 0] = (fresh_ids[0, 0] + 1) % 90 + 3  # one new row: the forward runs again
+    cached(input_ids=fresh_ids, attention_mask=mask, labels=labels)
+    assert len(runs) == 2
+    cached.method.clear_unprompted_cache()
+    cached(input_ids=ids, attention_mask=mask, labels=labels)
+    assert len(runs) == 3

@@ -58,6 +58,7 @@ The losses are computed in training mode, or whenever ``labels`` are given, at t
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 from collections.abc import Callable
@@ -67,7 +68,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from prompt_kernels.configs import PromptConfig, check_choice, check_float, register_config
+from prompt_kernels.configs import PromptConfig, check_bool, check_choice, check_float, register_config
 from prompt_kernels.methods.base import PromptMethod, register_method
 
 
@@ -85,6 +86,12 @@ class InfoPromptConfig(PromptConfig):
         ``method.set_label_embeddings`` or the model's own task head) or ``"label_words"`` (embeddings
         of label words' token ids, via ``attach(..., label_token_ids=...)`` or
         ``method.set_label_token_ids``).
+    cache_unprompted: keep each training row's unprompted representation ``z0`` (the pooled output of
+        the frozen model without the prompt, dropout off: a function of the row alone) and skip the
+        extra forward that computes it when every row of a batch was seen before. True (default); at
+        most ``max(1024, 2^26 / d)`` rows (256 MB of float32), least recently used dropped first. Only
+        valid while the base model stays frozen (``attach`` freezes it); ``method.clear_unprompted_cache()``
+        after changing it.
     """
 
     method: ClassVar[str] = "infoprompt"
@@ -93,6 +100,7 @@ class InfoPromptConfig(PromptConfig):
     clamp: float = 2.0
     decay: str = "none"
     head: str = "classifier"
+    cache_unprompted: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -103,6 +111,7 @@ class InfoPromptConfig(PromptConfig):
             raise ValueError(f"clamp must be finite, got {self.clamp}")
         check_choice("decay", self.decay, ("none", "linear"))
         check_choice("head", self.head, ("classifier", "label_words"))
+        check_bool("cache_unprompted", self.cache_unprompted)
 
 
 def critic(u: torch.Tensor, v: torch.Tensor, clamp: float) -> torch.Tensor:
@@ -173,6 +182,7 @@ class InfoPrompt(PromptMethod):
         self._pending_labels: torch.Tensor | None = None
         self._warned_no_labels = False
         self._step, self._total = 0, None
+        self._z0_cache: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
         self._backbone_store: dict | None = None  # where the backbone hook writes its next output
         self.last_losses: dict[str, torch.Tensor] = {}
         if label_token_ids is not None:
@@ -387,12 +397,46 @@ class InfoPrompt(PromptMethod):
             if hidden is None:
                 raise RuntimeError("InfoPrompt could not read the backbone's final hidden states")
             z = pooled(hidden, ctx.attention_mask, self.info.causal)
-            z0 = pooled(self._unprompted_hidden(ctx), ctx.attention_mask, self.info.causal)
+            z0 = self._unprompted_representation(ctx)
             c = self.contexts(ctx.input_embeddings, ctx.attention_mask)
             raw["rep"] = self.representation_loss(z, z0, c)
             losses["infoprompt_rep"] = cfg.beta * scale * raw["rep"]
         self.last_losses = {k: v.detach() for k, v in raw.items()}
         return losses
+
+    def clear_unprompted_cache(self) -> None:
+        """Forget the cached unprompted representations (after changing the base model)."""
+        self._z0_cache.clear()
+
+    def _row_keys(self, ctx) -> list[bytes] | None:
+        """One key per batch row: its token ids, mask and any token-type ids (None: not cacheable)."""
+        if not self.config.cache_unprompted or ctx.input_ids is None or torch.compiler.is_compiling():
+            return None
+        parts = [ctx.input_ids.long(), ctx.attention_mask.long()]
+        types = ctx.kwargs.get("token_type_ids")
+        if torch.is_tensor(types) and types.shape == ctx.input_ids.shape:
+            parts.append(types.long())
+        rows = torch.cat(parts, dim=1).cpu().numpy()
+        return [row.tobytes() for row in rows]
+
+    def _unprompted_representation(self, ctx) -> torch.Tensor:
+        """``z0`` ``[B, d]`` float32: the pooled final hidden states of the same rows without the prompt,
+        from the cache when every row is in it (``cache_unprompted``), else from a forward."""
+        keys = self._row_keys(ctx)
+        cache = self._z0_cache
+        if keys is not None and all(k in cache for k in keys):
+            for k in keys:
+                cache.move_to_end(k)
+            return torch.stack([cache[k] for k in keys]).to(ctx.device)
+        z0 = pooled(self._unprompted_hidden(ctx), ctx.attention_mask, self.info.causal)
+        if keys is not None:
+            limit = max(1024, 2**26 // z0.shape[-1])
+            for k, row in zip(keys, z0.detach(), strict=True):
+                cache[k] = row
+                cache.move_to_end(k)
+            while len(cache) > limit:
+                cache.popitem(last=False)
+        return z0
 
     def _unprompted_hidden(self, ctx) -> torch.Tensor:
         """The backbone's final hidden states of the same call without the prompt: no gradient, and
