@@ -118,6 +118,14 @@ def main(case: str, out: str, fsdp: bool = False) -> None:
         },
         os.path.join(out, f"rank{args.process_index}.pt"),
     )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # As in test_patch_ddp.py: let gloo's outstanding work finish, then tear the group down before the
+        # interpreter exits (left to exit, a worker aborted once: "terminate called without an active
+        # exception", SIGABRT after a finished run).
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
