@@ -75,37 +75,26 @@ def cases(quick: bool) -> list[Case]:
 
 def _cpu_time_comparison(repeats: int, threads: int) -> None:
     """The cases interleaved, medians of wall and process CPU time; ratios to eager prompt_kernels."""
-    import statistics
     import time
 
-    from benchmarks.common import machine_name
+    from benchmarks.common import cpu_time_interleaved, machine_name
 
     torch.set_num_threads(threads)
     cs = cases(quick=False)
-    compile_s = {}
+    first_call = {}
     for c in cs:
         w0 = time.perf_counter()
         c.fn()  # compiles the compiled ones
-        compile_s[c.provider] = time.perf_counter() - w0
+        first_call[c.provider] = time.perf_counter() - w0
         c.fn()
-    wall = {c.provider: [] for c in cs}
-    cpu = {c.provider: [] for c in cs}
-    for _ in range(repeats):
-        for c in cs:
-            w0, c0 = time.perf_counter(), time.process_time()
-            c.fn()
-            wall[c.provider].append(time.perf_counter() - w0)
-            cpu[c.provider].append(time.process_time() - c0)
-    ours = statistics.median(cpu["prompt_kernels"])
+    wall, cpu = cpu_time_interleaved(cs, repeats)
+    ours = cpu["prompt_kernels"]
     print(f"machine: {machine_name()}; {repeats} interleaved repeats, medians")
     print(
         "| provider | first call s | wall ms | CPU ms | CPU / eager prompt_kernels |\n|---|---:|---:|---:|---:|"
     )
-    for p in wall:
-        m = statistics.median(cpu[p])
-        print(
-            f"| {p} | {compile_s[p]:.1f} | {statistics.median(wall[p]) * 1e3:.0f} | {m * 1e3:.0f} | {m / ours:.3f} |"
-        )
+    for p, m in cpu.items():
+        print(f"| {p} | {first_call[p]:.1f} | {wall[p] * 1e3:.0f} | {m * 1e3:.0f} | {m / ours:.3f} |")
 
 
 if __name__ == "__main__":

@@ -128,31 +128,18 @@ def cases(quick: bool) -> list[Case]:
 
 
 def _cpu_time_comparison(repeats: int) -> None:
-    """Same cases, one thread, interleaved; medians of wall and process CPU time (the CPU time of a
-    single-threaded step hardly depends on how busy the rest of the machine is)."""
-    import statistics
-    import time
+    """Same cases, one thread, interleaved; medians of wall and process CPU time."""
+    from benchmarks.common import cpu_time_interleaved
 
     torch.set_num_threads(1)
     cs = cases(quick=False)
     for c in cs:
         c.fn()
-    wall = {c.provider: [] for c in cs}
-    cpu = {c.provider: [] for c in cs}
-    for _ in range(repeats):
-        for c in cs:
-            w0, c0 = time.perf_counter(), time.process_time()
-            c.fn()
-            wall[c.provider].append(time.perf_counter() - w0)
-            cpu[c.provider].append(time.process_time() - c0)
-    floor = statistics.median(cpu["frozen_floor"])
-    ours = statistics.median(cpu["prompt_kernels"])
+    wall, cpu = cpu_time_interleaved(cs, repeats)
+    floor, ours = cpu["frozen_floor"], cpu["prompt_kernels"]
     print(f"{'provider':<22}{'wall ms':>10}{'cpu ms':>10}{'cpu / floor':>13}{'cpu / ours':>12}")
-    for p in wall:
-        m = statistics.median(cpu[p])
-        print(
-            f"{p:<22}{statistics.median(wall[p]) * 1e3:>10.0f}{m * 1e3:>10.0f}{m / floor:>13.3f}{m / ours:>12.3f}"
-        )
+    for p, m in cpu.items():
+        print(f"{p:<22}{wall[p] * 1e3:>10.0f}{m * 1e3:>10.0f}{m / floor:>13.3f}{m / ours:>12.3f}")
 
 
 if __name__ == "__main__":

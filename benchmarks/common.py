@@ -101,6 +101,22 @@ def _time_interleaved_cuda(cases: list[Case], repeats: int) -> dict[int, list[fl
     return times
 
 
+def cpu_time_interleaved(cases: list[Case], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Each case's median wall and process CPU time in seconds, keyed by provider, over ``repeats``
+    round-robin passes (after the caller's warm-up). On one thread, a step's CPU time hardly depends on
+    how busy the rest of the machine is."""
+    wall: dict[str, list[float]] = {c.provider: [] for c in cases}
+    cpu: dict[str, list[float]] = {c.provider: [] for c in cases}
+    for _ in range(repeats):
+        for c in cases:
+            w0, c0 = time.perf_counter(), time.process_time()
+            c.fn()
+            wall[c.provider].append(time.perf_counter() - w0)
+            cpu[c.provider].append(time.process_time() - c0)
+    med = statistics.median
+    return {p: med(v) for p, v in wall.items()}, {p: med(v) for p, v in cpu.items()}
+
+
 def percentiles(xs: list[float]) -> tuple[float, float, float]:
     qs = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else [xs[0]] * 9
     return statistics.median(xs), qs[1], qs[7]
