@@ -127,7 +127,8 @@ class ForwardContext:
     def input_embeddings(self) -> torch.Tensor:
         """``[B, T, d]`` the input embedding module's output for the real tokens (no prompt).
 
-        Computed on first use (or the caller's ``inputs_embeds``); carries no gradient to the frozen table.
+        Computed on first use (or the caller's ``inputs_embeds``), or kept (a detached copy) from the
+        model's own lookup in this forward; carries no gradient to the frozen table.
         """
         if self._inputs_embeds is None:
             self._inputs_embeds = self.info.input_embeddings(self.input_ids)

@@ -831,7 +831,9 @@ class PromptedModel(nn.Module):
             and output.dim() == 3
             and tuple(output.shape[:2]) == (ctx.batch_size, p + ctx.input_ids.shape[1])
         ):
-            ctx._inputs_embeds = output[:, p:]
+            ctx._inputs_embeds = (
+                output[:, p:].detach().clone()
+            )  # a copy: the model may modify its own in place
         if prompts is None:
             return None
         return torch.cat([prompts.to(output.dtype).expand(output.shape[0], -1, -1), output[:, p:]], dim=1)
