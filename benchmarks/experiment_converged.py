@@ -522,7 +522,7 @@ def plot(summary: list[dict], task: str, path: Path, baseline: float | None = No
     if not items:
         return False
     settings = [s for s in SETTINGS if any(i["setting"] == s for i in items)]
-    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(8 * len(settings), 5), squeeze=False)
     colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
     for ax, setting in zip(axes[0], settings):
         group = [s for s in items if s["setting"] == setting]
