@@ -134,3 +134,26 @@ def test_inductor_training_step_equals_eager():
     torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert"])
+def test_dynamic_shapes_and_prompt_sets(model_type):
+    """Batches of many lengths and sizes compile a few frames (dynamic shapes), not one per shape; a
+    batch whose rows use different prompt sets compiles with symbolic sizes too and equals eager."""
+    pm = _prompted(model_type, pk.PrefixTuningConfig(prompt_length=3, prefix_dropout=0.0)).train()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(pm, backend=counter, fullgraph=True)
+    for T in (5, 7, 9, 11):
+        for B in (2, 3):
+            ids, mask = batch(model_type, B=B, T=T)
+            compiled(
+                input_ids=ids, attention_mask=mask, labels=torch.zeros(B, dtype=torch.long)
+            ).loss.backward()
+    assert counter.frame_count <= 3, counter.frame_count
+    pm.add_prompt_set("other", pk.PrefixTuningConfig(prompt_length=3, prefix_dropout=0.0))
+    ids, mask = batch(model_type, B=3, T=6)
+    rows = ["default", "other", "default"]
+    with torch.no_grad():
+        got = compiled(input_ids=ids, attention_mask=mask, prompt_set=rows).logits
+        want = pm(input_ids=ids, attention_mask=mask, prompt_set=rows).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

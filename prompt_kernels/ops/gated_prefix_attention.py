@@ -100,7 +100,11 @@ def _check(
     if value.shape != key.shape:
         raise ValueError(f"value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}")
     P = prompt_key.shape[2]
-    if prompt_key.shape[0] not in (1, B) or prompt_key.shape[1] != Hkv or prompt_key.shape[3] != Dh:
+    if (
+        (prompt_key.shape[0] != 1 and prompt_key.shape[0] != B)
+        or prompt_key.shape[1] != Hkv
+        or prompt_key.shape[3] != Dh
+    ):
         raise ValueError(
             f"prompt_key must have shape [B={B} or 1, Hkv={Hkv}, P, Dh={Dh}], got {tuple(prompt_key.shape)}"
         )
@@ -130,7 +134,7 @@ def _check(
             if (
                 attention_mask.dim() != 4
                 or attention_mask.shape[0] != B
-                or attention_mask.shape[1] not in (1, H)
+                or (attention_mask.shape[1] != 1 and attention_mask.shape[1] != H)
                 or tuple(attention_mask.shape[2:]) != (T, S)
             ):
                 raise ValueError(

@@ -773,7 +773,11 @@ class PromptedModel(nn.Module):
             self._cached_input_prompt = 0
         if prompts is None:
             return kwargs
-        if prompts.dim() != 3 or prompts.shape[0] not in (1, B) or prompts.shape[2] != info.hidden_size:
+        if (
+            prompts.dim() != 3
+            or (prompts.shape[0] != 1 and prompts.shape[0] != B)
+            or prompts.shape[2] != info.hidden_size
+        ):
             raise ValueError(
                 f"input_prompts must have shape [B={B} or 1, p, d={info.hidden_size}], got {tuple(prompts.shape)}"
             )
@@ -948,7 +952,7 @@ class PromptedModel(nn.Module):
 
     def _check_rows(self, rows, ctx, hook: str) -> torch.Tensor:
         d = self.info.hidden_size
-        if rows.dim() != 3 or rows.shape[0] not in (1, ctx.batch_size) or rows.shape[2] != d:
+        if rows.dim() != 3 or (rows.shape[0] != 1 and rows.shape[0] != ctx.batch_size) or rows.shape[2] != d:
             raise ValueError(
                 f"{hook} must return [B={ctx.batch_size} or 1, p, d={d}], got {tuple(rows.shape)}"
             )
@@ -979,7 +983,7 @@ class PromptedModel(nn.Module):
             if (
                 not torch.is_tensor(t)
                 or t.dim() != 4
-                or t.shape[0] not in (1, B)
+                or (t.shape[0] != 1 and t.shape[0] != B)  # not `in (1, B)`: wrong on symbolic sizes
                 or t.shape[1] != hkv
                 or t.shape[3] != dim
             ):
