@@ -594,3 +594,20 @@ def test_attach_leaves_a_shared_config_object_alone():
         torch.testing.assert_close(second(input_ids=ids, attention_mask=mask).logits, ref, rtol=0, atol=0)
     assert pm.detach().config is shared
     assert all(m.config is shared for m in first.modules() if hasattr(m, "config") and m is not first)
+
+
+def test_a_refused_method_leaves_the_model_as_it_was():
+    """GPC (sequence style) refused on an encoder-decoder after the probe ran: the model keeps its
+    config object, attention implementation, flags, and has no binding or hook left; prefix tuning
+    attaches to it afterwards."""
+    from prompt_kernels.testing.tiny_models import build_tiny
+
+    model = build_tiny("t5", "seq2seq")
+    config, impl = model.config, model.config._attn_implementation
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match="sequence-style prompts need a single stack"):
+        pk.attach(model, pk.GPCConfig(prompt_length=2))
+    assert model.config is config and model.config._attn_implementation == impl
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    pk.attach(model, pk.PrefixTuningConfig(prompt_length=2)).detach()

@@ -225,18 +225,19 @@ class PromptedModel(nn.Module):
         self._forward_params = list(inspect.signature(model.forward).parameters.values())
         self._accepts = {p.name for p in self._forward_params}
         self._placeholder = int(getattr(model.config, "pad_token_id", None) or 0)
-        self._sequence_layer = self._resolve_sequence_layer()
-
-        # Freeze (remembering every flag), bind the attention modules, hook the hosts.
+        # Freeze (remembering every flag), bind the attention modules, hook the hosts. A refusal on the
+        # way (e.g. a sequence-style method on a model without a single stack of layers) leaves the
+        # model as it was: config, attention implementation, flags, bindings and hooks.
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if config.trainable_head:
-            for p in info.head_parameters().values():
-                p.requires_grad_(True)
-        if info.layout.kind == "interface":
-            self._bind_attention(inner)
         try:
+            self._sequence_layer = self._resolve_sequence_layer()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if config.trainable_head:
+                for p in info.head_parameters().values():
+                    p.requires_grad_(True)
+            if info.layout.kind == "interface":
+                self._bind_attention(inner)
             self._register_hooks()
         except BaseException:
             self._undo()
