@@ -1,7 +1,8 @@
 """Hidden-space prompts through an attention module's own frozen key/value projections.
 
 Found by the names transformers' modeling files use (separate ``k_proj``/``v_proj``-style linears,
-or a fused ``q | k | v`` projection), with the per-head key norm where the module has one. Modules
+or a fused ``q | k | v`` projection), with the key norm where the module has one (per head, or over
+the whole projection). Modules
 whose keys are built otherwise (multi-head latent attention, interleaved fused projections) have no
 projection here: methods that need hidden-space prompts raise a ValueError naming the module there.
 """
@@ -37,9 +38,16 @@ def find_projection(
         b, p, _ = x.shape
         return x.view(b, p, num_kv_heads, dim)
 
+    # A key norm over the whole projection (OLMo 2 and 3, MiniMax-M2: RMSNorm of Hkv * Dk before the
+    # split into heads) or per head (Qwen3, Gemma 3: of Dk after it), told apart by its weight's size.
+    weight = getattr(norm, "weight", None)
+    full_width = norm is not None and isinstance(weight, torch.Tensor) and weight.numel() == nk != key_dim
+
     def finish(k, v):
+        if full_width:
+            k = norm(k)
         k = heads(k, key_dim)
-        if norm is not None:
+        if norm is not None and not full_width:
             k = norm(k)
         return k.transpose(1, 2), heads(v, value_dim).transpose(1, 2)
 
