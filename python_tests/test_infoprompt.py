@@ -440,3 +440,20 @@ def test_unprompted_representations_are_cached_per_row(model_type, monkeypatch):
     cached.method.clear_unprompted_cache()
     cached(input_ids=ids, attention_mask=mask, labels=labels)
     assert len(runs) == 3
+
+
+def test_head_that_calls_part_of_its_backbone():
+    """BART's causal LM calls ``model.decoder``, not its backbone module: the final hidden states come
+    from the input of the output embeddings, and the representation loss trains the prompt."""
+    from prompt_kernels.testing.tiny_models import build_tiny, tiny_inputs
+
+    model = build_tiny("bart", "causal-lm")
+    inputs = tiny_inputs(model, "causal-lm")
+    pm = pk.attach(model, InfoPromptConfig(prompt_length=3)).train()
+    out = pm(**inputs)
+    assert set(pm.last_aux_losses) == {"infoprompt_rep"} and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert pm.method.prompt.grad.abs().sum() > 0 and pm.method.context.weight.grad.abs().sum() > 0
+    head = model.get_output_embeddings()
+    pm.detach()
+    assert not head._forward_pre_hooks and not model.model._forward_hooks

@@ -339,7 +339,26 @@ class InfoPrompt(PromptMethod):
                 store["hidden"] = _last_hidden(output)
                 self._backbone_store = None
 
-        return [self.info.backbone.register_forward_hook(hook, always_call=True)]
+        handles = [self.info.backbone.register_forward_hook(hook, always_call=True)]
+        # Some heads call a part of their backbone, not the backbone module itself (BART's, Pegasus's,
+        # Blenderbot's *ForCausalLM call ``model.decoder``): then the input of the output embeddings,
+        # the final hidden states, is what reaches the store.
+        head = (
+            self.info.model.get_output_embeddings()
+            if hasattr(self.info.model, "get_output_embeddings")
+            else None
+        )
+        if isinstance(head, nn.Module):
+
+            def head_hook(module, args):
+                store = self._backbone_store
+                x = args[0] if args else None
+                if store is not None and torch.is_tensor(x) and x.dim() == 3:
+                    store["hidden"] = x
+                    self._backbone_store = None
+
+            handles.append(head.register_forward_pre_hook(head_hook))
+        return handles
 
     def _capture_backbone(self, store: dict) -> None:
         """The backbone's next output (its final hidden states) goes to ``store`` (see ``model_hooks``)."""
