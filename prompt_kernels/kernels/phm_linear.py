@@ -21,6 +21,12 @@ would be) right before the ``tl.dot`` that consumes it. ``x`` is read in place t
   atomics into one zeroed scratch buffer, rounded to the output dtype at the end (not bit-for-bit
   deterministic across runs).
 
+The loops over ``i`` are unrolled (``tl.static_range`` over a constexpr): in the weight-gradient
+kernel always (``n`` constexpr), in the fp16/bf16 forward and grad_x kernels through ``N_UNROLL = n``,
+which leaves their reduction loops without an inner loop so that Triton pipelines the loads
+(cp.async, ``num_stages = 2``). fp32 forward/grad_x keep the loop over a runtime ``n``
+(``N_UNROLL = 0``): unrolled, their fp32 tiles spill (see ``mm_unroll``).
+
 All accumulation is fp32; fp32 dots use ``input_precision="ieee"`` (no TF32).
 """
 
@@ -50,7 +56,54 @@ BLOCK_PQ_CHOICES = (16, 32)  # weight-gradient tile sides (64 x 64 needs ~250 re
 BLOCK_R = 32  # rows per step of the weight-gradient reduction
 NUM_WARPS = 4
 NUM_STAGES = 2
+
+
+def mm_unroll(dtype: torch.dtype, n: int) -> int:
+    """``N_UNROLL`` of the forward and grad_x kernels: ``n`` for fp16/bf16 (the loop over ``i`` unrolled
+    with ``tl.static_range``, so that the reduction loop is innermost and pipelined: cp.async), 0 for
+    fp32 (IEEE dots on the FMA units; the loop over a runtime ``n`` kept). Unrolled, the fp32 tiles need
+    up to 255 registers and spill 4-736 B on sm_80 and sm_90 with 2 stages (a few bytes with 1 stage,
+    or with ``n`` a constexpr and the loop kept)."""
+    return 0 if dtype == torch.float32 else int(n)
+
+
 DOT_PRECISION = "ieee"  # only affects fp32 dots: exact fp32 products, no TF32
+# ``n`` values compiled by the compile check: the launch cases' n = 4 (also PromptGenerator's default)
+# and n = 2. ``n`` is a constexpr of the weight-gradient kernel, and ``N_UNROLL`` (= n) of the fp16/bf16
+# forward and grad_x kernels, so the JIT compiles one specialisation per n launched; other n (1, 3, ...)
+# are compiled by the JIT on first use on a GPU, not by the compile check.
+COMPILE_N = (4, 2)
+
+
+@triton.jit
+def _h_term(r_ptr, w_ptr, i, a, b, n, I, O, p, q, mask, TRANSPOSED: tl.constexpr):
+    """``rules[i, a, b] * weights[i, p, q]`` in fp32, as a ``[p, q]`` tile (``[q, p]`` if ``TRANSPOSED``)."""
+    coef = tl.load(r_ptr + (i * n + a) * n + b).to(tl.float32)
+    if TRANSPOSED:
+        wt = tl.load(w_ptr + (i * I + p)[None, :] * O + q[:, None], mask=mask, other=0.0)
+    else:
+        wt = tl.load(w_ptr + (i * I + p)[:, None] * O + q[None, :], mask=mask, other=0.0)
+    return coef * wt.to(tl.float32)
+
+
+@triton.jit
+def _h_tile(
+    r_ptr, w_ptr, a, b, n, I, O, p, q, mask, R: tl.constexpr, C: tl.constexpr,
+    TRANSPOSED: tl.constexpr, N_UNROLL: tl.constexpr,
+):  # fmt: skip
+    """The fp32 ``[R, C]`` tile of ``H`` of block ``(a, b)`` at rows ``p``, columns ``q``:
+    ``sum_i rules[i, a, b] * weights[i, p, q]`` (of ``H^T``, at ``[q, p]``, if ``TRANSPOSED``).
+
+    ``N_UNROLL > 0`` (``== n``): the loop over ``i`` unrolled (``tl.static_range``), so that the
+    enclosing reduction loop is innermost and Triton pipelines its loads; 0: a loop over the runtime ``n``."""
+    h = tl.zeros((R, C), dtype=tl.float32)
+    if N_UNROLL > 0:
+        for i in tl.static_range(N_UNROLL):
+            h += _h_term(r_ptr, w_ptr, i, a, b, N_UNROLL, I, O, p, q, mask, TRANSPOSED)
+    else:
+        for i in range(0, n):
+            h += _h_term(r_ptr, w_ptr, i, a, b, n, I, O, p, q, mask, TRANSPOSED)
+    return h
 
 
 @triton.jit
@@ -72,6 +125,7 @@ def _forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    N_UNROLL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -90,15 +144,8 @@ def _forward_kernel(
             p_ok = p < I
             xt = tl.load(x_rows + ((a * I + p) * stride_xk)[None, :], mask=p_ok[None, :], other=0.0)
             # H tile [p, q] of block (a, b), built in registers: sum_i rules[i, a, b] * weights[i, p, q]
-            h = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-            for i in range(0, n):
-                coef = tl.load(r_ptr + (i * n + a) * n + b).to(tl.float32)
-                wt = tl.load(
-                    w_ptr + (i * I + p)[:, None] * O + q[None, :],
-                    mask=p_ok[:, None] & q_ok[None, :],
-                    other=0.0,
-                )
-                h += coef * wt.to(tl.float32)
+            h = _h_tile(r_ptr, w_ptr, a, b, n, I, O, p, q, p_ok[:, None] & q_ok[None, :], BLOCK_K, BLOCK_N,
+                        False, N_UNROLL)  # fmt: skip
             acc = tl.dot(xt, h.to(xt.dtype), acc, input_precision=DOT_PRECISION)
     if has_bias != 0:
         acc += tl.load(b_ptr + b * O + q, mask=q_ok, other=0.0).to(tl.float32)[None, :]
@@ -123,6 +170,7 @@ def _grad_x_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    N_UNROLL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -140,15 +188,8 @@ def _grad_x_kernel(
             q_ok = q < O
             dyt = tl.load(dy_rows + ((b * O + q) * stride_dyk)[None, :], mask=q_ok[None, :], other=0.0)
             # H^T tile [q, p] of block (a, b): sum_i rules[i, a, b] * weights[i, p, q]
-            ht = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-            for i in range(0, n):
-                coef = tl.load(r_ptr + (i * n + a) * n + b).to(tl.float32)
-                wt = tl.load(
-                    w_ptr + (i * I + p)[None, :] * O + q[:, None],
-                    mask=q_ok[:, None] & p_ok[None, :],
-                    other=0.0,
-                )
-                ht += coef * wt.to(tl.float32)
+            ht = _h_tile(r_ptr, w_ptr, a, b, n, I, O, p, q, q_ok[:, None] & p_ok[None, :], BLOCK_K, BLOCK_N,
+                         True, N_UNROLL)  # fmt: skip
             acc = tl.dot(dyt, ht.to(dyt.dtype), acc, input_precision=DOT_PRECISION)
     dx = dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + (a * I + p)[None, :]
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(rows < N)[:, None] & p_ok[None, :])
@@ -164,7 +205,7 @@ def _grad_params_kernel(
     dw_ptr,
     db_ptr,
     N,
-    n,
+    n: tl.constexpr,
     I,
     O,
     rows_per_split,
@@ -210,7 +251,7 @@ def _grad_params_kernel(
     if want_params != 0:
         pq_mask = p_ok[:, None] & q_ok[None, :]
         w_offs = p[:, None] * O + q[None, :]
-        for i in range(0, n):
+        for i in tl.static_range(n):
             r_off = (i * n + a) * n + b
             coef = tl.load(r_ptr + r_off).to(tl.float32)
             tl.atomic_add(dw_ptr + i * I * O + w_offs, coef * g, mask=pq_mask)
@@ -280,7 +321,8 @@ def phm_linear_forward(x2, rules, weights, bias, out) -> torch.Tensor:
         x2, rules, weights, bias.contiguous() if bias is not None else out, out,
         N, n, I, O, int(bias is not None),
         x2.stride(0), x2.stride(1), out.stride(0),
-        DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **cfg,
+        DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        N_UNROLL=mm_unroll(x2.dtype, n), **cfg,
     )  # fmt: skip
     return out
 
@@ -300,7 +342,8 @@ def phm_linear_backward(dy2, x2, rules, weights, grad_x, grad_rules, grad_weight
         _grad_x_kernel[grid](
             dy2, rules, weights, grad_x, N, n, I, O,
             dy2.stride(0), dy2.stride(1), grad_x.stride(0),
-            DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **cfg,
+            DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            N_UNROLL=mm_unroll(dy2.dtype, n), **cfg,
         )  # fmt: skip
     want_params = grad_rules is not None or grad_weights is not None
     want_bias = grad_bias is not None
@@ -346,69 +389,78 @@ def _mm_signature(names_ptr: list[str], t: str, ints: list[str], constexprs: lis
 @register_compile_specs(OP)
 def _compile_specs() -> list[CompileSpec]:
     specs = []
-    mm_consts = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION"]
+    mm_consts = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION", "N_UNROLL"]
     for dt in DTYPES:
         t = _TL[dt]
-        for bn, bk in MM_CONFIGS:
-            consts = {"BLOCK_M": BLOCK_M, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_PRECISION": DOT_PRECISION}
-            sig = _mm_signature(
-                ["x_ptr", "r_ptr", "w_ptr", "b_ptr", "y_ptr"],
-                t,
-                ["N", "n", "I", "O", "has_bias", "stride_xm", "stride_xk", "stride_ym"],
-                mm_consts,
-            )
-            specs.append(
-                CompileSpec(
-                    name=f"phm_linear_fwd[{t},BM={BLOCK_M},BN={bn},BK={bk}]",
-                    kernel=_forward_kernel,
-                    signature=sig,
-                    constexprs=consts,
-                    num_warps=NUM_WARPS,
-                    num_stages=NUM_STAGES,
-                    uses_dot=True,
+        for nu in sorted({mm_unroll(dt, n) for n in COMPILE_N}, reverse=True):
+            for bn, bk in MM_CONFIGS:
+                consts = {"BLOCK_M": BLOCK_M, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_PRECISION": DOT_PRECISION}
+                consts["N_UNROLL"] = nu
+                sig = _mm_signature(
+                    ["x_ptr", "r_ptr", "w_ptr", "b_ptr", "y_ptr"],
+                    t,
+                    ["N", "n", "I", "O", "has_bias", "stride_xm", "stride_xk", "stride_ym"],
+                    mm_consts,
                 )
-            )
-            sig = _mm_signature(
-                ["dy_ptr", "r_ptr", "w_ptr", "dx_ptr"],
-                t,
-                ["N", "n", "I", "O", "stride_dym", "stride_dyk", "stride_dxm"],
-                mm_consts,
-            )
-            specs.append(
-                CompileSpec(
-                    name=f"phm_linear_grad_x[{t},BM={BLOCK_M},BN={bn},BK={bk}]",
-                    kernel=_grad_x_kernel,
-                    signature=sig,
-                    constexprs=consts,
-                    num_warps=NUM_WARPS,
-                    num_stages=NUM_STAGES,
-                    uses_dot=True,
-                )
-            )
-        for bp in BLOCK_PQ_CHOICES:
-            for bq in BLOCK_PQ_CHOICES:
-                sig = _mm_signature(["x_ptr", "dy_ptr", "r_ptr", "w_ptr"], t, [], [])
-                sig.update({"dr_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32"})
-                ints = ["N", "n", "I", "O", "rows_per_split", "want_params", "want_bias"]
-                ints += ["stride_xm", "stride_xk", "stride_dym", "stride_dyk"]
-                sig.update({name: "i32" for name in ints})
-                sig.update({name: "constexpr" for name in ("BLOCK_P", "BLOCK_Q", "BLOCK_R", "DOT_PRECISION")})
                 specs.append(
                     CompileSpec(
-                        name=f"phm_linear_grad_params[{t},BP={bp},BQ={bq},BR={BLOCK_R}]",
-                        kernel=_grad_params_kernel,
+                        name=f"phm_linear_fwd[{t},N_UNROLL={nu},BM={BLOCK_M},BN={bn},BK={bk}]",
+                        kernel=_forward_kernel,
                         signature=sig,
-                        constexprs={
-                            "BLOCK_P": bp,
-                            "BLOCK_Q": bq,
-                            "BLOCK_R": BLOCK_R,
-                            "DOT_PRECISION": DOT_PRECISION,
-                        },
+                        constexprs=consts,
                         num_warps=NUM_WARPS,
                         num_stages=NUM_STAGES,
                         uses_dot=True,
                     )
                 )
+                sig = _mm_signature(
+                    ["dy_ptr", "r_ptr", "w_ptr", "dx_ptr"],
+                    t,
+                    ["N", "n", "I", "O", "stride_dym", "stride_dyk", "stride_dxm"],
+                    mm_consts,
+                )
+                specs.append(
+                    CompileSpec(
+                        name=f"phm_linear_grad_x[{t},N_UNROLL={nu},BM={BLOCK_M},BN={bn},BK={bk}]",
+                        kernel=_grad_x_kernel,
+                        signature=sig,
+                        constexprs=consts,
+                        num_warps=NUM_WARPS,
+                        num_stages=NUM_STAGES,
+                        uses_dot=True,
+                    )
+                )
+        for n in COMPILE_N:
+            for bp in BLOCK_PQ_CHOICES:
+                for bq in BLOCK_PQ_CHOICES:
+                    sig = _mm_signature(["x_ptr", "dy_ptr", "r_ptr", "w_ptr"], t, [], [])
+                    sig.update({"dr_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32"})
+                    ints = ["N", "I", "O", "rows_per_split", "want_params", "want_bias"]
+                    ints += ["stride_xm", "stride_xk", "stride_dym", "stride_dyk"]
+                    sig.update({name: "i32" for name in ints})
+                    sig.update(
+                        {
+                            name: "constexpr"
+                            for name in ("n", "BLOCK_P", "BLOCK_Q", "BLOCK_R", "DOT_PRECISION")
+                        }
+                    )
+                    specs.append(
+                        CompileSpec(
+                            name=f"phm_linear_grad_params[{t},n={n},BP={bp},BQ={bq},BR={BLOCK_R}]",
+                            kernel=_grad_params_kernel,
+                            signature=sig,
+                            constexprs={
+                                "n": n,
+                                "BLOCK_P": bp,
+                                "BLOCK_Q": bq,
+                                "BLOCK_R": BLOCK_R,
+                                "DOT_PRECISION": DOT_PRECISION,
+                            },
+                            num_warps=NUM_WARPS,
+                            num_stages=NUM_STAGES,
+                            uses_dot=True,
+                        )
+                    )
     return specs
 
 
