@@ -611,3 +611,19 @@ def test_a_refused_method_leaves_the_model_as_it_was():
     assert [p.requires_grad for p in model.parameters()] == flags
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     pk.attach(model, pk.PrefixTuningConfig(prompt_length=2)).detach()
+
+
+@pytest.mark.parametrize("model_type,mapping", [("falcon_h1", "causal-lm"), ("layoutlm", "seq-cls")])
+def test_sequence_style_refused_at_attach_where_layers_cannot_take_the_rows(model_type, mapping):
+    """A hybrid whose state-space branch masks its input with the 2D mask (Falcon-H1) and an encoder
+    with per-token layout inputs (LayoutLM) cannot take sequence-style rows: attach refuses with the
+    layers' error (a probe forward, padded batch of two) instead of the first training step failing,
+    and leaves the model as it was."""
+    from prompt_kernels.testing.tiny_models import build_tiny
+
+    model = build_tiny(model_type, mapping)
+    config, impl = model.config, model.config._attn_implementation
+    with pytest.raises(ValueError, match="sequence-style prompts .GPC. do not run on"):
+        pk.attach(model, pk.GPCConfig(prompt_length=2))
+    assert model.config is config and model.config._attn_implementation == impl
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

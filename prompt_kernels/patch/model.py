@@ -248,6 +248,8 @@ class PromptedModel(nn.Module):
         # compute_metrics work without label_names.
         self.__class__ = _prompted_class(type(model), self._forward_params)
         self.train(model.training)  # the prompts follow the model's train/eval mode
+        if self._sequence_layer is not None:
+            self._probe_sequence_style()
 
     # -- set-up ------------------------------------------------------------------------------------
     def _resolve_sequence_layer(self) -> int | None:
@@ -267,6 +269,53 @@ class PromptedModel(nn.Module):
                 f"{len(self.info.layout.hosts)} layers ({'encoder-decoder' if self.info.encoder_decoder else 'shared or hybrid layers'})"
             )
         return layer
+
+    def _probe_sequence_style(self) -> None:
+        """One no-grad eval forward of a probe batch with the sequence rows in place. Models whose layers
+        take per-token inputs the rows would also need (relative position tables, layout boxes, extra
+        hidden streams, ...) are refused here, with their error, rather than in the first training step;
+        the model is left as it was."""
+        from prompt_kernels.patch.discovery import probe_inputs
+
+        inputs = probe_inputs(self.model)
+        # Two rows, the second one padded: some layers treat a padded batch differently (state-space
+        # branches of hybrids mask their input with the 2D mask).
+        inputs["input_ids"] = inputs["input_ids"].repeat(2, 1)
+        inputs["attention_mask"] = inputs["attention_mask"].repeat(2, 1)
+        inputs["attention_mask"][1, -1] = 0
+        if "decoder_input_ids" in inputs:
+            inputs["decoder_input_ids"] = inputs["decoder_input_ids"].repeat(2, 1)
+        # Stand-in hooks: zero rows and nothing else, so the probe tests the layers and the method sees
+        # no call (no recorded prompts, no statistics).
+        method, p = self.method, int(self.prompt_config.prompt_length)
+        rows = torch.zeros(1, p, self.info.hidden_size, device=self.info.device, dtype=self.info.dtype)
+        stand_ins = {
+            "input_prompts": lambda ctx: None,
+            "prefix": lambda ctx, idx: None,
+            "sequence_init": lambda ctx: rows,
+            "sequence_update": lambda ctx, idx, r: r,
+            "aux_losses": lambda ctx, output: {},
+        }
+        modes = [(m, m.training) for m in self.modules()]
+        try:
+            for name, fn in stand_ins.items():
+                object.__setattr__(method, name, fn)
+            self.eval()
+            with torch.no_grad():
+                self(**inputs)
+        except Exception as exc:
+            self._undo()
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise ValueError(
+                f"sequence-style prompts ({type(self.method).__name__}) do not run on {type(self.model).__name__}: "
+                f"its layers fail with the prompt rows in front of the hidden states ({type(exc).__name__}: "
+                f"{first}); prefix-style and input-style methods do not insert rows"
+            ) from exc
+        finally:
+            for name in stand_ins:
+                method.__dict__.pop(name, None)
+            for m, mode in modes:
+                m.training = mode
 
     def _bind_attention(self, inner: str) -> None:
         """An AttentionBinding on every module that calls the attention interface (prompted sites and the
