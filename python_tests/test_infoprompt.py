@@ -457,3 +457,18 @@ def test_head_that_calls_part_of_its_backbone():
     head = model.get_output_embeddings()
     pm.detach()
     assert not head._forward_pre_hooks and not model.model._forward_hooks
+
+
+def test_different_embedding_and_hidden_widths_are_refused_by_name():
+    """RemBERT's input embeddings (256) are wider than its hidden states (64): the representation loss
+    cannot compare them and says so (no raw size mismatch); with beta=0 the method trains."""
+    from prompt_kernels.testing.tiny_models import build_tiny, tiny_inputs
+
+    model = build_tiny("rembert", "causal-lm")
+    inputs = tiny_inputs(model, "causal-lm")
+    pm = pk.attach(model, InfoPromptConfig(prompt_length=3)).train()
+    with pytest.raises(NotImplementedError, match="different widths"):
+        pm(**inputs)
+    model = pm.detach()
+    pm = pk.attach(model, InfoPromptConfig(prompt_length=3, beta=0.0)).train()
+    assert torch.isfinite(pm(**inputs).loss)

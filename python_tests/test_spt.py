@@ -720,3 +720,15 @@ def test_gate_warmup_runs_omega_steps_only_first():
     assert record.search_steps == 4 and len(record.gate_trajectory) == 3
     assert record.gate_lr == pytest.approx(8.0 / 2)
     assert record.gate_trajectory[0] == [0.5] * L and record.gate_trajectory[1] != [0.5] * L
+
+
+@pytest.mark.parametrize("model_type", ["gemma3n_text", "qwen4_exp"])
+def test_layers_without_token_hidden_states_are_refused_by_name(model_type):
+    """Gemma 3n's layers carry extra hidden streams ([streams, B, T, d]); Qwen4-exp's another width: SPT's
+    generators pool token hidden states [B, T, d], so the step says SPT cannot run there (no raw error)."""
+    from prompt_kernels.testing.tiny_models import build_tiny, tiny_inputs
+
+    model = build_tiny(model_type, "causal-lm")
+    pm = prompt_kernels.attach(model, SPTConfig(prompt_length=3)).train()
+    with pytest.raises(NotImplementedError, match="SPT reads each layer's token hidden states"):
+        pm(**tiny_inputs(model, "causal-lm"))

@@ -415,6 +415,12 @@ class InfoPrompt(PromptMethod):
                 hidden = ctx.cache.get("infoprompt", {}).get("hidden")
             if hidden is None:
                 raise RuntimeError("InfoPrompt could not read the backbone's final hidden states")
+            if hidden.shape[-1] != self.info.hidden_size:
+                raise NotImplementedError(
+                    f"InfoPrompt's representation loss compares the final hidden states (width {hidden.shape[-1]}) "
+                    f"with contexts in the input embeddings' space (width {self.info.hidden_size}); "
+                    f"{type(self.info.model).__name__} has different widths (set beta=0 to train without it)"
+                )
             z = pooled(hidden, ctx.attention_mask, self.info.causal)
             z0 = self._unprompted_representation(ctx)
             c = self.contexts(ctx.input_embeddings, ctx.attention_mask)

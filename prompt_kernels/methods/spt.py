@@ -355,15 +355,28 @@ class SPT(PromptMethod):
         if self.discrete:
             if layer not in self.layers:
                 return previous
-            generated = self.generators[str(layer)](tokens(), ctx.layer_mask(layer))
+            generated = self.generators[str(layer)](*self._generator_inputs(ctx, layer, tokens))
             if previous is None or self.config.lambda_ == 1.0:  # (1 - λ) P^{l-1} = 0: no work for it
                 return generated
             return propagate(previous, generated, 1.0, self.config.lambda_)
         gate = self._forward_gates(ctx)[layer]
-        generated = self.generators[str(layer)](tokens(), ctx.layer_mask(layer))
+        generated = self.generators[str(layer)](*self._generator_inputs(ctx, layer, tokens))
         if previous is None:
             return gate * generated
         return propagate(previous, generated, gate, self.config.lambda_)
+
+    def _generator_inputs(self, ctx, layer: int, tokens: Callable[[], torch.Tensor]):
+        """Layer ``layer``'s real tokens ``[B, T, d]`` and their mask ``[B, T]``; NotImplementedError, naming
+        the model, for layers whose inputs are not one hidden state per input token (extra streams,
+        patch-level layers, another width)."""
+        x, mask = tokens(), ctx.layer_mask(layer)
+        if x.dim() != 3 or x.shape[-1] != self.info.hidden_size or tuple(x.shape[:2]) != tuple(mask.shape):
+            raise NotImplementedError(
+                f"SPT reads each layer's token hidden states [B, T, d={self.info.hidden_size}]; layer {layer} of "
+                f"{type(self.info.model).__name__} gets {tuple(x.shape)} for a mask of {tuple(mask.shape)} "
+                "(extra hidden streams, patch-level layers or another width): SPT cannot run on it"
+            )
+        return x, mask
 
     def _record(self, ctx, layer: int, prompt: torch.Tensor | None) -> None:
         if self.record_prompts and self._outermost(ctx) and prompt is not None:
