@@ -623,7 +623,7 @@ def test_sequence_style_refused_at_attach_where_layers_cannot_take_the_rows(mode
 
     model = build_tiny(model_type, mapping)
     config, impl = model.config, model.config._attn_implementation
-    with pytest.raises(ValueError, match="sequence-style prompts .GPC. do not run on"):
+    with pytest.raises(ValueError, match=r"sequence-style prompts \(GPC\) do not run on"):
         pk.attach(model, pk.GPCConfig(prompt_length=2))
     assert model.config is config and model.config._attn_implementation == impl
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
