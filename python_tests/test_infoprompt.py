@@ -442,12 +442,14 @@ def test_unprompted_representations_are_cached_per_row(model_type, monkeypatch):
     assert len(runs) == 3
 
 
-def test_head_that_calls_part_of_its_backbone():
-    """BART's causal LM calls ``model.decoder``, not its backbone module: the final hidden states come
-    from the input of the output embeddings, and the representation loss trains the prompt."""
+@pytest.mark.parametrize("model_type", ["bart", "llama4_text"])
+def test_final_hidden_states_from_the_output_embeddings_input(model_type):
+    """BART's causal LM calls ``model.decoder``, not its backbone module; Llama 4's is its own backbone and
+    returns only logits: the final hidden states come from the input of the output embeddings, and the
+    representation loss trains the prompt."""
     from prompt_kernels.testing.tiny_models import build_tiny, tiny_inputs
 
-    model = build_tiny("bart", "causal-lm")
+    model = build_tiny(model_type, "causal-lm")
     inputs = tiny_inputs(model, "causal-lm")
     pm = pk.attach(model, InfoPromptConfig(prompt_length=3)).train()
     out = pm(**inputs)
@@ -456,7 +458,7 @@ def test_head_that_calls_part_of_its_backbone():
     assert pm.method.prompt.grad.abs().sum() > 0 and pm.method.context.weight.grad.abs().sum() > 0
     head = model.get_output_embeddings()
     pm.detach()
-    assert not head._forward_pre_hooks and not model.model._forward_hooks
+    assert not head._forward_pre_hooks and not model._forward_hooks
 
 
 def test_different_embedding_and_hidden_widths_are_refused_by_name():

@@ -330,16 +330,16 @@ class InfoPrompt(PromptMethod):
 
     # -- hooks -------------------------------------------------------------------------------------
     def model_hooks(self) -> list:
-        if self.info.backbone is self.info.model:
-            return []
-
         def hook(module, args, output):
             store = self._backbone_store
-            if store is not None:
-                store["hidden"] = _last_hidden(output)
+            hidden = _last_hidden(output) if store is not None else None
+            if hidden is not None:  # else the output embeddings' input (below) may still give them
+                store["hidden"] = hidden
                 self._backbone_store = None
 
-        handles = [self.info.backbone.register_forward_hook(hook, always_call=True)]
+        handles = []
+        if self.info.backbone is not self.info.model:
+            handles.append(self.info.backbone.register_forward_hook(hook, always_call=True))
         # Some heads call a part of their backbone, not the backbone module itself (BART's, Pegasus's,
         # Blenderbot's *ForCausalLM call ``model.decoder``): then the input of the output embeddings,
         # the final hidden states, is what reaches the store.
@@ -370,7 +370,7 @@ class InfoPrompt(PromptMethod):
     def input_prompts(self, ctx):
         if ctx.depth == 0 and not ctx.decoding:  # set_labels applies to this forward only
             ctx.cache["infoprompt_labels"], self._pending_labels = self._pending_labels, None
-        if self._wants_losses(ctx) and self.config.beta > 0 and self.info.backbone is not self.info.model:
+        if self._wants_losses(ctx) and self.config.beta > 0:
             self._capture_backbone(ctx.cache.setdefault("infoprompt", {}))
         return self.prompt[None]
 
@@ -393,6 +393,8 @@ class InfoPrompt(PromptMethod):
         return None
 
     def aux_losses(self, ctx, output):
+        if ctx.depth == 0:
+            self._backbone_store = None  # the forward is over: nothing more to capture for it
         if not self._wants_losses(ctx):
             return {}
         scale, cfg = self.loss_scale(), self.config
@@ -473,14 +475,14 @@ class InfoPrompt(PromptMethod):
         model.eval()
         try:
             with torch.no_grad():
-                if self.info.backbone is self.info.model:
-                    hidden = _last_hidden(ctx.forward_without_prompts(**overrides))
-                else:
-                    store: dict = {}
-                    self._capture_backbone(store)
-                    ctx.forward_without_prompts(**overrides)
+                store: dict = {}
+                self._capture_backbone(store)
+                out = ctx.forward_without_prompts(**overrides)
+                hidden = _last_hidden(out) if self.info.backbone is self.info.model else None
+                if hidden is None:
                     hidden = store.get("hidden")
         finally:
+            self._backbone_store = None
             for m, mode in modes:
                 m.training = mode
         if hidden is None:
