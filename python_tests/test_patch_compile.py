@@ -157,3 +157,19 @@ def test_dynamic_shapes_and_prompt_sets(model_type):
         got = compiled(input_ids=ids, attention_mask=mask, prompt_set=rows).logits
         want = pm(input_ids=ids, attention_mask=mask, prompt_set=rows).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_with_torch_compile_trains_and_checkpoints_prompts_only(tmp_path):
+    """``TrainingArguments(torch_compile=True)``, what a Trainer user sets: training and evaluation run
+    through the compiled PromptedModel, eval_loss is reported and the checkpoint holds the prompts only."""
+    from safetensors.torch import load_file
+    from test_patch_trainer import _trainer
+
+    pm = _prompted("bert", pk.PrefixTuningConfig(prompt_length=3))
+    before = pm.method.embedding.weight.detach().clone()
+    trainer = _trainer(pm, tmp_path, [], torch_compile=True, torch_compile_backend="aot_eager")
+    trainer.train()
+    assert "eval_loss" in trainer.evaluate()
+    assert not torch.equal(pm.method.embedding.weight, before)
+    saved = load_file(str(tmp_path / "checkpoint-6" / "model.safetensors"))
+    assert set(saved) == {"method.embedding.weight"}
