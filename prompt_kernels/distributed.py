@@ -19,11 +19,12 @@ The base model's frozen weights get no gradient, so FSDP never reduce-scatters a
 all-gathers each layer's weights in the forward and again in the backward (needed for the gradient
 with respect to the activations), as for any frozen FSDP module.
 
-Saving: ``pm.save_prompts`` writes a fingerprint of the base model (samples of a few of its weights),
-which cannot be read from a sharded weight on one rank; :func:`save_prompts` is the collective
-version: every rank calls it, the FSDP modules holding the sampled weights are unsharded for the
-moment it takes, and rank 0 writes the folder, which loads onto an unsharded model
-(``prompt_kernels.load_prompts``) like any other.
+Saving: ``pm.save_prompts`` writes a fingerprint of the base model (samples of a few of its weights,
+and its class names): on a sharded model the sampled weights are gathered (``full_tensor()``) and the
+classes named as before ``fully_shard``, so the folder loads onto an unsharded model
+(``prompt_kernels.load_prompts``) like any other. The gather is a collective: call
+``pm.save_prompts`` on every rank (each writes the folder), or :func:`save_prompts`, also on every
+rank, which writes from one rank only.
 """
 
 from __future__ import annotations
@@ -152,79 +153,20 @@ def shard_base_model(
     return pm
 
 
-def _fsdp_owner(root: nn.Module, name: str):
-    """The innermost FSDP module on the path to parameter ``name`` of ``root`` (its shards' owner)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    owner = root if isinstance(root, FSDPModule) else None
-    module = root
-    for part in name.split(".")[:-1]:
-        module = getattr(module, part)
-        if isinstance(module, FSDPModule):
-            owner = module
-    return owner
-
-
-def _original_class_name(module: nn.Module) -> str:
-    """The class name of ``module`` before ``fully_shard`` swapped in its ``FSDP<Class>`` subclass."""
-    from torch.distributed.fsdp import FSDPModule
-
-    cls = type(module)
-    if isinstance(module, FSDPModule):
-        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
-    return cls.__name__
-
-
-def _unwrap_class_names(pm, path) -> None:
-    """The fingerprint ``pm.save_prompts`` wrote names the classes as they are now (``FSDP<Class>`` for a
-    sharded module), which ``load_prompts`` compares with an unsharded model's: name the originals."""
-    import json
-    import os
-
-    from prompt_kernels.patch import io
-
-    with open(os.path.join(path, io.CONFIG_FILE)) as f:
-        meta = json.load(f)
-    base = meta["base_model"]
-    base["model_class"] = _original_class_name(pm.model)
-    base["backbone_class"] = _original_class_name(getattr(pm.model, "base_model", pm.model))
-
-    def write(p):
-        with open(p, "w") as f:
-            json.dump(meta, f, indent=1)
-
-    io._replace_into(path, io.CONFIG_FILE, write)
-
-
 def save_prompts(pm, path, rank: int = 0, group=None) -> None:
-    """``pm.save_prompts(path)`` for a PromptedModel sharded by :func:`shard_base_model`: a collective,
-    to be called on every rank of ``group``; rank ``rank`` (of ``group``) writes the folder.
+    """``pm.save_prompts(path)`` for a PromptedModel sharded by :func:`shard_base_model`, written by one
+    rank: a collective, to be called on every rank of ``group``; rank ``rank`` (of ``group``) writes
+    the folder.
 
-    The FSDP modules that hold the weights the fingerprint samples (the input embeddings, a few weight
-    matrices spread over the depth, the head) are unsharded while it writes, then resharded. An
-    unsharded ``pm`` (no FSDP module) is saved by ``rank`` alone, as ``pm.save_prompts`` does."""
-    from torch.distributed.fsdp import FSDPModule
-
+    Every rank builds what ``pm.save_prompts`` writes (``prompt_kernels.patch.io.prompt_files``: the
+    sampled sharded weights of the fingerprint are gathered with ``full_tensor()``, classes named as
+    before ``fully_shard``), then ``rank`` writes it and all wait for it. An unsharded ``pm`` is saved
+    the same way (nothing to gather)."""
     from prompt_kernels.patch import io
 
-    model = pm.model
-    base = getattr(model, "base_model", model)
-    prefix = next((n + "." for n, m in model.named_modules() if m is base and n), "")
-    named = dict(base.named_parameters())
-    names = [prefix + n for n in io._pick_backbone_tensors(model, named)]
-    names += list(pm.info.head_parameters())
-    owners: list[FSDPModule] = []
-    for n in names:
-        owner = _fsdp_owner(model, n)
-        if owner is not None and not any(owner is o for o in owners):
-            owners.append(owner)
-    for owner in owners:
-        owner.unshard()
+    tensors, meta = io.prompt_files(pm)
     try:
         if dist.get_rank(group) == rank:
-            pm.save_prompts(path)
-            _unwrap_class_names(pm, path)
+            io.write_prompt_files(path, tensors, meta)
     finally:
-        for owner in owners:
-            owner.reshard()
         dist.barrier(group=group)

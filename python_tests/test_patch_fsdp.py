@@ -5,11 +5,15 @@ Each rank trains on its half of every global batch, starting from its own random
 broadcasts rank 0's). After every backward the prompt gradients must be identical on both ranks and
 equal the single-process gradient of the whole batch; the trained prompts likewise; a frozen base
 weight is sharded and unchanged; the prompts saved (collectively, written by rank 0) load onto an
-unsharded model and give the outputs of the sharded one.
+unsharded model and give the outputs of the sharded one. The plain ``pm.save_prompts``, called on every
+rank of the sharded model, writes the same folder (classes named as before ``fully_shard``, sampled
+weights gathered), and the saved prompts' fingerprint matches the sharded model itself (a prompt set
+loaded onto it from the folder gives its outputs).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -17,9 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from patch_helpers import batch, one_thread, tiny_model  # noqa: F401  (autouse fixture)
+from safetensors.torch import load_file
 
 import prompt_kernels as pk
 from prompt_kernels import distributed as pkd
+from prompt_kernels.patch import io
 
 WORLD, STEPS, B = 2, 3, 4
 CASES = {
@@ -53,6 +59,8 @@ def _global_batch(case, step):
 # InfoPrompt's auxiliary losses contrast each row with the other rows of its batch: data-parallel
 # training optimises the mean of the ranks' losses, which the one-process run computes half by half.
 PER_RANK_LOSS = {"llama-infoprompt", "llama-infoprompt-tied"}
+# add_prompt_set takes prompts only (no trained head) of methods that are not sequence-style.
+PROMPT_SET_CASES = {"llama-prefix", "llama-prompt-tuning", "llama-infoprompt"}
 
 
 def _tiny(case, **kwargs):
@@ -112,6 +120,18 @@ def _worker(rank, port, case, out):
         with torch.no_grad():
             logits = pm(input_ids=ids, attention_mask=mask).logits
         pkd.save_prompts(pm, f"{out}/prompts")
+        pm.save_prompts(f"{out}/plain{rank}")  # every rank: the sampled sharded weights are gathered
+        # Loading onto the sharded model: its fingerprint matches the saved one (what load_prompts and
+        # add_prompt_set check), and a prompt set loaded from the folder gives the default set's outputs.
+        with open(f"{out}/prompts/{io.CONFIG_FILE}") as f:
+            saved = json.load(f)["base_model"]
+        now = io.fingerprint(pm.model, pm.info, like=saved)
+        same = io.compare_fingerprints(saved, now, head_saved=True) == ([], False)
+        set_logits = None
+        if case in PROMPT_SET_CASES:
+            pm.add_prompt_set("saved", f"{out}/prompts")
+            with torch.no_grad():
+                set_logits = pm(input_ids=ids, attention_mask=mask, prompt_set="saved").logits
         torch.save(
             {
                 "init": init,
@@ -120,6 +140,8 @@ def _worker(rank, port, case, out):
                 "frozen": frozen.full_tensor().detach().clone(),
                 "frozen_name": name,
                 "logits": logits,
+                "fingerprint_matches": same,
+                "set_logits": set_logits,
             },
             f"{out}/rank{rank}.pt",
         )
@@ -184,3 +206,18 @@ def test_fsdp2_sharded_base_replicated_prompts_match_one_process(case, tmp_path)
     torch.testing.assert_close(got, r0["logits"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(r1["logits"], r0["logits"], rtol=0, atol=0)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+    # pm.save_prompts on the sharded model (every rank) wrote what distributed.save_prompts wrote.
+    written = json.loads((tmp_path / "prompts" / io.CONFIG_FILE).read_text())
+    assert written["base_model"]["model_class"] == type(fresh).__name__
+    assert not written["base_model"]["model_class"].startswith("FSDP")
+    weights = load_file(tmp_path / "prompts" / io.WEIGHTS_FILE)
+    for rank in range(WORLD):
+        plain = tmp_path / f"plain{rank}"
+        assert json.loads((plain / io.CONFIG_FILE).read_text()) == written
+        again = load_file(plain / io.WEIGHTS_FILE)
+        assert again.keys() == weights.keys()
+        assert all(torch.equal(again[k], v) for k, v in weights.items())
+    assert r0["fingerprint_matches"] and r1["fingerprint_matches"]
+    if case in PROMPT_SET_CASES:
+        torch.testing.assert_close(r0["set_logits"], r0["logits"], rtol=0, atol=0)

@@ -13,6 +13,13 @@ model therefore load onto its bf16 or fp16 copy, on any device, while a differen
 checkpoint (values apart by far more than rounding) is refused, naming the tensors that differ.
 Files written before this scheme hold SHA-256 digests (``backbone_weights`` as a string); those are
 still compared, by digest.
+
+A model whose base is sharded with FSDP2 (``prompt_kernels.distributed.shard_base_model``) has the
+same fingerprint as its unsharded original: classes are named as before ``fully_shard`` swapped in its
+``FSDP<Class>`` subclasses, and a sampled weight that is a DTensor is gathered (``full_tensor()``) first.
+That gather is a collective: on a sharded model, :func:`save_prompts` and the fingerprint comparison
+of a load (``add_prompt_set``) must run on every rank of the mesh (``distributed.save_prompts`` does,
+and writes from one rank only).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 
 import torch
@@ -37,6 +45,27 @@ ATOL = 1e-6  # fp16 flushes values below ~6e-8 and keeps ~6e-8 absolute steps be
 
 
 # -- fingerprint ------------------------------------------------------------------------------------
+def original_class(module) -> type:
+    """``type(module)``, or for a module ``fully_shard`` (FSDP2) has wrapped, the class it had before
+    (``fully_shard`` swaps in a dynamic subclass ``FSDP<Class>``: the first class of its MRO that is
+    not an ``FSDPModule``)."""
+    cls = type(module)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is not None and issubclass(cls, fsdp_module):
+        cls = next((c for c in cls.__mro__ if not issubclass(c, fsdp_module)), cls)
+    return cls
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or the whole tensor of a DTensor (a sharded FSDP2 weight): ``t.full_tensor()``, a
+    collective every rank of its mesh must join."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and isinstance(t, dtensor):
+        return t.detach().full_tensor()
+    return t
+
+
 def _positions(numel: int) -> list[int]:
     k = min(SAMPLES, numel)
     if k <= 1:
@@ -45,7 +74,7 @@ def _positions(numel: int) -> list[int]:
 
 
 def _sample(t: torch.Tensor) -> dict:
-    flat = t.detach().reshape(-1)
+    flat = full_tensor(t.detach()).reshape(-1)
     idx = torch.tensor(_positions(flat.numel()), dtype=torch.long, device=flat.device)
     values = flat.index_select(0, idx).float().cpu().tolist() if idx.numel() else []
     return {"shape": list(t.shape), "values": values}
@@ -95,8 +124,8 @@ def _model_facts(model, like: dict | None = None) -> dict:
     named = dict(getattr(model, "base_model", model).named_parameters())
     names = _sampled_names((like or {}).get("backbone_weights")) or _pick_backbone_tensors(model, named)
     facts = {
-        "model_class": type(model).__name__,
-        "backbone_class": type(getattr(model, "base_model", model)).__name__,
+        "model_class": original_class(model).__name__,
+        "backbone_class": original_class(getattr(model, "base_model", model)).__name__,
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "backbone_weights": _samples(named, names),
     }
@@ -131,7 +160,7 @@ def _legacy_digest(tensors) -> str:
     """The dtype-dependent digest of files written before the sampled fingerprint."""
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().float().cpu().contiguous().flatten()[:4096]
+        t = full_tensor(t.detach()).float().cpu().contiguous().flatten()[:4096]
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:32]
@@ -142,7 +171,7 @@ def _legacy(model, info) -> dict:
     attns = [a for a in info.attentions if a is not None] or [info.backbone]
     attn0, attn_last = attns[0], attns[-1]
     backbone = [
-        info.input_embeddings.weight[:16],
+        full_tensor(info.input_embeddings.weight)[:16],
         *[p for _, p in sorted(attn0.named_parameters())][:2],
         *[p for _, p in sorted(attn_last.named_parameters())][-2:],
     ]
@@ -245,19 +274,27 @@ def _replace_into(path: str, name: str, write) -> None:
             os.remove(tmp)
 
 
-def save_prompts(pm, path) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
+def prompt_files(pm) -> tuple[dict, dict]:
+    """``(tensors, config.json contents)`` that :func:`save_prompts` writes for ``pm``: the method's
+    state (and the head when trained), on the CPU, and the prompt config with the base model's
+    fingerprint. On a model sharded with FSDP2 a collective (the sampled weights are gathered)."""
     tensors = {METHOD_PREFIX + k: v for k, v in pm.method.state_dict().items()}
     if pm.prompt_config.trainable_head:
         tensors.update({HEAD_PREFIX + k: v for k, v in pm.info.head_parameters().items()})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: full_tensor(v.detach()).cpu().contiguous() for k, v in tensors.items()}
     meta = {
         "format": FORMAT,
         "prompt_config": pm.prompt_config.to_dict(),
         "base_model": fingerprint(pm.model, pm.info),
     }
+    return tensors, meta
+
+
+def write_prompt_files(path, tensors: dict, meta: dict) -> None:
+    """Write what :func:`prompt_files` returned into the folder ``path`` (each file replaced whole)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
 
     def write_config(p):
         with open(p, "w") as f:
@@ -265,6 +302,13 @@ def save_prompts(pm, path) -> None:
 
     _replace_into(path, WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": str(FORMAT)}))
     _replace_into(path, CONFIG_FILE, write_config)
+
+
+def save_prompts(pm, path) -> None:
+    """``prompts.safetensors`` + ``config.json`` in ``path``. On a model sharded with FSDP2, every rank
+    must call it (see the module docstring); each writes ``path`` (for one writer:
+    ``prompt_kernels.distributed.save_prompts``)."""
+    write_prompt_files(path, *prompt_files(pm))
 
 
 def read_prompt_files(path) -> tuple[dict, dict]:
@@ -350,7 +394,7 @@ def load_prompts_with(attach, model, path, **options):
         raise
     if not head_saved and head_differs:
         warnings.warn(
-            f"the task head of {type(model).__name__} differs from the one the prompts in {path} were trained "
+            f"the task head of {original_class(model).__name__} differs from the one the prompts in {path} were trained "
             "with; outputs will differ (save with trainable_head=True to keep the head with the prompts)",
             stacklevel=2,
         )
