@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_within_budget, backends, device_for, require_cpp_build
+from helpers import CAN_RUN_TRITON, INTERPRET, assert_within_budget, backends, device_for, require_cpp_build
 
 import prompt_kernels
 from prompt_kernels.ops import vq
@@ -157,6 +157,131 @@ def test_nearest_far_codes_no_cancellation(backend):
     assert idx.tolist() == [3, 17, 39]
     ref = (x.double() - codebook.double()[idx]).pow(2).sum(-1)
     assert torch.allclose(dist.double(), ref, rtol=1e-4, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# vq_nearest on Triton: the split-over-codes path (small N) and the one-pass paths
+
+
+def _tied_inputs(N, K, D, dtype, device):
+    """Random codes with exact duplicates of code 2 at 65 and K - 1 (other splits: slices of 64
+    codes); the first rows of ``x`` sit exactly on code 2, the next near it."""
+    codebook = torch.randn(K, D, dtype=torch.float64) * 2
+    for k in (65, K - 1):
+        if k > 2 and k < K:
+            codebook[k] = codebook[2]
+    x = torch.randn(N, D, dtype=torch.float64) * 2
+    x[: min(N, 2)] = codebook[2]
+    x[2:4] = codebook[2] + 0.01 * torch.randn(len(x[2:4]), D, dtype=torch.float64)
+    return x.to(dtype).to(device), codebook.to(dtype).to(device)
+
+
+def _run_triton_nearest(x, codebook, plan=None):
+    """The Triton launcher on outputs poisoned with NaN / a sentinel index."""
+    from prompt_kernels.kernels import vq as vq_kernels
+
+    N = x.shape[0]
+    idx = torch.full((N,), -7, dtype=torch.int64, device=x.device)
+    dist = torch.full((N,), float("nan"), dtype=torch.float32, device=x.device)
+    vq_kernels.vq_nearest(x, codebook, idx, dist, plan=plan)
+    return idx, dist
+
+
+def _check_nearest(x, codebook, idx, dist, name):
+    assert not torch.isnan(dist).any() and (idx >= 0).all() and (idx < codebook.shape[0]).all(), name
+    ref_idx, ref_dist = vq_ops.vq_nearest_reference(x.double(), codebook.double())
+    ref_idx, ref_dist = ref_idx.to(idx.device), ref_dist.to(idx.device)
+    d = _float64_distances(x, codebook).to(idx.device)
+    best = d.min(dim=1).values
+    scale = x.double().pow(2).sum(-1) + codebook.double().pow(2).sum(-1).max()
+    clear = _clear_rows(x, codebook).to(idx.device)
+    assert torch.equal(idx[clear], ref_idx[clear]), name
+    # Near-ties: a numerically nearest code; exact ties (duplicate codes): the lowest index.
+    chosen = d.gather(1, idx[:, None].cpu().to(d.device)).squeeze(1)
+    assert (chosen - best <= 1e-5 * scale).all(), name
+    # (Against the direct float64 distances: the reference's expanded matrix comes from a BLAS GEMM
+    # whose rounding may differ between equal columns.)
+    at_min = d == best[:, None]
+    exact = at_min.sum(1) > 1
+    assert torch.equal(idx[exact], at_min.int().argmax(1)[exact]), name
+    _, same_dtype_dist = vq_ops.vq_nearest_reference(x, codebook)
+    assert_within_budget(dist[clear], ref_dist[clear], same_dtype_dist[clear], name=name)
+
+
+@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs the Triton interpreter or a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 130, 7), (7, 70, 13), (100, 200, 65)])
+def test_nearest_split_path_matches_float64(dtype, shape):
+    """N = 1, 7, 100 (one or two row tiles); K = 130, 70, 200: 3, 2, 4 slices of 64 codes, the last
+    one partial; D odd (one or two feature chunks); duplicate codes in different slices."""
+    from prompt_kernels.kernels import vq as vq_kernels
+
+    N, K, D = shape
+    plan = vq_kernels.nearest_plan(N, K)
+    assert plan.splits == -(-K // vq_kernels.NEAREST_BLOCK_N) > 1  # one 64-code tile per split here
+    x, codebook = _tied_inputs(N, K, D, dtype, device_for("triton"))
+    idx, dist = _run_triton_nearest(x, codebook)
+    _check_nearest(x, codebook, idx, dist, f"split {shape} {dtype}")
+    if dtype == torch.float32:  # exact ties: rows on code 2 and next to it (codes 65 and K - 1 equal it)
+        assert idx[: min(N, 4)].tolist() == [2] * min(N, 4)
+        assert dist[: min(N, 2)].tolist() == [0.0] * min(N, 2)
+
+
+@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs the Triton interpreter or a GPU")
+@pytest.mark.parametrize("plan_kind", ["one pass 64", "one pass 16", "split 2 slices"])
+def test_nearest_forced_plans(plan_kind):
+    """The large-N path (one pass over 64-row tiles), the former 16-row tiles, and a split whose
+    slices hold several code tiles (K = 200: 128 + 72 codes), at a small N the interpreter can run."""
+    from prompt_kernels.kernels import vq as vq_kernels
+
+    N, K, D = 70, 200, 9
+    plan = {
+        "one pass 64": vq_kernels.NearestPlan(64, 1, K),
+        "one pass 16": vq_kernels.NearestPlan(16, 1, K),
+        "split 2 slices": vq_kernels.NearestPlan(64, 2, 128),
+    }[plan_kind]
+    x, codebook = _tied_inputs(N, K, D, torch.float32, device_for("triton"))
+    idx, dist = _run_triton_nearest(x, codebook, plan)
+    _check_nearest(x, codebook, idx, dist, plan_kind)
+    assert idx[:4].tolist() == [2] * 4 and dist[:2].tolist() == [0.0, 0.0]
+
+
+def test_nearest_plan_choice():
+    """Small N splits over codes (row tiles x splits reach the target, or one code tile per split);
+    from LARGE_N rows, or with a single code tile, one pass."""
+    from prompt_kernels.kernels import vq as vq_kernels
+
+    big = vq_kernels.LARGE_N
+    assert vq_kernels.nearest_plan(big, 1000).splits == 1
+    assert vq_kernels.nearest_plan(100, 64).splits == 1  # one code tile: nothing to split
+    for N, K in [(1, 1000), (40, 70), (3200, 1000), (big - 1, 1000), (5000, 100_000)]:
+        p = vq_kernels.nearest_plan(N, K)
+        row_tiles = -(-N // p.block_m)
+        code_tiles = -(-K // vq_kernels.NEAREST_BLOCK_N)
+        assert p.block_m == 64 and p.splits > 1, (N, K, p)
+        assert p.codes_per_split % vq_kernels.NEAREST_BLOCK_N == 0
+        assert (p.splits - 1) * p.codes_per_split < K <= p.splits * p.codes_per_split  # no empty slice
+        assert row_tiles * p.splits >= vq_kernels.SPLIT_TARGET_PROGRAMS or p.splits == code_tiles, (N, K, p)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic meter counts interpreted launches")
+def test_nearest_launcher_takes_split_path_at_small_n():
+    """The public op at small N launches the split and reduction kernels (not the one-pass kernel),
+    and issues the codebook once per 64-row tile, not once per 16 rows."""
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    N, K, D = 100, 130, 8
+    x, codebook = _inputs(N, K, D, torch.float32, "cpu")
+    with TrafficMeter() as m, prompt_kernels.use_backend("triton"):
+        vq.vq_nearest(x, codebook)
+    kernels_run = [r.kernel for r in m.launches]
+    assert kernels_run == ["_sq_norms_kernel", "_nearest_split_kernel", "_nearest_reduce_kernel"]
+    split = m.launches[1]
+    assert split.grid[:2] == (2, 3)  # 2 row tiles x 3 slices of the codebook
+    codebook_bytes = K * D * 4
+    # codebook twice (two row tiles) + x once per code tile (3) + norms twice
+    assert split.loaded_bytes == 2 * codebook_bytes + 3 * N * D * 4 + 2 * K * 4
+    assert split.stored_bytes == 3 * N * 8  # the partials
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,15 @@
   ``tl.min`` breaks ties to the left: ties go to the lowest index). The epilogue gathers the
   winning code rows and writes ``sum((x - e)^2)`` (no cancellation) and the index. The codebook is
   read once per row tile; the row tile is re-read per code tile from L1/L2 (HBM reads it once).
+  Used from ``LARGE_N`` rows on (at least ``SPLIT_TARGET_PROGRAMS`` row tiles).
+* Below ``LARGE_N`` rows, split over codes: ``_nearest_split_kernel`` (grid ``(cdiv(N, BLOCK_M),
+  splits)``) runs the same scan over one contiguous, tile-aligned slice of the codebook and writes a
+  partial (best score, best index) per row and split to an fp32 / int32 workspace ``[splits, N]``;
+  ``_nearest_reduce_kernel`` (grid ``cdiv(N, REDUCE_BLOCK_M)``) takes the minimum over the splits in
+  order (a later split must be strictly better: ties go to the lowest index, as in one pass) and
+  does the epilogue (direct distance to the winner). The row tile keeps 64 rows, so the codebook is
+  read ``cdiv(N, 64)`` times instead of ``cdiv(N, 16)`` with the former 16-row tiles, and the splits
+  give the parallelism the 16-row tiles were there for (see :func:`nearest_plan`).
 * ``_sample_kernel`` (grid ``(cdiv(N, BLOCK_M), cdiv(S, BLOCK_S))``): the same tiles give the logits
   ``(2 x.e - ||e||^2) / temperature`` (``-||x||^2 / t`` is a per-row constant); for each of the
   program's samples a Gumbel variate per (row, code) is added and a running arg-max kept: argmax
@@ -21,6 +30,8 @@
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -42,9 +53,16 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # FMA units) skip 32 and run unpipelined (num_stages=1): the other combinations spill on sm_80/sm_90.
 BLOCK_D_CHOICES = {torch.float32: (16, 64), torch.float16: (16, 32, 64), torch.bfloat16: (16, 32, 64)}
 NUM_STAGES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 2}
-NEAREST_BLOCK_M_CHOICES = (16, 64)  # 16 for small N (more programs), 64 from LARGE_N rows on
+NEAREST_BLOCK_M = 64  # rows per program of the nearest-code scan (both paths)
 NEAREST_BLOCK_N = 64
-LARGE_N = 8192
+# Programs the split path aims for: about two per SM on an A100 (108 SMs) / H100 (132 SMs); the
+# 64-row tiles run 2 to 4 blocks per SM (compile check), so this is at most one wave. From
+# LARGE_N rows (256 row tiles of 64) the row tiles alone give that many programs: one pass, no split.
+SPLIT_TARGET_PROGRAMS = 256
+LARGE_N = NEAREST_BLOCK_M * (SPLIT_TARGET_PROGRAMS - 1) + 1  # 16,321
+REDUCE_BLOCK_M = 32  # rows per program of the reduction over the splits
+REDUCE_BLOCK_D = 64
+LEGACY_BLOCK_M = 16  # the former small-N tile: only for the "before" traffic launch cases
 SAMPLE_BLOCK_M = 32
 SAMPLE_BLOCK_N = 32
 SAMPLE_BLOCK_S = 16  # samples per program (a second grid axis covers more)
@@ -55,6 +73,7 @@ NUM_WARPS = 4
 # the 64-row nearest tiles and the fp16/bf16 sampler; the fp32 sampler spills at BLOCK_D=16 with 8
 # warps but not with 4.
 NEAREST_WARPS = {16: 4, 64: 8}
+REDUCE_WARPS = 4
 SAMPLE_WARPS = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
 
 
@@ -107,14 +126,14 @@ def _tile_dots(
 
 
 @triton.jit
-def _nearest_kernel(
+def _scan_codes(
     x_ptr,
     e_ptr,
     norms_ptr,
-    idx_ptr,
-    dist_ptr,
-    N,
-    K,
+    rows64,
+    rmask,
+    k_begin,
+    k_end,
     D,
     stride_x,
     stride_e,
@@ -122,14 +141,14 @@ def _nearest_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < N
-    rows64 = rows.to(tl.int64)
+    """Running minimum of ``||e||^2 - 2 x.e`` over codes ``k_begin .. k_end - 1`` for the row tile:
+    ``(best score [BLOCK_M] fp32, its code [BLOCK_M] int32)``. A later code tile must be strictly
+    better and ``tl.min`` breaks ties to the left: ties go to the lowest index."""
     best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
-    best_k = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_N):
+    best_k = tl.zeros([BLOCK_M], dtype=tl.int32) + k_begin
+    for k0 in range(k_begin, k_end, BLOCK_N):
         ks = k0 + tl.arange(0, BLOCK_N)
-        kmask = ks < K
+        kmask = ks < k_end
         acc = _tile_dots(
             x_ptr,
             e_ptr,
@@ -150,7 +169,27 @@ def _nearest_kernel(
         better = tile_min < best
         best = tl.where(better, tile_min, best)
         best_k = tl.where(better, k0 + tile_arg, best_k)
-    # Exact distance to the winner: gather its row, sum the squared differences.
+    return best, best_k
+
+
+@triton.jit
+def _write_nearest(
+    x_ptr,
+    e_ptr,
+    idx_ptr,
+    dist_ptr,
+    rows,
+    rows64,
+    rmask,
+    best_k,
+    D,
+    stride_x,
+    stride_e,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Epilogue: the exact distance to the winner (gather its row, sum the squared differences, no
+    cancellation) and the int64 index."""
     dist = tl.zeros([BLOCK_M], dtype=tl.float32)
     bk64 = best_k.to(tl.int64)
     for d0 in range(0, D, BLOCK_D):
@@ -162,6 +201,116 @@ def _nearest_kernel(
         dist += tl.sum(diff * diff, axis=1)
     tl.store(idx_ptr + rows, bk64, mask=rmask)
     tl.store(dist_ptr + rows, dist, mask=rmask)
+
+
+@triton.jit
+def _nearest_kernel(
+    x_ptr,
+    e_ptr,
+    norms_ptr,
+    idx_ptr,
+    dist_ptr,
+    N,
+    K,
+    D,
+    stride_x,
+    stride_e,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    _, best_k = _scan_codes(
+        x_ptr, e_ptr, norms_ptr, rows64, rmask, 0, K, D, stride_x, stride_e, BLOCK_M, BLOCK_N, BLOCK_D
+    )
+    _write_nearest(
+        x_ptr, e_ptr, idx_ptr, dist_ptr, rows, rows64, rmask, best_k, D, stride_x, stride_e, BLOCK_M, BLOCK_D
+    )
+
+
+@triton.jit
+def _nearest_split_kernel(
+    x_ptr,
+    e_ptr,
+    norms_ptr,
+    part_score_ptr,
+    part_idx_ptr,
+    N,
+    K,
+    D,
+    stride_x,
+    stride_e,
+    codes_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program ``(i, s)``: rows ``i * BLOCK_M ..`` against codes ``s * codes_per_split ..`` (a multiple
+    of BLOCK_N); writes the partial minimum to ``part_*[s, row]``."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    split = tl.program_id(1)
+    k_begin = split * codes_per_split
+    k_end = tl.minimum(k_begin + codes_per_split, K)
+    best, best_k = _scan_codes(
+        x_ptr,
+        e_ptr,
+        norms_ptr,
+        rows64,
+        rmask,
+        k_begin,
+        k_end,
+        D,
+        stride_x,
+        stride_e,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+    )
+    out = split.to(tl.int64) * N + rows64
+    tl.store(part_score_ptr + out, best, mask=rmask)
+    tl.store(part_idx_ptr + out, best_k, mask=rmask)
+
+
+@triton.jit
+def _nearest_reduce_kernel(
+    x_ptr,
+    e_ptr,
+    part_score_ptr,
+    part_idx_ptr,
+    idx_ptr,
+    dist_ptr,
+    N,
+    D,
+    splits,
+    stride_x,
+    stride_e,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Minimum over the splits in order (strictly better only: the lowest split, hence the lowest
+    index, wins ties), then the epilogue of the one-pass kernel."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+    best_k = tl.zeros([BLOCK_M], dtype=tl.int32)
+    score_ptrs = part_score_ptr + rows64  # pointers advance by N per split (64-bit, no product)
+    idx_ptrs = part_idx_ptr + rows64
+    for _ in range(0, splits):
+        v = tl.load(score_ptrs, mask=rmask, other=float("inf"))
+        k = tl.load(idx_ptrs, mask=rmask, other=0)
+        better = v < best
+        best = tl.where(better, v, best)
+        best_k = tl.where(better, k, best_k)
+        score_ptrs += N
+        idx_ptrs += N
+    _write_nearest(
+        x_ptr, e_ptr, idx_ptr, dist_ptr, rows, rows64, rmask, best_k, D, stride_x, stride_e, BLOCK_M, BLOCK_D
+    )
 
 
 @triton.jit
@@ -266,8 +415,35 @@ def _block_d(D: int, dtype: torch.dtype) -> int:
     return next((c for c in choices if c >= D), choices[-1])
 
 
-def _nearest_block_m(N: int) -> int:
-    return NEAREST_BLOCK_M_CHOICES[1] if N >= LARGE_N else NEAREST_BLOCK_M_CHOICES[0]
+@dataclass(frozen=True)
+class NearestPlan:
+    """How ``vq_nearest`` launches: ``splits == 1`` is one pass (``_nearest_kernel``), otherwise the
+    codes are split into ``splits`` slices of ``codes_per_split`` (a multiple of ``NEAREST_BLOCK_N``)
+    and reduced by a second kernel."""
+
+    block_m: int
+    splits: int
+    codes_per_split: int
+
+
+def nearest_plan(N: int, K: int) -> NearestPlan:
+    """The launch of ``vq_nearest`` for ``N`` rows and ``K`` codes.
+
+    Traffic (no cache, element size s): one pass over 64-row tiles issues the codebook
+    ``cdiv(N, 64) K D s`` times (a quarter of the former 16-row tiles' ``cdiv(N, 16) K D s``, whose
+    only purpose was more programs at small N). Splitting over codes issues exactly the same
+    codebook and ``x`` bytes (each slice is tile-aligned) plus a workspace of 8 bytes per row and
+    split, written once and read once; the winner's epilogue moves from the scan to the reduction.
+    So the split never costs traffic worth counting (16 N splits bytes against ``s (N + K) D``), and
+    it is chosen for parallelism: whenever the row tiles alone give fewer than
+    ``SPLIT_TARGET_PROGRAMS`` programs (``N < LARGE_N``), the codes are split so that row tiles x
+    splits reaches it (at most one code tile per split)."""
+    row_tiles = triton.cdiv(N, NEAREST_BLOCK_M)
+    code_tiles = triton.cdiv(K, NEAREST_BLOCK_N)
+    splits = min(code_tiles, triton.cdiv(SPLIT_TARGET_PROGRAMS, row_tiles))  # 1 from LARGE_N rows on
+    tiles_per_split = triton.cdiv(code_tiles, splits)
+    splits = triton.cdiv(code_tiles, tiles_per_split)  # no empty slice
+    return NearestPlan(NEAREST_BLOCK_M, splits, tiles_per_split * NEAREST_BLOCK_N)
 
 
 def _check(x: torch.Tensor, codebook: torch.Tensor) -> None:
@@ -293,32 +469,79 @@ def code_sq_norms(codebook: torch.Tensor) -> torch.Tensor:
 
 
 def vq_nearest(
-    x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, distances: torch.Tensor
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    distances: torch.Tensor,
+    *,
+    plan: NearestPlan | None = None,
 ) -> None:
-    """Writes int64 ``indices [N]`` and fp32 ``distances [N]`` (allocated by the caller)."""
+    """Writes int64 ``indices [N]`` and fp32 ``distances [N]`` (allocated by the caller). ``plan``
+    (tests and traffic cases only) overrides :func:`nearest_plan`."""
     _check(x, codebook)
     N, D = x.shape
     K = codebook.shape[0]
     if N == 0:
         return
+    plan = plan or nearest_plan(N, K)
     norms = code_sq_norms(codebook)
-    block_m = _nearest_block_m(N)
-    _nearest_kernel[(triton.cdiv(N, block_m),)](
+    block_d = _block_d(D, x.dtype)
+    row_tiles = triton.cdiv(N, plan.block_m)
+    if plan.splits == 1:
+        _nearest_kernel[(row_tiles,)](
+            x,
+            codebook,
+            norms,
+            indices,
+            distances,
+            N,
+            K,
+            D,
+            x.stride(0),
+            codebook.stride(0),
+            BLOCK_M=plan.block_m,
+            BLOCK_N=NEAREST_BLOCK_N,
+            BLOCK_D=block_d,
+            num_warps=NEAREST_WARPS[plan.block_m],
+            num_stages=NUM_STAGES[x.dtype],
+        )
+        return
+    part_score = _alloc.empty((plan.splits, N), dtype=torch.float32, device=x.device)
+    part_idx = _alloc.empty((plan.splits, N), dtype=torch.int32, device=x.device)
+    _nearest_split_kernel[(row_tiles, plan.splits)](
         x,
         codebook,
         norms,
-        indices,
-        distances,
+        part_score,
+        part_idx,
         N,
         K,
         D,
         x.stride(0),
         codebook.stride(0),
-        BLOCK_M=block_m,
+        plan.codes_per_split,
+        BLOCK_M=plan.block_m,
         BLOCK_N=NEAREST_BLOCK_N,
-        BLOCK_D=_block_d(D, x.dtype),
-        num_warps=NEAREST_WARPS[block_m],
+        BLOCK_D=block_d,
+        num_warps=NEAREST_WARPS[plan.block_m],
         num_stages=NUM_STAGES[x.dtype],
+    )
+    _nearest_reduce_kernel[(triton.cdiv(N, REDUCE_BLOCK_M),)](
+        x,
+        codebook,
+        part_score,
+        part_idx,
+        indices,
+        distances,
+        N,
+        D,
+        plan.splits,
+        x.stride(0),
+        codebook.stride(0),
+        BLOCK_M=REDUCE_BLOCK_M,
+        BLOCK_D=REDUCE_BLOCK_D,
+        num_warps=REDUCE_WARPS,
+        num_stages=1,
     )
 
 
@@ -386,33 +609,73 @@ def _compile_specs() -> list[CompileSpec]:
                 num_warps=NUM_WARPS,
             )
         )
+        scan_signature = {
+            "x_ptr": f"*{t}",
+            "e_ptr": f"*{t}",
+            "norms_ptr": "*fp32",
+            "N": "i32",
+            "K": "i32",
+            "D": "i32",
+            "stride_x": "i32",
+            "stride_e": "i32",
+            "BLOCK_M": "constexpr",
+            "BLOCK_N": "constexpr",
+            "BLOCK_D": "constexpr",
+        }
+        specs.append(
+            CompileSpec(
+                name=f"vq_nearest_reduce[{t},BLOCK_M={REDUCE_BLOCK_M},BLOCK_D={REDUCE_BLOCK_D}]",
+                kernel=_nearest_reduce_kernel,
+                signature={
+                    "x_ptr": f"*{t}",
+                    "e_ptr": f"*{t}",
+                    "part_score_ptr": "*fp32",
+                    "part_idx_ptr": "*i32",
+                    "idx_ptr": "*i64",
+                    "dist_ptr": "*fp32",
+                    "N": "i32",
+                    "D": "i32",
+                    "splits": "i32",
+                    "stride_x": "i32",
+                    "stride_e": "i32",
+                    "BLOCK_M": "constexpr",
+                    "BLOCK_D": "constexpr",
+                },
+                constexprs={"BLOCK_M": REDUCE_BLOCK_M, "BLOCK_D": REDUCE_BLOCK_D},
+                num_warps=REDUCE_WARPS,
+                num_stages=1,
+            )
+        )
         for block_d in BLOCK_D_CHOICES[dt]:
-            for block_m in NEAREST_BLOCK_M_CHOICES:
-                specs.append(
-                    CompileSpec(
-                        name=f"vq_nearest[{t},BLOCK_M={block_m},BLOCK_N={NEAREST_BLOCK_N},BLOCK_D={block_d}]",
-                        kernel=_nearest_kernel,
-                        signature={
-                            "x_ptr": f"*{t}",
-                            "e_ptr": f"*{t}",
-                            "norms_ptr": "*fp32",
-                            "idx_ptr": "*i64",
-                            "dist_ptr": "*fp32",
-                            "N": "i32",
-                            "K": "i32",
-                            "D": "i32",
-                            "stride_x": "i32",
-                            "stride_e": "i32",
-                            "BLOCK_M": "constexpr",
-                            "BLOCK_N": "constexpr",
-                            "BLOCK_D": "constexpr",
-                        },
-                        constexprs={"BLOCK_M": block_m, "BLOCK_N": NEAREST_BLOCK_N, "BLOCK_D": block_d},
-                        num_warps=NEAREST_WARPS[block_m],
-                        num_stages=NUM_STAGES[dt],
-                        uses_dot=True,
-                    )
+            tiles = {"BLOCK_M": NEAREST_BLOCK_M, "BLOCK_N": NEAREST_BLOCK_N, "BLOCK_D": block_d}
+            tile_name = f"{t},BLOCK_M={NEAREST_BLOCK_M},BLOCK_N={NEAREST_BLOCK_N},BLOCK_D={block_d}"
+            specs.append(
+                CompileSpec(
+                    name=f"vq_nearest[{tile_name}]",
+                    kernel=_nearest_kernel,
+                    signature={**scan_signature, "idx_ptr": "*i64", "dist_ptr": "*fp32"},
+                    constexprs=tiles,
+                    num_warps=NEAREST_WARPS[NEAREST_BLOCK_M],
+                    num_stages=NUM_STAGES[dt],
+                    uses_dot=True,
                 )
+            )
+            specs.append(
+                CompileSpec(
+                    name=f"vq_nearest_split[{tile_name}]",
+                    kernel=_nearest_split_kernel,
+                    signature={
+                        **scan_signature,
+                        "part_score_ptr": "*fp32",
+                        "part_idx_ptr": "*i32",
+                        "codes_per_split": "i32",
+                    },
+                    constexprs=tiles,
+                    num_warps=NEAREST_WARPS[NEAREST_BLOCK_M],
+                    num_stages=NUM_STAGES[dt],
+                    uses_dot=True,
+                )
+            )
             specs.append(
                 CompileSpec(
                     name=f"vq_sample[{t},BLOCK_M={SAMPLE_BLOCK_M},BLOCK_N={SAMPLE_BLOCK_N},BLOCK_D={block_d},"
@@ -454,24 +717,45 @@ def _compile_specs() -> list[CompileSpec]:
 def _launch_cases() -> list[LaunchCase]:
     from prompt_kernels.floors import vq_nearest_floors
 
-    N, K, D, S = 40, 70, 48, 3
     gen = torch.Generator().manual_seed(0)
+    cases = []
+    # Small N (the split path; "before": the former one pass over 16-row tiles, kept as a plan for
+    # comparison; "one pass": the large-N path at the same shape).
+    for N, K, D in ((40, 70, 48), (200, 300, 48)):
+        x = torch.randn(N, D, generator=gen)
+        codebook = torch.randn(K, D, generator=gen)
+        idx = _alloc.empty((N,), dtype=torch.int64, device=x.device)
+        dist = _alloc.empty((N,), dtype=torch.float32, device=x.device)
+        near = vq_nearest_floors(N, K, D, 4)
+        plan = nearest_plan(N, K)
+        variants = [
+            (f" (split {plan.splits}x{plan.codes_per_split} codes)", None),
+            (" (before: one pass, 16-row tiles)", NearestPlan(LEGACY_BLOCK_M, 1, K)),
+        ]
+        if N > 64:
+            variants.append(
+                (" (one pass, 64-row tiles: the large-N path)", NearestPlan(NEAREST_BLOCK_M, 1, K))
+            )
+        for suffix, p in variants:
+            cases.append(
+                LaunchCase(
+                    name=f"vq_nearest fwd fp32 x[{N},{D}] codebook[{K},{D}]{suffix}",
+                    op="vq_nearest",
+                    direction="forward",
+                    launch=lambda x=x, codebook=codebook, idx=idx, dist=dist, p=p: vq_nearest(
+                        x, codebook, idx, dist, plan=p
+                    ),
+                    floor_bytes=near.forward_bytes,
+                    floor_flops=near.forward_flops,
+                    scale_note="bytes (N*D + K*D)*4 + 12*N; flops 2*N*K*D; codebook issued cdiv(N, BLOCK_M) "
+                    "times, x once per 64-code tile; split adds 16*N*splits B of partials",
+                )
+            )
+    N, K, D, S = 40, 70, 48, 3
     x = torch.randn(N, D, generator=gen)
     codebook = torch.randn(K, D, generator=gen)
-    idx = _alloc.empty((N,), dtype=torch.int64, device=x.device)
-    dist = _alloc.empty((N,), dtype=torch.float32, device=x.device)
     samples = _alloc.empty((N, S), dtype=torch.int64, device=x.device)
-    near = vq_nearest_floors(N, K, D, 4)
-    return [
-        LaunchCase(
-            name=f"vq_nearest fwd fp32 x[{N},{D}] codebook[{K},{D}]",
-            op="vq_nearest",
-            direction="forward",
-            launch=lambda: vq_nearest(x, codebook, idx, dist),
-            floor_bytes=near.forward_bytes,
-            floor_flops=near.forward_flops,
-            scale_note="bytes (N*D + K*D)*4 + 12*N; flops 2*N*K*D",
-        ),
+    cases.append(
         LaunchCase(
             name=f"vq_sample fwd fp32 x[{N},{D}] codebook[{K},{D}] S={S}",
             op="vq_sample",
@@ -481,5 +765,6 @@ def _launch_cases() -> list[LaunchCase]:
             floor_bytes=4 * (N * D + K * D) + 8 * N * S,
             floor_flops=2 * N * K * D,
             scale_note="bytes (N*D + K*D)*4 + 8*N*S; flops 2*N*K*D (sampling work not counted)",
-        ),
-    ]
+        )
+    )
+    return cases
