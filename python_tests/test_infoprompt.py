@@ -319,6 +319,52 @@ def test_missing_label_source_raises():
         pm2.method.set_label_token_ids([5, 1000])
 
 
+def test_two_layer_classifier_head_is_refused_at_attach_without_label_embeddings(tmp_path):
+    """RoBERTa's task head is two layers (classifier.dense [d, d] + classifier.out_proj [C, d]): no single
+    classifier matrix to read the label rows off. attach refuses it at once (not at the first training
+    forward), naming the argument; with label_embeddings= it trains, saves and loads."""
+    model = tiny_model("roberta", head="cls", dropout=False)
+    attn = model.config._attn_implementation
+    config = InfoPromptConfig(prompt_length=3, beta=0.0)
+    with pytest.raises(ValueError) as err:
+        pk.attach(model, config)
+    msg = str(err.value)
+    for part in (
+        "label_embeddings=",
+        "[num_labels, d]",
+        "classifier.dense.weight",
+        "classifier.out_proj.weight",
+    ):
+        assert part in msg, msg
+    assert model.config._attn_implementation == attn  # the refusal left the model as it was
+    assert all(p.requires_grad for p in model.parameters())
+
+    rows = model.classifier.out_proj.weight
+    pm = pk.attach(model, config, label_embeddings=lambda: model.classifier.out_proj.weight)
+    torch.testing.assert_close(pm.method.label_embeddings(), rows.detach(), rtol=0, atol=0)
+    ids, mask = batch("roberta")
+    labels = torch.tensor([0, 1, 2])
+    pm.train()
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    assert set(pm.last_aux_losses) == {"infoprompt_head"}
+    out.loss.backward()
+    assert pm.method.prompt.grad.abs().sum() > 0
+
+    # Loading the prompts back needs the label rows too; a tensor does as well as a callable.
+    pm.save_prompts(tmp_path)
+    pm.detach()
+    with pytest.raises(ValueError, match="label_embeddings="):
+        pk.load_prompts(model, tmp_path)
+    loaded = pk.load_prompts(model, tmp_path, label_embeddings=rows.detach().clone())
+    torch.testing.assert_close(loaded.method.prompt, pm.method.prompt, rtol=0, atol=0)
+    loaded.detach()
+    with pytest.raises(ValueError, match=r"label embeddings must have shape \[num_labels, d=32\]"):
+        pk.attach(model, config, label_embeddings=torch.randn(3, D + 1))
+    # No head loss (gamma=0) or label words: nothing to read off the head, attach as before.
+    pk.attach(model, InfoPromptConfig(prompt_length=3, gamma=0.0)).detach()
+    pk.attach(model, InfoPromptConfig(prompt_length=3, head="label_words"), label_token_ids=LABEL_WORDS)
+
+
 def test_linear_decay():
     pm = _attach("bert", decay="linear")
     m = pm.method

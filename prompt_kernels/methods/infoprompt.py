@@ -41,10 +41,15 @@ real token for causal models (prompt rows excluded in both cases).
 The label embeddings: ``head="label_words"``: the input embeddings of label words, given as
 ``attach(model, config, label_token_ids=[...])`` or ``method.set_label_token_ids([...])`` (one id or a
 list of ids per label; a multi-token word is the mean of its tokens). ``head="classifier"``: the rows
-of a classifier weight ``[num_labels, d]``, given by ``method.set_label_embeddings(tensor or
-zero-argument callable returning it)`` (the command line passes ``lambda: head.linear.weight``);
-without it the model's own task head is used when it has exactly one ``[n, d]`` weight matrix (e.g.
-``BertForSequenceClassification.classifier``). ``E_label`` is detached: the head loss trains the prompt.
+of a classifier weight ``[num_labels, d]``, given as ``attach(model, config, label_embeddings=tensor or
+zero-argument callable returning it)`` or ``method.set_label_embeddings(...)`` (the command line passes
+``lambda: head.linear.weight``); without it the model's own task head is used when it has exactly one
+``[n, d]`` weight matrix (e.g. ``BertForSequenceClassification.classifier``). A classifier head that
+has none or several (RoBERTa's and BART's two-layer ``classifier.dense`` + ``classifier.out_proj``) is
+refused at ``attach`` (ValueError) unless ``label_embeddings=`` is given (or ``gamma=0``: no head
+loss); a model without a task head (``AutoModel``) takes ``set_label_embeddings`` after ``attach``,
+and a language-model head (whose token labels skip the head loss) is not checked.
+``E_label`` is detached: the head loss trains the prompt.
 
 Progress (``decay="linear"``): the trainer calls ``method.set_progress(step, total_steps)`` before each
 step's forward (``prompt_kernels/train.py`` does); the weights are multiplied by
@@ -83,7 +88,8 @@ class InfoPromptConfig(PromptConfig):
     decay: ``"none"`` (default) or ``"linear"``: γ and β decayed linearly to 0 over training
         (``method.set_progress(step, total_steps)``).
     head: where ``E_label`` comes from: ``"classifier"`` (default; classifier weight rows, via
-        ``method.set_label_embeddings`` or the model's own task head) or ``"label_words"`` (embeddings
+        ``attach(..., label_embeddings=...)``, ``method.set_label_embeddings`` or the model's own task
+        head) or ``"label_words"`` (embeddings
         of label words' token ids, via ``attach(..., label_token_ids=...)`` or
         ``method.set_label_token_ids``).
     cache_unprompted: keep each training row's unprompted representation ``z0`` (the pooled output of
@@ -167,7 +173,9 @@ class InfoPrompt(PromptMethod):
     """Soft prompt ``P [p, d]`` (parameter ``prompt``, vocabulary-row init) + ``W_r`` (parameter
     ``context.weight [d, 2d]``): ``p d + 2 d^2`` trainable parameters."""
 
-    def __init__(self, config: InfoPromptConfig, info, label_token_ids=None, **options):
+    def __init__(
+        self, config: InfoPromptConfig, info, label_token_ids=None, label_embeddings=None, **options
+    ):
         super().__init__(config, info)
         d, dev = info.hidden_size, info.device
         vocab = info.input_embeddings.weight.shape[0]
@@ -187,6 +195,10 @@ class InfoPrompt(PromptMethod):
         self.last_losses: dict[str, torch.Tensor] = {}
         if label_token_ids is not None:
             self.set_label_token_ids(label_token_ids)
+        if label_embeddings is not None:
+            self.set_label_embeddings(label_embeddings)
+        elif config.head == "classifier" and config.gamma > 0:
+            self._check_task_head()
 
     # -- setters -----------------------------------------------------------------------------------
     def set_label_embeddings(self, source) -> None:
@@ -251,6 +263,44 @@ class InfoPrompt(PromptMethod):
                 f"label embeddings must have shape [num_labels, d={self.info.hidden_size}], got {tuple(t.shape)}"
             )
 
+    def _head_matrices(self) -> dict[str, torch.Tensor]:
+        """The task head's weight matrices of width ``d`` (candidates for ``E_label``)."""
+        d = self.info.hidden_size
+        return {n: p for n, p in self.info.head_parameters().items() if p.dim() == 2 and p.shape[1] == d}
+
+    def _check_task_head(self) -> None:
+        """At construction (``attach``), without ``label_embeddings``: a task head (a classifier, not a
+        vocabulary projection) that does not give ``E_label`` (none or several ``[n, d]`` matrices) is
+        refused now, not at the first training forward. Left to later: a model without a task head
+        (``set_label_embeddings`` after ``attach``) and language-model heads (their token labels never
+        reach the head loss; ``set_labels`` with them needs ``set_label_embeddings``)."""
+        model = self.info.model
+        get_out = getattr(model, "get_output_embeddings", None)
+        try:
+            lm_head = get_out() if callable(get_out) else None
+        except (AttributeError, NotImplementedError):
+            lm_head = None
+        head = self.info.head_parameters()
+        mats = self._head_matrices()
+        if lm_head is not None or not head or len(mats) == 1:
+            return
+        model = type(self.info.model).__name__
+        d = self.info.hidden_size
+        found = (
+            f"{len(mats)} weight matrices of width d={d} ("
+            + ", ".join(f"{n} {list(p.shape)}" for n, p in mats.items())
+            + ")"
+            if mats
+            else f"no weight matrix of width d={d} (parameters: {', '.join(head)})"
+        )
+        raise ValueError(
+            f'InfoPrompt head="classifier": the task head of {model} has {found}, not one '
+            f"[num_labels, d] classifier matrix, so the label embeddings cannot be read off it. Pass "
+            "label_embeddings= to attach (or load_prompts): a [num_labels, d] tensor or a zero-argument "
+            "callable returning one (e.g. label_embeddings=lambda: model.classifier.out_proj.weight); or "
+            'use head="label_words" with label_token_ids=[...], or gamma=0 (no head loss)'
+        )
+
     def label_embeddings(self) -> torch.Tensor:
         """``sg(E_label)`` ``[num_labels, d]`` float32 on the method's device."""
         dev = self.prompt.device
@@ -265,15 +315,12 @@ class InfoPrompt(PromptMethod):
             ).to(dev)
         src = self._label_source
         if src is None:
-            mats = [
-                p
-                for p in self.info.head_parameters().values()
-                if p.dim() == 2 and p.shape[1] == self.info.hidden_size
-            ]
+            mats = list(self._head_matrices().values())
             if len(mats) != 1:
                 raise ValueError(
                     'InfoPrompt head="classifier" needs the classifier weights: call '
-                    "method.set_label_embeddings(tensor or callable) (the model has no single [n, d] head matrix)"
+                    "method.set_label_embeddings(tensor or callable) or pass label_embeddings= to attach "
+                    "(the model has no single [n, d] head matrix)"
                 )
             src = mats[0]
         t = src() if callable(src) else src
