@@ -11,7 +11,7 @@
   ``tl.min`` breaks ties to the left: ties go to the lowest index). The epilogue gathers the
   winning code rows and writes ``sum((x - e)^2)`` (no cancellation) and the index. The codebook is
   read once per row tile; the row tile is re-read per code tile from L1/L2 (HBM reads it once).
-  Used from ``LARGE_N`` rows on (at least ``SPLIT_TARGET_PROGRAMS`` row tiles).
+  Used from ``LARGE_N`` rows on (at least ``SPLIT_TARGET_PROGRAMS`` row tiles) and for a single code tile.
 * Below ``LARGE_N`` rows, split over codes: ``_nearest_split_kernel`` (grid ``(cdiv(N, BLOCK_M),
   splits)``) runs the same scan over one contiguous, tile-aligned slice of the codebook and writes a
   partial (best score, best index) per row and split to an fp32 / int32 workspace ``[splits, N]``;
