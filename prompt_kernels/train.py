@@ -14,6 +14,10 @@ The run folder (``--out``) is a checkpoint, rewritten every ``--save-every`` ste
 - ``rng_state.pt``: the torch (CPU and CUDA), Python and NumPy generators and the data order's position,
 - ``state.json``: steps done and planned, whether the run is complete, the settings it was started
   with, the label names (class id ``i`` is ``label_names[i]``), the pooling,
+- ``--method spt``: ``spt_search.json`` (the search record) and, in ``state.json``, the phase: during
+  the gate search (the first half of the steps) the checkpoint holds the super-network (gates and
+  generators), both search optimisers and the D1/D2 batch order, so an interrupted search resumes
+  mid-search; then the discrete model of the top-K layers is retrained as the other methods train,
 - ``metrics.json`` once the run is complete and evaluated.
 
 A checkpoint is written whole into ``--out/.staging/``, marked complete, then its files are moved into
@@ -81,6 +85,7 @@ HEAD_FILE = "head.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.pt"
 METRICS_FILE = "metrics.json"
+SPT_SEARCH_FILE = "spt_search.json"  # prompt_kernels.methods.spt.SEARCH_FILE
 STAGING_DIR = ".staging"
 COMPLETE_MARK = "COMPLETE"
 
@@ -565,15 +570,23 @@ def _train(o) -> dict:
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=0.0)
     order = BatchOrder(len(data.train_texts), o.batch_size, o.seed)
     done = 0
+    # SPT: the gate search (the first half of the steps), the top-K layers, then the discrete model
+    # retrained in the loop below. ``search`` is None once the search is over (or for other methods).
+    search = _SPTSearch.start(o, pm, head, tok, data) if o.method == "spt" and not resume else None
+    if resume and o.method == "spt" and (state.get("spt") or {}).get("phase") == "search":
+        search = _SPTSearch.resume(o, pm, head, tok, data, resume, state)
     if resume:
         done = int(state["steps"])
         _load_into(head, os.path.join(resume, HEAD_FILE), safetensors.torch.load_file)
-        _load_into(opt, os.path.join(resume, OPTIMIZER_FILE), lambda p: torch.load(p, weights_only=True))
+        if search is not None:
+            search.load_optimizers(os.path.join(resume, OPTIMIZER_FILE))
+        else:
+            _load_into(opt, os.path.join(resume, OPTIMIZER_FILE), lambda p: torch.load(p, weights_only=True))
         rng_path = os.path.join(resume, RNG_FILE)
         if os.path.exists(rng_path):
             rng = _load(rng_path, "--resume", lambda p: torch.load(p, weights_only=True))
             try:
-                order.load_state_dict(rng["data"])
+                (search.halves if search is not None else order).load_state_dict(rng["data"])
             except ValueError as exc:
                 raise ValueError(
                     f"--task: {o.task} changed since the run in {resume} started: {exc}"
@@ -582,6 +595,9 @@ def _train(o) -> dict:
         else:  # a run folder written before checkpoints: a fresh order, as those runs resumed
             order = BatchOrder(len(data.train_texts), o.batch_size, o.seed + done)
     target = done + o.steps
+    # What the search decided (spt_search.json), rewritten with every checkpoint of an SPT run.
+    record = search.record if search is not None else _saved_search_record(o, resume)
+    data_order = search.halves if search is not None else order  # the order whose position is saved
     pm.train()
 
     def save(step: int, complete: bool) -> None:
@@ -598,39 +614,55 @@ def _train(o) -> dict:
             "label_names": data.label_names,
             "num_labels": data.num_labels,
             "causal": causal,
-            "data_position": {"epoch": order.epoch, "batch": order.batch},
+            "data_position": {"epoch": data_order.epoch, "batch": data_order.batch},
             "train_rows": len(data.train_texts),
             "test_rows": len(data.test_texts),
         }
         head_sd = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-        opt_sd, rng = opt.state_dict(), {**_rng_state(), "data": order.state_dict()}
-        write_checkpoint(
-            o.out,
-            {
-                "prompts.safetensors": lambda p: pm.save_prompts(os.path.dirname(p)),  # + config.json
-                HEAD_FILE: lambda p: safetensors.torch.save_file(head_sd, p),
-                OPTIMIZER_FILE: lambda p: torch.save(opt_sd, p),
-                RNG_FILE: lambda p: torch.save(rng, p),
-                STATE_FILE: lambda p: _write_json(p, run_state),  # last: moved into place last
-            },
-            remove=() if complete else (METRICS_FILE,),
-        )
+        opt_sd = search.optimizer_state() if search is not None else opt.state_dict()
+        rng = {**_rng_state(), "data": data_order.state_dict()}
+        writers = {
+            "prompts.safetensors": lambda p: pm.save_prompts(os.path.dirname(p)),  # + config.json
+            HEAD_FILE: lambda p: safetensors.torch.save_file(head_sd, p),
+            OPTIMIZER_FILE: lambda p: torch.save(opt_sd, p),
+            RNG_FILE: lambda p: torch.save(rng, p),
+        }
+        if record is not None:  # SPT
+            run_state["spt"] = {
+                "phase": "search" if search is not None else "retrain",
+                "search_steps": record.search_steps if search is None else search.steps,
+            }
+            if search is None:
+                record.retrain_steps = step - record.search_steps
+            search_json = record.to_dict()
+            writers[SPT_SEARCH_FILE] = lambda p: _write_json(p, search_json)
+        writers[STATE_FILE] = lambda p: _write_json(p, run_state)  # last: moved into place last
+        write_checkpoint(o.out, writers, remove=() if complete else (METRICS_FILE,))
 
     t0 = time.perf_counter()
-    loop_steps = o.steps
-    if o.method == "spt" and not resume:
-        # SPT: gate search (half the steps), top-K layers, retraining of the discrete model (the rest),
-        # inside methods/spt.py: checkpointed when it ends (an interruption before that saves nothing);
-        # --resume continues retraining the saved discrete model in the loop below.
-        from prompt_kernels.methods.spt import cli_train
-
-        spt_args = argparse.Namespace(**{**vars(o), "no_progress": o.no_progress or not _stderr_is_tty()})
-        pm, opt = cli_train(spt_args, pm, head, tok, data, _encode, _forward, lr=o.lr)
-        done, loop_steps = o.steps, 0
     progress = Progress(target, done, o.method, enabled=not o.no_progress)
     try:
         with _Signals() as signals:
-            for step in range(done, done + loop_steps):
+
+            def checkpoint(step: int, loss: float, examples: int) -> None:
+                """After each step: progress, then the checkpoint of an interruption or --save-every."""
+                progress.update(step, loss, examples)
+                if signals.signum is not None:
+                    save(step, complete=step == target)
+                    raise TrainingInterrupted(signals.signum, step, target, o.out)
+                if o.save_every and step % o.save_every == 0 and step < target:
+                    save(step, complete=False)
+
+            if search is not None:
+                done = search.run(done, checkpoint)
+                # The discrete model of the top-K layers, retrained in the loop below (its batches are
+                # those of spt.cli_train's retraining: a BatchOrder seeded with seed + 1).
+                pm, opt = search.discrete_model(o.lr)
+                order = BatchOrder(len(data.train_texts), o.batch_size, o.seed + 1)
+                search = None
+                pm.train()
+            data_order = order
+            for step in range(done, target):
                 if hasattr(pm.method, "set_progress"):  # InfoPrompt's decay="linear"
                     pm.method.set_progress(step, target)
                 idx = order.next()
@@ -646,12 +678,7 @@ def _train(o) -> dict:
                 total.backward()
                 opt.step()
                 done = step + 1
-                progress.update(done, loss.item(), len(idx))
-                if signals.signum is not None:
-                    save(done, complete=done == target)
-                    raise TrainingInterrupted(signals.signum, done, target, o.out)
-                if o.save_every and done % o.save_every == 0 and done < target:
-                    save(done, complete=False)
+                checkpoint(done, loss.item(), len(idx))
             save(done, complete=True)
             if signals.signum is not None:
                 raise TrainingInterrupted(signals.signum, done, target, o.out)
@@ -672,6 +699,103 @@ def _train(o) -> dict:
     _write_json(tmp, metrics)
     os.replace(tmp, os.path.join(o.out, METRICS_FILE))
     return result
+
+
+class _SPTSearch:
+    """The gate search of ``--method spt`` (the first ``max(1, steps // 2)`` steps; the pipeline of
+    ``spt.cli_train``), checkpointed as the training loop is: its checkpoint holds the super-network's
+    prompts (generators and gates), the head, both optimisers (``optimizer.pt``: ``{"spt_search":
+    {"omega": ..., "alpha": ...}}``), the search record (``spt_search.json``), the D1/D2 batch order
+    (``spt.EpochHalves``, in ``rng_state.pt``) and the generators; ``state.json`` says
+    ``"spt": {"phase": "search", "search_steps": S}``."""
+
+    def __init__(self, o, pm, head, tok, data, steps: int, record):
+        from prompt_kernels.methods import spt
+
+        self.spt, self.o, self.pm, self.head, self.tok, self.data = spt, o, pm, head, tok, data
+        self.steps, self.record = steps, record
+        self.halves = spt.EpochHalves(len(data.train_texts), o.batch_size, o.seed)
+        config = pm.method.config
+        gate_lr = record.gate_lr
+        if gate_lr is None:
+            gate_lr = spt.gate_learning_rate(config, steps - spt.warmup_steps(config, steps))
+        self.optimizers = spt.search_optimizers(pm, head, o.lr, gate_lr)
+
+    @classmethod
+    def start(cls, o, pm, head, tok, data) -> _SPTSearch:
+        from prompt_kernels.methods.spt import SearchRecord
+
+        return cls(o, pm, head, tok, data, max(1, o.steps // 2), SearchRecord())
+
+    @classmethod
+    def resume(cls, o, pm, head, tok, data, folder: str, state: dict) -> _SPTSearch:
+        from prompt_kernels.methods.spt import SearchRecord
+
+        path = os.path.join(folder, SPT_SEARCH_FILE)
+        record = _load(path, "--resume", lambda p: SearchRecord(**json.load(open(p))))
+        return cls(o, pm, head, tok, data, int(state["spt"]["search_steps"]), record)
+
+    def optimizer_state(self) -> dict:
+        opt_w, opt_a = self.optimizers
+        return {"spt_search": {"omega": opt_w.state_dict(), "alpha": opt_a.state_dict()}}
+
+    def load_optimizers(self, path: str) -> None:
+        sd = _load(path, "--resume", lambda p: torch.load(p, weights_only=True))
+        try:
+            for opt, key in zip(self.optimizers, ("omega", "alpha")):
+                opt.load_state_dict(sd["spt_search"][key])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--resume: {path} does not fit this run's SPT search ({exc!r})") from exc
+
+    def run(self, done: int, checkpoint) -> int:
+        """The search steps ``done .. steps - 1``; ``checkpoint(steps_done, loss, examples)`` after each
+        (progress, interruption, ``--save-every``). Returns the steps done."""
+        o, data = self.o, self.data
+
+        def loss_fn(pm_, head_, idx):
+            enc = _encode(self.tok, [data.train_texts[i] for i in idx], o.max_length)
+            labels = torch.tensor([data.train_labels[i] for i in idx])
+            return F.cross_entropy(_forward(pm_, head_, enc), labels)
+
+        examples = min(o.batch_size, len(data.train_texts) // 2)
+
+        def progress(step, loss_w, loss_a):
+            checkpoint(step + 1, loss_w, examples)
+
+        self.spt.search(
+            self.pm,
+            self.head,
+            self.halves,
+            None,
+            self.steps,
+            loss_fn,
+            lr=o.lr,
+            record=self.record,
+            progress=progress,
+            optimizers=self.optimizers,
+            start=done,
+        )
+        return max(done, self.steps)
+
+    def discrete_model(self, lr: float):
+        """The top-K layers (recorded), the discrete model (``spt.build_discrete``) and the AdamW over
+        its prompts and the head that retrains it."""
+        spt, record = self.spt, self.record
+        record.selected_layers = spt.select_layers(self.pm)
+        record.retrain_from = self.pm.prompt_config.retrain_from
+        pm = spt.build_discrete(self.pm, record.selected_layers)
+        params = [*pm.prompt_parameters(), *self.head.parameters()]
+        return pm, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def _saved_search_record(o, folder):
+    """The SPT search record of the run being resumed (None: another method, or a run without one)."""
+    if o.method != "spt" or not folder or not os.path.isfile(os.path.join(folder, SPT_SEARCH_FILE)):
+        return None
+    from prompt_kernels.methods.spt import SearchRecord
+
+    path = os.path.join(folder, SPT_SEARCH_FILE)
+    return _load(path, "--resume", lambda p: SearchRecord(**json.load(open(p))))
 
 
 def _check_fresh_out(out: str) -> None:

@@ -159,6 +159,67 @@ def test_signal_mid_run_saves_and_resume_is_bit_identical(setup, tmp_path, capsy
     _check_resume(run, reference, capsys, expected_steps=5)
 
 
+def _same_search(a, b):
+    """The same SPT search: gate trajectory (every gate step), selected layers, step counts."""
+    ra, rb = (json.load(open(run / "spt_search.json")) for run in (a, b))
+    assert ra == rb, (ra, rb)
+    assert ra["search_steps"] == STEPS // 2 and ra["retrain_steps"] == STEPS - STEPS // 2
+    assert len(ra["gate_trajectory"]) > 1 and ra["selected_layers"]
+
+
+@pytest.mark.parametrize(
+    "how,at,saved,phase",
+    [("SIGINT", 5, 5, "search"), ("crash", 5, 3, "search"), ("crash", 17, 15, "retrain")],
+    ids=["SIGINT-search", "crash-search", "crash-retrain"],
+)
+def test_spt_search_checkpoints_mid_search_and_resumes(
+    setup, tmp_path, capsys, monkeypatch, how, at, saved, phase
+):
+    """``--method spt`` interrupted during its gate search (the first STEPS // 2 steps), by SIGINT (the
+    checkpoint after the step in flight) or by a crash (the last --save-every checkpoint): the
+    checkpoint holds the search (super-network gates and generators, head, both optimisers, record,
+    D1/D2 order, generators), and the resumed run ends with the uninterrupted run's gates, selected
+    layers, prompts, head and accuracy. Likewise a crash while the discrete model is retrained."""
+    _, model, task = setup
+    reference = _reference(setup, "spt", capsys)
+    run = tmp_path / "run"
+    calls = 0
+    real_step = torch.optim.AdamW.step  # the search's ω optimiser (its α optimiser is an Adam)
+
+    def step_then_stop(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == at:
+            if how == "SIGINT":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                raise RuntimeError(f"crash in step {at}")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_stop)
+    try:
+        argv = [*_train_argv(model, task, "spt"), *COMMON, "--steps", str(STEPS), "--out", str(run)]
+        if how == "SIGINT":
+            rc, _, err = _main(capsys, *argv, "--save-every", "3")
+            assert rc == 128 + signal.SIGINT, err
+            assert f"interrupted after step {at} of {STEPS}" in err, err
+        else:
+            with pytest.raises(RuntimeError, match=f"crash in step {at}"):
+                cli.main([*argv, "--save-every", "3"])
+    finally:
+        monkeypatch.undo()
+    state = _state(run)
+    assert state["spt"] == {"phase": phase, "search_steps": STEPS // 2}, state
+    layers = json.load(open(run / "config.json"))["prompt_config"]["selected_layers"]
+    if phase == "search":
+        assert layers is None  # the super-network
+        assert set(torch.load(run / "optimizer.pt", weights_only=True)["spt_search"]) == {"omega", "alpha"}
+    else:
+        assert layers == json.load(open(reference / "spt_search.json"))["selected_layers"]
+    _check_resume(run, reference, capsys, expected_steps=saved)
+    _same_search(reference, run)
+
+
 def test_killed_run_resumes_from_its_last_periodic_checkpoint(setup, tmp_path, capsys):
     """SIGKILL (an OOM kill, a lost machine) to a real ``prompt-kernels train`` process: no handler
     runs, the last periodic checkpoint is whole and the resumed run ends where the uninterrupted one

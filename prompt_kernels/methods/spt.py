@@ -53,7 +53,8 @@ Discrete model (``selected_layers=[...]``): generators only at the selected laye
 ``P^l = P^{l-1}`` at the others, and no prompt before the first selected layer.
 
 Training (:func:`search`, :func:`select_layers`, :func:`build_discrete`, :func:`retrain`,
-:func:`search_and_retrain`; :func:`cli_train` for ``prompt-kernels train --method spt``): see their
+:func:`search_and_retrain`; :func:`cli_train`, the pipeline of ``prompt-kernels train --method spt``,
+which runs it checkpointed and resumable mid-search: ``prompt_kernels/train.py``): see their
 docstrings. One search step (first-order DARTS, METHODS.md):
 
 1. ω step on a D1 batch, training mode: the task loss plus the consistency loss, one AdamW step of
@@ -618,19 +619,63 @@ def _frozen(params: Iterable[nn.Parameter]):
             p.requires_grad_(True)
 
 
+class EpochHalves:
+    """:func:`epoch_halves` as a resumable iterator: its position and generator state are a
+    ``state_dict`` (what ``prompt-kernels train`` checkpoints mid-search), so a resumed search draws
+    the batches the uninterrupted one would have."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0):
+        if n < 2:
+            raise ValueError(f"the bi-level search needs at least 2 training examples, got {n}")
+        self.n, self.batch_size = n, batch_size
+        self.rng = random.Random(seed)
+        self.epoch, self.batch = 0, 0
+        self._shuffle()
+
+    def _shuffle(self) -> None:
+        self._epoch_rng_state = self.rng.getstate()
+        order = list(range(self.n))
+        self.rng.shuffle(order)
+        self._d1, self._d2 = order[: self.n // 2], order[self.n // 2 :]
+        self._bs = min(self.batch_size, len(self._d1))
+        self._starts = range(0, len(self._d1) - self._bs + 1, self._bs)
+
+    def __iter__(self) -> EpochHalves:
+        return self
+
+    def __next__(self) -> tuple[list[int], list[int]]:
+        if self.batch >= len(self._starts):
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._shuffle()
+        i = self._starts[self.batch]
+        self.batch += 1
+        return self._d1[i : i + self._bs], self._d2[i : i + self._bs]
+
+    def state_dict(self) -> dict:
+        return {
+            "n": self.n,
+            "batch_size": self.batch_size,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "rng_state": self._epoch_rng_state,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if (sd["n"], sd["batch_size"]) != (self.n, self.batch_size):
+            raise ValueError(
+                f"the saved search order is for {sd['n']} training rows in batches of {sd['batch_size']}, "
+                f"not {self.n} in batches of {self.batch_size}"
+            )
+        self.rng.setstate(sd["rng_state"])
+        self._shuffle()
+        self.epoch, self.batch = sd["epoch"], sd["batch"]
+
+
 def epoch_halves(n: int, batch_size: int, seed: int = 0) -> Iterator[tuple[list[int], list[int]]]:
     """Endless ``(D1 batch, D2 batch)`` index pairs: each epoch the ``n`` examples are shuffled and split
-    into halves D1, D2, and batches are drawn from both in step (an epoch ends with the shorter half)."""
-    if n < 2:
-        raise ValueError(f"the bi-level search needs at least 2 training examples, got {n}")
-    rng = random.Random(seed)
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        d1, d2 = order[: n // 2], order[n // 2 :]
-        bs = min(batch_size, len(d1))
-        for i in range(0, len(d1) - bs + 1, bs):
-            yield d1[i : i + bs], d2[i : i + bs]
+    into halves D1, D2, and batches are drawn from both in step (an epoch ends with the shorter half).
+    (An :class:`EpochHalves`: its ``state_dict`` is the position, for checkpoints.)"""
+    return EpochHalves(n, batch_size, seed)
 
 
 def _total(pm, task_loss: torch.Tensor, add_aux: bool) -> torch.Tensor:
@@ -691,6 +736,7 @@ def search(
     record: SearchRecord | None = None,
     progress: Callable[[int, float, float], None] | None = None,
     optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer] | None = None,
+    start: int = 0,
 ) -> SearchRecord:
     """Bi-level gate search on the super-network (first-order DARTS; module docstring).
 
@@ -717,6 +763,9 @@ def search(
             passes labels to a model that already adds them).
         progress: called as ``progress(step, omega_loss, alpha_loss)`` after each step.
         optimizers: ``(ω optimiser, α optimiser)`` to continue with (default :func:`search_optimizers`).
+        start: the first step to run (a search resumed after ``start`` steps of ``steps``: the warmup
+            and the default gate learning rate count from step 0); ``record`` and ``optimizers``
+            should then be the ones saved with it, and the batches continue where it stopped.
 
     Returns the :class:`SearchRecord` (``record`` extended if given) with the gate trajectory and the
     gate learning rate.
@@ -747,7 +796,7 @@ def search(
     else:
         it1, it2 = iter(d1_batches), iter(d2_batches)
     try:
-        for step in range(steps):
+        for step in range(start, steps):
             if it1 is None:
                 b1, b2 = next(pairs)
             else:
@@ -886,7 +935,10 @@ def search_and_retrain(
 
 
 def cli_train(args, pm, head, tok, data, encode, forward, lr: float):
-    """``prompt-kernels train --method spt``: search for ``max(1, steps // 2)`` steps (each an ω step on a
+    """The pipeline of ``prompt-kernels train --method spt``, in one go (no checkpoints; the command
+    line runs the same steps, bit for bit, checkpointed and resumable mid-search: ``_SPTSearch`` in
+    ``prompt_kernels/train.py``, its retraining in the common training loop with batches
+    ``BatchOrder(n, batch_size, seed + 1)``, which are this function's): search for ``max(1, steps // 2)`` steps (each an ω step on a
     D1 batch and an α step on a D2 batch; the gates' learning rate is ``config.gate_lr``, by default
     ``gate_travel / search steps``), keep the top ``budget_k`` layers, retrain the discrete model
     (from ``config.retrain_from``) for the remaining steps; writes ``spt_search.json`` to ``args.out``.
@@ -944,6 +996,7 @@ def cli_train(args, pm, head, tok, data, encode, forward, lr: float):
 
 __all__ = [
     "SPT",
+    "EpochHalves",
     "SPTConfig",
     "SearchRecord",
     "alpha_parameters",
