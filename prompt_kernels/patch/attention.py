@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -72,6 +73,23 @@ class HostPrompts:
     mask_op: torch.Tensor | None = None
     mask_causal: bool = False
     direct_cpu: bool = False
+    # The forward's self-attention key/value cache (a ``Cache``) or None; ``inject``: this is a forward of
+    # ``PromptedModel.generate``, whose prefill puts each layer's prompts into that cache (see below).
+    kv_cache: object = None
+    inject: bool = False
+
+
+@dataclass(frozen=True)
+class CachedPrompts:
+    """What a host layer's ``PREFIX_KWARG`` carries on a decoding step of ``PromptedModel.generate``
+    once the prefill has put its sites' gate-1 prompts into their :class:`PromptedCacheLayer`:
+    ``rows`` maps each site to its prompt rows there. The attention then pads the mask and makes one
+    plain call, with nothing else to look up."""
+
+    rows: dict
+
+
+_GATE_ONE = LayerPrompt(torch.empty(0), torch.empty(0), torch.ones(1), gate_is_one=True)
 
 
 @dataclass
@@ -91,6 +109,54 @@ class AttentionBinding:
 
 
 BINDING_ATTR = "_prompt_kernels_binding"
+
+
+class PromptedCacheLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys/values hold ``prompt_rows`` prompt rows in front of the tokens'.
+
+    During ``PromptedModel.generate`` the prefill moves every gate-known layer's prompt keys/values into
+    the front of that layer's cache (once), so each decoding step is one call of the wrapped attention
+    over ``[prompts; cache]`` (the plain model's cost) instead of a prompt segment, a cache segment and a
+    merge. The lengths the model reads (``get_seq_length``, hence ``get_mask_sizes``, cache positions and
+    position ids) count the tokens only, so positions, masks and sliding windows are those of the tokens;
+    the attention pads the model's mask with the prompt columns. Only plain ``DynamicLayer`` objects are
+    turned into this class (their instance class is swapped; ``reset`` swaps it back).
+    """
+
+    prompt_rows = 0
+
+    def get_seq_length(self) -> int:
+        n = super().get_seq_length()
+        return n - self.prompt_rows if n else 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.prompt_rows = 0
+        self.__class__ = DynamicLayer
+
+
+def cache_layer_of(cache, module):
+    """The cache layer of ``module`` (by its ``layer_idx``) in a ``Cache``, or None."""
+    idx = getattr(module, "layer_idx", None)
+    layers = getattr(cache, "layers", None)
+    if not isinstance(idx, int) or layers is None or not 0 <= idx < len(layers):
+        return None
+    return layers[idx]
+
+
+def _put_prompts_in_cache(layer, key, value, prefix: LayerPrompt, B: int) -> bool:
+    """Prefill: put the prompt keys/values in front of ``layer``'s, if this call's keys and values are
+    exactly that layer's whole content (the right layer; not another layer's shared cache, not values the
+    model transformed after the update). True when it did."""
+    if type(layer) is not DynamicLayer or layer.keys is not key or layer.values is not value:
+        return False
+    pk = prefix.key.to(layer.keys.dtype).expand(B, -1, -1, -1)
+    pv = prefix.value.to(layer.values.dtype).expand(B, -1, -1, -1)
+    layer.keys = torch.cat([pk, layer.keys], dim=2)
+    layer.values = torch.cat([pv, layer.values], dim=2)
+    layer.__class__ = PromptedCacheLayer
+    layer.prompt_rows = prefix.key.shape[2]
+    return True
 
 
 def model_eager_function(attn_module) -> Callable:
@@ -178,16 +244,24 @@ def convert_mask(mask: torch.Tensor, B: int, causal: bool, exact: bool = True):
     return additive, False
 
 
-def _concat_path(binding, module, query, key, value, mask, prefix: LayerPrompt, scaling, dropout, kwargs):
+def _concat_path(
+    binding, module, query, key, value, mask, prefix: LayerPrompt, scaling, dropout, kwargs, joined: int = 0
+):
     """Prompt keys/values concatenated in front, through the wrapped implementation (keeps its dropout,
     softcap, sinks; a ``position_bias`` gets zero columns for the prompts).
 
     The mask over ``P + S`` keys stays None (no mask: SDPA's fastest kernels) or bool where it can:
     an additive mask is built only for a gate other than 1 (``log(gate)`` on the prompt columns).
+    ``joined``: the key/value already hold that many prompt rows in front (a :class:`PromptedCacheLayer`).
     """
     B, H, T, _ = query.shape
-    S = key.shape[2]
-    P = prefix.key.shape[2]
+    P = joined or prefix.key.shape[2]
+    S = key.shape[2] - joined
+    if mask is not None and mask.dim() == 4 and mask.shape[-1] != S:
+        raise ValueError(
+            f"prompt_kernels: {type(module).__name__}'s attention mask covers {mask.shape[-1]} keys, "
+            f"expected {S} (the tokens' keys)"
+        )
     if mask is not None and mask.dim() != 4:
         raise NotImplementedError(
             f"prompt_kernels: {type(module).__name__} passes a {mask.dim()}D attention mask; prompted "
@@ -217,8 +291,11 @@ def _concat_path(binding, module, query, key, value, mask, prefix: LayerPrompt, 
         heads = max(real_add.shape[1], prompt_add.shape[1])
         batch = max(real_add.shape[0], prompt_add.shape[0])
         full = torch.cat([prompt_add.expand(batch, heads, T, P), real_add.expand(batch, heads, T, S)], dim=-1)
-    k = torch.cat([prefix.key.expand(B, -1, -1, -1), key], dim=2)
-    v = torch.cat([prefix.value.expand(B, -1, -1, -1), value], dim=2)
+    if joined:
+        k, v = key, value
+    else:
+        k = torch.cat([prefix.key.expand(B, -1, -1, -1), key], dim=2)
+        v = torch.cat([prefix.value.expand(B, -1, -1, -1), value], dim=2)
     kwargs = {**kwargs, "is_causal": False}
     bias = kwargs.get("position_bias")
     if bias is not None:
@@ -232,6 +309,20 @@ def prompt_kernels_attention(module, query, key, value, attention_mask, scaling=
     returns ``(out [B, T, H, Dh], None or weights)`` like every transformers attention function."""
     host = kwargs.pop(PREFIX_KWARG, None)
     binding: AttentionBinding | None = getattr(module, BINDING_ATTR, None)
+    if type(host) is CachedPrompts and binding is not None:
+        P = next((host.rows[i] for i in binding.sites if i in host.rows), 0)
+        if not P:
+            return binding.call_inner(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        if attention_mask is None and query.shape[2] == 1 and kwargs.get("position_bias") is None:
+            kwargs["is_causal"] = False  # one query row: every key (prompts included) is visible
+            return binding.call_inner(
+                module, query, key, value, None, scaling=scaling, dropout=dropout, **kwargs
+            )
+        return _concat_path(
+            binding, module, query, key, value, attention_mask, _GATE_ONE, scaling, dropout, kwargs, P
+        )
     if binding is None:
         rec = discovery.recording()
         if rec is None:
@@ -258,6 +349,51 @@ def prompt_kernels_attention(module, query, key, value, attention_mask, scaling=
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if prefix.key.dtype != dtype or prefix.value.dtype != dtype:
         prefix = dataclasses.replace(prefix, key=prefix.key.to(dtype), value=prefix.value.to(dtype))
+    layer = None if host.kv_cache is None else cache_layer_of(host.kv_cache, module)
+    if isinstance(layer, PromptedCacheLayer) and layer.keys is key:
+        # Decoding after a prefill that put this layer's prompts into its cache: one plain call.
+        return _concat_path(
+            binding,
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            prefix,
+            scaling,
+            dropout,
+            kwargs,
+            layer.prompt_rows,
+        )
+    # Not where the model derives a bias from the keys' length (T5's position_bias counts cached rows).
+    if (
+        host.inject
+        and layer is not None
+        and kwargs.get("position_bias") is None
+        and not torch.compiler.is_compiling()
+        and _put_prompts_in_cache(layer, key, value, prefix, query.shape[0])
+    ):
+        # The prefill itself is then one call over [prompts; tokens] too.
+        return _concat_path(
+            binding,
+            module,
+            query,
+            layer.keys,
+            layer.values,
+            attention_mask,
+            prefix,
+            scaling,
+            dropout,
+            kwargs,
+            layer.prompt_rows,
+        )
+    return _prompted(
+        binding, module, query, key, value, attention_mask, prefix, scaling, dropout, kwargs, host
+    )
+
+
+def _prompted(binding, module, query, key, value, attention_mask, prefix, scaling, dropout, kwargs, host):
+    """Prompted attention over ``[prompts; key]``: the fused op where it is exact, else concatenation."""
     if (
         prefix.route == "concat"
         or (dropout and prefix.attention_dropout == "model")

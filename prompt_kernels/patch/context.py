@@ -92,6 +92,8 @@ class ForwardContext:
         self.labels = kwargs.get("labels")
 
         past = cache_argument(kwargs)
+        # The self-attention key/value cache (an encoder-decoder's decoder keeps it inside its cache).
+        self.kv_cache = getattr(past, "self_attention_cache", past)
         self.past_length = (
             int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         )

@@ -45,10 +45,14 @@ from prompt_kernels.patch.attention import (
     PREFIX_KWARG,
     WRAPPABLE,
     AttentionBinding,
+    CachedPrompts,
     HostPrompts,
     LayerPrompt,
+    PromptedCacheLayer,
+    cache_layer_of,
     model_eager_function,
 )
+from prompt_kernels.patch.cache_prompts import cache_route_is_exact
 from prompt_kernels.patch.context import ForwardContext, cache_argument
 from prompt_kernels.patch.discovery import NoAttentionInterface, discover, discover_cache
 from prompt_kernels.patch.info import ModelInfo
@@ -145,6 +149,9 @@ class _Generation:
 
     def __init__(self):
         self.prefix: dict[int, LayerPrompt | None] = {}
+        # host -> CachedPrompts (or None) for the decoding steps, once the prefill put the prompts in the cache
+        self.cached: dict[int, CachedPrompts | None] = {}
+        self.inject = False  # the prefill puts gate-1 prompts into the key/value cache
 
 
 class PromptedModel(nn.Module):
@@ -219,6 +226,11 @@ class PromptedModel(nn.Module):
         self._encoder_pushed: list[bool] = []
         self._disabled = 0
         self._generation: _Generation | None = None
+        # generate() puts gate-1 prompts into the key/value cache at the prefill (PromptedCacheLayer) where
+        # a check on the first generate shows it exact (cache_prompts.py); False keeps them out (every
+        # decoding step then joins them in the attention).
+        self.cache_prompts = True
+        self._cache_route_exact: bool | None = None
         self._cached_input_prompt = 0  # input-style rows in the key/value cache of the last prefill
         self._detached = False
         self._one = torch.ones(1, device=info.device)
@@ -287,7 +299,7 @@ class PromptedModel(nn.Module):
             inputs["decoder_input_ids"] = inputs["decoder_input_ids"].repeat(2, 1)
         # Stand-in hooks: zero rows and nothing else, so the probe tests the layers and the method sees
         # no call (no recorded prompts, no statistics).
-        method, p = self.method, int(self.prompt_config.prompt_length)
+        p = int(self.prompt_config.prompt_length)
         rows = torch.zeros(1, p, self.info.hidden_size, device=self.info.device, dtype=self.info.dtype)
         stand_ins = {
             "input_prompts": lambda ctx: None,
@@ -296,12 +308,8 @@ class PromptedModel(nn.Module):
             "sequence_update": lambda ctx, idx, r: r,
             "aux_losses": lambda ctx, output: {},
         }
-        modes = [(m, m.training) for m in self.modules()]
         try:
-            for name, fn in stand_ins.items():
-                object.__setattr__(method, name, fn)
-            self.eval()
-            with torch.no_grad():
+            with self.method_stand_ins(stand_ins), torch.no_grad():
                 self(**inputs)
         except Exception as exc:
             self._undo()
@@ -311,9 +319,23 @@ class PromptedModel(nn.Module):
                 f"its layers fail with the prompt rows in front of the hidden states ({type(exc).__name__}: "
                 f"{first}); prefix-style and input-style methods do not insert rows"
             ) from exc
+
+    @contextlib.contextmanager
+    def method_stand_ins(self, hooks: dict):
+        """The method's hooks replaced by ``hooks`` (name -> function, set on the instance) and the model in
+        eval mode for the duration, for probe forwards the method must not see; both restored after."""
+        method = self.method
+        modes = [(m, m.training) for m in self.modules()]
+        own = {name: method.__dict__[name] for name in hooks if name in method.__dict__}
+        try:
+            for name, fn in hooks.items():
+                object.__setattr__(method, name, fn)
+            self.eval()
+            yield
         finally:
-            for name in stand_ins:
+            for name in hooks:
                 method.__dict__.pop(name, None)
+            method.__dict__.update(own)
             for m, mode in modes:
                 m.training = mode
 
@@ -463,7 +485,13 @@ class PromptedModel(nn.Module):
                 "generate() with sequence-style prompts is not supported (the rows would "
                 "sit in part of the key/value cache only)"
             )
+        inject = False
+        if self.cache_prompts:
+            if self._cache_route_exact is None:
+                self._cache_route_exact = cache_route_is_exact(self, _Generation)
+            inject = self._cache_route_exact
         self._generation = _Generation()
+        self._generation.inject = inject
         try:
             return self.model.generate(*args, **kwargs)
         finally:
@@ -915,6 +943,14 @@ class PromptedModel(nn.Module):
         return hook
 
     def _on_host_start(self, ctx: ForwardContext, host: int, sites: list[int], args, kwargs):
+        gen = self._generation
+        if gen is not None and ctx.decoding and ctx.depth == 0:
+            marker = gen.cached.get(host, False)
+            if marker is False:
+                marker = gen.cached[host] = self._cached_prompts(ctx, sites)
+            if marker is not None:
+                kwargs[PREFIX_KWARG] = marker
+                return args, kwargs
         args = list(args)
         from_args = bool(args)
         hidden = args[0] if from_args else kwargs.get("hidden_states")
@@ -962,11 +998,18 @@ class PromptedModel(nn.Module):
             if prefix is not None:
                 prompts[idx] = prefix
         if prompts:
+            cache = ctx.kv_cache
+            gen = self._generation
+            inject = cache is not None and gen is not None and gen.inject and ctx.depth == 0
             if mask is not None and torch.is_tensor(mask) and mask.dim() == 4:
                 op_mask, op_causal = ctx.converted_mask(mask, self.info.sites[sites[0]].causal)
-                kwargs[PREFIX_KWARG] = HostPrompts(prompts, mask, op_mask, op_causal, ctx.direct_cpu)
+                kwargs[PREFIX_KWARG] = HostPrompts(
+                    prompts, mask, op_mask, op_causal, ctx.direct_cpu, kv_cache=cache, inject=inject
+                )
             else:
-                kwargs[PREFIX_KWARG] = HostPrompts(prompts, direct_cpu=ctx.direct_cpu)
+                kwargs[PREFIX_KWARG] = HostPrompts(
+                    prompts, direct_cpu=ctx.direct_cpu, kv_cache=cache, inject=inject
+                )
             changed = True
         if not changed:
             return None
@@ -979,6 +1022,22 @@ class PromptedModel(nn.Module):
         elif "attention_mask" in kwargs or seq_p:
             kwargs["attention_mask"] = mask
         return tuple(args), kwargs
+
+    def _cached_prompts(self, ctx: ForwardContext, sites: list[int]) -> CachedPrompts | None:
+        """A decoding step's marker for a host whose sites' gate-1 prompts the prefill put into their
+        cache layers (:class:`PromptedCacheLayer`), else None (the host takes the normal path)."""
+        gen, rows = self._generation, {}
+        for idx in sites:
+            prefix = gen.prefix.get(idx)
+            if prefix is None:
+                if idx in gen.prefix:
+                    continue  # a site without prompts
+                return None
+            layer = cache_layer_of(ctx.kv_cache, self.info.sites[idx].module)
+            if not prefix.gate_is_one or not isinstance(layer, PromptedCacheLayer):
+                return None
+            rows[idx] = layer.prompt_rows
+        return CachedPrompts(rows) if rows else None
 
     def _on_layer_end(self, ctx: ForwardContext, idx: int, output):
         p = ctx.cache.get("_sequence_rows", 0)
