@@ -360,6 +360,13 @@ def test_two_layer_classifier_head_is_refused_at_attach_without_label_embeddings
     loaded.detach()
     with pytest.raises(ValueError, match=r"label embeddings must have shape \[num_labels, d=32\]"):
         pk.attach(model, config, label_embeddings=torch.randn(3, D + 1))
+    # A further prompt set takes the same option (and is refused the same way without it).
+    pm = pk.attach(model, config, label_embeddings=rows.detach())
+    with pytest.raises(ValueError, match="label_embeddings="):
+        pm.add_prompt_set("other", config)
+    other = pm.add_prompt_set("other", config, label_embeddings=rows.detach())
+    torch.testing.assert_close(other.label_embeddings(), rows.detach(), rtol=0, atol=0)
+    pm.detach()
     # No head loss (gamma=0) or label words: nothing to read off the head, attach as before.
     pk.attach(model, InfoPromptConfig(prompt_length=3, gamma=0.0)).detach()
     pk.attach(model, InfoPromptConfig(prompt_length=3, head="label_words"), label_token_ids=LABEL_WORDS)

@@ -415,13 +415,14 @@ class PromptedModel(nn.Module):
         finally:
             self._pending_sets = None
 
-    def add_prompt_set(self, name: str, source) -> PromptMethod:
+    def add_prompt_set(self, name: str, source, **options) -> PromptMethod:
         """Another named prompt set on this frozen model: ``source`` is a prompt config (fresh prompts, to
         train: ``pm.prompt_sets[name].parameters()``) or a folder written by ``save_prompts`` /
         ``save_pretrained`` (loaded; the base model is checked as ``load_prompts`` checks it). Every set
         must be of the default set's method and prompt length, so one batch can mix them row by row
         (``pm(..., prompt_set=["default", name, ...])``; each row's output equals running it alone
-        with its set). Returns the set's method module."""
+        with its set). ``options`` go to the method as ``attach``'s do (e.g. InfoPrompt's
+        ``label_embeddings=``). Returns the set's method module."""
         from prompt_kernels.configs import config_from_dict
 
         if not isinstance(name, str) or not name or name == "default" or name in self.prompt_sets:
@@ -460,7 +461,7 @@ class PromptedModel(nn.Module):
                 "sets share the model's one head, so a set must be prompts only; load that run on its own "
                 "with prompt_kernels.load_prompts"
             )
-        method = build_method(config, self.info).to(self.info.device)
+        method = build_method(config, self.info, **options).to(self.info.device)
         if tensors is not None:
             prefix = io.METHOD_PREFIX
             method.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
