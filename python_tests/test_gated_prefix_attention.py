@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from helpers import INTERPRET, assert_within_budget, backends, device_for, max_err
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from prompt_kernels import use_backend
 from prompt_kernels.ops import gated_prefix_attention
@@ -641,7 +642,6 @@ _TTIR_KERNELS = [
     "gpa_fwd[fp16,Dh=64,mask=add,causal=1",
     "gpa_bwd_preprocess[fp16,Dh=64",
     "gpa_bwd_dkdv[fp16,Dh=64,mask=add,causal=1",
-    "gpa_bwd_dkdv_prompt[fp16,Dh=64",
     "gpa_bwd_dq[fp16,Dh=64,mask=add,causal=1",
 ]
 _SSA = re.compile(r"^\s*(%[\w.]+)(?::\d+)? = ([\w.]+) (.*)$")
@@ -750,6 +750,92 @@ def test_grids_within_cuda_limits(heads, monkeypatch):
         assert all(0 < n <= lim for n, lim in zip(grid, limits)), f"{name}: grid {grid} over CUDA's limits"
         heads_here = Hkv if name == "_gpa_bwd_dkdv_kernel" else H
         assert math.prod(grid) >= B * heads_here, f"{name}: grid {grid} has fewer programs than heads"
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records the ATen ops that compute something (not allocations, views or metadata)."""
+
+    QUIET = frozenset(
+        "empty empty_strided detach expand transpose view select slice unsqueeze alias t as_strided".split()
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name not in self.QUIET:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("Bp", [2, 1], ids=["prompt-per-batch", "prompt-broadcast"])
+def test_backward_launches(Bp, monkeypatch):
+    """The Triton backward is three launches (preprocess, dk/dv over the prompt and key blocks, dq):
+    dgate is reduced on the device (zeroed by the preprocess, atomically added by the dk/dv launch),
+    the prompt's dk/dv blocks are programs of the key dk/dv launch; only a broadcast prompt adds two
+    reductions over the batch (dprompt_key, dprompt_value). (Launchers with recording stand-ins.)"""
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+
+    grids = []
+    for name in (
+        "_gpa_fwd_kernel",
+        "_gpa_bwd_preprocess_kernel",
+        "_gpa_bwd_dkdv_kernel",
+        "_gpa_bwd_dq_kernel",
+    ):
+        monkeypatch.setattr(gk, name, _GridRecorder(name, grids))
+    B, H, Hkv, T, S, P, Dh = 2, 4, 2, 40, 70, 19, 64
+    q = torch.randn(B, H, T, Dh, dtype=torch.float16)
+    k, v = (torch.randn(B, Hkv, S, Dh, dtype=torch.float16) for _ in range(2))
+    pk, pv = (torch.randn(Bp, Hkv, P, Dh, dtype=torch.float16) for _ in range(2))
+    gate, out, lse = torch.rand(B, H), torch.randn(B, H, T, Dh, dtype=torch.float16), torch.randn(B, H, T)
+    rec = _OpRecorder()
+    with rec:
+        gk.backward(torch.ones_like(out), q, k, v, pk, pv, gate, None, out, lse, False, 0.1)
+    assert [g[0] for g in grids] == [
+        "_gpa_bwd_preprocess_kernel",
+        "_gpa_bwd_dkdv_kernel",
+        "_gpa_bwd_dq_kernel",
+    ]
+    BN = gk.configs(torch.float16, Dh)["dkdv"][1]
+    assert grids[1][1] == (((P + BN - 1) // BN + (S + BN - 1) // BN) * B * Hkv,)
+    host = [op for op in rec.ops if op not in ("ones_like", "fill", "fill_", "_to_copy", "clone", "copy_")]
+    # (the gate's [B, H] float32 copy is the launcher's only other op)
+    assert host == ([] if Bp == B else ["sum", "sum"]), rec.ops
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts calls of a @triton.jit helper under the interpreter")
+@pytest.mark.parametrize("T,S,causal", [(40, 56, True), (56, 40, True), (33, 48, False), (40, 40, False)])
+def test_unmasked_fast_path(T, S, causal, monkeypatch):
+    """Without a padding/additive mask, key blocks that every query of the block sees (below the
+    causal diagonal, inside S) skip the mask/causal ``where``s in the forward, dk/dv and dq: fewer
+    masked blocks, the same values bit for bit as all blocks masked (several 16-key blocks,
+    bottom-right causality with T != S), and the reference's values."""
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+
+    tensors, mask = make_inputs(1, 4, 2, T, S, 5, 32, 1, "head", "none", torch.float32)
+    grad_out = torch.randn(tensors[0].shape)
+    calls, masked = [0], gk._mask_keys
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return masked(*args, **kwargs)
+
+    monkeypatch.setattr(gk, "_mask_keys", counting)
+    results = {}
+    for fast in (True, False):
+        calls[0] = 0
+        with gk.fast_path(fast):
+            results[fast] = _run_backend("triton", tensors, mask, causal, grad_out)
+        results[fast, "calls"] = calls[0]
+    fast_calls, all_calls = results[True, "calls"], results[False, "calls"]
+    # (causal: the diagonal blocks stay masked; full attention: only a partial last key block)
+    assert (0 < fast_calls if causal or S % 16 else fast_calls == 0) and fast_calls < all_calls
+    for name, a, b in zip(NAMES, results[True], results[False]):
+        assert torch.equal(a, b), f"{name}: the fast path differs from the masked path"
+    _check_against_reference("triton", tensors, mask, causal, torch.float32, grad_out=grad_out)
 
 
 def test_floors():

@@ -26,18 +26,22 @@ weight: P = 0 or gate 0) is then softmax over equal logits: uniform over those k
 the biased scores gives in float64. Its log-sum-exp cannot be stored (log(count) vanishes next to
 -FLT_MAX in float32), so the forward stores -FLT_MAX and the backward counts the row's saturated keys.
 
-Backward (three launches plus a small preprocess):
+Backward (three launches):
   * preprocess, per query row: ``delta = rowsum(grad_out * out)`` and the row's normaliser in base 2
     as two terms, ``hi`` (lse * log2(e), -FLT_MAX on saturated rows) and ``lo`` (0, log2 of the
-    row's count of saturated keys on saturated rows), so that ``p = exp2((s - hi) - lo)``;
-  * dk, dv: one program per (BLOCK_N keys, b, kv head), looping over the query heads of the group
-    and the query blocks that can see those keys; written directly (each key has one owner);
-  * dprompt_key, dprompt_value, dgate: the same kernel over prompt key blocks, writing per-batch fp32
-    partials [B, Hkv, P, Dh] (summed over the batch on the host when the prompt is broadcast) and
-    dgate partials [B, H, P blocks] = sum exp(s_ungated - lse) * (dP - delta), finite at gate = 0
-    (the exponent is clamped as the reference clamps it, so a row with no key weight and a zero
-    grad_out adds 0, not inf * 0);
+    row's count of saturated keys on saturated rows), so that ``p = exp2((s - hi) - lo)``; it also
+    zeroes dgate [B, H];
+  * dk, dv and the prompt's: one launch whose grid covers, per (b, kv head), the prompt key blocks
+    and then the key blocks; each program loops over the query heads of the group and the query
+    blocks that can see its keys and writes its rows once (the prompt's per batch item: in the input
+    dtype, or float32 partials summed over the batch by the launcher when the prompt is broadcast).
+    Prompt programs add their dgate terms ``sum exp(s_ungated - lse) * (dP - delta)`` (finite at
+    gate = 0: the exponent is clamped as the reference clamps it, so a row with no key weight and a
+    zero grad_out adds 0, not inf * 0) to dgate with one atomic add per (b, h, prompt block);
   * dq: one program per (BLOCK_M queries, b, h) over both segments.
+Unmasked fast path: without a padding/additive mask, the key blocks that every query of a block sees
+(inside S, below the causal diagonal) skip the mask/causal ``where``s in the forward, dk/dv and dq;
+only the diagonal blocks (and a partial last key block) take the masked path (``FAST``).
 The T x (P + S) probability matrix never exists in global memory.
 """
 
@@ -99,6 +103,29 @@ def _rows(base, rows, stride, offs_d, D_PAD: tl.constexpr):
     vectorise."""
     ptrs = base + rows[:, None].to(tl.int64) * stride + offs_d[None, :]
     return tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, D_PAD])
+
+
+@triton.jit
+def _load_rows(ptrs, r_ok, d_ok, ROWS_OK: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [rows, D_PAD] tile: no mask where every row is in range (ROWS_OK) and the head size is a
+    power of two (EVEN_D); else masked loads with zeros."""
+    if ROWS_OK and EVEN_D:
+        x = tl.load(ptrs)
+    elif ROWS_OK:
+        x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _unmasked_key_end(pid_m, S, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Keys [0, end), end a multiple of BLOCK_N: whole key blocks inside S that every query of block
+    pid_m sees (no padding mask assumed): the forward and dq skip the mask/causal ``where``s there."""
+    if IS_CAUSAL:
+        return tl.minimum(tl.maximum(pid_m * BLOCK_M + 1 + S - T, 0), S) // BLOCK_N * BLOCK_N
+    else:
+        return S // BLOCK_N * BLOCK_N
 
 
 @triton.jit
@@ -179,7 +206,7 @@ def _gpa_fwd_kernel(
     smb, smh, smt, sob, soh, sot,
     H, GROUP, T, S, P, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh, b, h = _split_pid(tl.cdiv(T, BLOCK_M), H)
     hk = h // GROUP
@@ -218,7 +245,17 @@ def _gpa_fwd_kernel(
     v_base = V + b * svb + hk * svh
     mask_base = b * smb + h * smh
     end = _causal_key_end(pid_m, S, T, BLOCK_M, IS_CAUSAL)
-    for start in range(0, end, BLOCK_N):
+    mid = 0
+    if FAST and MASK_KIND == 0:
+        # Whole key blocks below the diagonal: no mask/causal ``where``, unmasked loads.
+        mid = _unmasked_key_end(pid_m, S, T, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        for start in range(0, mid, BLOCK_N):
+            cols = start + offs_n
+            k = _load_rows(_rows(k_base, cols, sks, offs_d, D_PAD), r_ok, d_ok, True, HEAD_DIM == D_PAD)
+            v = _load_rows(_rows(v_base, cols, svs, offs_d, D_PAD), r_ok, d_ok, True, HEAD_DIM == D_PAD)
+            s = _dot(q, tl.trans(k), FP32) * qk_scale
+            m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, FP32)
+    for start in range(mid, end, BLOCK_N):
         cols = start + offs_n
         c_ok = cols < S
         k = tl.load(_rows(k_base, cols, sks, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0)
@@ -248,7 +285,7 @@ def _gpa_fwd_kernel(
 
 @triton.jit
 def _gpa_bwd_preprocess_kernel(
-    OUT, DO, LSE, MASK, DELTA, HI, LO,
+    OUT, DO, LSE, MASK, DELTA, HI, LO, DGATE,
     sob, soh, sot, sdob, sdoh, sdot, smb, smh, smt, H, T, S,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -285,23 +322,67 @@ def _gpa_bwd_preprocess_kernel(
     tl.store(DELTA + row_base + rows, delta, mask=r_ok)
     tl.store(HI + row_base + rows, hi, mask=r_ok)
     tl.store(LO + row_base + rows, lo, mask=r_ok)
+    if pid_m == 0:  # dgate [B, H]: the dk/dv launch adds the prompt blocks' terms atomically
+        tl.store(DGATE + pid_bh, 0.0)
 
 
 @triton.jit
-def _gpa_bwd_dkdv_kernel(
-    Q, K, V, G, MASK, DO, HI, LO, DELTA, DK, DV, DGATE,
+def _dkdv_step(
+    dk, dv, dg, k, v, q_base, do_base, HI, LO, DELTA, MASK, mask_base, row_base, start_m,
+    offs_m, offs_d, d_ok, cols, c_ok, sqt, sdot, smt, T, S, g, qk_scale,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_PROMPT: tl.constexpr, MASKED: tl.constexpr,
+    FP32: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M queries x BLOCK_N keys] step of the dk/dv kernel. Rows past T load q = dO = 0
+    and hi = +inf, so their p is 0 and they add nothing; columns past the end only touch dk/dv rows
+    that are never stored: the key segment needs the mask/causal ``where``s only where a padding or
+    additive mask applies or the block crosses the causal diagonal (``MASKED``)."""
+    rows = start_m + offs_m
+    r_ok = rows < T
+    qo_ok = r_ok[:, None] & d_ok[None, :]
+    q = tl.load(_rows(q_base, rows, sqt, offs_d, D_PAD), mask=qo_ok, other=0.0)
+    do = tl.load(_rows(do_base, rows, sdot, offs_d, D_PAD), mask=qo_ok, other=0.0)
+    hi = tl.load(HI + row_base + rows, mask=r_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_base + rows, mask=r_ok, other=0.0)
+    s = _dot(q, tl.trans(k), FP32) * qk_scale
+    if IS_PROMPT:
+        # The ungated probability exp(s - lse), its exponent clamped where the row's keys have
+        # (next to) no weight and the gate is 0 (as the reference clamps it): finite, so that
+        # p = gate * pu is 0 at gate 0 and d out / d gate below is 0 for a zero grad_out.
+        # (lo is 0 on every row with prompt weight: not needed here.)
+        s = tl.where(c_ok[None, :], s, float("-inf"))
+        pu = tl.exp2(tl.minimum(s - hi[:, None], _EXP2_CLAMP))
+        p = pu * g
+    else:
+        if MASKED:
+            s = _mask_keys(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
+        if MASK_KIND == 2:  # (lo is 0 unless an additive mask saturates the row)
+            lo = tl.load(LO + row_base + rows, mask=r_ok, other=0.0)
+            p = tl.exp2(s - hi[:, None] - lo[:, None])
+        else:
+            p = tl.exp2(s - hi[:, None])
+    dv += _dot(tl.trans(p.to(do.dtype)), do, FP32)
+    dp_delta = _dot(do, tl.trans(v), FP32) - delta[:, None]
+    ds = p * dp_delta
+    if IS_PROMPT:
+        dg += tl.sum(pu * dp_delta, 1)  # d out / d gate: the ungated probability, finite at 0
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32)
+    return dk, dv, dg
+
+
+@triton.jit
+def _dkdv_block(
+    Q, K, V, G, MASK, DO, HI, LO, DELTA, DK, DV, DGATE, b, hk, pid_n,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
     smb, smh, smt, sdob, sdoh, sdot,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
     H, GROUP, T, S, N, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    IS_PROMPT: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_PROMPT: tl.constexpr, FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of N keys (the S keys, or with IS_PROMPT the P prompt keys, whose logits carry
-    log(gate) and which also give the dgate partials). K, V are indexed with batch b (stride 0
-    for a broadcast prompt); DK, DV with batch b too (per-batch partials for the prompt)."""
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    pid_n, _, b, hk = _split_pid(n_blocks, H // GROUP)
+    """dk, dv of the N keys' block pid_n (the S keys, or with IS_PROMPT the P prompt keys, whose logits
+    carry log(gate) and which also add their dgate terms to DGATE [B, H] with an atomic add)."""
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
@@ -314,47 +395,45 @@ def _gpa_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
 
     lo_m = 0
-    if IS_CAUSAL:
-        # The first query that sees key pid_n * BLOCK_N is t = key - (S - T).
-        lo_m = tl.maximum(pid_n * BLOCK_N - (S - T), 0) // BLOCK_M * BLOCK_M
+    # Query blocks from mid_m on see every key of the block: no mask/causal ``where`` there.
+    mid_m = T
+    if not IS_PROMPT:
+        if IS_CAUSAL:
+            # The first query that sees key pid_n * BLOCK_N is t = key - (S - T); the first that sees
+            # the block's last key is t = pid_n * BLOCK_N + BLOCK_N - 1 - (S - T).
+            lo_m = tl.maximum(pid_n * BLOCK_N - (S - T), 0) // BLOCK_M * BLOCK_M
+            if FAST and MASK_KIND == 0:
+                mid_m = tl.minimum(
+                    tl.cdiv(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - (S - T), 0), BLOCK_M) * BLOCK_M, T
+                )
+        elif FAST and MASK_KIND == 0:
+            mid_m = 0
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
         bh = b * H + h
+        row_base = bh * T
+        g = 0.0
         if IS_PROMPT:
             g = tl.load(G + bh)
-            dg = tl.zeros([BLOCK_M], tl.float32)
+        dg = tl.zeros([BLOCK_M], tl.float32)
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
         mask_base = b * smb + h * smh
-        for start_m in range(lo_m, T, BLOCK_M):
-            rows = start_m + offs_m
-            r_ok = rows < T
-            qo_ok = r_ok[:, None] & d_ok[None, :]
-            q = tl.load(_rows(q_base, rows, sqt, offs_d, D_PAD), mask=qo_ok, other=0.0)
-            do = tl.load(_rows(do_base, rows, sdot, offs_d, D_PAD), mask=qo_ok, other=0.0)
-            hi = tl.load(HI + bh * T + rows, mask=r_ok, other=float("inf"))
-            delta = tl.load(DELTA + bh * T + rows, mask=r_ok, other=0.0)
-            s = _dot(q, tl.trans(k), FP32) * qk_scale
-            if IS_PROMPT:
-                # The ungated probability exp(s - lse), its exponent clamped where the row's keys have
-                # (next to) no weight and the gate is 0 (as the reference clamps it): finite, so
-                # that p = gate * pu is 0 at gate 0 and d out / d gate below is 0 for a zero grad_out.
-                # (lo is 0 on every row with prompt weight: not needed here.)
-                s = tl.where(c_ok[None, :], s, float("-inf"))
-                pu = tl.exp2(tl.minimum(s - hi[:, None], _EXP2_CLAMP))
-                p = pu * g
-            else:
-                lo = tl.load(LO + bh * T + rows, mask=r_ok, other=0.0)
-                s = _mask_keys(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
-                p = tl.exp2(s - hi[:, None] - lo[:, None])
-            dv += _dot(tl.trans(p.to(do.dtype)), do, FP32)
-            dp_delta = _dot(do, tl.trans(v), FP32) - delta[:, None]
-            ds = p * dp_delta
-            if IS_PROMPT:
-                dg += tl.sum(pu * dp_delta, 1)  # d out / d gate: the ungated probability, finite at 0
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32)
+        for start_m in range(lo_m, mid_m, BLOCK_M):
+            dk, dv, dg = _dkdv_step(
+                dk, dv, dg, k, v, q_base, do_base, HI, LO, DELTA, MASK, mask_base, row_base, start_m,
+                offs_m, offs_d, d_ok, cols, c_ok, sqt, sdot, smt, T, S, g, qk_scale,
+                MASK_KIND, IS_CAUSAL, IS_PROMPT, True, FP32, D_PAD,
+            )  # fmt: skip
+        if not IS_PROMPT:
+            for start_m in range(mid_m, T, BLOCK_M):
+                dk, dv, dg = _dkdv_step(
+                    dk, dv, dg, k, v, q_base, do_base, HI, LO, DELTA, MASK, mask_base, row_base, start_m,
+                    offs_m, offs_d, d_ok, cols, c_ok, sqt, sdot, smt, T, S, g, qk_scale,
+                    MASK_KIND, IS_CAUSAL, IS_PROMPT, False, FP32, D_PAD,
+                )  # fmt: skip
         if IS_PROMPT:
-            tl.store(DGATE + bh * n_blocks + pid_n, tl.sum(dg, 0))
+            tl.atomic_add(DGATE + bh, tl.sum(dg, 0))
     dk = dk * sm_scale
     tl.store(
         _rows(DK + b * sdkb + hk * sdkh, cols, sdks, offs_d, D_PAD),
@@ -369,6 +448,39 @@ def _gpa_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _gpa_bwd_dkdv_kernel(
+    Q, K, V, PK, PV, G, MASK, DO, HI, LO, DELTA, DK, DV, DPK, DPV, DGATE,
+    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
+    spkb, spkh, spkp, spvb, spvh, spvp,
+    smb, smh, smt, sdob, sdoh, sdot,
+    sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+    sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp,
+    H, GROUP, T, S, P, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One launch for both key segments: per (b, kv head), programs 0 .. cdiv(P, BLOCK_N) - 1 take the
+    prompt key blocks (dprompt_key/value per batch item, dgate atomically added to DGATE, which the
+    preprocess zeroed), the next cdiv(S, BLOCK_N) the key blocks (dk, dv written once)."""
+    n_p = tl.cdiv(P, BLOCK_N)
+    pid_n, _, b, hk = _split_pid(n_p + tl.cdiv(S, BLOCK_N), H // GROUP)
+    if pid_n < n_p:
+        _dkdv_block(
+            Q, PK, PV, G, MASK, DO, HI, LO, DELTA, DPK, DPV, DGATE, b, hk, pid_n,
+            sqb, sqh, sqt, spkb, spkh, spkp, spvb, spvh, spvp, 0, 0, 0, sdob, sdoh, sdot,
+            sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp, H, GROUP, T, S, P, qk_scale, sm_scale,
+            HEAD_DIM, D_PAD, 0, False, True, FAST, FP32, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    else:
+        _dkdv_block(
+            Q, K, V, G, MASK, DO, HI, LO, DELTA, DK, DV, DGATE, b, hk, pid_n - n_p,
+            sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, smb, smh, smt, sdob, sdoh, sdot,
+            sdkb, sdkh, sdks, sdvb, sdvh, sdvs, H, GROUP, T, S, S, qk_scale, sm_scale,
+            HEAD_DIM, D_PAD, MASK_KIND, IS_CAUSAL, False, FAST, FP32, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+
+
+@triton.jit
 def _gpa_bwd_dq_kernel(
     Q, K, V, PK, PV, G, MASK, DO, HI, LO, DELTA, DQ,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
@@ -376,7 +488,7 @@ def _gpa_bwd_dq_kernel(
     smb, smh, smt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
     H, GROUP, T, S, P, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh, b, h = _split_pid(tl.cdiv(T, BLOCK_M), H)
     hk = h // GROUP
@@ -415,7 +527,20 @@ def _gpa_bwd_dq_kernel(
     v_base = V + b * svb + hk * svh
     mask_base = b * smb + h * smh
     end = _causal_key_end(pid_m, S, T, BLOCK_M, IS_CAUSAL)
-    for start in range(0, end, BLOCK_N):
+    mid = 0
+    if FAST and MASK_KIND == 0:
+        # Whole key blocks below the diagonal: no mask/causal ``where`` (lo is 0 without a mask;
+        # rows past T have hi = +inf, so p = 0 there).
+        mid = _unmasked_key_end(pid_m, S, T, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        for start in range(0, mid, BLOCK_N):
+            cols = start + offs_n
+            k = _load_rows(_rows(k_base, cols, sks, offs_d, D_PAD), r_ok, d_ok, True, HEAD_DIM == D_PAD)
+            v = _load_rows(_rows(v_base, cols, svs, offs_d, D_PAD), r_ok, d_ok, True, HEAD_DIM == D_PAD)
+            s = _dot(q, tl.trans(k), FP32) * qk_scale
+            p = tl.exp2(s - hi[:, None])
+            ds = p * (_dot(do, tl.trans(v), FP32) - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, FP32)
+    for start in range(mid, end, BLOCK_N):
         cols = start + offs_n
         c_ok = cols < S
         kv_ok = c_ok[:, None] & d_ok[None, :]
@@ -439,6 +564,19 @@ def _gpa_bwd_dq_kernel(
 # Configurations (the launchers choose exactly these; the compile specs register exactly these)
 
 _override_blocks: tuple[int, int] | None = None
+_fast_path = True
+
+
+@contextlib.contextmanager
+def fast_path(enabled: bool):
+    """Tests only: with ``False`` every key block takes the masked path (the ``FAST`` constexpr), to
+    compare the unmasked fast path of the blocks below the causal diagonal with it."""
+    global _fast_path
+    old, _fast_path = _fast_path, bool(enabled)
+    try:
+        yield
+    finally:
+        _fast_path = old
 
 
 @contextlib.contextmanager
@@ -466,19 +604,16 @@ _CONFIGS = {
         32: {
             "fwd": (128, 32, 8, 3),
             "dkdv": (32, 64, 8, 2),
-            "dkdv_prompt": (32, 64, 8, 2),
             "dq": (128, 32, 8, 2),
         },
         64: {
             "fwd": (128, 64, 8, 3),
             "dkdv": (16, 32, 4, 2),
-            "dkdv_prompt": (32, 64, 8, 2),
             "dq": (128, 32, 8, 2),
         },
         128: {
             "fwd": (64, 32, 4, 3),
             "dkdv": (32, 64, 8, 2),
-            "dkdv_prompt": (32, 64, 8, 2),
             "dq": (64, 32, 8, 2),
         },
     },
@@ -486,19 +621,16 @@ _CONFIGS = {
         32: {
             "fwd": (64, 32, 4, 2),
             "dkdv": (16, 32, 4, 1),
-            "dkdv_prompt": (32, 32, 8, 1),
             "dq": (32, 32, 8, 1),
         },
         64: {
             "fwd": (32, 32, 8, 1),
             "dkdv": (32, 32, 8, 1),
-            "dkdv_prompt": (32, 32, 8, 1),
             "dq": (32, 32, 8, 1),
         },
         128: {
             "fwd": (16, 16, 4, 1),
             "dkdv": (32, 32, 8, 1),
-            "dkdv_prompt": (32, 16, 8, 1),
             "dq": (16, 32, 8, 1),
         },
     },
@@ -508,7 +640,7 @@ _PRE_CONFIG = (64, 64, 4, 1)  # BLOCK_N: the mask tiles read on saturated rows
 
 def configs(dtype: torch.dtype, head_dim: int) -> dict[str, tuple[int, int, int, int]]:
     """``kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages)`` for a dtype and head size (80 and 96
-    use the padded 128 configuration); ``dkdv_prompt`` is the dk/dv kernel on the prompt segment."""
+    use the padded 128 configuration); ``dkdv`` is the one dk/dv launch over both key segments."""
     cls = "fp32" if dtype == torch.float32 else "lowp"
     return {**_CONFIGS[cls][max(32, d_pad(head_dim))], "pre": _PRE_CONFIG}
 
@@ -606,7 +738,7 @@ def forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, i
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv),
         *ms, *_strides3(out),
         H, H // Hkv, T, S, P, scale * LOG2E,
-        HEAD_DIM=Dh, D_PAD=d_pad(Dh), MASK_KIND=kind, IS_CAUSAL=bool(is_causal),
+        HEAD_DIM=Dh, D_PAD=d_pad(Dh), MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path,
         FP32=q.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
@@ -640,53 +772,40 @@ def backward(
     dp_, fp32 = d_pad(Dh), dt == torch.float32
     group = H // Hkv
 
-    # delta = rowsum(grad_out * out) and the rows' normalisers in base 2 as hi + lo (module docstring)
+    # delta = rowsum(grad_out * out), the rows' normalisers in base 2 as hi + lo (module docstring),
+    # dgate zeroed for the dk/dv launch's atomic adds
     delta, hi, lo = (_alloc.empty((B, H, T), dtype=torch.float32, device=dev) for _ in range(3))
     BM, BN, warps, stages = _blocks(cfg["pre"])
     _gpa_bwd_preprocess_kernel[_grid(triton.cdiv(T, BM), B * H)](
-        o, do, lse, m, delta, hi, lo, *_strides3(o), *_strides3(do), *ms, H, T, S,
+        o, do, lse, m, delta, hi, lo, dgate, *_strides3(o), *_strides3(do), *ms, H, T, S,
         HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), BLOCK_M=BM, BLOCK_N=BN,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
+    # dk, dv and the prompt's: one launch, prompt key blocks and key blocks as programs of one grid.
+    # A broadcast prompt (batch 1, B > 1) gets float32 per-batch partials, summed over the batch here
+    # (one reduction each, written in the input dtype); else dprompt_key/value are written directly.
     BM, BN, warps, stages = _blocks(cfg["dkdv"])
-    common = dict(
-        HEAD_DIM=Dh, D_PAD=dp_, FP32=fp32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages
-    )
-    if S > 0:
-        _gpa_bwd_dkdv_kernel[_grid(triton.cdiv(S, BN), B * Hkv)](
-            q, k, v, g, m, do, hi, lo, delta, dk, dv, dgate,
-            *_strides3(q), *_strides3(k), *_strides3(v), *ms, *_strides3(do), *_strides3(dk), *_strides3(dv),
-            H, group, T, S, S, scale * LOG2E, scale,
-            MASK_KIND=kind, IS_CAUSAL=bool(is_causal), IS_PROMPT=False, **common,
-        )  # fmt: skip
-    if P > 0:
-        BM, BN, warps, stages = _blocks(cfg["dkdv_prompt"])
-        common = dict(
-            HEAD_DIM=Dh, D_PAD=dp_, FP32=fp32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages
-        )
-        n_pblocks = triton.cdiv(P, BN)
-        dpk_part = _alloc.empty((B, Hkv, P, Dh), dtype=torch.float32, device=dev)
-        dpv_part = _alloc.empty((B, Hkv, P, Dh), dtype=torch.float32, device=dev)
-        dgate_part = _alloc.empty((B, H, n_pblocks), dtype=torch.float32, device=dev)
-        _gpa_bwd_dkdv_kernel[_grid(n_pblocks, B * Hkv)](
-            q, pk, pv, g, q, do, hi, lo, delta, dpk_part, dpv_part, dgate_part,  # no mask on the prompt
-            *_strides3(q), *_strides3(pk), *_strides3(pv), 0, 0, 0, *_strides3(do),
-            *_strides3(dpk_part), *_strides3(dpv_part),
-            H, group, T, S, P, scale * LOG2E, scale,
-            MASK_KIND=MASK_NONE, IS_CAUSAL=False, IS_PROMPT=True, **common,
-        )  # fmt: skip
-        if Bp == 1 and B > 1:
-            dpk_part, dpv_part = dpk_part.sum(0, keepdim=True), dpv_part.sum(0, keepdim=True)
-        dpk, dpv = dpk_part.to(dt), dpv_part.to(dt)
-        torch.sum(dgate_part, dim=2, out=dgate)
+    shared_prompt = Bp == 1 and B > 1 and P > 0
+    if shared_prompt:
+        part = _alloc.empty((2, B, Hkv, P, Dh), dtype=torch.float32, device=dev)
+        dpk, dpv = part[0], part[1]
     else:
-        dpk = torch.zeros(pk.shape, dtype=dt, device=dev)
-        dpv = torch.zeros(pv.shape, dtype=dt, device=dev)
-        dgate.zero_()
-    if S == 0:
-        dk.zero_()
-        dv.zero_()
+        dpk, dpv = (_alloc.empty(pk.shape, dtype=dt, device=dev) for _ in range(2))
+    n_blocks = triton.cdiv(P, BN) + triton.cdiv(S, BN)
+    if n_blocks > 0:
+        _gpa_bwd_dkdv_kernel[_grid(n_blocks, B * Hkv)](
+            q, k, v, pk, pv, g, m, do, hi, lo, delta, dk, dv, dpk, dpv, dgate,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv), *ms,
+            *_strides3(do), *_strides3(dk), *_strides3(dv), *_strides3(dpk), *_strides3(dpv),
+            H, group, T, S, P, scale * LOG2E, scale,
+            HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path, FP32=fp32,
+            BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    if shared_prompt:  # (two outputs: the custom op's gradients may not alias each other)
+        dpk, dpv = (_alloc.empty(pk.shape, dtype=dt, device=dev) for _ in range(2))
+        torch.sum(part[0], 0, keepdim=True, out=dpk)
+        torch.sum(part[1], 0, keepdim=True, out=dpv)
 
     BM, BN, warps, stages = _blocks(cfg["dq"])
     _gpa_bwd_dq_kernel[_grid(triton.cdiv(T, BM), B * H)](
@@ -694,7 +813,7 @@ def backward(
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv), *ms,
         *_strides3(do), *_strides3(dq),
         H, group, T, S, P, scale * LOG2E, scale,
-        HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FP32=fp32,
+        HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path, FP32=fp32,
         BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dq, dk, dv, dpk, dpv, dgate
@@ -715,15 +834,24 @@ _FWD_ARGS = (
     "Q K V PK PV G MASK OUT LSE sqb sqh sqt skb skh sks svb svh svs spkb spkh spkp spvb spvh spvp "
     "smb smh smt sob soh sot H GROUP T S P qk_scale"
 )
-_PRE_ARGS = "OUT DO LSE MASK DELTA HI LO sob soh sot sdob sdoh sdot smb smh smt H T S"
+_PRE_ARGS = "OUT DO LSE MASK DELTA HI LO DGATE sob soh sot sdob sdoh sdot smb smh smt H T S"
 _DKDV_ARGS = (
-    "Q K V G MASK DO HI LO DELTA DK DV DGATE sqb sqh sqt skb skh sks svb svh svs smb smh smt "
-    "sdob sdoh sdot sdkb sdkh sdks sdvb sdvh sdvs H GROUP T S N qk_scale sm_scale"
+    "Q K V PK PV G MASK DO HI LO DELTA DK DV DPK DPV DGATE sqb sqh sqt skb skh sks svb svh svs "
+    "spkb spkh spkp spvb spvh spvp smb smh smt sdob sdoh sdot sdkb sdkh sdks sdvb sdvh sdvs "
+    "sdpkb sdpkh sdpkp sdpvb sdpvh sdpvp H GROUP T S P qk_scale sm_scale"
 )
 _DQ_ARGS = (
     "Q K V PK PV G MASK DO HI LO DELTA DQ sqb sqh sqt skb skh sks svb svh svs spkb spkh spkp spvb spvh spvp "
     "smb smh smt sdob sdoh sdot sdqb sdqh sdqt H GROUP T S P qk_scale sm_scale"
 )
+
+
+def dprompt_ty(dtype: torch.dtype, kind: int) -> dict[str, str]:
+    """Pointer types of the dk/dv launch's prompt outputs in a spec: the input dtype (prompt batch =
+    B), or float32 per-batch partials (a broadcast prompt) for the bool-mask variant, the one the
+    launch cases launch that way."""
+    ty = "fp32" if kind == MASK_BOOL else _TRITON_TYPE[dtype]
+    return {"DPK": f"*{ty}", "DPV": f"*{ty}"}
 
 
 # The mask kind and causality change no tile shape: the specs compile the heaviest variant (additive
@@ -751,7 +879,7 @@ def _compile_specs() -> list[CompileSpec]:
             for kind, causal in _variants(hd):
                 mask_ty = {"MASK": "*u8" if kind == MASK_BOOL else f"*{ty}"}
                 tag = f"{ty},Dh={hd},mask={('none', 'bool', 'add')[kind]},causal={int(causal)}"
-                var = dict(MASK_KIND=kind, IS_CAUSAL=causal, FP32=dtype == torch.float32)
+                var = dict(MASK_KIND=kind, IS_CAUSAL=causal, FAST=True, FP32=dtype == torch.float32)
                 BM, BN, w, st = cfg["fwd"]
                 specs.append(
                     CompileSpec(
@@ -770,9 +898,12 @@ def _compile_specs() -> list[CompileSpec]:
                     CompileSpec(
                         name=f"gpa_bwd_dkdv[{tag},BM={BM},BN={BN}]",
                         kernel=_gpa_bwd_dkdv_kernel,
-                        signature=_sig(_DKDV_ARGS, ptr | f32 | mask_ty | {"DK": f"*{ty}", "DV": f"*{ty}"})
-                        | {k: "constexpr" for k in (*base, *var, "IS_PROMPT", "BLOCK_M", "BLOCK_N")},
-                        constexprs=base | var | {"IS_PROMPT": False, "BLOCK_M": BM, "BLOCK_N": BN},
+                        signature=_sig(
+                            _DKDV_ARGS,
+                            ptr | f32 | mask_ty | {"DK": f"*{ty}", "DV": f"*{ty}"} | dprompt_ty(dtype, kind),
+                        )
+                        | {k: "constexpr" for k in (*base, *var, "BLOCK_M", "BLOCK_N")},
+                        constexprs=base | var | {"BLOCK_M": BM, "BLOCK_N": BN},
                         num_warps=w,
                         num_stages=st,
                         uses_dot=True,
@@ -804,21 +935,6 @@ def _compile_specs() -> list[CompileSpec]:
                         uses_dot=True,
                     )
                 )
-            # The prompt segment of the dk/dv kernel (no mask, not causal, fp32 partial outputs).
-            BM, BN, w, st = cfg["dkdv_prompt"]
-            var = dict(MASK_KIND=MASK_NONE, IS_CAUSAL=False, IS_PROMPT=True, FP32=dtype == torch.float32)
-            specs.append(
-                CompileSpec(
-                    name=f"gpa_bwd_dkdv_prompt[{ty},Dh={hd},BM={BM},BN={BN}]",
-                    kernel=_gpa_bwd_dkdv_kernel,
-                    signature=_sig(_DKDV_ARGS, ptr | f32 | {"MASK": f"*{ty}", "DK": "*fp32", "DV": "*fp32"})
-                    | {k: "constexpr" for k in (*base, *var, "BLOCK_M", "BLOCK_N")},
-                    constexprs=base | var | {"BLOCK_M": BM, "BLOCK_N": BN},
-                    num_warps=w,
-                    num_stages=st,
-                    uses_dot=True,
-                )
-            )
     return specs
 
 
