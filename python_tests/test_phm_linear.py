@@ -322,3 +322,82 @@ def test_eager_path_skips_the_custom_op_with_identical_results(backend, monkeypa
         torch.autograd.grad(y, leaves, grad_out)
     for ours, op in zip(*results):
         torch.testing.assert_close(ours, op, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton weight gradient: dH = x^T dy as a split-K GEMM into a workspace, then the contractions
+# with rules / weights in fixed order (no atomics). Launched directly, with NaN-filled outputs (the
+# launcher's own workspaces are NaN-poisoned by conftest's PROMPT_KERNELS_POISON=1).
+
+# (x shape, out_features, n): batch 1; in/out not multiples of any tile (I = 5, O = 7; I = 9, O = 5);
+# 3-D x; in = 136 > 64 (several dH p-tiles) and O = 18 > 16 (several contraction q-tiles).
+GRAD_CASES = [
+    ((1, 12), 8, 4),
+    ((1, 10), 14, 2),
+    ((3, 7, 36), 20, 4),
+    ((75, 136), 36, 2),
+]
+
+
+def _launch_backward(inputs, grad_out, splits):
+    """Every gradient from ``phm_linear_backward`` into NaN-filled buffers, on the Triton device."""
+    from prompt_kernels.kernels import phm_linear as kernels
+
+    dev = device_for("triton")
+    x, rules, weights = (t.to(dev) for t in inputs[:3])
+    x2, dy2 = x.reshape(-1, x.shape[-1]), grad_out.to(dev).reshape(-1, grad_out.shape[-1])
+    nan = float("nan")
+    dx = torch.full(x2.shape, nan, dtype=x.dtype, device=dev)
+    dr, dw = torch.full_like(rules, nan), torch.full_like(weights, nan)
+    db = torch.full((dy2.shape[1],), nan, dtype=x.dtype, device=dev)
+    kernels.phm_linear_backward(dy2, x2, rules, weights, dx, dr, dw, db, splits=splits)
+    return [g.cpu() for g in (dx.view(x.shape), dr, dw, db)]
+
+
+@pytest.mark.parametrize("splits", [None, 3], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "x{}_out{}_n{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_weight_gradient_matches_float64(case, dtype, splits):
+    """drules, dweights (and dx, dbias) of the Triton launcher against float64, one or several row
+    splits of the dH GEMM."""
+    x_shape, out_features, n = case
+    inputs = make_inputs(x_shape, out_features, n, True, dtype)
+    grad_out = torch.randn(*x_shape[:-1], out_features).to(dtype)
+    grads = _launch_backward(inputs, grad_out, splits)
+    y = reference(*inputs) if dtype == torch.float32 else reference(*(t.float() for t in inputs)).to(dtype)
+    _assert_all_within_budget("triton", inputs, grad_out, y, grads)
+
+
+def test_triton_weight_gradient_bitwise_deterministic():
+    """Two runs give bit-identical parameter gradients (several splits, several tiles)."""
+    inputs = make_inputs((70, 40), 24, 4)
+    grad_out = torch.randn(70, 24)
+    first = _launch_backward(inputs, grad_out, 3)
+    second = _launch_backward(inputs, grad_out, 3)
+    for name, a, b in zip(NAMES, first, second):
+        assert not torch.isnan(a).any(), name
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"grad_{name} differs between runs"
+    # the op end to end as well
+    runs = [_run("triton", inputs, grad_out)[1] for _ in range(2)]
+    for name, a, b in zip(NAMES, *runs):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"op grad_{name} differs between runs"
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic meter runs under the Triton interpreter")
+def test_triton_weight_gradient_has_no_atomics_and_single_writes():
+    """The backward launches the deterministic kernels: no atomics, and no byte stored twice in one
+    launch (so no result depends on the order in which programs run). Fails on the former atomic
+    split-K kernel."""
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    inputs = make_inputs((70, 40), 24, 4)
+    grad_out = torch.randn(70, 24)
+    with TrafficMeter() as meter:
+        _launch_backward(inputs, grad_out, 3)
+    kernels = [rec.kernel for rec in meter.launches]
+    assert kernels == ["_grad_x_kernel", "_grad_h_kernel", "_grad_reduce_kernel", "_grad_rules_kernel"]
+    grad_h = meter.launches[1]
+    assert grad_h.grid[2] == 3 and grad_h.dot_flops >= 2 * 70 * 40 * 24  # the split-K GEMM, 3 splits
+    for rec in meter.launches:
+        assert rec.atomics == 0, rec.kernel
+        assert rec.stored_bytes == rec.unique_stored_bytes, f"{rec.kernel} stores some bytes twice"

@@ -12,17 +12,23 @@ would be) right before the ``tl.dot`` that consumes it. ``x`` is read in place t
   ``acc += x[rows, a*I + p] @ H_tile(a, b)[p, q]``; add the bias, store once.
 * ``_grad_x_kernel`` (grid ``(cdiv(N, BLOCK_M), n * cdiv(I, BLOCK_N))``): ``dx = dy @ H^T`` the same
   way, with the ``H^T`` tile ``[q, p]`` built from transposed ``weights`` tiles.
-* ``_grad_params_kernel`` (grid ``(cdiv(I, BLOCK_P) * cdiv(O, BLOCK_Q), n*n, splits)``): program
-  ``(tile, (a, b), split)`` computes ``G = x_a^T dy_b`` on its ``[BLOCK_P, BLOCK_Q]`` tile over its
-  range of rows (split-K over N, so that small weight gradients still fill the GPU), once, and
-  reduces it twice: ``dweights[i, tile] += rules[i, a, b] * G`` and
-  ``drules[i, a, b] += sum(weights[i, tile] * G)`` for every ``i``, and (first p-tile, ``a == 0``)
-  ``dbias[b*O + q] += sum_rows dy``. The sums over tiles, ``(a, b)`` pairs and splits are fp32
-  atomics into one zeroed scratch buffer, rounded to the output dtype at the end (not bit-for-bit
-  deterministic across runs).
+* The parameter gradients (``grad_params``), deterministic: no atomics, every sum in a fixed order.
 
-The loops over ``i`` are unrolled (``tl.static_range`` over a constexpr): in the weight-gradient
-kernel always (``n`` constexpr), in the fp16/bf16 forward and grad_x kernels through ``N_UNROLL = n``,
+  1. ``_grad_h_kernel`` (grid ``(cdiv(in, BLOCK_P), cdiv(out, BLOCK_Q), splits)``): the GEMM
+     ``dH = x^T dy`` (``[in, out]``, ``tl.dot``, fp32), split over rows (split-K) when the tiles alone
+     would not fill the GPU; each split stores its partial ``dH`` to its own slot of an fp32
+     workspace ``g [splits, in, out]`` (no atomics), the first p-tile also the split's column sums of
+     ``dy`` to ``gb [splits, out]``.
+  2. ``_grad_reduce_kernel`` (grid ``(cdiv(I, BLOCK_P) * cdiv(O, BLOCK_Q),)``): per tile of
+     ``weights``' ``[I, O]``, for each block ``(a, b)`` in order, the splits of
+     ``dH_ab = g[:, a*I + p, b*O + q]`` summed in order, then ``dweights[i] += rules[i, a, b] * dH_ab``
+     for all ``i`` at once (stored once at the end) and the tile's share of
+     ``drules[i, a, b] = <weights[i], dH_ab>`` stored to ``drp [tiles, n^3]``; the first p-tile's
+     programs sum ``gb`` over the splits into ``dbias``.
+  3. ``_grad_rules_kernel`` (one program): ``drules = sum_t drp[t]`` in order.
+
+The loops over ``i`` that build ``H`` tiles are unrolled (``tl.static_range`` over a constexpr) in the
+fp16/bf16 forward and grad_x kernels through ``N_UNROLL = n``,
 which leaves their reduction loops without an inner loop so that Triton pipelines the loads
 (cp.async, ``num_stages = 2``). fp32 forward/grad_x keep the loop over a runtime ``n``
 (``N_UNROLL = 0``): unrolled, their fp32 tiles spill (see ``mm_unroll``).
@@ -42,6 +48,7 @@ from prompt_kernels.kernels.registry import (
     LaunchCase,
     register_compile_specs,
     register_launch_cases,
+    target_arch,
 )
 
 OP = "phm_linear"
@@ -52,8 +59,12 @@ BLOCK_M = 64  # rows per program (forward, grad_x)
 # (BLOCK_N, BLOCK_K) of the forward and grad_x kernels: output columns per program (q for forward,
 # p for grad_x) and reduction chunk (p for forward, q for grad_x). (64, 32) is left out: it spills on sm_80.
 MM_CONFIGS = ((16, 16), (16, 32), (32, 16), (32, 32), (64, 16))
-BLOCK_PQ_CHOICES = (16, 32)  # weight-gradient tile sides (64 x 64 needs ~250 registers)
-BLOCK_R = 32  # rows per step of the weight-gradient reduction
+GRAD_H_TILES = (16, 32, 64)  # tile sides of the dH = x^T dy GEMM (BLOCK_P over in, BLOCK_Q over out)
+BLOCK_R = 32  # rows per step of the dH GEMM's reduction
+REDUCE_TILES = (16, 32)  # tile sides of the contraction kernel over weights' [I, O]
+REDUCE_TILE_ELEMENTS = (1024, 2048)  # N_POW2 * BLOCK_P * BLOCK_Q, where the tile sides allow
+REDUCE_STAGES = 1
+WORKSPACE_SHARE = 4  # the dH split workspace's round trip: at most 1/4 of the bytes of x and dy
 NUM_WARPS = 4
 NUM_STAGES = 2
 
@@ -69,9 +80,10 @@ def mm_unroll(dtype: torch.dtype, n: int) -> int:
 
 DOT_PRECISION = "ieee"  # only affects fp32 dots: exact fp32 products, no TF32
 # ``n`` values compiled by the compile check: the launch cases' n = 4 (also PromptGenerator's default)
-# and n = 2. ``n`` is a constexpr of the weight-gradient kernel, and ``N_UNROLL`` (= n) of the fp16/bf16
-# forward and grad_x kernels, so the JIT compiles one specialisation per n launched; other n (1, 3, ...)
-# are compiled by the JIT on first use on a GPU, not by the compile check.
+# and n = 2. ``N_UNROLL`` (= n) of the fp16/bf16 forward and grad_x kernels, ``N_POW2`` (next power of
+# two of n) of the contraction kernel and ``BLOCK`` (of n^3) of the drules kernel follow n, so the JIT
+# compiles one specialisation per such value launched; others (n = 1, 3, 8, ...) are compiled by the
+# JIT on first use on a GPU, not by the compile check.
 COMPILE_N = (4, 2)
 
 
@@ -196,18 +208,14 @@ def _grad_x_kernel(
 
 
 @triton.jit
-def _grad_params_kernel(
+def _grad_h_kernel(
     x_ptr,
     dy_ptr,
-    r_ptr,
-    w_ptr,
-    dr_ptr,
-    dw_ptr,
-    db_ptr,
+    g_ptr,
+    gb_ptr,
     N,
-    n: tl.constexpr,
-    I,
-    O,
+    IN,
+    OUT,
     rows_per_split,
     want_params,
     want_bias,
@@ -220,19 +228,19 @@ def _grad_params_kernel(
     BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    ab = tl.program_id(1)
+    """``g[split] = x[rows]^T dy[rows]`` on a ``[BLOCK_P, BLOCK_Q]`` tile of the ``[IN, OUT]`` matrix
+    ``dH`` over the rows of one split (a plain GEMM: the Kronecker blocks do not matter here), stored
+    to its own slot of the fp32 workspace ``g [splits, IN, OUT]``; the programs of the first p-tile
+    also store the split's column sums of ``dy`` to ``gb [splits, OUT]``. No atomics."""
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
     split = tl.program_id(2)
-    tiles_q = tl.cdiv(O, BLOCK_Q)
-    p_tile = pid_t // tiles_q
-    a = ab // n
-    b = ab % n
-    p = p_tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    q = (pid_t % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    p_ok = p < I
-    q_ok = q < O
-    x_cols = x_ptr + (a * I + p).to(tl.int64)[:, None] * stride_xk
-    dy_cols = dy_ptr + (b * O + q).to(tl.int64)[None, :] * stride_dyk
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_ok = p < IN
+    q_ok = q < OUT
+    x_cols = x_ptr + p.to(tl.int64)[:, None] * stride_xk
+    dy_cols = dy_ptr + q.to(tl.int64)[None, :] * stride_dyk
     r_start = split * rows_per_split
     r_end = tl.minimum(r_start + rows_per_split, N)
     g = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
@@ -248,17 +256,90 @@ def _grad_params_kernel(
         )
         g = tl.dot(xt, dyt, g, input_precision=DOT_PRECISION)
         dbias += tl.sum(dyt.to(tl.float32), axis=0)
+    slot = split.to(tl.int64) * OUT
     if want_params != 0:
-        pq_mask = p_ok[:, None] & q_ok[None, :]
-        w_offs = p[:, None] * O + q[None, :]
-        for i in tl.static_range(n):
-            r_off = (i * n + a) * n + b
-            coef = tl.load(r_ptr + r_off).to(tl.float32)
-            tl.atomic_add(dw_ptr + i * I * O + w_offs, coef * g, mask=pq_mask)
-            wt = tl.load(w_ptr + i * I * O + w_offs, mask=pq_mask, other=0.0).to(tl.float32)
-            tl.atomic_add(dr_ptr + r_off, tl.sum(tl.sum(wt * g, axis=1), axis=0))
-    if (want_bias != 0) & (a == 0) & (p_tile == 0):
-        tl.atomic_add(db_ptr + b * O + q, dbias, mask=q_ok)
+        g_offs = (slot * IN + p[:, None] * OUT) + q[None, :]
+        tl.store(g_ptr + g_offs, g, mask=p_ok[:, None] & q_ok[None, :])
+    if (want_bias != 0) & (pid_p == 0):
+        tl.store(gb_ptr + slot + q, dbias, mask=q_ok)
+
+
+@triton.jit
+def _grad_reduce_kernel(
+    g_ptr,
+    gb_ptr,
+    r_ptr,
+    w_ptr,
+    dw_ptr,
+    drp_ptr,
+    db_ptr,
+    n,
+    I,
+    O,
+    splits,
+    want_params,
+    want_bias,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    N_POW2: tl.constexpr,
+):
+    """Program ``t`` owns the ``[BLOCK_P, BLOCK_Q]`` tile ``(p, q)`` of ``weights``' ``[I, O]``. For
+    each block ``(a, b)`` in a fixed order it sums the splits of ``G_ab[p, q] = g[:, a*I + p, b*O + q]``
+    in a fixed order, adds ``rules[i, a, b] * G_ab`` to its ``[n, BLOCK_P, BLOCK_Q]`` tile of
+    ``dweights`` (all ``i`` at once, a ``[N_POW2]``-vector of rule coefficients) and stores the tile's
+    share of ``drules[i, a, b] = <weights[i], G_ab>`` to ``drp[t, i, a, b]``. The first p-tile's
+    programs also sum the splits of the bias columns. Every sum has a fixed order: deterministic."""
+    pid = tl.program_id(0)
+    tiles_q = tl.cdiv(O, BLOCK_Q)
+    p_tile = pid // tiles_q
+    p = p_tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    q = (pid % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = q < O
+    OUT = n * O
+    plane = n * I * OUT  # elements of one split of g (in * out < 2**31)
+    if want_params != 0:
+        i = tl.arange(0, N_POW2)
+        i_ok = i < n
+        pq_ok = (p < I)[:, None] & q_ok[None, :]
+        # int32 offsets (n * I * O < 2**31), recomputed for the final store rather than kept live
+        w_offs = (i * I * O)[:, None, None] + (p[:, None] * O + q[None, :])[None, :, :]
+        w3 = tl.load(w_ptr + w_offs, mask=i_ok[:, None, None] & pq_ok[None, :, :], other=0.0).to(tl.float32)
+        dw3 = tl.zeros((N_POW2, BLOCK_P, BLOCK_Q), dtype=tl.float32)
+        n3 = n * n * n
+        for a in range(0, n):
+            for b in range(0, n):
+                g_ab = g_ptr + ((a * I + p)[:, None] * OUT + (b * O + q)[None, :])
+                gsum = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+                for _s in range(0, splits):  # pointer stepped by a split: no s * plane overflow
+                    gsum += tl.load(g_ab, mask=pq_ok, other=0.0)
+                    g_ab += plane
+                r_offs = (i * n + a) * n + b
+                coef = tl.load(r_ptr + r_offs, mask=i_ok, other=0.0).to(tl.float32)
+                dw3 += coef[:, None, None] * gsum[None, :, :]
+                dr = tl.sum(tl.sum(w3 * gsum[None, :, :], axis=2), axis=1)
+                tl.store(drp_ptr + pid * n3 + r_offs, dr, mask=i_ok)
+        p_st = p_tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        i_st = tl.arange(0, N_POW2)
+        st_offs = (i_st * I * O)[:, None, None] + (p_st[:, None] * O + q[None, :])[None, :, :]
+        st_mask = (i_st < n)[:, None, None] & ((p_st < I)[:, None] & q_ok[None, :])[None, :, :]
+        tl.store(dw_ptr + st_offs, dw3.to(dw_ptr.dtype.element_ty), mask=st_mask)
+    if (want_bias != 0) & (p_tile == 0):
+        for b in range(0, n):
+            db = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+            for s in range(0, splits):
+                db += tl.load(gb_ptr + s * OUT + b * O + q, mask=q_ok, other=0.0)
+            tl.store(db_ptr + b * O + q, db.to(db_ptr.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit
+def _grad_rules_kernel(drp_ptr, dr_ptr, n3, tiles, BLOCK: tl.constexpr):
+    """``drules = sum_t drp[t]`` over the weight tiles in order (one program; ``n^3`` values)."""
+    k = tl.arange(0, BLOCK)
+    ok = k < n3
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t in range(0, tiles):
+        acc += tl.load(drp_ptr + t * n3 + k, mask=ok, other=0.0)
+    tl.store(dr_ptr + k, acc.to(dr_ptr.dtype.element_ty), mask=ok)
 
 
 def _pow2_clamp(v: int, lo: int, hi: int) -> int:
@@ -285,24 +366,71 @@ def grad_x_config(I: int, O: int) -> dict:
     return _mm_config(I, O)
 
 
-def grad_params_config(I: int, O: int) -> dict:
+def grad_h_config(in_features: int, out_features: int, dtype: torch.dtype, arch: int) -> dict:
+    """Tile of the ``dH = x^T dy`` GEMM: ``BLOCK_P x BLOCK_Q`` of ``[in, out]``, ``BLOCK_R`` rows a step.
+    On sm_90 fp16/bf16 ``BLOCK_P`` is 64 whatever ``in`` (wgmma's 64-row tile per warpgroup: HGMMA,
+    not HMMA); elsewhere the sides follow ``in`` / ``out`` from 16 to 64."""
+    lo_p = 64 if arch >= 90 and dtype != torch.float32 else min(GRAD_H_TILES)
     return {
-        "BLOCK_P": _pow2_clamp(I, 16, max(BLOCK_PQ_CHOICES)),
-        "BLOCK_Q": _pow2_clamp(O, 16, max(BLOCK_PQ_CHOICES)),
+        "BLOCK_P": _pow2_clamp(in_features, lo_p, max(GRAD_H_TILES)),
+        "BLOCK_Q": _pow2_clamp(out_features, min(GRAD_H_TILES), max(GRAD_H_TILES)),
         "BLOCK_R": BLOCK_R,
     }
+
+
+def _arch(device: torch.device) -> int:
+    """The compute capability the JIT compiles for (0 under the interpreter)."""
+    from prompt_kernels.kernels import interpreting
+
+    if interpreting():
+        return 0
+    return target_arch(device if device.type == "cuda" else None)
+
+
+def grad_reduce_config(n: int, I: int, O: int) -> dict:
+    """Tile of ``weights``' ``[I, O]`` per program of the contraction kernel. It keeps its
+    ``[N_POW2, BLOCK_P, BLOCK_Q]`` tiles of ``weights`` and ``dweights`` in fp32 registers, so
+    ``N_POW2 * BLOCK_P * BLOCK_Q`` stays within ``REDUCE_TILE_ELEMENTS`` (``n = 4``: 16 x 32 at most;
+    32 x 32 needs ~230 registers with 4 warps) and, where the sides allow, at least 1024 (the
+    512-element tiles of ``n = 2`` spill a few bytes on sm_80)."""
+    np2 = triton.next_power_of_2(max(int(n), 1))
+    lo, hi = min(REDUCE_TILES), max(REDUCE_TILES)
+    bp, bq = _pow2_clamp(I, lo, hi), _pow2_clamp(O, lo, hi)
+    while np2 * bp * bq > REDUCE_TILE_ELEMENTS[1] and max(bp, bq) > lo:
+        bp, bq = (bp // 2, bq) if bp >= bq else (bp, bq // 2)
+    while np2 * bp * bq < REDUCE_TILE_ELEMENTS[0] and min(bp, bq) < hi:
+        bp, bq = (bp * 2, bq) if bp <= bq else (bp, bq * 2)
+    return {"BLOCK_P": bp, "BLOCK_Q": bq, "N_POW2": np2}
+
+
+def _reduce_specs_tiles(np2: int) -> list[tuple[int, int]]:
+    """The ``(BLOCK_P, BLOCK_Q)`` that ``grad_reduce_config`` can choose for ``N_POW2 = np2``."""
+    lo, hi = REDUCE_TILE_ELEMENTS
+    return [(bp, bq) for bp in REDUCE_TILES for bq in REDUCE_TILES if lo <= np2 * bp * bq <= hi]
 
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: enough splits that the tests cover several
+    return 8  # the interpreter
 
 
-def _split_rows(N: int, base_programs: int, device: torch.device) -> tuple[int, int]:
-    """``(splits, rows_per_split)`` for the weight-gradient reduction over N rows."""
-    want = max(1, -(-_target_programs(device) // max(base_programs, 1)))
-    splits = max(1, min(want, triton.cdiv(N, BLOCK_R)))
+def grad_h_splits(
+    N: int, in_features: int, out_features: int, tiles: int, element_size: int, device: torch.device,
+    splits: int | None = None,
+) -> tuple[int, int]:  # fmt: skip
+    """``(splits, rows_per_split)`` of the ``dH`` GEMM's reduction over the N rows (split-K).
+
+    Enough splits for about ``_target_programs`` programs, but the fp32 workspace's round trip
+    (``8 * splits * in * out`` bytes written and read back) at most ``1 / WORKSPACE_SHARE`` of the bytes
+    of ``x`` and ``dy`` read: past that, splitting costs more traffic than the parallelism is worth
+    on a compute-light weight gradient. ``splits`` (tests) overrides the choice."""
+    if splits is None:
+        want = -(-_target_programs(device) // max(tiles, 1))
+        budget = N * (in_features + out_features) * element_size
+        budget //= WORKSPACE_SHARE * 8 * max(in_features * out_features, 1)
+        splits = min(want, budget)
+    splits = max(1, min(int(splits), triton.cdiv(N, BLOCK_R)))
     rows_per_split = triton.cdiv(triton.cdiv(N, splits), BLOCK_R) * BLOCK_R
     return triton.cdiv(N, rows_per_split), rows_per_split
 
@@ -327,9 +455,12 @@ def phm_linear_forward(x2, rules, weights, bias, out) -> torch.Tensor:
     return out
 
 
-def phm_linear_backward(dy2, x2, rules, weights, grad_x, grad_rules, grad_weights, grad_bias) -> None:
+def phm_linear_backward(
+    dy2, x2, rules, weights, grad_x, grad_rules, grad_weights, grad_bias, *, splits: int | None = None
+) -> None:
     """Fill the gradients that are not None: ``grad_x [N, n*I]``, ``grad_rules [n, n, n]``,
-    ``grad_weights [n, I, O]``, ``grad_bias [n*O]``."""
+    ``grad_weights [n, I, O]``, ``grad_bias [n*O]``. ``splits`` (tests) fixes the weight gradient's
+    row split (``grad_h_splits``)."""
     _check_dtype(x2)
     rules = rules.contiguous()
     weights = weights.contiguous()
@@ -349,30 +480,70 @@ def phm_linear_backward(dy2, x2, rules, weights, grad_x, grad_rules, grad_weight
     want_bias = grad_bias is not None
     if not (want_params or want_bias):
         return
-    # fp32 scratch for the atomics: [dweights (n*I*O) | drules (n^3) | dbias (n*O)]
-    scratch = torch.zeros(n * I * O + n**3 + n * O, dtype=torch.float32, device=x2.device)
-    dw32 = scratch[: n * I * O]
-    dr32 = scratch[n * I * O : n * I * O + n**3]
-    db32 = scratch[n * I * O + n**3 :]
-    cfg = grad_params_config(I, O)
-    tiles = triton.cdiv(I, cfg["BLOCK_P"]) * triton.cdiv(O, cfg["BLOCK_Q"])
-    if not want_params:
-        tiles_ab = (triton.cdiv(O, cfg["BLOCK_Q"]), n)  # bias only: first p-tile, a == 0 programs
-    else:
-        tiles_ab = (tiles, n * n)
-    splits, rows_per_split = _split_rows(N, tiles_ab[0] * tiles_ab[1], x2.device)
-    _grad_params_kernel[(tiles_ab[0], tiles_ab[1], splits)](
-        x2, dy2, rules, weights, dr32, dw32, db32,
-        N, n, I, O, rows_per_split, int(want_params), int(want_bias),
+    grad_params(dy2, x2, rules, weights, grad_rules, grad_weights, grad_bias, splits=splits)
+
+
+def _out_buffer(t: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
+    """``t`` itself when the kernels can write it in place (contiguous, right dtype), else a new buffer."""
+    if t is not None and t.is_contiguous() and t.dtype == dtype and tuple(t.shape) == tuple(shape):
+        return t
+    return _alloc.empty(shape, dtype=dtype, device=device)
+
+
+def grad_params(dy2, x2, rules, weights, grad_rules, grad_weights, grad_bias, *, splits=None) -> None:
+    """The parameter gradients, deterministic (no atomics; every sum in a fixed order):
+
+    1. ``_grad_h_kernel``: ``dH = x^T dy`` (``[in, out]``, fp32), a GEMM with ``tl.dot`` split over
+       rows into ``splits`` slots of a workspace (and the column sums of ``dy`` per split);
+    2. ``_grad_reduce_kernel``: per ``[I, O]`` tile, the splits summed in order, then
+       ``dweights[i] = sum_ab rules[i, a, b] dH_ab`` (stored) and the tile's share of
+       ``drules[i, a, b] = <weights[i], dH_ab>`` (to a second workspace), and ``dbias``;
+    3. ``_grad_rules_kernel``: the ``n^3`` drules shares summed over the tiles in order.
+    """
+    rules = rules.contiguous()
+    weights = weights.contiguous()
+    n, I, O = weights.shape
+    N = x2.shape[0]
+    in_f, out_f = n * I, n * O
+    dev, dt = x2.device, x2.dtype
+    want_params = grad_rules is not None or grad_weights is not None
+    want_bias = grad_bias is not None
+    hc = grad_h_config(in_f, out_f, dt, _arch(dev))
+    tiles_p = triton.cdiv(in_f, hc["BLOCK_P"]) if want_params else 1  # bias only: first p-tile
+    tiles_q = triton.cdiv(out_f, hc["BLOCK_Q"])
+    splits, rows_per_split = grad_h_splits(N, in_f, out_f, tiles_p * tiles_q, x2.element_size(), dev, splits)
+    f32 = torch.float32
+    g = _alloc.empty((splits, in_f, out_f) if want_params else (1,), dtype=f32, device=dev)
+    gb = _alloc.empty((splits, out_f) if want_bias else (1,), dtype=f32, device=dev)
+    _grad_h_kernel[(tiles_p, tiles_q, splits)](
+        x2, dy2, g, gb, N, in_f, out_f, rows_per_split, int(want_params), int(want_bias),
         x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
-        DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **cfg,
+        DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **hc,
     )  # fmt: skip
-    if grad_weights is not None:
-        grad_weights.copy_(dw32.view(n, I, O))
+    rc = grad_reduce_config(n, I, O)
+    tiles_q = triton.cdiv(O, rc["BLOCK_Q"])
+    tiles = triton.cdiv(I, rc["BLOCK_P"]) * tiles_q if want_params else tiles_q
+    unused = _alloc.empty((1,), dtype=dt, device=dev)  # pointer argument of a gradient not asked for
+    dw = _out_buffer(grad_weights, (n, I, O), dt, dev) if want_params else unused
+    drp = _alloc.empty((tiles, n**3) if want_params else (1,), dtype=f32, device=dev)
+    db = _out_buffer(grad_bias, (out_f,), dt, dev) if want_bias else unused
+    _grad_reduce_kernel[(tiles,)](
+        g, gb, rules, weights, dw, drp, db, n, I, O, splits, int(want_params), int(want_bias),
+        num_warps=NUM_WARPS, num_stages=REDUCE_STAGES, **rc,
+    )  # fmt: skip
     if grad_rules is not None:
-        grad_rules.copy_(dr32.view(n, n, n))
-    if grad_bias is not None:
-        grad_bias.copy_(db32)
+        dr = _out_buffer(grad_rules, (n, n, n), dt, dev)
+        _grad_rules_kernel[(1,)](drp, dr, n**3, tiles, BLOCK=rules_block(n), num_warps=1)
+        if dr is not grad_rules:
+            grad_rules.copy_(dr)
+    if grad_weights is not None and dw is not grad_weights:
+        grad_weights.copy_(dw)
+    if want_bias and db is not grad_bias:
+        grad_bias.copy_(db)
+
+
+def rules_block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n**3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,37 +601,61 @@ def _compile_specs() -> list[CompileSpec]:
                         uses_dot=True,
                     )
                 )
-        for n in COMPILE_N:
-            for bp in BLOCK_PQ_CHOICES:
-                for bq in BLOCK_PQ_CHOICES:
-                    sig = _mm_signature(["x_ptr", "dy_ptr", "r_ptr", "w_ptr"], t, [], [])
-                    sig.update({"dr_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32"})
-                    ints = ["N", "I", "O", "rows_per_split", "want_params", "want_bias"]
-                    ints += ["stride_xm", "stride_xk", "stride_dym", "stride_dyk"]
-                    sig.update({name: "i32" for name in ints})
-                    sig.update(
-                        {
-                            name: "constexpr"
-                            for name in ("n", "BLOCK_P", "BLOCK_Q", "BLOCK_R", "DOT_PRECISION")
-                        }
+        for bp in GRAD_H_TILES:
+            for bq in GRAD_H_TILES:
+                sig = {"x_ptr": f"*{t}", "dy_ptr": f"*{t}", "g_ptr": "*fp32", "gb_ptr": "*fp32"}
+                ints = ["N", "IN", "OUT", "rows_per_split", "want_params", "want_bias"]
+                ints += ["stride_xm", "stride_xk", "stride_dym", "stride_dyk"]
+                sig.update({name: "i32" for name in ints})
+                consts = {"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_R": BLOCK_R, "DOT_PRECISION": DOT_PRECISION}
+                sig.update({name: "constexpr" for name in consts})
+                specs.append(
+                    CompileSpec(
+                        name=f"phm_linear_grad_h[{t},BP={bp},BQ={bq},BR={BLOCK_R}]",
+                        kernel=_grad_h_kernel,
+                        signature=sig,
+                        constexprs=consts,
+                        num_warps=NUM_WARPS,
+                        num_stages=NUM_STAGES,
+                        uses_dot=True,
+                        # sm_90 fp16/bf16 launches BLOCK_P = 64 only (grad_h_config)
+                        archs=(80,) if bp < 64 and dt != torch.float32 else None,
                     )
-                    specs.append(
-                        CompileSpec(
-                            name=f"phm_linear_grad_params[{t},n={n},BP={bp},BQ={bq},BR={BLOCK_R}]",
-                            kernel=_grad_params_kernel,
-                            signature=sig,
-                            constexprs={
-                                "n": n,
-                                "BLOCK_P": bp,
-                                "BLOCK_Q": bq,
-                                "BLOCK_R": BLOCK_R,
-                                "DOT_PRECISION": DOT_PRECISION,
-                            },
-                            num_warps=NUM_WARPS,
-                            num_stages=NUM_STAGES,
-                            uses_dot=True,
-                        )
+                )
+        for np2 in sorted({triton.next_power_of_2(n) for n in COMPILE_N}, reverse=True):
+            for bp, bq in _reduce_specs_tiles(np2):
+                sig = {"g_ptr": "*fp32", "gb_ptr": "*fp32", "drp_ptr": "*fp32"}
+                sig.update({name: f"*{t}" for name in ("r_ptr", "w_ptr", "dw_ptr", "db_ptr")})
+                sig.update({name: "i32" for name in ("n", "I", "O", "splits", "want_params", "want_bias")})
+                consts = {"BLOCK_P": bp, "BLOCK_Q": bq, "N_POW2": np2}
+                sig.update({name: "constexpr" for name in consts})
+                specs.append(
+                    CompileSpec(
+                        name=f"phm_linear_grad_reduce[{t},N_POW2={np2},BP={bp},BQ={bq}]",
+                        kernel=_grad_reduce_kernel,
+                        signature=sig,
+                        constexprs=consts,
+                        num_warps=NUM_WARPS,
+                        num_stages=REDUCE_STAGES,
                     )
+                )
+        for block in sorted({rules_block(n) for n in COMPILE_N}, reverse=True):
+            specs.append(
+                CompileSpec(
+                    name=f"phm_linear_grad_rules[{t},BLOCK={block}]",
+                    kernel=_grad_rules_kernel,
+                    signature={
+                        "drp_ptr": "*fp32",
+                        "dr_ptr": f"*{t}",
+                        "n3": "i32",
+                        "tiles": "i32",
+                        "BLOCK": "constexpr",
+                    },
+                    constexprs={"BLOCK": block},
+                    num_warps=1,
+                    num_stages=None,
+                )
+            )
     return specs
 
 

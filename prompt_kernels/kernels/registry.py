@@ -102,15 +102,6 @@ KNOWN_FAILURES: tuple[KnownFailure, ...] = (
         "compiled with the fp16 case's arguments, gets it",
     ),
     KnownFailure(
-        "phm_linear_grad_params[bf16,**",
-        (80, 90),
-        "async",
-        "bf16 weight gradient (arguments of the fp32 launch case): its row loop gets no cp.async",
-    ),
-    KnownFailure(
-        "phm_linear_grad_params[*16,**", (90,), "hgmma", f"weight-gradient tiles of 16/32 rows: {_HGMMA_ROWS}"
-    ),
-    KnownFailure(
         "vq_nearest[fp32,BLOCK_M=64,BLOCK_N=64,BLOCK_D=16]", (90,), "spills", "fp32 64-row tile: 12 B"
     ),
     KnownFailure("vq_sample[*16,**", (90,), "hgmma", f"sampler tile, 32 rows: {_HGMMA_ROWS}"),
