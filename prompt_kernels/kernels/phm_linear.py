@@ -63,7 +63,7 @@ GRAD_H_TILES = (16, 32, 64)  # tile sides of the dH = x^T dy GEMM (BLOCK_P over 
 BLOCK_R = 32  # rows per step of the dH GEMM's reduction
 REDUCE_TILES = (16, 32)  # tile sides of the contraction kernel over weights' [I, O]
 REDUCE_TILE_ELEMENTS = (1024, 2048)  # N_POW2 * BLOCK_P * BLOCK_Q, where the tile sides allow
-REDUCE_STAGES = 1
+REDUCE_STAGES = 1  # contraction kernel: no dot to pipeline (2 stages changed nothing in the compile check)
 WORKSPACE_SHARE = 4  # the dH split workspace's round trip: at most 1/4 of the bytes of x and dy
 NUM_WARPS = 4
 NUM_STAGES = 2
@@ -509,7 +509,8 @@ def grad_params(dy2, x2, rules, weights, grad_rules, grad_weights, grad_bias, *,
     want_params = grad_rules is not None or grad_weights is not None
     want_bias = grad_bias is not None
     hc = grad_h_config(in_f, out_f, dt, _arch(dev))
-    tiles_p = triton.cdiv(in_f, hc["BLOCK_P"]) if want_params else 1  # bias only: first p-tile
+    # bias only: the first p-tile alone (its dot still runs; only the column sums are stored)
+    tiles_p = triton.cdiv(in_f, hc["BLOCK_P"]) if want_params else 1
     tiles_q = triton.cdiv(out_f, hc["BLOCK_Q"])
     splits, rows_per_split = grad_h_splits(N, in_f, out_f, tiles_p * tiles_q, x2.element_size(), dev, splits)
     f32 = torch.float32
