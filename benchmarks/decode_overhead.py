@@ -14,11 +14,17 @@ call), so a decoding step is one attention call per layer, as in the plain model
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
 import torch
+
+
+def _generate(model, ids, mask, new: int) -> None:
+    with torch.no_grad():
+        model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False
+        )
 
 
 def main(argv=None) -> None:
@@ -29,6 +35,8 @@ def main(argv=None) -> None:
 
     import prompt_kernels as pk
     from benchmarks.common import machine_name
+
+    PREFIX = pk.PrefixTuningConfig(prompt_length=10)
 
     torch.set_num_threads(1)
     cfg = LlamaConfig(
@@ -41,25 +49,27 @@ def main(argv=None) -> None:
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    plain = LlamaForCausalLM(cfg).eval()
-    ours = pk.attach(copy.deepcopy(plain), pk.PrefixTuningConfig(prompt_length=10)).eval()
+    model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(10, 40000, (4, 32))
     mask = torch.ones_like(ids)
-
-    def generate(model):
-        with torch.no_grad():
-            model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False
-            )
-
-    for m in (plain, ours):
-        generate(m)
     times = {"plain": [], "prompt_kernels": []}
+    first = pk.attach(model, PREFIX)
+    state = {k: v.clone() for k, v in first.method.state_dict().items()}  # the same prompts every repeat
+    first.detach()
     for _ in range(args.repeats):
-        for name, m in (("plain", plain), ("prompt_kernels", ours)):
+        # The very same model object (the same weights in memory) with and without prompts: separate
+        # copies of a model can decode a few percent apart on this CPU (memory placement).
+        for name in ("plain", "prompt_kernels"):
+            m = model
+            if name == "prompt_kernels":
+                m = pk.attach(model, PREFIX).eval()
+                m.method.load_state_dict(state)
+            _generate(m, ids, mask, 1)  # untimed: warm, and the first generate's one-off cache check
             t = time.process_time()
-            generate(m)
+            _generate(m, ids, mask, 32)
             times[name].append(time.process_time() - t)
+            if name == "prompt_kernels":
+                m.detach()
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
     print(f"{machine_name()}, {args.repeats} repeats")

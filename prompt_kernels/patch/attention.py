@@ -257,7 +257,7 @@ def _concat_path(
     B, H, T, _ = query.shape
     P = joined or prefix.key.shape[2]
     S = key.shape[2] - joined
-    if mask is not None and mask.dim() == 4 and mask.shape[-1] != S:
+    if joined and mask is not None and mask.dim() == 4 and mask.shape[-1] != S:
         raise ValueError(
             f"prompt_kernels: {type(module).__name__}'s attention mask covers {mask.shape[-1]} keys, "
             f"expected {S} (the tokens' keys)"
