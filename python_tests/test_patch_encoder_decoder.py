@@ -153,3 +153,43 @@ def test_input_dependent_methods_train_and_generate(model_type, config):
     assert not missing, missing
     pm.eval()
     assert not torch.equal(_greedy(pm, inputs), bare)
+
+
+@pytest.mark.parametrize("model_type", ["bart", "t5gemma2"])
+def test_input_dependent_methods_on_encoder_decoder_classifiers(model_type, monkeypatch):
+    """Sequence classification with an encoder-decoder: the class labels ``[B]`` are no decoder input, so
+    the methods' nested forwards (SPT's consistency run, InfoPrompt's unprompted run) let the model build
+    the decoder input from ``input_ids`` as the call itself does (they used to shift the class labels
+    into a 1D decoder input and crash inside the model)."""
+    from prompt_kernels.patch.context import ForwardContext
+
+    model = build_tiny(model_type, "seq-cls")
+    inputs = tiny_inputs(model, "seq-cls", batch=2, length=6)
+    assert inputs["labels"].dim() == 1 and "decoder_input_ids" not in inputs
+    seen = []
+    original = ForwardContext.kwargs_without_labels
+    monkeypatch.setattr(
+        ForwardContext, "kwargs_without_labels", lambda self: seen.append(original(self)) or seen[-1]
+    )
+    rows = model.get_input_embeddings().weight[:2].detach()
+    for config in (pk.SPTConfig(prompt_length=3, dropout=0.0), pk.InfoPromptConfig(prompt_length=3)):
+        options = (
+            {"label_embeddings": rows}
+            if model_type == "bart" and isinstance(config, pk.InfoPromptConfig)
+            else {}
+        )
+        pm = pk.attach(model, config, **options)
+        pm.train()
+        if isinstance(config, pk.InfoPromptConfig):
+            pm.method.set_labels(inputs["labels"])
+        out = pm(**inputs)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        missing = [
+            n
+            for n, p in pm.method.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.any())
+        ]
+        assert not missing, (type(config).__name__, missing)
+        pm.detach()
+    assert seen and all(k["labels"] is None and k.get("decoder_input_ids") is None for k in seen)

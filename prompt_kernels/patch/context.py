@@ -215,14 +215,18 @@ class ForwardContext:
 
     def kwargs_without_labels(self) -> dict[str, Any]:
         """This call's keyword arguments for a nested forward that needs no loss: ``labels=None``. An
-        encoder-decoder whose decoder input comes from the labels (none given) gets it from the model's
-        ``prepare_decoder_input_ids_from_labels`` instead (or keeps its labels where it has none)."""
+        encoder-decoder whose decoder input comes from token labels ``[B, T]`` (none given) gets it from the
+        model's ``prepare_decoder_input_ids_from_labels`` instead (or keeps its labels where it has none);
+        class labels (``[B]``, or float ``[B, C]``) never were decoder input: the model builds that from
+        ``input_ids`` as in the call itself."""
         kwargs = dict(self.kwargs)
         labels = kwargs.get("labels")
         if labels is None:
             return kwargs
+        token_labels = torch.is_tensor(labels) and labels.dim() == 2 and not labels.is_floating_point()
         needs_decoder_input = (
             self.info.encoder_decoder
+            and token_labels
             and kwargs.get("decoder_input_ids") is None
             and kwargs.get("decoder_inputs_embeds") is None
         )
