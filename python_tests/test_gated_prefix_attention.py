@@ -800,10 +800,28 @@ def test_backward_launches(Bp, monkeypatch):
         "_gpa_bwd_dq_kernel",
     ]
     BN = gk.configs(torch.float16, Dh)["dkdv"][1]
-    assert grids[1][1] == (((P + BN - 1) // BN + (S + BN - 1) // BN) * B * Hkv,)
+    BNP = min(BN, gk.PROMPT_BLOCK_N)
+    assert grids[1][1] == (((P + BNP - 1) // BNP + (S + BN - 1) // BN) * B * Hkv,)
     host = [op for op in rec.ops if op not in ("ones_like", "fill", "fill_", "_to_copy", "clone", "copy_")]
     # (the gate's [B, H] float32 copy is the launcher's only other op)
     assert host == ([] if Bp == B else ["sum", "sum"]), rec.ops
+
+
+def test_dkdv_tiles_per_arch():
+    """sm_90 launches dk/dv tiles of at least 64 keys at fp16/bf16 (wgmma's 64 rows: the keys are the
+    M dimension of every dk/dv tl.dot), and the compile specs register what each arch launches."""
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+
+    specs = {s.name: s for s in gk._compile_specs() if s.name.startswith("gpa_bwd_dkdv[")}
+    for dtype in (torch.float16, torch.bfloat16):
+        for Dh in gk.HEAD_DIMS:
+            for arch in gk.ARCHS:
+                BM, BN = gk.configs(dtype, Dh, arch)["dkdv"][:2]
+                assert BN >= (64 if arch >= 90 else 32), (dtype, Dh, arch)
+                ty = gk._TRITON_TYPE[dtype]
+                name = f"gpa_bwd_dkdv[{ty},Dh={Dh},mask=add,causal=1,BM={BM},BN={BN}]"
+                assert name in specs and arch in (specs[name].archs or gk.ARCHS), name
+                assert specs[name].constexprs["BLOCK_NP"] == min(BN, gk.PROMPT_BLOCK_N)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="counts calls of a @triton.jit helper under the interpreter")
@@ -817,13 +835,17 @@ def test_unmasked_fast_path(T, S, causal, monkeypatch):
 
     tensors, mask = make_inputs(1, 4, 2, T, S, 5, 32, 1, "head", "none", torch.float32)
     grad_out = torch.randn(tensors[0].shape)
-    calls, masked = [0], gk._mask_keys
+    calls = [0]
 
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return masked(*args, **kwargs)
+    def counting(masked):
+        def helper(*args, **kwargs):
+            calls[0] += 1
+            return masked(*args, **kwargs)
 
-    monkeypatch.setattr(gk, "_mask_keys", counting)
+        return helper
+
+    for name in ("_mask_keys", "_mask_keys_t"):  # (the dk/dv kernel's tiles are transposed)
+        monkeypatch.setattr(gk, name, counting(getattr(gk, name)))
     results = {}
     for fast in (True, False):
         calls[0] = 0

@@ -60,6 +60,7 @@ from prompt_kernels.kernels.registry import (
     LaunchCase,
     register_compile_specs,
     register_launch_cases,
+    target_arch,
 )
 
 OP = "gated_prefix_attention"
@@ -170,6 +171,26 @@ def _mask_keys(
     if IS_CAUSAL:
         s = tl.where(cols[None, :] <= rows[:, None] + (S - T), s, float("-inf"))
     return tl.where(c_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _mask_keys_t(
+    s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr
+):
+    """_mask_keys on transposed base-2 logits s [BLOCK_N keys, BLOCK_M queries] (the dk/dv kernel)."""
+    if MASK_KIND == 1:
+        keep = tl.load(MASK + mask_base + cols, mask=c_ok, other=0)
+        s = tl.where(keep[:, None] != 0, s, float("-inf"))
+    if MASK_KIND == 2:
+        add = tl.load(
+            MASK + mask_base + rows[None, :].to(tl.int64) * smt + cols[:, None],
+            mask=r_ok[None, :] & c_ok[:, None],
+            other=0.0,
+        )
+        s = s + _additive2(add.to(tl.float32))
+    if IS_CAUSAL:
+        s = tl.where(cols[:, None] <= rows[None, :] + (S - T), s, float("-inf"))
+    return tl.where(c_ok[:, None], s, float("-inf"))
 
 
 @triton.jit
@@ -333,7 +354,9 @@ def _dkdv_step(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_PROMPT: tl.constexpr, MASKED: tl.constexpr,
     FP32: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_M queries x BLOCK_N keys] step of the dk/dv kernel. Rows past T load q = dO = 0
+    """One [BLOCK_M queries x BLOCK_N keys] step of the dk/dv kernel, computed transposed (keys x
+    queries, as in Triton's FlashAttention-2 tutorial): every tl.dot has the BLOCK_N keys as its M
+    dimension, so a 64-key tile fills wgmma's 64 rows on sm_90. Rows past T load q = dO = 0
     and hi = +inf, so their p is 0 and they add nothing; columns past the end only touch dk/dv rows
     that are never stored: the key segment needs the mask/causal ``where``s only where a padding or
     additive mask applies or the block crosses the causal diagonal (``MASKED``)."""
@@ -344,29 +367,29 @@ def _dkdv_step(
     do = tl.load(_rows(do_base, rows, sdot, offs_d, D_PAD), mask=qo_ok, other=0.0)
     hi = tl.load(HI + row_base + rows, mask=r_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + rows, mask=r_ok, other=0.0)
-    s = _dot(q, tl.trans(k), FP32) * qk_scale
+    s = _dot(k, tl.trans(q), FP32) * qk_scale  # [BLOCK_N, BLOCK_M]
     if IS_PROMPT:
         # The ungated probability exp(s - lse), its exponent clamped where the row's keys have
         # (next to) no weight and the gate is 0 (as the reference clamps it): finite, so that
         # p = gate * pu is 0 at gate 0 and d out / d gate below is 0 for a zero grad_out.
         # (lo is 0 on every row with prompt weight: not needed here.)
-        s = tl.where(c_ok[None, :], s, float("-inf"))
-        pu = tl.exp2(tl.minimum(s - hi[:, None], _EXP2_CLAMP))
+        s = tl.where(c_ok[:, None], s, float("-inf"))
+        pu = tl.exp2(tl.minimum(s - hi[None, :], _EXP2_CLAMP))
         p = pu * g
     else:
         if MASKED:
-            s = _mask_keys(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
+            s = _mask_keys_t(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
         if MASK_KIND == 2:  # (lo is 0 unless an additive mask saturates the row)
             lo = tl.load(LO + row_base + rows, mask=r_ok, other=0.0)
-            p = tl.exp2(s - hi[:, None] - lo[:, None])
+            p = tl.exp2(s - hi[None, :] - lo[None, :])
         else:
-            p = tl.exp2(s - hi[:, None])
-    dv += _dot(tl.trans(p.to(do.dtype)), do, FP32)
-    dp_delta = _dot(do, tl.trans(v), FP32) - delta[:, None]
+            p = tl.exp2(s - hi[None, :])
+    dv += _dot(p.to(do.dtype), do, FP32)
+    dp_delta = _dot(v, tl.trans(do), FP32) - delta[None, :]
     ds = p * dp_delta
     if IS_PROMPT:
-        dg += tl.sum(pu * dp_delta, 1)  # d out / d gate: the ungated probability, finite at 0
-    dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32)
+        dg += tl.sum(pu * dp_delta, 0)  # d out / d gate: the ungated probability, finite at 0
+    dk += _dot(ds.to(q.dtype), q, FP32)
     return dk, dv, dg
 
 
@@ -458,18 +481,19 @@ def _gpa_bwd_dkdv_kernel(
     H, GROUP, T, S, P, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_NP: tl.constexpr,
 ):  # fmt: skip
-    """One launch for both key segments: per (b, kv head), programs 0 .. cdiv(P, BLOCK_N) - 1 take the
+    """One launch for both key segments: per (b, kv head), programs 0 .. cdiv(P, BLOCK_NP) - 1 take the
     prompt key blocks (dprompt_key/value per batch item, dgate atomically added to DGATE, which the
     preprocess zeroed), the next cdiv(S, BLOCK_N) the key blocks (dk, dv written once)."""
-    n_p = tl.cdiv(P, BLOCK_N)
+    n_p = tl.cdiv(P, BLOCK_NP)
     pid_n, _, b, hk = _split_pid(n_p + tl.cdiv(S, BLOCK_N), H // GROUP)
     if pid_n < n_p:
         _dkdv_block(
             Q, PK, PV, G, MASK, DO, HI, LO, DELTA, DPK, DPV, DGATE, b, hk, pid_n,
             sqb, sqh, sqt, spkb, spkh, spkp, spvb, spvh, spvp, 0, 0, 0, sdob, sdoh, sdot,
             sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp, H, GROUP, T, S, P, qk_scale, sm_scale,
-            HEAD_DIM, D_PAD, 0, False, True, FAST, FP32, BLOCK_M, BLOCK_N,
+            HEAD_DIM, D_PAD, 0, False, True, FAST, FP32, BLOCK_M, BLOCK_NP,
         )  # fmt: skip
     else:
         _dkdv_block(
@@ -608,12 +632,12 @@ _CONFIGS = {
         },
         64: {
             "fwd": (128, 64, 8, 3),
-            "dkdv": (16, 32, 4, 2),
+            "dkdv": (16, 64, 8, 2),
             "dq": (128, 32, 8, 2),
         },
         128: {
             "fwd": (64, 32, 4, 3),
-            "dkdv": (32, 64, 8, 2),
+            "dkdv": (32, 32, 8, 2),
             "dq": (64, 32, 8, 2),
         },
     },
@@ -630,19 +654,47 @@ _CONFIGS = {
         },
         128: {
             "fwd": (16, 16, 4, 1),
-            "dkdv": (32, 32, 8, 1),
+            "dkdv": (16, 32, 8, 1),
             "dq": (16, 32, 8, 1),
         },
     },
 }
+# sm_90 (and newer) differences: dk/dv tiles of 128 keys (64 at Dh 128) where they fit without spills
+# (wgmma takes the keys as the 64-row M dimension of every dk/dv tl.dot, see _dkdv_step); sm_80 (bf16
+# spills at 32 x 64, Dh 128) keeps 32 x 32 there.
+_CONFIGS_SM90 = {
+    "lowp": {
+        32: {"dkdv": (32, 128, 8, 2)},
+        64: {"dkdv": (32, 128, 8, 2)},
+        128: {"dkdv": (32, 64, 8, 2)},
+    },
+}
 _PRE_CONFIG = (64, 64, 4, 1)  # BLOCK_N: the mask tiles read on saturated rows
+PROMPT_BLOCK_N = 64  # the dk/dv launch's prompt key blocks: at most this many keys (P is often small)
+ARCHS = (80, 90)
 
 
-def configs(dtype: torch.dtype, head_dim: int) -> dict[str, tuple[int, int, int, int]]:
-    """``kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages)`` for a dtype and head size (80 and 96
-    use the padded 128 configuration); ``dkdv`` is the one dk/dv launch over both key segments."""
+def configs(dtype: torch.dtype, head_dim: int, arch: int = 80) -> dict[str, tuple[int, int, int, int]]:
+    """``kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages)`` for a dtype, head size (80 and 96 use the
+    padded 128 configuration) and compute capability (``arch`` >= 90: the sm_90 tiles); ``dkdv`` is
+    the one dk/dv launch over both key segments (prompt blocks of min(BLOCK_N, PROMPT_BLOCK_N) keys)."""
     cls = "fp32" if dtype == torch.float32 else "lowp"
-    return {**_CONFIGS[cls][max(32, d_pad(head_dim))], "pre": _PRE_CONFIG}
+    dp = max(32, d_pad(head_dim))
+    out = {**_CONFIGS[cls][dp], "pre": _PRE_CONFIG}
+    if arch >= 90:
+        out.update(_CONFIGS_SM90.get(cls, {}).get(dp, {}))
+    return out
+
+
+def _arch(device: torch.device) -> int:
+    """The compute capability whose tiles to launch: the GPU's, or the one the compile check compiles
+    for (registry.target_arch); 80 (the sm_80 tiles) for the interpreter on CPU tensors."""
+    from triton.runtime import driver
+
+    active = getattr(driver, "_active", None)
+    if device.type == "cuda" or getattr(active, "compile_only", False):
+        return target_arch(device)
+    return 80
 
 
 def _blocks(cfg: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -732,7 +784,7 @@ def forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, i
         return out, lse
     kind, m, ms = _prepare_mask(attention_mask, q, H)
     g = _gate_bh(gate, B, H)
-    BM, BN, warps, stages = _blocks(configs(q.dtype, Dh)["fwd"])
+    BM, BN, warps, stages = _blocks(configs(q.dtype, Dh, _arch(q.device))["fwd"])
     _gpa_fwd_kernel[_grid(triton.cdiv(T, BM), B * H)](
         q, k, v, pk, pv, g, m, out, lse,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv),
@@ -768,7 +820,7 @@ def backward(
         return dq, dk, dv, zp, zp.clone(), dgate
     kind, m, ms = _prepare_mask(attention_mask, q, H)
     g = _gate_bh(gate, B, H)
-    cfg = configs(dt, Dh)
+    cfg = configs(dt, Dh, _arch(dev))
     dp_, fp32 = d_pad(Dh), dt == torch.float32
     group = H // Hkv
 
@@ -792,7 +844,7 @@ def backward(
         dpk, dpv = part[0], part[1]
     else:
         dpk, dpv = (_alloc.empty(pk.shape, dtype=dt, device=dev) for _ in range(2))
-    n_blocks = triton.cdiv(P, BN) + triton.cdiv(S, BN)
+    n_blocks = triton.cdiv(P, min(BN, PROMPT_BLOCK_N)) + triton.cdiv(S, BN)
     if n_blocks > 0:
         _gpa_bwd_dkdv_kernel[_grid(n_blocks, B * Hkv)](
             q, k, v, pk, pv, g, m, do, hi, lo, delta, dk, dv, dpk, dpv, dgate,
@@ -800,7 +852,7 @@ def backward(
             *_strides3(do), *_strides3(dk), *_strides3(dv), *_strides3(dpk), *_strides3(dpv),
             H, group, T, S, P, scale * LOG2E, scale,
             HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path, FP32=fp32,
-            BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_NP=min(BN, PROMPT_BLOCK_N), num_warps=warps, num_stages=stages,
         )  # fmt: skip
     if shared_prompt:  # (two outputs: the custom op's gradients may not alias each other)
         dpk, dpv = (_alloc.empty(pk.shape, dtype=dt, device=dev) for _ in range(2))
@@ -863,6 +915,14 @@ def _variants(head_dim: int) -> list[tuple[int, bool]]:
     return [(MASK_ADDITIVE, True)]
 
 
+def _per_arch(dtype: torch.dtype, head_dim: int, kernel: str):
+    """[(archs, config)]: one entry (archs None) when sm_80 and sm_90 launch the same configuration."""
+    cfgs = {arch: configs(dtype, head_dim, arch)[kernel] for arch in ARCHS}
+    if len(set(cfgs.values())) == 1:
+        return [(None, cfgs[ARCHS[0]])]
+    return [((arch,), cfg) for arch, cfg in cfgs.items()]
+
+
 @register_compile_specs(OP)
 def _compile_specs() -> list[CompileSpec]:
     specs = []
@@ -893,22 +953,28 @@ def _compile_specs() -> list[CompileSpec]:
                         uses_dot=True,
                     )
                 )
-                BM, BN, w, st = cfg["dkdv"]
-                specs.append(
-                    CompileSpec(
-                        name=f"gpa_bwd_dkdv[{tag},BM={BM},BN={BN}]",
-                        kernel=_gpa_bwd_dkdv_kernel,
-                        signature=_sig(
-                            _DKDV_ARGS,
-                            ptr | f32 | mask_ty | {"DK": f"*{ty}", "DV": f"*{ty}"} | dprompt_ty(dtype, kind),
+                for archs, (BM, BN, w, st) in _per_arch(dtype, hd, "dkdv"):
+                    tiles = {"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_NP": min(BN, PROMPT_BLOCK_N)}
+                    specs.append(
+                        CompileSpec(
+                            name=f"gpa_bwd_dkdv[{tag},BM={BM},BN={BN}]",
+                            kernel=_gpa_bwd_dkdv_kernel,
+                            signature=_sig(
+                                _DKDV_ARGS,
+                                ptr
+                                | f32
+                                | mask_ty
+                                | {"DK": f"*{ty}", "DV": f"*{ty}"}
+                                | dprompt_ty(dtype, kind),
+                            )
+                            | {k: "constexpr" for k in (*base, *var, *tiles)},
+                            constexprs=base | var | tiles,
+                            num_warps=w,
+                            num_stages=st,
+                            uses_dot=True,
+                            archs=archs,
                         )
-                        | {k: "constexpr" for k in (*base, *var, "BLOCK_M", "BLOCK_N")},
-                        constexprs=base | var | {"BLOCK_M": BM, "BLOCK_N": BN},
-                        num_warps=w,
-                        num_stages=st,
-                        uses_dot=True,
                     )
-                )
                 BM, BN, w, st = cfg["pre"]
                 pre = dict(MASK_KIND=kind, IS_CAUSAL=causal)
                 specs.append(
