@@ -44,11 +44,16 @@ import triton.language as tl
 
 from prompt_kernels import _alloc
 from prompt_kernels.kernels.registry import (
+    DEFAULT_ARCH,
+    TABLE_ARCHS,
     CompileSpec,
     LaunchCase,
+    TileConfig,
+    TunedKernel,
+    arch_row,
+    launch_arch,
     register_compile_specs,
     register_launch_cases,
-    target_arch,
 )
 
 OP = "phm_linear"
@@ -342,6 +347,16 @@ def _grad_rules_kernel(drp_ptr, dr_ptr, n3, tiles, BLOCK: tl.constexpr):
     tl.store(dr_ptr + k, acc.to(dr_ptr.dtype.element_ty), mask=ok)
 
 
+# Autotuned on GPUs over the per-arch candidates (``mm_candidates``), keyed by the layer's sizes and
+# the dtype (Triton adds it); not by the row count N, which changes from batch to batch. Both
+# kernels store each output element once and read no output: benchmarking them on the real
+# arguments is harmless (no reset_to_zero / restore_value needed). The weight-gradient kernels are
+# not autotuned: their tiles decide the row split, the workspaces' shapes and the next launch's
+# arguments (``grad_h_splits``, ``drp [tiles, n^3]``), which an autotuner cannot change together.
+_FORWARD = TunedKernel(_forward_kernel, key=["n", "I", "O"])
+_GRAD_X = TunedKernel(_grad_x_kernel, key=["n", "I", "O"])
+
+
 def _pow2_clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
 
@@ -351,19 +366,56 @@ def _check_dtype(t: torch.Tensor) -> None:
         raise TypeError(f"phm_linear (triton): dtype must be one of {DTYPES}, got {t.dtype}")
 
 
-def _mm_config(cols: int, reduce: int) -> dict:
-    block_n = _pow2_clamp(cols, 16, 64)
-    block_k = 32 if reduce > 16 and block_n <= 32 else 16
-    assert (block_n, block_k) in MM_CONFIGS
-    return {"BLOCK_M": BLOCK_M, "BLOCK_N": block_n, "BLOCK_K": block_k}
+# Per-architecture tile table of the forward and grad_x kernels (issue #15 item 3), chosen from the
+# compile check (compile_check --filter phm_linear; facts in benchmarks/notes/phm_linear.md):
+# for each BLOCK_N (the output block width rounded up, 16 to 64: the widest tile re-reads x the
+# fewest times) the BLOCK_K values in order of preference. Rows: arch -> dtype kind -> BLOCK_N ->
+# BLOCK_Ks. ``DEFAULT_ARCH`` (other architectures, the interpreter) is the sm_80 row.
+_BK_BY_OCCUPANCY = {16: (16, 32), 32: (16, 32), 64: (16,)}
+MM_TABLE = {
+    # sm_80, every dtype: BLOCK_K = 16 first; BLOCK_K = 32 always costs occupancy (more registers):
+    # fp16 n=2 BN=32 50% -> 38%, n=4 BN=16 50% -> 44%, fp32 BN=16 38% -> 31%, bf16 n=4 38% -> 25%.
+    80: {"fp32": _BK_BY_OCCUPANCY, "half": _BK_BY_OCCUPANCY},
+    # sm_90 fp16/bf16 (HGMMA): BN=16 takes BLOCK_K = 32 first (same occupancy as 16: fp16 n=2 62%/62%,
+    # n=4 56%/56%; two k=16 wgmma per pipelined step); BN >= 32 keeps 16 (BK=32: 62% -> 50%, 50% -> 38%).
+    # fp32 (FMA, no cp.async): as sm_80 (BK=32: grad_x 31% -> 25% at BN=32, fwd 38% -> 25%).
+    90: {"fp32": _BK_BY_OCCUPANCY, "half": {16: (32, 16), 32: (16, 32), 64: (16,)}},
+}
+MM_TABLE[DEFAULT_ARCH] = MM_TABLE[80]
+MM_MAX_CANDIDATES = 3
 
 
-def forward_config(I: int, O: int) -> dict:
-    return _mm_config(O, I)
+def _kind(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
 
 
-def grad_x_config(I: int, O: int) -> dict:
-    return _mm_config(I, O)
+def _mm_tile(bn: int, bk: int) -> TileConfig:
+    return TileConfig.of(NUM_WARPS, NUM_STAGES, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk)
+
+
+def mm_candidates(arch: int, dtype: torch.dtype, cols: int, reduce: int) -> tuple[TileConfig, ...]:
+    """Candidate tiles of the forward (``cols = O``, ``reduce = I``) and grad_x (``cols = I``,
+    ``reduce = O``) kernels on ``arch``, the fixed one first: ``BLOCK_N`` = the output block width
+    rounded up to a power of two (16 to 64) with its ``BLOCK_K`` in the table's order (32 only when the
+    reduction is wider than 16), then half that ``BLOCK_N`` (more programs when there are few rows)."""
+    row = arch_row(MM_TABLE, arch)[_kind(dtype)]
+    bk_max = 32 if reduce > 16 else 16
+    bn = _pow2_clamp(cols, 16, 64)
+    out = [_mm_tile(bn, bk) for bk in row[bn] if bk <= bk_max]
+    if bn > 16:
+        out += [_mm_tile(bn // 2, next(bk for bk in row[bn // 2] if bk <= bk_max))]
+    for c in out:
+        assert (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) in MM_CONFIGS
+    return tuple(out[:MM_MAX_CANDIDATES])
+
+
+def forward_config(I: int, O: int, dtype: torch.dtype = torch.float32, arch: int = DEFAULT_ARCH) -> dict:
+    """The fixed forward tile (what the interpreter and the compile check launch)."""
+    return mm_candidates(arch, dtype, O, I)[0].kwargs
+
+
+def grad_x_config(I: int, O: int, dtype: torch.dtype = torch.float32, arch: int = DEFAULT_ARCH) -> dict:
+    return mm_candidates(arch, dtype, I, O)[0].kwargs
 
 
 def grad_h_config(in_features: int, out_features: int, dtype: torch.dtype, arch: int) -> dict:
@@ -379,12 +431,8 @@ def grad_h_config(in_features: int, out_features: int, dtype: torch.dtype, arch:
 
 
 def _arch(device: torch.device) -> int:
-    """The compute capability the JIT compiles for (0 under the interpreter)."""
-    from prompt_kernels.kernels import interpreting
-
-    if interpreting():
-        return 0
-    return target_arch(device if device.type == "cuda" else None)
+    """The row of the tile tables (``registry.launch_arch``): 0 under the interpreter."""
+    return launch_arch(device)
 
 
 def grad_reduce_config(n: int, I: int, O: int) -> dict:
@@ -443,14 +491,13 @@ def phm_linear_forward(x2, rules, weights, bias, out) -> torch.Tensor:
     n, I, O = weights.shape
     N = x2.shape[0]
     assert out.shape == (N, n * O) and out.stride(1) == 1
-    cfg = forward_config(I, O)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), n * triton.cdiv(O, cfg["BLOCK_N"]))
-    _forward_kernel[grid](
+    _FORWARD.launch(
+        lambda m: (triton.cdiv(N, m["BLOCK_M"]), n * triton.cdiv(O, m["BLOCK_N"])),
+        mm_candidates(_arch(x2.device), x2.dtype, O, I),
         x2, rules, weights, bias.contiguous() if bias is not None else out, out,
         N, n, I, O, int(bias is not None),
         x2.stride(0), x2.stride(1), out.stride(0),
-        DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        N_UNROLL=mm_unroll(x2.dtype, n), **cfg,
+        DOT_PRECISION=DOT_PRECISION, N_UNROLL=mm_unroll(x2.dtype, n), device=x2.device,
     )  # fmt: skip
     return out
 
@@ -468,13 +515,12 @@ def phm_linear_backward(
     N = x2.shape[0]
     if grad_x is not None:
         assert grad_x.shape == (N, n * I) and grad_x.stride(1) == 1
-        cfg = grad_x_config(I, O)
-        grid = (triton.cdiv(N, cfg["BLOCK_M"]), n * triton.cdiv(I, cfg["BLOCK_N"]))
-        _grad_x_kernel[grid](
+        _GRAD_X.launch(
+            lambda m: (triton.cdiv(N, m["BLOCK_M"]), n * triton.cdiv(I, m["BLOCK_N"])),
+            mm_candidates(_arch(dy2.device), dy2.dtype, I, O),
             dy2, rules, weights, grad_x, N, n, I, O,
             dy2.stride(0), dy2.stride(1), grad_x.stride(0),
-            DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-            N_UNROLL=mm_unroll(dy2.dtype, n), **cfg,
+            DOT_PRECISION=DOT_PRECISION, N_UNROLL=mm_unroll(dy2.dtype, n), device=dy2.device,
         )  # fmt: skip
     want_params = grad_rules is not None or grad_weights is not None
     want_bias = grad_bias is not None
@@ -558,6 +604,22 @@ def _mm_signature(names_ptr: list[str], t: str, ints: list[str], constexprs: lis
     return sig
 
 
+MM_SHAPE_SWEEP = (1, 16, 17, 32, 33, 64, 65)  # block widths covering every BLOCK_N / BLOCK_K rule
+
+
+def mm_table_tiles(dtype: torch.dtype) -> dict[TileConfig, tuple[int, ...] | None]:
+    """Every forward/grad_x tile ``mm_candidates`` can offer for ``dtype`` on the checked
+    architectures, with the architectures that offer it (None: all): the compile specs."""
+    archs: dict[TileConfig, set[int]] = {}
+    for arch in TABLE_ARCHS:
+        for cols in MM_SHAPE_SWEEP:
+            for reduce in MM_SHAPE_SWEEP:
+                for c in mm_candidates(arch, dtype, cols, reduce):
+                    archs.setdefault(c, set()).add(arch)
+    order = sorted(archs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))
+    return {c: None if archs[c] == set(TABLE_ARCHS) else tuple(sorted(archs[c])) for c in order}
+
+
 @register_compile_specs(OP)
 def _compile_specs() -> list[CompileSpec]:
     specs = []
@@ -565,9 +627,9 @@ def _compile_specs() -> list[CompileSpec]:
     for dt in DTYPES:
         t = _TL[dt]
         for nu in sorted({mm_unroll(dt, n) for n in COMPILE_N}, reverse=True):
-            for bn, bk in MM_CONFIGS:
-                consts = {"BLOCK_M": BLOCK_M, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_PRECISION": DOT_PRECISION}
-                consts["N_UNROLL"] = nu
+            for tile, archs in mm_table_tiles(dt).items():
+                consts = {**tile.kwargs, "DOT_PRECISION": DOT_PRECISION, "N_UNROLL": nu}
+                bn, bk = consts["BLOCK_N"], consts["BLOCK_K"]
                 sig = _mm_signature(
                     ["x_ptr", "r_ptr", "w_ptr", "b_ptr", "y_ptr"],
                     t,
@@ -580,9 +642,10 @@ def _compile_specs() -> list[CompileSpec]:
                         kernel=_forward_kernel,
                         signature=sig,
                         constexprs=consts,
-                        num_warps=NUM_WARPS,
-                        num_stages=NUM_STAGES,
+                        num_warps=tile.num_warps,
+                        num_stages=tile.num_stages,
                         uses_dot=True,
+                        archs=archs,
                     )
                 )
                 sig = _mm_signature(
@@ -597,9 +660,10 @@ def _compile_specs() -> list[CompileSpec]:
                         kernel=_grad_x_kernel,
                         signature=sig,
                         constexprs=consts,
-                        num_warps=NUM_WARPS,
-                        num_stages=NUM_STAGES,
+                        num_warps=tile.num_warps,
+                        num_stages=tile.num_stages,
                         uses_dot=True,
+                        archs=archs,
                     )
                 )
         for bp in GRAD_H_TILES:

@@ -26,8 +26,14 @@ import triton.language as tl
 
 from prompt_kernels import _alloc
 from prompt_kernels.kernels.registry import (
+    DEFAULT_ARCH,
+    TABLE_ARCHS,
     CompileSpec,
     LaunchCase,
+    TileConfig,
+    TunedKernel,
+    arch_row,
+    launch_arch,
     register_compile_specs,
     register_launch_cases,
 )
@@ -156,6 +162,46 @@ def _backward_kernel(
     tl.store(grad_x_ptr + row * D + d, acc.to(grad_x_ptr.dtype.element_ty), mask=d_ok)
 
 
+# Per-architecture tile table (issue #15 item 3), from the compile check (``compile_check --filter
+# prompt_pool``; facts and reasons in benchmarks/notes/prompt_pool.md). No tl.dot and no pipelined
+# loads: the facts (16-48 registers, no spills, <= 2 KB shared memory, 62-100 % occupancy) are
+# the same on sm_80 and sm_90, so the rows are equal: arch -> (num_warps, max candidates).
+POOL_TABLE = {80: (NUM_WARPS, 3), 90: (NUM_WARPS, 3), DEFAULT_ARCH: (NUM_WARPS, 3)}
+
+
+def forward_candidates(arch: int, D: int, T: int, L: int) -> tuple[TileConfig, ...]:
+    """Forward tiles, the fixed one first: ``BLOCK_D`` 64 for ``D <= 64`` else 256, ``BLOCK_R`` 4 when
+    every bin fits in 4 rows else 8; then the other ``BLOCK_R`` (BLOCK_R = 8 with 256 columns costs
+    occupancy: 62-75 % against 75-100 %) and, for ``D > 64``, ``BLOCK_D = 64`` (4x the programs, for
+    few output rows ``B * L``)."""
+    warps, most = arch_row(POOL_TABLE, arch)
+    bd, br = _block_d(D), _block_r(T, L)
+    other_r = next(r for r in BLOCK_R_CHOICES if r != br)
+    out = [TileConfig.of(warps, BLOCK_R=br, BLOCK_D=bd), TileConfig.of(warps, BLOCK_R=other_r, BLOCK_D=bd)]
+    if bd != BLOCK_D_CHOICES[0]:
+        out.append(TileConfig.of(warps, BLOCK_R=br, BLOCK_D=BLOCK_D_CHOICES[0]))
+    return tuple(out[:most])
+
+
+def backward_candidates(arch: int, D: int) -> tuple[TileConfig, ...]:
+    """Backward tiles, the fixed one first (``BLOCK_D`` as the forward), then ``BLOCK_D = 64`` for
+    ``D > 64`` (more programs per grad_x row)."""
+    warps, most = arch_row(POOL_TABLE, arch)
+    bd = _block_d(D)
+    out = [TileConfig.of(warps, BLOCK_D=bd)]
+    if bd != BLOCK_D_CHOICES[0]:
+        out.append(TileConfig.of(warps, BLOCK_D=BLOCK_D_CHOICES[0]))
+    return tuple(out[:most])
+
+
+# Autotuned on GPUs (key: D, L and the mask kind HAS_MASK; Triton adds the dtype; not B or T).
+# Each program writes its output row once and reads no output: benchmarking on the real arguments
+# is harmless (no reset_to_zero). The index kernel is not autotuned (one cheap launch, its BLOCK_T
+# follows T).
+_FORWARD = TunedKernel(_forward_kernel, key=["D", "L", "HAS_MASK"])
+_BACKWARD = TunedKernel(_backward_kernel, key=["D", "L", "HAS_MASK"])
+
+
 def _block_d(D: int) -> int:
     return BLOCK_D_CHOICES[0] if D <= BLOCK_D_CHOICES[0] else BLOCK_D_CHOICES[1]
 
@@ -211,23 +257,12 @@ def prompt_pool_forward(x: torch.Tensor, attention_mask: torch.Tensor | None, le
         n, pos = _index(attention_mask, T, want_pos=True)
     else:
         n = pos = _alloc.empty((1,), dtype=torch.int32, device=x.device)  # unread: HAS_MASK=False
-    block_d = _block_d(D)
-    _forward_kernel[(B * length, triton.cdiv(D, block_d))](
-        x,
-        pos,
-        n,
-        out,
-        T,
-        D,
-        length,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        HAS_MASK=has_mask,
-        BLOCK_R=_block_r(T, length),
-        BLOCK_D=block_d,
-        num_warps=NUM_WARPS,
-    )
+    _FORWARD.launch(
+        lambda m: (B * length, triton.cdiv(D, m["BLOCK_D"])),
+        forward_candidates(launch_arch(x.device), D, T, length),
+        x, pos, n, out, T, D, length, x.stride(0), x.stride(1), x.stride(2),
+        HAS_MASK=has_mask, device=x.device,
+    )  # fmt: skip
     return out
 
 
@@ -245,23 +280,36 @@ def prompt_pool_backward(
         n, rank = _index(attention_mask, T, want_pos=False)
     else:
         n = rank = _alloc.empty((1,), dtype=torch.int32, device=grad_out.device)  # unread: HAS_MASK=False
-    block_d = _block_d(D)
-    _backward_kernel[(B * T, triton.cdiv(D, block_d))](
-        grad_out,
-        rank,
-        n,
-        grad_x,
-        T,
-        D,
-        L,
-        grad_out.stride(0),
-        grad_out.stride(1),
-        grad_out.stride(2),
-        HAS_MASK=has_mask,
-        BLOCK_D=block_d,
-        num_warps=NUM_WARPS,
-    )
+    _BACKWARD.launch(
+        lambda m: (B * T, triton.cdiv(D, m["BLOCK_D"])),
+        backward_candidates(launch_arch(grad_out.device), D),
+        grad_out, rank, n, grad_x, T, D, L, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        HAS_MASK=has_mask, device=grad_out.device,
+    )  # fmt: skip
     return grad_x
+
+
+# (D, T, L) covering every BLOCK_D / BLOCK_R rule
+SHAPE_SWEEP = tuple((D, T, L) for D in (1, 64, 65, 768) for T in (1, 4, 24, 128, 4096) for L in (1, 5, 16))
+
+
+def _tiles_by_arch(choose) -> dict[TileConfig, tuple[int, ...] | None]:
+    archs: dict[TileConfig, set[int]] = {}
+    for arch in TABLE_ARCHS:
+        for D, T, L in SHAPE_SWEEP:
+            for c in choose(arch, D, T, L):
+                archs.setdefault(c, set()).add(arch)
+    order = sorted(archs, key=lambda c: (c.kwargs.get("BLOCK_D", 0), c.kwargs.get("BLOCK_R", 0), c.num_warps))
+    return {c: None if archs[c] == set(TABLE_ARCHS) else tuple(sorted(archs[c])) for c in order}
+
+
+def forward_table_tiles() -> dict[TileConfig, tuple[int, ...] | None]:
+    """Every forward tile the launcher can offer on the checked architectures (None: all): the specs."""
+    return _tiles_by_arch(lambda arch, D, T, L: forward_candidates(arch, D, T, L))
+
+
+def backward_table_tiles() -> dict[TileConfig, tuple[int, ...] | None]:
+    return _tiles_by_arch(lambda arch, D, T, L: backward_candidates(arch, D))
 
 
 @register_compile_specs(OP)
@@ -293,31 +341,35 @@ def _compile_specs() -> list[CompileSpec]:
     for dt in DTYPES:
         t = _TL[dt]
         for has_mask in (True, False):
-            for block_d in BLOCK_D_CHOICES:
-                for block_r in BLOCK_R_CHOICES:
-                    specs.append(
-                        CompileSpec(
-                            name=f"prompt_pool_fwd[{t},mask={has_mask},BLOCK_R={block_r},BLOCK_D={block_d}]",
-                            kernel=_forward_kernel,
-                            signature={
-                                "x_ptr": f"*{t}",
-                                "pos_ptr": "*i32",
-                                "n_ptr": "*i32",
-                                "out_ptr": f"*{t}",
-                                "T": "i32",
-                                "D": "i32",
-                                "L": "i32",
-                                "stride_xb": "i32",
-                                "stride_xt": "i32",
-                                "stride_xd": "i32",
-                                "HAS_MASK": "constexpr",
-                                "BLOCK_R": "constexpr",
-                                "BLOCK_D": "constexpr",
-                            },
-                            constexprs={"HAS_MASK": has_mask, "BLOCK_R": block_r, "BLOCK_D": block_d},
-                            num_warps=NUM_WARPS,
-                        )
+            for tile, archs in forward_table_tiles().items():
+                block_r, block_d = tile.kwargs["BLOCK_R"], tile.kwargs["BLOCK_D"]
+                specs.append(
+                    CompileSpec(
+                        name=f"prompt_pool_fwd[{t},mask={has_mask},BLOCK_R={block_r},BLOCK_D={block_d}]",
+                        kernel=_forward_kernel,
+                        signature={
+                            "x_ptr": f"*{t}",
+                            "pos_ptr": "*i32",
+                            "n_ptr": "*i32",
+                            "out_ptr": f"*{t}",
+                            "T": "i32",
+                            "D": "i32",
+                            "L": "i32",
+                            "stride_xb": "i32",
+                            "stride_xt": "i32",
+                            "stride_xd": "i32",
+                            "HAS_MASK": "constexpr",
+                            "BLOCK_R": "constexpr",
+                            "BLOCK_D": "constexpr",
+                        },
+                        constexprs={"HAS_MASK": has_mask, **tile.kwargs},
+                        num_warps=tile.num_warps,
+                        num_stages=tile.num_stages,
+                        archs=archs,
                     )
+                )
+            for tile, archs in backward_table_tiles().items():
+                block_d = tile.kwargs["BLOCK_D"]
                 specs.append(
                     CompileSpec(
                         name=f"prompt_pool_bwd[{t},mask={has_mask},BLOCK_D={block_d}]",
@@ -336,8 +388,10 @@ def _compile_specs() -> list[CompileSpec]:
                             "HAS_MASK": "constexpr",
                             "BLOCK_D": "constexpr",
                         },
-                        constexprs={"HAS_MASK": has_mask, "BLOCK_D": block_d},
-                        num_warps=NUM_WARPS,
+                        constexprs={"HAS_MASK": has_mask, **tile.kwargs},
+                        num_warps=tile.num_warps,
+                        num_stages=tile.num_stages,
+                        archs=archs,
                     )
                 )
     return specs

@@ -39,8 +39,14 @@ import triton.language as tl
 
 from prompt_kernels import _alloc
 from prompt_kernels.kernels.registry import (
+    DEFAULT_ARCH,
+    TABLE_ARCHS,
     CompileSpec,
     LaunchCase,
+    TileConfig,
+    TunedKernel,
+    arch_row,
+    launch_arch,
     register_compile_specs,
     register_launch_cases,
 )
@@ -75,6 +81,77 @@ NUM_WARPS = 4
 NEAREST_WARPS = {16: 4, 64: 8}
 REDUCE_WARPS = 4
 SAMPLE_WARPS = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
+
+
+# Per-architecture tile tables (issue #15 item 3), chosen from the compile check
+# (``compile_check --filter vq``; the facts and the reason per row are in benchmarks/notes/vq.md).
+# Scan kernels (``_nearest_kernel``, ``_nearest_split_kernel``, same tiles): arch -> dtype ->
+# (BLOCK_D choices, num_warps, num_stages, extra num_stages offered for the fixed BLOCK_D or None).
+# The 64 x 64 tile stays (wgmma's 64 rows per warpgroup on sm_90; the split plan counts on it).
+_SCAN_80 = {
+    torch.float32: (BLOCK_D_CHOICES[torch.float32], 8, 1, None),
+    torch.float16: (BLOCK_D_CHOICES[torch.float16], 8, 2, None),
+    torch.bfloat16: (BLOCK_D_CHOICES[torch.bfloat16], 8, 2, None),
+}
+SCAN_TABLE = {
+    80: _SCAN_80,
+    # sm_90: fp32 drops BLOCK_D = 16 (the one-pass kernel spills 12 B there; D <= 16 takes the
+    # 64-wide chunk, masked); fp16/bf16 also offer 3 stages for the fixed chunk (228 KB of shared
+    # memory per SM; occupancy stays register-limited).
+    90: {
+        torch.float32: ((64,), 8, 1, None),
+        torch.float16: (BLOCK_D_CHOICES[torch.float16], 8, 2, 3),
+        torch.bfloat16: (BLOCK_D_CHOICES[torch.bfloat16], 8, 2, 3),
+    },
+    DEFAULT_ARCH: _SCAN_80,
+}
+# Sampler (fixed per architecture, not autotuned): arch -> dtype -> (num_warps, BLOCK_D choices);
+# stages NUM_STAGES[dtype].
+_SAMPLE_80 = {dt: (SAMPLE_WARPS[dt], BLOCK_D_CHOICES[dt]) for dt in DTYPES}
+SAMPLE_TABLE = {
+    80: _SAMPLE_80,
+    # sm_90 fp16/bf16: with 8 warps BLOCK_D 32/64 spill 24-48 B, with 4 warps BLOCK_D 64 spills 60 B
+    # (and occupancy falls to 25 %); 8 warps with BLOCK_D = 16 spill nothing (80 registers, 38 %).
+    90: {
+        torch.float32: _SAMPLE_80[torch.float32],
+        torch.float16: (8, (16,)),
+        torch.bfloat16: (8, (16,)),
+    },
+    DEFAULT_ARCH: _SAMPLE_80,
+}
+SCAN_MAX_CANDIDATES = 3
+
+
+def scan_candidates(arch: int, dtype: torch.dtype, D: int) -> tuple[TileConfig, ...]:
+    """Candidate tiles of the nearest-code scan on ``arch``, the fixed one first: the smallest
+    ``BLOCK_D`` choice >= D (else the largest); then, where the row has one, the same chunk with more
+    stages; then the next smaller chunk (fewer registers and shared memory, more loop trips)."""
+    choices, warps, stages, more_stages = arch_row(SCAN_TABLE, arch)[dtype]
+    block_d = next((c for c in choices if c >= D), choices[-1])
+
+    def tile(bd, st):
+        return TileConfig.of(warps, st, BLOCK_M=NEAREST_BLOCK_M, BLOCK_N=NEAREST_BLOCK_N, BLOCK_D=bd)
+
+    out = [tile(block_d, stages)]
+    if more_stages is not None:
+        out.append(tile(block_d, more_stages))
+    smaller = [c for c in choices if c < block_d]
+    if smaller:
+        out.append(tile(smaller[-1], stages))
+    return tuple(out[:SCAN_MAX_CANDIDATES])
+
+
+def sample_config(arch: int, dtype: torch.dtype, D: int) -> TileConfig:
+    """The sampler's tile on ``arch``: the smallest ``BLOCK_D`` choice >= D (else the largest)."""
+    warps, choices = arch_row(SAMPLE_TABLE, arch)[dtype]
+    return TileConfig.of(
+        warps,
+        NUM_STAGES[dtype],
+        BLOCK_M=SAMPLE_BLOCK_M,
+        BLOCK_N=SAMPLE_BLOCK_N,
+        BLOCK_D=next((c for c in choices if c >= D), choices[-1]),
+        BLOCK_S=SAMPLE_BLOCK_S,
+    )
 
 
 @triton.jit
@@ -409,10 +486,12 @@ def _sample_kernel(
 # launchers
 
 
-def _block_d(D: int, dtype: torch.dtype) -> int:
-    """The smallest allowed chunk >= D, else the largest."""
-    choices = BLOCK_D_CHOICES[dtype]
-    return next((c for c in choices if c >= D), choices[-1])
+# Autotuned on GPUs over ``scan_candidates`` (key: K, D; Triton adds the dtype; not N, which changes
+# from batch to batch). Both kernels write each output (indices/distances, or the split workspace)
+# once and read none: benchmarking on the real arguments is harmless, no reset_to_zero needed.
+# Not autotuned: the sampler (one configuration per architecture), the norms and the reduction.
+_NEAREST = TunedKernel(_nearest_kernel, key=["K", "D"])
+_NEAREST_SPLIT = TunedKernel(_nearest_split_kernel, key=["K", "D"])
 
 
 @dataclass(frozen=True)
@@ -485,47 +564,29 @@ def vq_nearest(
         return
     plan = plan or nearest_plan(N, K)
     norms = code_sq_norms(codebook)
-    block_d = _block_d(D, x.dtype)
-    row_tiles = triton.cdiv(N, plan.block_m)
-    if plan.splits == 1:
-        _nearest_kernel[(row_tiles,)](
-            x,
-            codebook,
-            norms,
-            indices,
-            distances,
-            N,
-            K,
-            D,
-            x.stride(0),
-            codebook.stride(0),
-            BLOCK_M=plan.block_m,
-            BLOCK_N=NEAREST_BLOCK_N,
-            BLOCK_D=block_d,
-            num_warps=NEAREST_WARPS[plan.block_m],
-            num_stages=NUM_STAGES[x.dtype],
+    cands = scan_candidates(launch_arch(x.device), x.dtype, D)
+    if plan.block_m != NEAREST_BLOCK_M:  # the former 16-row tiles (tests, "before" traffic cases): fixed
+        c = cands[0]
+        cands = (
+            TileConfig.of(NEAREST_WARPS[plan.block_m], c.num_stages, **{**c.kwargs, "BLOCK_M": plan.block_m}),
         )
+    if plan.splits == 1:
+        _NEAREST.launch(
+            lambda m: (triton.cdiv(N, m["BLOCK_M"]),),
+            cands,
+            x, codebook, norms, indices, distances, N, K, D, x.stride(0), codebook.stride(0),
+            device=x.device,
+        )  # fmt: skip
         return
     part_score = _alloc.empty((plan.splits, N), dtype=torch.float32, device=x.device)
     part_idx = _alloc.empty((plan.splits, N), dtype=torch.int32, device=x.device)
-    _nearest_split_kernel[(row_tiles, plan.splits)](
-        x,
-        codebook,
-        norms,
-        part_score,
-        part_idx,
-        N,
-        K,
-        D,
-        x.stride(0),
-        codebook.stride(0),
+    _NEAREST_SPLIT.launch(
+        lambda m: (triton.cdiv(N, m["BLOCK_M"]), plan.splits),
+        cands,
+        x, codebook, norms, part_score, part_idx, N, K, D, x.stride(0), codebook.stride(0),
         plan.codes_per_split,
-        BLOCK_M=plan.block_m,
-        BLOCK_N=NEAREST_BLOCK_N,
-        BLOCK_D=block_d,
-        num_warps=NEAREST_WARPS[plan.block_m],
-        num_stages=NUM_STAGES[x.dtype],
-    )
+        device=x.device,
+    )  # fmt: skip
     _nearest_reduce_kernel[(triton.cdiv(N, REDUCE_BLOCK_M),)](
         x,
         codebook,
@@ -560,6 +621,7 @@ def vq_sample(
     if N == 0:
         return
     norms = code_sq_norms(codebook)
+    cfg = sample_config(launch_arch(x.device), x.dtype, D)
     grid = (triton.cdiv(N, SAMPLE_BLOCK_M), triton.cdiv(num_samples, SAMPLE_BLOCK_S))
     _sample_kernel[grid](
         x,
@@ -574,17 +636,35 @@ def vq_sample(
         codebook.stride(0),
         1.0 / temperature,
         seed,
-        BLOCK_M=SAMPLE_BLOCK_M,
-        BLOCK_N=SAMPLE_BLOCK_N,
-        BLOCK_D=_block_d(D, x.dtype),
-        BLOCK_S=SAMPLE_BLOCK_S,
-        num_warps=SAMPLE_WARPS[x.dtype],
-        num_stages=NUM_STAGES[x.dtype],
+        **cfg.launch_kwargs(),
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # registry
+
+
+D_SWEEP = (1, 16, 17, 32, 33, 64, 65, 384)  # feature sizes covering every BLOCK_D rule
+
+
+def _tiles_by_arch(choose) -> dict[TileConfig, tuple[int, ...] | None]:
+    archs: dict[TileConfig, set[int]] = {}
+    for arch in TABLE_ARCHS:
+        for D in D_SWEEP:
+            for c in choose(arch, D):
+                archs.setdefault(c, set()).add(arch)
+    order = sorted(archs, key=lambda c: (c.kwargs["BLOCK_D"], c.num_warps, c.num_stages or 0))
+    return {c: None if archs[c] == set(TABLE_ARCHS) else tuple(sorted(archs[c])) for c in order}
+
+
+def scan_table_tiles(dtype: torch.dtype) -> dict[TileConfig, tuple[int, ...] | None]:
+    """Every scan tile ``scan_candidates`` can offer for ``dtype`` on the checked architectures, with
+    the architectures that offer it (None: all): the compile specs of both scan kernels."""
+    return _tiles_by_arch(lambda arch, D: scan_candidates(arch, dtype, D))
+
+
+def sample_table_tiles(dtype: torch.dtype) -> dict[TileConfig, tuple[int, ...] | None]:
+    return _tiles_by_arch(lambda arch, D: (sample_config(arch, dtype, D),))
 
 
 @register_compile_specs(OP)
@@ -646,18 +726,21 @@ def _compile_specs() -> list[CompileSpec]:
                 num_stages=1,
             )
         )
-        for block_d in BLOCK_D_CHOICES[dt]:
-            tiles = {"BLOCK_M": NEAREST_BLOCK_M, "BLOCK_N": NEAREST_BLOCK_N, "BLOCK_D": block_d}
+        for tile, archs in scan_table_tiles(dt).items():
+            block_d = tile.kwargs["BLOCK_D"]
             tile_name = f"{t},BLOCK_M={NEAREST_BLOCK_M},BLOCK_N={NEAREST_BLOCK_N},BLOCK_D={block_d}"
+            if tile.num_stages != NUM_STAGES[dt]:
+                tile_name += f",stages={tile.num_stages}"
             specs.append(
                 CompileSpec(
                     name=f"vq_nearest[{tile_name}]",
                     kernel=_nearest_kernel,
                     signature={**scan_signature, "idx_ptr": "*i64", "dist_ptr": "*fp32"},
-                    constexprs=tiles,
-                    num_warps=NEAREST_WARPS[NEAREST_BLOCK_M],
-                    num_stages=NUM_STAGES[dt],
+                    constexprs=tile.kwargs,
+                    num_warps=tile.num_warps,
+                    num_stages=tile.num_stages,
                     uses_dot=True,
+                    archs=archs,
                 )
             )
             specs.append(
@@ -670,16 +753,20 @@ def _compile_specs() -> list[CompileSpec]:
                         "part_idx_ptr": "*i32",
                         "codes_per_split": "i32",
                     },
-                    constexprs=tiles,
-                    num_warps=NEAREST_WARPS[NEAREST_BLOCK_M],
-                    num_stages=NUM_STAGES[dt],
+                    constexprs=tile.kwargs,
+                    num_warps=tile.num_warps,
+                    num_stages=tile.num_stages,
                     uses_dot=True,
+                    archs=archs,
                 )
             )
+        for tile, archs in sample_table_tiles(dt).items():
+            block_d = tile.kwargs["BLOCK_D"]
+            warps = "" if tile.num_warps == SAMPLE_WARPS[dt] else f",warps={tile.num_warps}"
             specs.append(
                 CompileSpec(
                     name=f"vq_sample[{t},BLOCK_M={SAMPLE_BLOCK_M},BLOCK_N={SAMPLE_BLOCK_N},BLOCK_D={block_d},"
-                    f"BLOCK_S={SAMPLE_BLOCK_S}]",
+                    f"BLOCK_S={SAMPLE_BLOCK_S}{warps}]",
                     kernel=_sample_kernel,
                     signature={
                         "x_ptr": f"*{t}",
@@ -699,15 +786,11 @@ def _compile_specs() -> list[CompileSpec]:
                         "BLOCK_D": "constexpr",
                         "BLOCK_S": "constexpr",
                     },
-                    constexprs={
-                        "BLOCK_M": SAMPLE_BLOCK_M,
-                        "BLOCK_N": SAMPLE_BLOCK_N,
-                        "BLOCK_D": block_d,
-                        "BLOCK_S": SAMPLE_BLOCK_S,
-                    },
-                    num_warps=SAMPLE_WARPS[dt],
-                    num_stages=NUM_STAGES[dt],
+                    constexprs=tile.kwargs,
+                    num_warps=tile.num_warps,
+                    num_stages=tile.num_stages,
                     uses_dot=True,
+                    archs=archs,
                 )
             )
     return specs
