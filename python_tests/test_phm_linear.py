@@ -401,3 +401,29 @@ def test_triton_weight_gradient_has_no_atomics_and_single_writes():
     for rec in meter.launches:
         assert rec.atomics == 0, rec.kernel
         assert rec.stored_bytes == rec.unique_stored_bytes, f"{rec.kernel} stores some bytes twice"
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the fixed tile is the interpreter's (a GPU autotunes)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreter_launches_the_fixed_tile(monkeypatch, dtype):
+    """Under the interpreter the forward and grad_x launchers use the first candidate of the default
+    row (``mm_candidates(0, ...)``), build no autotuner, and compute the right values."""
+    from prompt_kernels.kernels import phm_linear as k
+
+    used = []
+    for tuned in (k._FORWARD, k._GRAD_X):
+        monkeypatch.setattr(tuned, "launch", lambda *a, _o=tuned.launch, **kw: used.append(_o(*a, **kw)))
+    n, p_in, q_out, N = 2, 40, 12, 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, n * p_in, generator=g).to(dtype)
+    rules, w = torch.randn(n, n, n, generator=g).to(dtype), torch.randn(n, p_in, q_out, generator=g).to(dtype)
+    y = k.phm_linear_forward(x, rules, w, None, torch.empty(N, n * q_out, dtype=dtype))
+    gx = torch.empty_like(x)
+    k.phm_linear_backward(torch.ones_like(y), x, rules, w, gx, None, None, None)
+    assert used == [k.mm_candidates(0, dtype, q_out, p_in)[0], k.mm_candidates(0, dtype, p_in, q_out)[0]]
+    assert used[0].kwargs == k.forward_config(p_in, q_out, dtype) and used[1].kwargs == k.grad_x_config(
+        p_in, q_out, dtype
+    )
+    assert not k._FORWARD.tuners and not k._GRAD_X.tuners
+    ref = reference(x.double(), rules.double(), w.double())
+    torch.testing.assert_close(y.double(), ref, atol=5e-2 if dtype == torch.float16 else 1e-4, rtol=1e-2)

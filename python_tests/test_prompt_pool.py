@@ -353,3 +353,23 @@ def test_bad_inputs(x, mask, length, error, match):
         return  # the reference takes float64: it is the ground truth
     with pytest.raises(error, match=match):
         reference(x, mask, length)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the fixed tile is the interpreter's (a GPU autotunes)")
+def test_interpreter_launches_the_fixed_tile(monkeypatch):
+    """Forward and backward use the first candidate of the default row under the interpreter."""
+    from prompt_kernels.kernels import prompt_pool as k
+
+    used = []
+    for tuned in (k._FORWARD, k._BACKWARD):
+        monkeypatch.setattr(tuned, "launch", lambda *a, _o=tuned.launch, **kw: used.append(_o(*a, **kw)))
+    B, T, D, L = 2, 24, 80, 5
+    x = torch.randn(B, T, D)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 17:] = False
+    out = k.prompt_pool_forward(x, mask, L)
+    k.prompt_pool_backward(torch.ones_like(out), mask, T)
+    assert used == [k.forward_candidates(0, D, T, L)[0], k.backward_candidates(0, D)[0]]
+    assert used[0].kwargs == {"BLOCK_R": 8, "BLOCK_D": 256} and used[1].kwargs == {"BLOCK_D": 256}
+    assert not k._FORWARD.tuners and not k._BACKWARD.tuners
+    torch.testing.assert_close(out, reference(x, mask, L))

@@ -431,3 +431,141 @@ def test_registered_launch_cases_have_positive_floors_and_run():
     for row in rows:
         assert row.error == "" and row.launches > 0 and row.issued_bytes > 0, (row.case, row.error)
         assert row.dot_goal != "not met", f"{row.case}: the op's CompileSpecs use tl.dot but no dot ran"
+
+
+# ------------------------------------------------------------------ per-architecture tile tables
+
+
+def _tile_choosers():
+    """``(op, kernel, dtype, choose(arch, shape) -> candidates, shapes)`` for every table-driven launch
+    of phm_linear, vq and prompt_pool. Shapes are swept more widely than the modules' own sweeps that
+    build the compile specs, so a candidate reachable only at some other shape is caught."""
+    from prompt_kernels.kernels import phm_linear as phm
+    from prompt_kernels.kernels import prompt_pool as pool
+    from prompt_kernels.kernels import vq
+
+    widths = (1, 3, 8, 15, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 96, 100, 128, 384, 1000)
+    pairs = [(a, b) for a in widths for b in widths]
+    out = []
+    for dt in phm.DTYPES:
+        out.append(
+            ("phm fwd", phm._forward_kernel, dt, lambda a, s, dt=dt: phm.mm_candidates(a, dt, *s), pairs)
+        )
+        out.append(
+            ("phm grad_x", phm._grad_x_kernel, dt, lambda a, s, dt=dt: phm.mm_candidates(a, dt, *s), pairs)
+        )
+    for dt in vq.DTYPES:
+        scan = lambda a, D, dt=dt: vq.scan_candidates(a, dt, D)
+        out.append(("vq nearest", vq._nearest_kernel, dt, scan, widths))
+        out.append(("vq nearest_split", vq._nearest_split_kernel, dt, scan, widths))
+        out.append(
+            ("vq sample", vq._sample_kernel, dt, lambda a, D, dt=dt: (vq.sample_config(a, dt, D),), widths)
+        )
+    shapes = [
+        (D, T, L) for D in widths for T in (1, 2, 7, 24, 100, 128, 129, 4096) for L in (1, 3, 5, 16, 64)
+    ]
+    for dt in pool.DTYPES:
+        out.append(
+            ("pool fwd", pool._forward_kernel, dt, lambda a, s: pool.forward_candidates(a, *s), shapes)
+        )
+        out.append(
+            ("pool bwd", pool._backward_kernel, dt, lambda a, s: pool.backward_candidates(a, s[0]), shapes)
+        )
+    return out
+
+
+_TL = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def test_tile_tables_give_valid_configs_per_arch():
+    """sm_80, sm_90 and other architectures (the default row, also the interpreter's) each get 1 to 4
+    distinct candidates with power-of-two tiles; other architectures get the default row, which is
+    sm_80's."""
+    from prompt_kernels.kernels import phm_linear as phm
+    from prompt_kernels.kernels import registry, vq
+
+    for op, _, _dt, choose, shapes in _tile_choosers():
+        for shape in shapes[::7]:
+            for arch in (80, 90, registry.DEFAULT_ARCH, 75, 89, 100, 120):
+                cands = choose(arch, shape)
+                assert 1 <= len(cands) <= 4 and len(set(cands)) == len(cands), (op, arch, shape, cands)
+                for c in cands:
+                    assert c.num_warps in (1, 2, 4, 8) and c.num_stages in (None, 1, 2, 3, 4)
+                    for k, v in c.kwargs.items():
+                        if k.startswith("BLOCK_"):
+                            assert v >= 1 and v & (v - 1) == 0, (op, c)
+                if arch not in registry.TABLE_ARCHS:
+                    assert cands == choose(80, shape) == choose(registry.DEFAULT_ARCH, shape), (op, arch)
+    assert registry.arch_row({80: "a", 90: "b", 0: "d"}, 90) == "b"
+    assert registry.arch_row({80: "a", 90: "b", 0: "d"}, 89) == "d"
+    # facts the tables encode (benchmarks/notes): HGMMA tiles keep 64 rows and 4 warps on sm_90
+    for dt in (torch.float16, torch.bfloat16):
+        for c in phm.mm_candidates(90, dt, 100, 100):
+            assert c.kwargs["BLOCK_M"] == 64 and c.num_warps == 4 and c.num_stages == 2
+        for arch in (80, 90):  # BK=32 never gains occupancy: offered second
+            assert [c.kwargs["BLOCK_K"] for c in phm.mm_candidates(arch, dt, 16, 32)] == [16, 32]
+        assert [c.kwargs["BLOCK_D"] for c in vq.scan_candidates(90, dt, 384)] == [64, 64, 32]
+        assert vq.sample_config(90, dt, 384).kwargs["BLOCK_D"] == 16  # 32/64 spill on sm_90
+    assert all(c.kwargs["BLOCK_D"] == 64 for c in vq.scan_candidates(90, torch.float32, 8))  # BD=16 spills
+
+
+def test_every_tile_candidate_is_a_compile_spec():
+    """What autotune (or the fixed choice) can launch on sm_80 / sm_90 is exactly among the compile
+    check's specs for that architecture: same kernel, tile constexprs, num_warps, num_stages, dtype.
+    Fails when someone adds a candidate that the gate does not compile."""
+    from prompt_kernels.kernels import registry
+
+    specs = registry.compile_specs()
+    index: dict = {}
+    for s in specs:
+        ptr_types = {v for v in s.signature.values() if isinstance(v, str) and v.startswith("*")}
+        for arch in s.archs or (80, 90):
+            index.setdefault((id(s.kernel), arch), []).append((s, ptr_types))
+    missing = []
+    for op, kernel, dt, choose, shapes in _tile_choosers():
+        seen = set()
+        for shape in shapes:
+            for arch in (80, 90):
+                for c in choose(arch, shape):
+                    if (arch, c) in seen:
+                        continue
+                    seen.add((arch, c))
+                    ok = any(
+                        _TL[dt] in ptrs
+                        and all(s.constexprs.get(k) == v for k, v in c.kwargs.items())
+                        and s.num_warps == c.num_warps
+                        and s.num_stages == c.num_stages
+                        for s, ptrs in index.get((id(kernel), arch), [])
+                    )
+                    if not ok:
+                        missing.append((op, str(dt), arch, c))
+    assert not missing, f"candidates without a CompileSpec: {missing[:5]} ({len(missing)})"
+
+
+def test_fixed_config_under_the_interpreter_and_the_compile_check(monkeypatch):
+    """The interpreter uses the default row and never autotunes; under the compile check's
+    compile-only target the launch uses the checked architecture's row, fixed, no autotune."""
+    import prompt_kernels.kernels as kernels_pkg
+    from prompt_kernels.kernels import phm_linear as phm
+    from prompt_kernels.kernels import registry
+
+    cpu = torch.device("cpu")
+    assert kernels_pkg.interpreting()
+    assert registry.launch_arch(cpu) == registry.DEFAULT_ARCH
+    assert not registry.autotune_enabled(cpu) and not registry.autotune_enabled(torch.device("cuda"))
+    monkeypatch.setattr(kernels_pkg, "interpreting", lambda: False)
+    with cc.capture_launches(90, [], lambda: "test"):
+        assert registry.compile_only() and registry.launch_arch(cpu) == 90
+        assert not registry.autotune_enabled(torch.device("cuda"))  # the check compiles the fixed choice
+    monkeypatch.setenv(registry.AUTOTUNE_ENV, "0")
+    assert not registry.autotune_enabled(torch.device("cuda"))
+    monkeypatch.delenv(registry.AUTOTUNE_ENV)
+    assert registry.autotune_enabled(torch.device("cuda")) and not registry.autotune_enabled(cpu)
+
+    # the autotuner offered on a GPU: the candidates as triton.Configs, the op's key
+    tuned = registry.TunedKernel(phm._forward_kernel, key=["n", "I", "O"])
+    cands = phm.mm_candidates(90, torch.float16, 48, 96)
+    t = tuned.tuner(cands)
+    assert t is tuned.tuner(cands) and t.keys == ["n", "I", "O"] and t.fn is phm._forward_kernel
+    assert len(t.configs) == len(cands) and all(c.matches(tc) for c, tc in zip(cands, t.configs, strict=True))
+    assert not cands[0].matches(t.configs[1])

@@ -601,3 +601,23 @@ def test_device_mismatch():
     x, e = _inputs(4, 5, 3, torch.float32, "cpu")
     with pytest.raises(ValueError, match="same device"):
         vq.vq_nearest(x, e.cuda())
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the fixed tile is the interpreter's (a GPU autotunes)")
+def test_interpreter_launches_the_fixed_tile(monkeypatch):
+    """Both scan paths use the first candidate of the default row under the interpreter, no autotuner."""
+    from prompt_kernels.kernels import vq as k
+
+    used = []
+    for tuned in (k._NEAREST, k._NEAREST_SPLIT):
+        monkeypatch.setattr(tuned, "launch", lambda *a, _o=tuned.launch, **kw: used.append(_o(*a, **kw)))
+    g = torch.Generator().manual_seed(0)
+    x, codebook = torch.randn(40, 24, generator=g), torch.randn(70, 24, generator=g)
+    for plan in (k.NearestPlan(k.NEAREST_BLOCK_M, 1, 70), k.nearest_plan(40, 70)):
+        idx, dist = torch.empty(40, dtype=torch.int64), torch.empty(40)
+        k.vq_nearest(x, codebook, idx, dist, plan=plan)
+        torch.testing.assert_close(idx, torch.cdist(x, codebook).argmin(1))
+    fixed = k.scan_candidates(0, torch.float32, 24)[0]
+    assert k.nearest_plan(40, 70).splits > 1 and used == [fixed, fixed]
+    assert fixed.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64} and fixed.num_warps == 8
+    assert not k._NEAREST.tuners and not k._NEAREST_SPLIT.tuners
