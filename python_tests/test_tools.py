@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import tool_kernels as tk
 import torch
+import triton
 
 from prompt_kernels.kernels.registry import CompileSpec, LaunchCase
 from prompt_kernels.tools import compile_check as cc
@@ -569,3 +570,57 @@ def test_fixed_config_under_the_interpreter_and_the_compile_check(monkeypatch):
     assert t is tuned.tuner(cands) and t.keys == ["n", "I", "O"] and t.fn is phm._forward_kernel
     assert len(t.configs) == len(cands) and all(c.matches(tc) for c, tc in zip(cands, t.configs, strict=True))
     assert not cands[0].matches(t.configs[1])
+
+
+def test_autotune_path_benchmarks_every_candidate_and_launches_the_pick(monkeypatch):
+    """The GPU path, run under the interpreter with a stand-in timer: every candidate runs on the real
+    arguments (grid from the candidate's tiles), the fastest is launched and cached per key, the
+    values are right (outputs written once: no reset needed)."""
+    from prompt_kernels.kernels import phm_linear as phm
+    from prompt_kernels.kernels import prompt_pool as pool
+    from prompt_kernels.kernels import registry
+    from prompt_kernels.ops.reference import phm_linear as phm_ref
+    from prompt_kernels.ops.reference import prompt_pool as pool_ref
+
+    monkeypatch.setattr(registry, "autotune_enabled", lambda device: True)
+    times = iter([3.0, 1.0, 5.0, 2.0, 4.0, 6.0])
+    ran = []
+
+    def bench(fn, quantiles=None):
+        fn()
+        t = next(times)
+        ran.append(t)
+        return [t, t, t]
+
+    tuned = registry.TunedKernel(phm._forward_kernel, key=["n", "I", "O"], do_bench=bench)
+    n, p, q, N = 2, 40, 40, 5
+    x, rules, w = torch.randn(N, n * p), torch.randn(n, n, n), torch.randn(n, p, q)
+    out = torch.full((N, n * q), float("nan"))
+    cands = phm.mm_candidates(registry.DEFAULT_ARCH, torch.float32, q, p)
+    assert len(cands) == 2
+    args = (x, rules, w, out, out, N, n, p, q, 0, x.stride(0), x.stride(1), out.stride(0))
+
+    def grid(m):
+        return (triton.cdiv(N, m["BLOCK_M"]), n * triton.cdiv(q, m["BLOCK_N"]))
+
+    got = tuned.launch(grid, cands, *args, DOT_PRECISION="ieee", N_UNROLL=0, device=x.device)
+    assert got == cands[1] and ran == [3.0, 1.0]  # both benchmarked, the faster launched
+    torch.testing.assert_close(out, phm_ref(x, rules, w))
+    assert tuned.launch(grid, cands, *args, DOT_PRECISION="ieee", N_UNROLL=0, device=x.device) == cands[1]
+    assert ran == [3.0, 1.0]  # cached for the key (n, I, O, dtype): no second benchmark
+
+    # prompt_pool forward: the mask kind (a constexpr keyword) is part of the key
+    tuned = registry.TunedKernel(pool._forward_kernel, key=["D", "L", "HAS_MASK"], do_bench=bench)
+    B, T, D, L = 2, 24, 80, 5
+    xp = torch.randn(B, T, D)
+    cands = pool.forward_candidates(registry.DEFAULT_ARCH, D, T, L)
+    outp = torch.full((B, L, D), float("nan"))
+    unused = torch.empty(1, dtype=torch.int32)
+    pargs = (xp, unused, unused, outp, T, D, L, xp.stride(0), xp.stride(1), xp.stride(2))
+    got = tuned.launch(
+        lambda m: (B * L, triton.cdiv(D, m["BLOCK_D"])), cands, *pargs, HAS_MASK=False, device="x"
+    )
+    assert len(cands) == 3 and got == cands[1] and ran[2:] == [5.0, 2.0, 4.0]
+    torch.testing.assert_close(outp, pool_ref(xp, None, L))
+    (t,) = tuned.tuners.values()
+    assert [k[:4] for k in t.cache] == [(D, L, False, "torch.float32")]  # then the other tensors' dtypes
