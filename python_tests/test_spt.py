@@ -732,3 +732,27 @@ def test_layers_without_token_hidden_states_are_refused_by_name(model_type):
     pm = prompt_kernels.attach(model, SPTConfig(prompt_length=3)).train()
     with pytest.raises(NotImplementedError, match="SPT reads each layer's token hidden states"):
         pm(**tiny_inputs(model, "causal-lm"))
+
+
+def test_layerdrop_skips_layers_of_the_chain():
+    """LayerDrop (training) skips whole layers: the chain carries the prompt of the last layer that ran,
+    each stack of an encoder-decoder its own (a skip used to raise "layers must run in order")."""
+    from prompt_kernels.testing.tiny_models import build_tiny, tiny_inputs
+
+    model = build_tiny("bart", "seq2seq")
+    model.config.encoder_layerdrop = model.config.decoder_layerdrop = 0.5
+    model.model.encoder.layerdrop = model.model.decoder.layerdrop = 0.5
+    pm = prompt_kernels.attach(model, SPTConfig(prompt_length=3, dropout=0.0, consistency_weight=0.0))
+    pm.train()
+    inputs = tiny_inputs(model, "seq2seq", batch=2, length=5)
+    ran = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        pm.method.record_prompts = True
+        out = pm(**inputs)
+        assert torch.isfinite(out.loss)
+        ran.append(tuple(sorted(pm.method.last_prompts)))
+        # Every decoder layer dropped: the encoder's output (and its prompts) never reach the loss.
+        if out.loss.requires_grad:
+            out.loss.backward()
+    assert any(len(r) < 4 for r in ran), ran  # some layers were skipped

@@ -396,16 +396,18 @@ class SPT(PromptMethod):
     def prefix(self, ctx, layer_idx):
         if self.config.style != "prefix":
             return None
-        state = ctx.cache.setdefault("spt_prefix", {"next": 0, "prompt": None})
-        sites = self.info.sites
-        if layer_idx == 0 or sites[layer_idx].stack != sites[layer_idx - 1].stack:
+        state = ctx.cache.setdefault("spt_prefix", {"next": 0, "prompt": None, "stack": None})
+        stack = self.info.sites[layer_idx].stack
+        if layer_idx == 0 or stack != state["stack"]:
             # Each stack (an encoder-decoder's encoder, then its decoder) carries its own chain of
             # prompts: the decoder's starts from its own tokens (generate runs the two separately).
-            state.update(next=layer_idx, prompt=None)
-        if state["next"] != layer_idx:
+            state.update(next=layer_idx, prompt=None, stack=stack)
+        if layer_idx < state["next"]:
             raise RuntimeError(
-                f"SPT: layer {layer_idx} ran before layer {state['next']}; layers must run in order"
+                f"SPT: layer {layer_idx} ran after layer {state['next'] - 1}; layers must run in order"
             )
+        # A later layer than the next one: the layers between were skipped (LayerDrop in training); the
+        # chain carries the prompt of the last layer that ran, as a skipped layer is the identity.
         prompt = self._step(
             ctx, layer_idx, state["prompt"], lambda: ctx.layer_input(layer_idx, real_only=True)
         )
