@@ -103,11 +103,7 @@ KNOWN_FAILURES: tuple[KnownFailure, ...] = (
         "not multiples of 16: presumably 2-byte accesses, below cp.async's 4): no cp.async; bf16 N_UNROLL=2, "
         "compiled with the fp16 case's arguments, gets it",
     ),
-    KnownFailure(
-        "vq_nearest[fp32,BLOCK_M=64,BLOCK_N=64,BLOCK_D=16]", (90,), "spills", "fp32 64-row tile: 12 B"
-    ),
     KnownFailure("vq_sample[*16,**", (90,), "hgmma", f"sampler tile, 32 rows: {_HGMMA_ROWS}"),
-    KnownFailure("vq_sample[*16,**", (90,), "spills", "fp16/bf16 sampler, BLOCK_D 32/64, 8 warps: 24-48 B"),
 )
 
 
