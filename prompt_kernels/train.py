@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prompt_kernels.batch_order import SeededEpochs
+
 DEFAULT_LR = {
     "prompt-tuning": 3e-2,
     "prefix-tuning": 1e-2,
@@ -121,52 +123,23 @@ class Head(nn.Module):
         return self.linear(pooled)
 
 
-class BatchOrder:
+class BatchOrder(SeededEpochs):
     """Seeded epochs of shuffled row indices, cut into batches (a short last batch is dropped; with fewer
     rows than ``batch_size`` every batch is all rows). Its position and generator state are part of the
     checkpoint, so a resumed run sees the batches the uninterrupted run would have seen."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, batch_size
-        self.rng = random.Random(seed)
-        self.epoch, self.batch = 0, 0
-        self._shuffle()
-
-    def _shuffle(self):
-        self._epoch_rng_state = self.rng.getstate()
-        self._order = list(range(self.n))
-        self.rng.shuffle(self._order)
+    def _new_epoch(self, order: list[int]) -> None:
+        self._order = order
 
     def _starts(self) -> range:
         return range(0, self.n - self.batch_size + 1 if self.n >= self.batch_size else 1, self.batch_size)
 
-    def next(self) -> list[int]:
-        starts = self._starts()
-        if self.batch >= len(starts):
-            self.epoch, self.batch = self.epoch + 1, 0
-            self._shuffle()
-        i = starts[self.batch]
-        self.batch += 1
-        return self._order[i : i + self.batch_size]
+    def _num_batches(self) -> int:
+        return len(self._starts())
 
-    def state_dict(self) -> dict:
-        return {
-            "n": self.n,
-            "batch_size": self.batch_size,
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "rng_state": self._epoch_rng_state,
-        }
-
-    def load_state_dict(self, sd: dict) -> None:
-        if (sd["n"], sd["batch_size"]) != (self.n, self.batch_size):
-            raise ValueError(
-                f"the saved data order is for {sd['n']} training rows in batches of {sd['batch_size']}, "
-                f"not {self.n} in batches of {self.batch_size}"
-            )
-        self.rng.setstate(sd["rng_state"])
-        self._shuffle()
-        self.epoch, self.batch = sd["epoch"], sd["batch"]
+    def _batch(self, i: int) -> list[int]:
+        start = self._starts()[i]
+        return self._order[start : start + self.batch_size]
 
 
 def _encode(tok, texts, max_length):

@@ -25,6 +25,27 @@ def greedy(pm, ids, mask, steps):
     return ids, torch.stack(logits, 1)
 
 
+def _generate(pm, ids, mask, **kw):
+    with torch.no_grad():
+        return pm.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=STEPS,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kw,
+        )
+
+
+def _scaled(pm, factor=3.0):
+    with torch.no_grad():  # make the prompts matter
+        for p in pm.method.parameters():
+            p.mul_(factor)
+    return pm
+
+
 def _counting(obj, name, counter):
     fn = getattr(obj, name)
 
@@ -44,27 +65,16 @@ def test_generate_equals_manual_greedy_loop(model_type, style):
         "input": pk.PromptTuningConfig(prompt_length=3),
         "gated_deep": DeepPromptTestConfig(prompt_length=2, gate=0.6),
     }[style]
-    pm = pk.attach(model, cfg)
-    with torch.no_grad():  # make the prompts matter
-        for p in pm.method.parameters():
-            p.mul_(3.0)
+    pm = _scaled(pk.attach(model, cfg))
     ids, mask = batch(model_type, B=2, T=5, pad_last=0)
     mask[0, :2] = 0  # left padding, as for generation
     ids[0, :2] = 0
     calls = []
     hook = {"prefix": "all_key_values", "input": "input_prompts", "gated_deep": "prefix"}[style]
     _counting(pm.method, hook, calls)
+    out = _generate(pm, ids, mask)
+    n_generate_calls = len(calls)
     with torch.no_grad():
-        out = pm.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=STEPS,
-            do_sample=False,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        n_generate_calls = len(calls)
         ref_ids, ref_logits = greedy(pm, ids, mask, STEPS)
     assert torch.equal(out.sequences, ref_ids)
     torch.testing.assert_close(torch.stack(out.logits, 1), ref_logits, rtol=1e-4, atol=1e-5)
@@ -76,15 +86,7 @@ def test_generate_equals_manual_greedy_loop(model_type, style):
 
 def _plain_logits(model, pm, ids, mask):
     with pm.disabled():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=STEPS,
-            do_sample=False,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        out = _generate(model, ids, mask)
     return torch.stack(out.logits, 1)
 
 
@@ -114,27 +116,6 @@ def test_generate_refuses_sequence_style_and_non_generative_models():
     pm = pk.attach(tiny_model("bert", "cls"), pk.PrefixTuningConfig(prompt_length=2))
     with pytest.raises(TypeError, match="cannot generate"):
         pm.generate(input_ids=torch.tensor([[3, 4]]), max_new_tokens=2)
-
-
-def _generate(pm, ids, mask, **kw):
-    with torch.no_grad():
-        return pm.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=STEPS,
-            do_sample=False,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **kw,
-        )
-
-
-def _scaled(pm, factor=3.0):
-    with torch.no_grad():  # make the prompts matter
-        for p in pm.method.parameters():
-            p.mul_(factor)
-    return pm
 
 
 @pytest.mark.parametrize("style", ["prefix", "gated_deep"])

@@ -86,6 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prompt_kernels.batch_order import SeededEpochs
 from prompt_kernels.configs import (
     PromptConfig,
     check_choice,
@@ -621,56 +622,35 @@ def _frozen(params: Iterable[nn.Parameter]):
             p.requires_grad_(True)
 
 
-class EpochHalves:
+class EpochHalves(SeededEpochs):
     """:func:`epoch_halves` as a resumable iterator: its position and generator state are a
     ``state_dict`` (what ``prompt-kernels train`` checkpoints mid-search), so a resumed search draws
     the batches the uninterrupted one would have."""
 
+    what = "search order"
+
     def __init__(self, n: int, batch_size: int, seed: int = 0):
         if n < 2:
             raise ValueError(f"the bi-level search needs at least 2 training examples, got {n}")
-        self.n, self.batch_size = n, batch_size
-        self.rng = random.Random(seed)
-        self.epoch, self.batch = 0, 0
-        self._shuffle()
+        super().__init__(n, batch_size, seed)
 
-    def _shuffle(self) -> None:
-        self._epoch_rng_state = self.rng.getstate()
-        order = list(range(self.n))
-        self.rng.shuffle(order)
+    def _new_epoch(self, order: list[int]) -> None:
         self._d1, self._d2 = order[: self.n // 2], order[self.n // 2 :]
         self._bs = min(self.batch_size, len(self._d1))
         self._starts = range(0, len(self._d1) - self._bs + 1, self._bs)
+
+    def _num_batches(self) -> int:
+        return len(self._starts)
+
+    def _batch(self, i: int) -> tuple[list[int], list[int]]:
+        start = self._starts[i]
+        return self._d1[start : start + self._bs], self._d2[start : start + self._bs]
 
     def __iter__(self) -> EpochHalves:
         return self
 
     def __next__(self) -> tuple[list[int], list[int]]:
-        if self.batch >= len(self._starts):
-            self.epoch, self.batch = self.epoch + 1, 0
-            self._shuffle()
-        i = self._starts[self.batch]
-        self.batch += 1
-        return self._d1[i : i + self._bs], self._d2[i : i + self._bs]
-
-    def state_dict(self) -> dict:
-        return {
-            "n": self.n,
-            "batch_size": self.batch_size,
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "rng_state": self._epoch_rng_state,
-        }
-
-    def load_state_dict(self, sd: dict) -> None:
-        if (sd["n"], sd["batch_size"]) != (self.n, self.batch_size):
-            raise ValueError(
-                f"the saved search order is for {sd['n']} training rows in batches of {sd['batch_size']}, "
-                f"not {self.n} in batches of {self.batch_size}"
-            )
-        self.rng.setstate(sd["rng_state"])
-        self._shuffle()
-        self.epoch, self.batch = sd["epoch"], sd["batch"]
+        return self.next()
 
 
 def epoch_halves(n: int, batch_size: int, seed: int = 0) -> Iterator[tuple[list[int], list[int]]]:
