@@ -144,12 +144,10 @@ def cache_layer_of(cache, module):
     return layers[idx]
 
 
-def _put_prompts_in_cache(layer, key, value, prefix: LayerPrompt, B: int) -> bool:
-    """Prefill: put the prompt keys/values in front of ``layer``'s, if this call's keys and values are
-    exactly that layer's whole content (the right layer; not another layer's shared cache, not values the
-    model transformed after the update). True when it did."""
-    if type(layer) is not DynamicLayer or layer.keys is not key or layer.values is not value:
-        return False
+def _put_prompts_in_cache(layer, prefix: LayerPrompt, B: int) -> bool:
+    """Prefill: put the prompt keys/values in front of ``layer``'s (a plain ``DynamicLayer`` whose whole
+    content this call's keys/values are: the right layer, not another layer's shared cache, not values the
+    model transformed after the update). Returns True."""
     pk = prefix.key.to(layer.keys.dtype).expand(B, -1, -1, -1)
     pv = prefix.value.to(layer.values.dtype).expand(B, -1, -1, -1)
     layer.keys = torch.cat([pk, layer.keys], dim=2)
@@ -340,6 +338,17 @@ def prompt_kernels_attention(module, query, key, value, attention_mask, scaling=
         return binding.call_inner(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    # Decoding after a prefill that put this layer's prompts into its cache (``cached``), or such a prefill
+    # (``fresh``: this call's keys/values are exactly the layer's), checked on the tensors as they came.
+    layer = None if host.kv_cache is None else cache_layer_of(host.kv_cache, module)
+    cached = isinstance(layer, PromptedCacheLayer) and layer.keys is key
+    fresh = (
+        host.inject
+        and not cached
+        and type(layer) is DynamicLayer
+        and layer.keys is key
+        and layer.values is value
+    )
     # The attention's compute dtype: autocast's (what SDPA would run in), else the query's. Prompts (and,
     # under autocast, query/key/value, which rotary embeddings may have promoted) are cast where they are
     # used; gradients flow back to the prompts in their own dtype.
@@ -349,37 +358,21 @@ def prompt_kernels_attention(module, query, key, value, attention_mask, scaling=
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if prefix.key.dtype != dtype or prefix.value.dtype != dtype:
         prefix = dataclasses.replace(prefix, key=prefix.key.to(dtype), value=prefix.value.to(dtype))
-    layer = None if host.kv_cache is None else cache_layer_of(host.kv_cache, module)
-    if isinstance(layer, PromptedCacheLayer) and layer.keys is key:
-        # Decoding after a prefill that put this layer's prompts into its cache: one plain call.
-        return _concat_path(
-            binding,
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            prefix,
-            scaling,
-            dropout,
-            kwargs,
-            layer.prompt_rows,
-        )
-    # Not where the model derives a bias from the keys' length (T5's position_bias counts cached rows).
-    if (
-        host.inject
-        and layer is not None
+    # A prefill moves the prompts into the cache, except where the model derives a bias from the keys'
+    # length (T5's position_bias counts cached rows). Either way one call over [prompts; tokens].
+    joined = cached or (
+        fresh
         and kwargs.get("position_bias") is None
         and not torch.compiler.is_compiling()
-        and _put_prompts_in_cache(layer, key, value, prefix, query.shape[0])
-    ):
-        # The prefill itself is then one call over [prompts; tokens] too.
+        and _put_prompts_in_cache(layer, prefix, query.shape[0])
+    )
+    if joined:
         return _concat_path(
             binding,
             module,
             query,
-            layer.keys,
-            layer.values,
+            layer.keys.to(dtype),
+            layer.values.to(dtype),
             attention_mask,
             prefix,
             scaling,
