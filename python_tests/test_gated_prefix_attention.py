@@ -771,11 +771,14 @@ class _OpRecorder(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("Bp", [2, 1], ids=["prompt-per-batch", "prompt-broadcast"])
-def test_backward_launches(Bp, monkeypatch):
-    """The Triton backward is three launches (preprocess, dk/dv over the prompt and key blocks, dq):
-    dgate is reduced on the device (zeroed by the preprocess, atomically added by the dk/dv launch),
-    the prompt's dk/dv blocks are programs of the key dk/dv launch; only a broadcast prompt adds two
-    reductions over the batch (dprompt_key, dprompt_value). (Launchers with recording stand-ins.)"""
+@pytest.mark.parametrize("gate_shape", [(2, 4), (), (4,)], ids=["gate-bh", "gate-scalar", "gate-head"])
+def test_backward_launches(Bp, gate_shape, monkeypatch):
+    """The Triton backward is three launches (preprocess, dk/dv over the prompt and key blocks, dq)
+    and no other device op: dgate is reduced on the device in the gate's own shape (zeroed by the
+    preprocess, atomically added by the dk/dv launch; no [B, H] copy of a float32 gate, no host sum
+    over its broadcast dimensions), the prompt's dk/dv blocks are programs of the key dk/dv launch;
+    only a broadcast prompt adds two reductions over the batch (dprompt_key, dprompt_value). The
+    forward is one launch. (Launchers with recording stand-ins for the kernels.)"""
     from prompt_kernels.kernels import gated_prefix_attention as gk
 
     grids = []
@@ -790,21 +793,28 @@ def test_backward_launches(Bp, monkeypatch):
     q = torch.randn(B, H, T, Dh, dtype=torch.float16)
     k, v = (torch.randn(B, Hkv, S, Dh, dtype=torch.float16) for _ in range(2))
     pk, pv = (torch.randn(Bp, Hkv, P, Dh, dtype=torch.float16) for _ in range(2))
-    gate, out, lse = torch.rand(B, H), torch.randn(B, H, T, Dh, dtype=torch.float16), torch.randn(B, H, T)
+    gate, out, lse = (
+        torch.rand(gate_shape),
+        torch.randn(B, H, T, Dh, dtype=torch.float16),
+        torch.randn(B, H, T),
+    )
+    grad_out = torch.ones_like(out)
     rec = _OpRecorder()
     with rec:
-        gk.backward(torch.ones_like(out), q, k, v, pk, pv, gate, None, out, lse, False, 0.1)
+        gk.forward(q, k, v, pk, pv, gate, None, False, 0.1)
+        *_, dgate = gk.backward(grad_out, q, k, v, pk, pv, gate, None, out, lse, False, 0.1)
     assert [g[0] for g in grids] == [
+        "_gpa_fwd_kernel",
         "_gpa_bwd_preprocess_kernel",
         "_gpa_bwd_dkdv_kernel",
         "_gpa_bwd_dq_kernel",
     ]
     BN = gk.configs(torch.float16, Dh)["dkdv"][1]
     BNP = min(BN, gk.PROMPT_BLOCK_N)
-    assert grids[1][1] == (((P + BNP - 1) // BNP + (S + BN - 1) // BN) * B * Hkv,)
-    host = [op for op in rec.ops if op not in ("ones_like", "fill", "fill_", "_to_copy", "clone", "copy_")]
-    # (the gate's [B, H] float32 copy is the launcher's only other op)
-    assert host == ([] if Bp == B else ["sum", "sum"]), rec.ops
+    assert grids[2][1] == (((P + BNP - 1) // BNP + (S + BN - 1) // BN) * B * Hkv,)
+    assert dgate.shape == (1,) * (2 - gate.dim()) + tuple(gate.shape)
+    device_ops = [op for op in rec.ops if op != "fill_"]  # (fill_: the tests' NaN poisoning of outputs)
+    assert device_ops == ([] if Bp == B else ["sum", "sum"]), rec.ops
 
 
 def test_dkdv_tiles_per_arch():

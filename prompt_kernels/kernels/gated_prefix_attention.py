@@ -5,7 +5,8 @@ Shapes (strides are free except a unit stride on the last dimension, which the l
     q, out, grad_out:  [B, H, T, Dh]
     k, v:              [B, Hkv, S, Dh]           kv head of query head h: h // (H // Hkv)
     pk, pv:            [B or 1, Hkv, P, Dh]      batch 1 is read with batch stride 0
-    gate:              [B, H] float32 (the launcher expands the caller's broadcast gate)
+    gate:              [1 or B, 1 or H] float32, read as gate[b, h] with stride 0 along broadcast
+                       dimensions (no [B, H] copy); dgate is accumulated in the same shape
     mask:              none | uint8 [B, S] key padding | additive [B, 1 or H, T, S] (query dtype)
     lse:               [B, H, T] float32, natural log; +inf on rows with no weight (their output is
                        0), below ``SATURATED_LSE`` on saturated rows (see below)
@@ -30,7 +31,7 @@ Backward (three launches):
   * preprocess, per query row: ``delta = rowsum(grad_out * out)`` and the row's normaliser in base 2
     as two terms, ``hi`` (lse * log2(e), -FLT_MAX on saturated rows) and ``lo`` (0, log2 of the
     row's count of saturated keys on saturated rows), so that ``p = exp2((s - hi) - lo)``; it also
-    zeroes dgate [B, H];
+    zeroes dgate (the gate's shape);
   * dk, dv and the prompt's: one launch whose grid covers, per (b, kv head), the prompt key blocks
     and then the key blocks; each program loops over the query heads of the group and the query
     blocks that can see its keys and writes its rows once (the prompt's per batch item: in the input
@@ -224,7 +225,7 @@ def _gpa_fwd_kernel(
     Q, K, V, PK, PV, G, MASK, OUT, LSE,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
     spkb, spkh, spkp, spvb, spvh, spvp,
-    smb, smh, smt, sob, soh, sot,
+    smb, smh, smt, sob, soh, sot, sgb, sgh,
     H, GROUP, T, S, P, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -247,7 +248,7 @@ def _gpa_fwd_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
     # Prompt segment: gate = 0 removes it exactly (and log2(0) never enters the arithmetic).
-    g = tl.load(G + pid_bh)
+    g = tl.load(G + b * sgb + h * sgh)
     log2g = tl.log2(tl.where(g > 0, g, 1.0))  # used only when g > 0
     p_end = tl.where(g > 0, P, 0)
     pk_base = PK + b * spkb + hk * spkh
@@ -307,7 +308,7 @@ def _gpa_fwd_kernel(
 @triton.jit
 def _gpa_bwd_preprocess_kernel(
     OUT, DO, LSE, MASK, DELTA, HI, LO, DGATE,
-    sob, soh, sot, sdob, sdoh, sdot, smb, smh, smt, H, T, S,
+    sob, soh, sot, sdob, sdoh, sdot, smb, smh, smt, sgb, sgh, H, T, S,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -343,8 +344,8 @@ def _gpa_bwd_preprocess_kernel(
     tl.store(DELTA + row_base + rows, delta, mask=r_ok)
     tl.store(HI + row_base + rows, hi, mask=r_ok)
     tl.store(LO + row_base + rows, lo, mask=r_ok)
-    if pid_m == 0:  # dgate [B, H]: the dk/dv launch adds the prompt blocks' terms atomically
-        tl.store(DGATE + pid_bh, 0.0)
+    if pid_m == 0:  # dgate (the gate's shape): the dk/dv launch adds the prompt blocks' terms atomically
+        tl.store(DGATE + b * sgb + h * sgh, 0.0)
 
 
 @triton.jit
@@ -399,7 +400,7 @@ def _dkdv_block(
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
     smb, smh, smt, sdob, sdoh, sdot,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
-    H, GROUP, T, S, N, qk_scale, sm_scale,
+    sgb, sgh, H, GROUP, T, S, N, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     IS_PROMPT: tl.constexpr, FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -437,7 +438,7 @@ def _dkdv_block(
         row_base = bh * T
         g = 0.0
         if IS_PROMPT:
-            g = tl.load(G + bh)
+            g = tl.load(G + b * sgb + h * sgh)
         dg = tl.zeros([BLOCK_M], tl.float32)
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
@@ -456,7 +457,7 @@ def _dkdv_block(
                     MASK_KIND, IS_CAUSAL, IS_PROMPT, False, FP32, D_PAD,
                 )  # fmt: skip
         if IS_PROMPT:
-            tl.atomic_add(DGATE + bh, tl.sum(dg, 0))
+            tl.atomic_add(DGATE + b * sgb + h * sgh, tl.sum(dg, 0))
     dk = dk * sm_scale
     tl.store(
         _rows(DK + b * sdkb + hk * sdkh, cols, sdks, offs_d, D_PAD),
@@ -477,7 +478,7 @@ def _gpa_bwd_dkdv_kernel(
     spkb, spkh, spkp, spvb, spvh, spvp,
     smb, smh, smt, sdob, sdoh, sdot,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
-    sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp,
+    sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp, sgb, sgh,
     H, GROUP, T, S, P, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -492,14 +493,14 @@ def _gpa_bwd_dkdv_kernel(
         _dkdv_block(
             Q, PK, PV, G, MASK, DO, HI, LO, DELTA, DPK, DPV, DGATE, b, hk, pid_n,
             sqb, sqh, sqt, spkb, spkh, spkp, spvb, spvh, spvp, 0, 0, 0, sdob, sdoh, sdot,
-            sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp, H, GROUP, T, S, P, qk_scale, sm_scale,
+            sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp, sgb, sgh, H, GROUP, T, S, P, qk_scale, sm_scale,
             HEAD_DIM, D_PAD, 0, False, True, FAST, FP32, BLOCK_M, BLOCK_NP,
         )  # fmt: skip
     else:
         _dkdv_block(
             Q, K, V, G, MASK, DO, HI, LO, DELTA, DK, DV, DGATE, b, hk, pid_n - n_p,
             sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, smb, smh, smt, sdob, sdoh, sdot,
-            sdkb, sdkh, sdks, sdvb, sdvh, sdvs, H, GROUP, T, S, S, qk_scale, sm_scale,
+            sdkb, sdkh, sdks, sdvb, sdvh, sdvs, sgb, sgh, H, GROUP, T, S, S, qk_scale, sm_scale,
             HEAD_DIM, D_PAD, MASK_KIND, IS_CAUSAL, False, FAST, FP32, BLOCK_M, BLOCK_N,
         )  # fmt: skip
 
@@ -509,7 +510,7 @@ def _gpa_bwd_dq_kernel(
     Q, K, V, PK, PV, G, MASK, DO, HI, LO, DELTA, DQ,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
     spkb, spkh, spkp, spvb, spvh, spvp,
-    smb, smh, smt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
+    smb, smh, smt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, sgb, sgh,
     H, GROUP, T, S, P, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -530,7 +531,7 @@ def _gpa_bwd_dq_kernel(
     delta = tl.load(DELTA + row_base + rows, mask=r_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
-    g = tl.load(G + pid_bh)
+    g = tl.load(G + b * sgb + h * sgh)
     log2g = tl.log2(tl.where(g > 0, g, 1.0))  # used only when g > 0
     p_end = tl.where(g > 0, P, 0)
     pk_base = PK + b * spkb + hk * spkh
@@ -755,8 +756,13 @@ def _heads_last_empty(shape, dtype, device) -> torch.Tensor:
     return _alloc.empty((N, rows, heads, Dh), dtype=dtype, device=device).transpose(1, 2)
 
 
-def _gate_bh(gate: torch.Tensor, B: int, H: int) -> torch.Tensor:
-    return gate.detach().to(torch.float32).expand(B, H).contiguous()
+def _gate2(gate: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The gate as float32 [1 or B, 1 or H] (no copy for a contiguous float32 gate) and its (batch,
+    head) strides, 0 along broadcast dimensions: the kernels read gate[b, h] and accumulate dgate into
+    a tensor of the same shape and strides (no [B, H] copy, no host reduction to the gate's shape)."""
+    g = gate.detach().to(torch.float32)
+    g = g.reshape((1,) * (2 - g.dim()) + tuple(g.shape)).contiguous()
+    return g, (0 if g.shape[0] == 1 else g.stride(0), 0 if g.shape[1] == 1 else g.stride(1))
 
 
 def _grid(blocks: int, heads: int) -> tuple[int]:
@@ -783,12 +789,12 @@ def forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, i
         lse.fill_(float("inf"))
         return out, lse
     kind, m, ms = _prepare_mask(attention_mask, q, H)
-    g = _gate_bh(gate, B, H)
+    g, gs = _gate2(gate)
     BM, BN, warps, stages = _blocks(configs(q.dtype, Dh, _arch(q.device))["fwd"])
     _gpa_fwd_kernel[_grid(triton.cdiv(T, BM), B * H)](
         q, k, v, pk, pv, g, m, out, lse,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv),
-        *ms, *_strides3(out),
+        *ms, *_strides3(out), *gs,
         H, H // Hkv, T, S, P, scale * LOG2E,
         HEAD_DIM=Dh, D_PAD=d_pad(Dh), MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path,
         FP32=q.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
@@ -799,7 +805,7 @@ def forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, i
 def backward(
     grad_out, query, key, value, prompt_key, prompt_value, gate, attention_mask, out, lse, is_causal, scale
 ):
-    """-> (dq, dk, dv, dprompt_key, dprompt_value, dgate [B, H] float32).
+    """-> (dq, dk, dv, dprompt_key, dprompt_value, dgate float32 in the gate's shape as [1 or B, 1 or H]).
 
     dprompt_* have the prompt's batch size (summed over the batch when it was broadcast)."""
     q, k, v, pk, pv, do, o = (
@@ -812,14 +818,14 @@ def backward(
     dev, dt = q.device, q.dtype
     # Gradients in the heads-last layout the custom op promises ([N, rows, heads, Dh] storage).
     dq, dk, dv = (_heads_last_empty(t.shape, dt, dev) for t in (q, k, v))
-    dgate = _alloc.empty((B, H), dtype=torch.float32, device=dev)
+    g, gs = _gate2(gate)
+    dgate = _alloc.empty(g.shape, dtype=torch.float32, device=dev)  # (g's strides: gs)
     if B * H * T == 0 or Dh == 0:
         for t in (dq, dk, dv, dgate):
             t.zero_()
         zp = torch.zeros(pk.shape, dtype=dt, device=dev)
         return dq, dk, dv, zp, zp.clone(), dgate
     kind, m, ms = _prepare_mask(attention_mask, q, H)
-    g = _gate_bh(gate, B, H)
     cfg = configs(dt, Dh, _arch(dev))
     dp_, fp32 = d_pad(Dh), dt == torch.float32
     group = H // Hkv
@@ -829,7 +835,7 @@ def backward(
     delta, hi, lo = (_alloc.empty((B, H, T), dtype=torch.float32, device=dev) for _ in range(3))
     BM, BN, warps, stages = _blocks(cfg["pre"])
     _gpa_bwd_preprocess_kernel[_grid(triton.cdiv(T, BM), B * H)](
-        o, do, lse, m, delta, hi, lo, dgate, *_strides3(o), *_strides3(do), *ms, H, T, S,
+        o, do, lse, m, delta, hi, lo, dgate, *_strides3(o), *_strides3(do), *ms, *gs, H, T, S,
         HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), BLOCK_M=BM, BLOCK_N=BN,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -849,7 +855,7 @@ def backward(
         _gpa_bwd_dkdv_kernel[_grid(n_blocks, B * Hkv)](
             q, k, v, pk, pv, g, m, do, hi, lo, delta, dk, dv, dpk, dpv, dgate,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv), *ms,
-            *_strides3(do), *_strides3(dk), *_strides3(dv), *_strides3(dpk), *_strides3(dpv),
+            *_strides3(do), *_strides3(dk), *_strides3(dv), *_strides3(dpk), *_strides3(dpv), *gs,
             H, group, T, S, P, scale * LOG2E, scale,
             HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path, FP32=fp32,
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_NP=min(BN, PROMPT_BLOCK_N), num_warps=warps, num_stages=stages,
@@ -863,7 +869,7 @@ def backward(
     _gpa_bwd_dq_kernel[_grid(triton.cdiv(T, BM), B * H)](
         q, k, v, pk, pv, g, m, do, hi, lo, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv), *ms,
-        *_strides3(do), *_strides3(dq),
+        *_strides3(do), *_strides3(dq), *gs,
         H, group, T, S, P, scale * LOG2E, scale,
         HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path, FP32=fp32,
         BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
@@ -884,17 +890,17 @@ def _sig(names: str, types: dict[str, str]) -> dict[str, str]:
 
 _FWD_ARGS = (
     "Q K V PK PV G MASK OUT LSE sqb sqh sqt skb skh sks svb svh svs spkb spkh spkp spvb spvh spvp "
-    "smb smh smt sob soh sot H GROUP T S P qk_scale"
+    "smb smh smt sob soh sot sgb sgh H GROUP T S P qk_scale"
 )
-_PRE_ARGS = "OUT DO LSE MASK DELTA HI LO DGATE sob soh sot sdob sdoh sdot smb smh smt H T S"
+_PRE_ARGS = "OUT DO LSE MASK DELTA HI LO DGATE sob soh sot sdob sdoh sdot smb smh smt sgb sgh H T S"
 _DKDV_ARGS = (
     "Q K V PK PV G MASK DO HI LO DELTA DK DV DPK DPV DGATE sqb sqh sqt skb skh sks svb svh svs "
     "spkb spkh spkp spvb spvh spvp smb smh smt sdob sdoh sdot sdkb sdkh sdks sdvb sdvh sdvs "
-    "sdpkb sdpkh sdpkp sdpvb sdpvh sdpvp H GROUP T S P qk_scale sm_scale"
+    "sdpkb sdpkh sdpkp sdpvb sdpvh sdpvp sgb sgh H GROUP T S P qk_scale sm_scale"
 )
 _DQ_ARGS = (
     "Q K V PK PV G MASK DO HI LO DELTA DQ sqb sqh sqt skb skh sks svb svh svs spkb spkh spkp spvb spvh spvp "
-    "smb smh smt sdob sdoh sdot sdqb sdqh sdqt H GROUP T S P qk_scale sm_scale"
+    "smb smh smt sdob sdoh sdot sdqb sdqh sdqt sgb sgh H GROUP T S P qk_scale sm_scale"
 )
 
 
