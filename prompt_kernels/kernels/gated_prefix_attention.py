@@ -406,7 +406,8 @@ def _dkdv_block(
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dk, dv of the N keys' block pid_n (the S keys, or with IS_PROMPT the P prompt keys, whose logits
-    carry log(gate) and which also add their dgate terms to DGATE [B, H] with an atomic add)."""
+    carry log(gate) and which also add their dgate terms to DGATE, the gate's shape read through the
+    broadcast strides sgb, sgh, with an atomic add)."""
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
