@@ -196,7 +196,12 @@ def test_spt_search_checkpoints_mid_search_and_resumes(
                 raise RuntimeError(f"crash in step {at}")
         return real_step(self, *args, **kwargs)
 
+    def not_handled(signum, frame):  # reached only if train left the signal to the previous handler
+        raise AssertionError(f"{signal.Signals(signum).name} was not handled by prompt-kernels train")
+
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_stop)
+    # A test run started in the background (`cmd &`) inherits SIGINT ignored, which train keeps ignored.
+    previous = signal.signal(signal.SIGINT, not_handled)
     try:
         argv = [*_train_argv(model, task, "spt"), *COMMON, "--steps", str(STEPS), "--out", str(run)]
         if how == "SIGINT":
@@ -207,6 +212,7 @@ def test_spt_search_checkpoints_mid_search_and_resumes(
             with pytest.raises(RuntimeError, match=f"crash in step {at}"):
                 cli.main([*argv, "--save-every", "3"])
     finally:
+        signal.signal(signal.SIGINT, previous)
         monkeypatch.undo()
     state = _state(run)
     assert state["spt"] == {"phase": phase, "search_steps": STEPS // 2}, state
