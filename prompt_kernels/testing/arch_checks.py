@@ -10,7 +10,11 @@
 2. ``detach`` gives back the model bit for bit: the same outputs, config object, attention
    implementation and ``requires_grad`` flags;
 3. ``save_prompts`` / ``load_prompts`` onto the detached model give identical outputs;
-4. prompt tuning (``PromptTuningConfig``): finite loss, non-zero prompt gradient.
+4. prompt tuning (``PromptTuningConfig``): finite loss, non-zero prompt gradient;
+5. models that generate (causal-LM and seq2seq heads on the attention interface): where the bare tiny
+   model's greedy ``generate`` runs, the prompted one does too, and gives the same tokens and logits with
+   the prompts moved into the key/value cache at the prefill (the default, where the first generate's
+   check allows it) as with the prompts joined in the attention at every step (``cache_prompts=False``).
 
 It raises ``ArchitectureCheckFailed`` naming the check that failed (``TinyModelUnavailable`` when the
 bare tiny model does not run).
@@ -132,10 +136,64 @@ def check_prompt_tuning(model, inputs) -> None:
     pm.detach()
 
 
-def check_architecture(model_type: str, mapping: str) -> None:
+def _greedy(model, inputs):
+    with torch.no_grad():
+        return model.generate(
+            **inputs,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+
+
+def check_generate(model, mapping: str) -> str | None:
+    """None (no generate to check), "cache" (the prompts went into the key/value cache) or "joined"."""
+    import prompt_kernels as pk
+
+    if mapping not in ("causal-lm", "seq2seq") or not model.can_generate():
+        return None
+    inputs = tiny_inputs(model, mapping, batch=2, length=5, padding="left")
+    inputs = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+    try:
+        _greedy(model, inputs)
+    except Exception:
+        return None  # the bare tiny model does not generate: nothing to compare
+    pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=PROMPT_LENGTH))
+    try:
+        if pm.info.layout.kind != "interface":
+            return None  # the cache route refuses generate() by name
+        with torch.no_grad():
+            for p in pm.method.parameters():
+                p.mul_(3.0)  # make the prompts matter
+        try:
+            cached = _greedy(pm, inputs)
+            pm.cache_prompts = False
+            joined = _greedy(pm, inputs)
+        except Exception as exc:
+            _fail("generate with prompts", exc)
+        if not torch.equal(cached.sequences, joined.sequences):
+            _fail("generate: the prompts in the key/value cache give other tokens than joined at every step")
+        _close(
+            torch.stack(cached.logits, 1),
+            torch.stack(joined.logits, 1),
+            "generate: logits with the prompts in the key/value cache differ from joined at every step",
+            rtol=1e-3,
+            atol=1e-4,
+        )
+        return "cache" if pm._cache_route_exact else "joined"
+    finally:
+        pm.detach()
+
+
+def check_architecture(model_type: str, mapping: str) -> dict:
+    """Runs the checks; returns ``{"generate": None | "cache" | "joined"}`` (how ``generate`` decoded)."""
     model = build_tiny(model_type, mapping)
     for p in model.parameters():
         p.requires_grad_(True)
     inputs = tiny_inputs(model, mapping)
     check_prefix(model, inputs)
     check_prompt_tuning(model, tiny_inputs(model, mapping, padding="left"))
+    return {"generate": check_generate(model, mapping)}
