@@ -818,20 +818,133 @@ def test_backward_launches(Bp, gate_shape, monkeypatch):
 
 
 def test_dkdv_tiles_per_arch():
-    """sm_90 launches dk/dv tiles of at least 64 keys at fp16/bf16 (wgmma's 64 rows: the keys are the
-    M dimension of every dk/dv tl.dot), and the compile specs register what each arch launches."""
+    """sm_90 launches dk/dv tiles of at least 64 keys at fp16/bf16, every candidate (wgmma's 64 rows:
+    the keys are the M dimension of every dk/dv tl.dot), and the compile specs register the fixed tile
+    each arch launches in every variant at Dh 64 (python_tests/test_tools.py checks every candidate)."""
     from prompt_kernels.kernels import gated_prefix_attention as gk
 
     specs = {s.name: s for s in gk._compile_specs() if s.name.startswith("gpa_bwd_dkdv[")}
     for dtype in (torch.float16, torch.bfloat16):
         for Dh in gk.HEAD_DIMS:
             for arch in gk.ARCHS:
+                for c in gk.candidates("dkdv", arch, dtype, Dh):
+                    assert c.kwargs["BLOCK_N"] >= (64 if arch >= 90 else 32), (dtype, Dh, arch, c)
+                    assert c.kwargs["BLOCK_NP"] == min(c.kwargs["BLOCK_N"], gk.PROMPT_BLOCK_N)
                 BM, BN = gk.configs(dtype, Dh, arch)["dkdv"][:2]
-                assert BN >= (64 if arch >= 90 else 32), (dtype, Dh, arch)
                 ty = gk._TRITON_TYPE[dtype]
-                name = f"gpa_bwd_dkdv[{ty},Dh={Dh},mask=add,causal=1,BM={BM},BN={BN}]"
-                assert name in specs and arch in (specs[name].archs or gk.ARCHS), name
-                assert specs[name].constexprs["BLOCK_NP"] == min(BN, gk.PROMPT_BLOCK_N)
+                variants = gk.VARIANTS_DH64 if Dh == 64 else gk.VARIANTS_DH64[:1]
+                for kind, causal in variants:
+                    mask = ("none", "bool", "add")[kind]
+                    name = f"gpa_bwd_dkdv[{ty},Dh={Dh},mask={mask},causal={int(causal)},BM={BM},BN={BN}]"
+                    assert name in specs and arch in (specs[name].archs or gk.ARCHS), name
+                    assert specs[name].constexprs["BLOCK_NP"] == min(BN, gk.PROMPT_BLOCK_N)
+
+
+def _record_kernels(gk, monkeypatch) -> list:
+    grids = []
+    for name in gk._KERNEL_NAMES.values():
+        monkeypatch.setattr(gk, name, _GridRecorder(name, grids))
+    return grids
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's launch configuration")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("Dh", [32, 64, 96])
+def test_interpreter_launches_the_first_candidate(dtype, Dh, monkeypatch):
+    """Under the interpreter every kernel launches the first candidate of the default row (sm_80's row,
+    the fixed tiles), deterministically, and no autotuner is built, also where the table offers more
+    candidates to autotune on a GPU."""
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+    from prompt_kernels.kernels import registry
+
+    monkeypatch.setattr(gk, "_tuned", {})
+    grids = _record_kernels(gk, monkeypatch)
+    B, H, Hkv, T, S, P = 2, 4, 2, 40, 70, 19
+    q = torch.randn(B, H, T, Dh, dtype=dtype)
+    k, v = (torch.randn(B, Hkv, S, Dh, dtype=dtype) for _ in range(2))
+    pk, pv = (torch.randn(1, Hkv, P, Dh, dtype=dtype) for _ in range(2))
+    gate, out, lse = torch.rand(H), torch.randn(B, H, T, Dh, dtype=dtype), torch.randn(B, H, T)
+    assert registry.launch_arch(q.device) == registry.DEFAULT_ARCH
+    for _ in range(2):
+        gk.forward(q, k, v, pk, pv, gate, None, True, 0.1)
+        gk.backward(torch.ones_like(out), q, k, v, pk, pv, gate, None, out, lse, True, 0.1)
+    assert [g[0] for g in grids] == [gk._KERNEL_NAMES[n] for n in ("fwd", "pre", "dkdv", "dq")] * 2
+    for (_, _, kwargs), kernel in zip(grids, ("fwd", "pre", "dkdv", "dq") * 2, strict=True):
+        first = gk.candidates(kernel, registry.DEFAULT_ARCH, dtype, Dh)[0]
+        assert first == gk.candidates(kernel, 80, dtype, Dh)[0], kernel
+        assert {k: kwargs[k] for k in first.kwargs} == first.kwargs, (kernel, kwargs)
+        assert (kwargs["num_warps"], kwargs.get("num_stages")) == (first.num_warps, first.num_stages)
+    assert all(not t.tuners for t in gk._tuned.values()), "an autotuner was built under the interpreter"
+    if dtype == torch.float16 and Dh == 64:  # the table offers more than the fixed tile: a real choice
+        assert len(gk.candidates("fwd", registry.DEFAULT_ARCH, dtype, Dh)) > 1
+        assert len(gk.candidates("dq", registry.DEFAULT_ARCH, dtype, Dh)) > 1
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the autotuner's GPU path under the interpreter")
+def test_autotuned_launches_are_right_on_every_trial(monkeypatch):
+    """The GPU path (autotune), run under the interpreter with a stand-in timer and small test tiles:
+    every candidate of the forward, dk/dv and dq is benchmarked on the real arguments and the fastest
+    launched; the values equal the fixed path's. dk/dv atomically adds dgate into the tensor the
+    preprocess zeroed: its autotuner resets it to zero before every trial and before the final launch
+    (reset_to_zero), without which dgate comes out (trials + 1) times too large. The pick is cached per
+    length bucket: a second call does not benchmark, a length in another bucket does."""
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+    from prompt_kernels.kernels import registry
+
+    small = {
+        "fwd": ((16, 16, 4, None), (32, 16, 4, None)),
+        "pre": ((16, 16, 4, None),),
+        "dkdv": ((16, 16, 4, None), (16, 32, 4, None), (32, 16, 4, None)),
+        "dq": ((16, 32, 4, None), (16, 16, 4, None)),
+    }
+    monkeypatch.setattr(
+        gk, "candidates", lambda kernel, arch, dtype, hd: tuple(gk._tile(kernel, *t) for t in small[kernel])
+    )
+    ran = []
+
+    def bench(fn, quantiles=None):
+        fn()
+        ran.append(len(ran))
+        return [10.0 - len(ran)] * 3  # the last candidate is the fastest
+
+    B, H, Hkv, P, Dh = 2, 4, 2, 19, 32
+    tensors, _ = make_inputs(B, H, Hkv, 40, 37, P, Dh, 1, "head", "none", torch.float32)
+    q, k, v, pk, pv, gate = tensors
+
+    def run(q, k, v):
+        out, lse = gk.forward(q, k, v, pk, pv, gate, None, True, 0.125)
+        return (out, *gk.backward(torch.ones_like(out), q, k, v, pk, pv, gate, None, out, lse, True, 0.125))
+
+    monkeypatch.setattr(gk, "_tuned", {})
+    fixed = run(q, k, v)
+    assert not ran and all(not t.tuners for t in gk._tuned.values())
+
+    monkeypatch.setattr(gk, "_do_bench", bench)
+    monkeypatch.setattr(gk, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(registry, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(gk, "_tuned", {})
+    tuned = run(q, k, v)
+    assert len(ran) == 2 + 3 + 2  # every candidate of fwd, dk/dv and dq once; the preprocess: one tile
+    for a, b, name in zip(tuned, fixed, ("out", "dq", "dk", "dv", "dpk", "dpv", "dgate"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    picks = {key[0]: tk.tuners for key, tk in gk._tuned.items() if tk.tuners}
+    assert set(picks) == {"fwd", "dkdv", "dq"}
+    (dkdv_tuner,) = picks["dkdv"].values()
+    assert dkdv_tuner.reset_to_zero == ["DGATE"] and dkdv_tuner.best_config.kwargs["BLOCK_M"] == 32
+    assert all(not t.reset_to_zero for n in ("fwd", "dq") for t in picks[n].values())
+
+    run(q, k, v)
+    assert len(ran) == 7  # cached: same lengths, same key
+    run(q[:, :, :33], k[:, :, :36], v[:, :, :36])
+    assert len(ran) == 7  # T 33, S 36: the same power-of-two bucket (64, 64)
+    run(q[:, :, :30], k, v)
+    assert len(ran) == 14  # T 30: bucket 32, tuned again
+
+    # without reset_to_zero every benchmarked trial adds its dgate terms once more
+    monkeypatch.setattr(gk, "_RESET_TO_ZERO", {})
+    monkeypatch.setattr(gk, "_tuned", {})
+    wrong = run(q, k, v)[-1]
+    torch.testing.assert_close(wrong, 4 * fixed[-1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="counts calls of a @triton.jit helper under the interpreter")

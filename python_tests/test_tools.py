@@ -439,8 +439,10 @@ def test_registered_launch_cases_have_positive_floors_and_run():
 
 def _tile_choosers():
     """``(op, kernel, dtype, choose(arch, shape) -> candidates, shapes)`` for every table-driven launch
-    of phm_linear, vq and prompt_pool. Shapes are swept more widely than the modules' own sweeps that
-    build the compile specs, so a candidate reachable only at some other shape is caught."""
+    of phm_linear, vq, prompt_pool and gated_prefix_attention. Shapes are swept more widely than the
+    modules' own sweeps that build the compile specs, so a candidate reachable only at some other shape
+    is caught."""
+    from prompt_kernels.kernels import gated_prefix_attention as gpa
     from prompt_kernels.kernels import phm_linear as phm
     from prompt_kernels.kernels import prompt_pool as pool
     from prompt_kernels.kernels import vq
@@ -472,6 +474,10 @@ def _tile_choosers():
         out.append(
             ("pool bwd", pool._backward_kernel, dt, lambda a, s: pool.backward_candidates(a, s[0]), shapes)
         )
+    for dt in gpa.DTYPES:  # every head size the Triton path takes (gpa.supports), each kernel
+        for name, kernel in gpa._KERNEL_NAMES.items():
+            choose = lambda a, Dh, dt=dt, name=name: gpa.candidates(name, a, dt, Dh)
+            out.append((f"gpa {name}", getattr(gpa, kernel), dt, choose, gpa.HEAD_DIMS))
     return out
 
 

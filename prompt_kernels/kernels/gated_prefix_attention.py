@@ -57,11 +57,17 @@ import triton.language as tl
 
 from prompt_kernels import _alloc, floors
 from prompt_kernels.kernels.registry import (
+    DEFAULT_ARCH,
+    TABLE_ARCHS,
     CompileSpec,
     LaunchCase,
+    TileConfig,
+    TunedKernel,
+    arch_row,
+    autotune_enabled,
+    launch_arch,
     register_compile_specs,
     register_launch_cases,
-    target_arch,
 )
 
 OP = "gated_prefix_attention"
@@ -587,7 +593,8 @@ def _gpa_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Configurations (the launchers choose exactly these; the compile specs register exactly these)
+# Configurations: per-architecture tile tables (the launchers choose among exactly these; the
+# compile specs register exactly these)
 
 _override_blocks: tuple[int, int] | None = None
 _fast_path = True
@@ -608,7 +615,8 @@ def fast_path(enabled: bool):
 @contextlib.contextmanager
 def force_blocks(block_m: int, block_n: int):
     """Tests only: run every kernel with these block sizes (small blocks exercise the multi-block
-    loops at interpreter-friendly sizes). Block sizes below 16 are valid only under the interpreter."""
+    loops at interpreter-friendly sizes), never autotuned. Block sizes below 16 are valid only under
+    the interpreter."""
     global _override_blocks
     old, _override_blocks = _override_blocks, (block_m, block_n)
     try:
@@ -621,88 +629,144 @@ def d_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dtype class and padded head size. Chosen
-# with ptxas -v on sm_80 and sm_90 for the heaviest variant (additive [B, H, T, S] mask + causal):
-# none spills. fp32 dots run in IEEE precision on the FMA units with their operands in registers,
-# hence the small tiles; 128-row fp16 tiles need 8 warps.
-_CONFIGS = {
-    "lowp": {
-        32: {
-            "fwd": (128, 32, 8, 3),
-            "dkdv": (32, 64, 8, 2),
-            "dq": (128, 32, 8, 2),
-        },
-        64: {
-            "fwd": (128, 64, 8, 3),
-            "dkdv": (16, 64, 8, 2),
-            "dq": (128, 32, 8, 2),
-        },
-        128: {
-            "fwd": (64, 32, 4, 3),
-            "dkdv": (32, 32, 8, 2),
-            "dq": (64, 32, 8, 2),
-        },
-    },
-    "fp32": {
-        32: {
-            "fwd": (64, 32, 4, 2),
-            "dkdv": (16, 32, 4, 1),
-            "dq": (32, 32, 8, 1),
-        },
-        64: {
-            "fwd": (32, 32, 8, 1),
-            "dkdv": (32, 32, 8, 1),
-            "dq": (32, 32, 8, 1),
-        },
-        128: {
-            "fwd": (16, 16, 4, 1),
-            "dkdv": (16, 32, 8, 1),
-            "dq": (16, 32, 8, 1),
-        },
-    },
-}
-# sm_90 (and newer) differences: dk/dv tiles of 128 keys (64 at Dh 128) where they fit without spills
-# (wgmma takes the keys as the 64-row M dimension of every dk/dv tl.dot, see _dkdv_step); sm_80 (bf16
-# spills at 32 x 64, Dh 128) keeps 32 x 32 there.
-_CONFIGS_SM90 = {
-    "lowp": {
-        32: {"dkdv": (32, 128, 8, 2)},
-        64: {"dkdv": (32, 128, 8, 2)},
-        128: {"dkdv": (32, 64, 8, 2)},
-    },
-}
-_PRE_CONFIG = (64, 64, 4, 1)  # BLOCK_N: the mask tiles read on saturated rows
+KERNELS = ("fwd", "pre", "dkdv", "dq")
 PROMPT_BLOCK_N = 64  # the dk/dv launch's prompt key blocks: at most this many keys (P is often small)
-ARCHS = (80, 90)
+ARCHS = TABLE_ARCHS  # (80, 90): the architectures with their own rows (the compile check's)
+
+# arch -> dtype class -> padded head size (80 and 96 use 128) -> kernel -> candidates
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), the fixed tile first. Chosen with the compile check
+# (``compile_check --filter gpa_``: ptxas -v registers and spills, shared memory, occupancy, MMA kind,
+# cp.async) on the heaviest variant (additive [B, H, T, S] mask tile + causal compare); the table and
+# the reason per row are in benchmarks/notes/gated_prefix_attention.md. The first candidates are the
+# tiles of before the tables (2026-12-04); further candidates only where they compile clean on that
+# architecture: no spills, HMMA (sm_80) / HGMMA (sm_90) at fp16/bf16, cp.async in the pipelined
+# loops. fp32 (IEEE dots on the FMA units with their operands in registers: the CPU tests' dtype,
+# several tiles near 255 registers or known to spill) keeps one tile per head size everywhere.
+_FP32_ROW = {
+    32: {"fwd": ((64, 32, 4, 2),), "dkdv": ((16, 32, 4, 1),), "dq": ((32, 32, 8, 1),)},
+    64: {"fwd": ((32, 32, 8, 1),), "dkdv": ((32, 32, 8, 1),), "dq": ((32, 32, 8, 1),)},
+    128: {"fwd": ((16, 16, 4, 1),), "dkdv": ((16, 32, 8, 1),), "dq": ((16, 32, 8, 1),)},
+}
+_LOWP_80 = {
+    32: {"fwd": ((128, 32, 8, 3),), "dkdv": ((32, 64, 8, 2),), "dq": ((128, 32, 8, 2),)},
+    # Dh 64: the forward and dq also offer 64 x 32 tiles on 4 warps (half the registers per CTA: 136
+    # and 168 per thread, 19 % occupancy against 12 %; twice the programs for short sequences); every
+    # other dk/dv tile spills (16 x 32, 32 x 32 on 4 warps; 32 x 64 on 8) or the fixed one sits at 255.
+    64: {
+        "fwd": ((128, 64, 8, 3), (64, 32, 4, 3)),
+        "dkdv": ((16, 64, 8, 2),),
+        "dq": ((128, 32, 8, 2), (64, 32, 4, 2)),
+    },
+    128: {"fwd": ((64, 32, 4, 3),), "dkdv": ((32, 32, 8, 2),), "dq": ((64, 32, 8, 2),)},
+}
+# sm_90: dk/dv tiles of 128 keys (64 at Dh 128), wgmma's 64 rows per warpgroup (the keys are the M
+# dimension of every dk/dv tl.dot, see _dkdv_step); at Dh 64 also 16 x 128 (HGMMA, 168 registers
+# against 194: the query step halved, finer causal start); forward and dq as sm_80 (64 x 32 on 4
+# warps: 120 and 128 registers, 25 % occupancy against 12 % and 25 %).
+_LOWP_90 = {
+    32: {**_LOWP_80[32], "dkdv": ((32, 128, 8, 2),)},
+    64: {**_LOWP_80[64], "dkdv": ((32, 128, 8, 2), (16, 128, 8, 2))},
+    128: {**_LOWP_80[128], "dkdv": ((32, 64, 8, 2),)},
+}
+TILE_TABLE = {
+    80: {"lowp": _LOWP_80, "fp32": _FP32_ROW},
+    90: {"lowp": _LOWP_90, "fp32": _FP32_ROW},
+    DEFAULT_ARCH: {"lowp": _LOWP_80, "fp32": _FP32_ROW},  # other GPUs and the interpreter: sm_80's
+}
+_PRE_CONFIG = (64, 64, 4, 1)  # BLOCK_N: the mask tiles read on saturated rows; memory-bound, one tile
 
 
-def configs(dtype: torch.dtype, head_dim: int, arch: int = 80) -> dict[str, tuple[int, int, int, int]]:
-    """``kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages)`` for a dtype, head size (80 and 96 use the
-    padded 128 configuration) and compute capability (``arch`` >= 90: the sm_90 tiles); ``dkdv`` is
-    the one dk/dv launch over both key segments (prompt blocks of min(BLOCK_N, PROMPT_BLOCK_N) keys)."""
+def _tile(kernel: str, bm: int, bn: int, warps: int, stages: int | None) -> TileConfig:
+    if kernel == "dkdv":
+        return TileConfig.of(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_NP=min(bn, PROMPT_BLOCK_N))
+    return TileConfig.of(warps, stages, BLOCK_M=bm, BLOCK_N=bn)
+
+
+def candidates(kernel: str, arch: int, dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, ...]:
+    """The tiles ``kernel`` (``fwd``, ``pre``, ``dkdv``, ``dq``) may launch with on ``arch`` (80, 90;
+    anything else, and ``DEFAULT_ARCH`` for the interpreter, gets the default row, sm_80's) for a dtype
+    and head size, the fixed one first. ``dkdv`` is the one dk/dv launch over both key segments (prompt
+    blocks of ``BLOCK_NP = min(BLOCK_N, PROMPT_BLOCK_N)`` keys)."""
+    if kernel == "pre":
+        return (_tile(kernel, *_PRE_CONFIG),)
     cls = "fp32" if dtype == torch.float32 else "lowp"
-    dp = max(32, d_pad(head_dim))
-    out = {**_CONFIGS[cls][dp], "pre": _PRE_CONFIG}
-    if arch >= 90:
-        out.update(_CONFIGS_SM90.get(cls, {}).get(dp, {}))
+    rows = arch_row(TILE_TABLE, arch)[cls][max(32, d_pad(head_dim))][kernel]
+    return tuple(_tile(kernel, *row) for row in rows)
+
+
+def configs(
+    dtype: torch.dtype, head_dim: int, arch: int = DEFAULT_ARCH
+) -> dict[str, tuple[int, int, int, int]]:
+    """``kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the fixed (first) candidate per kernel:
+    what the interpreter and the compile check launch."""
+    out = {}
+    for kernel in KERNELS:
+        c = candidates(kernel, arch, dtype, head_dim)[0]
+        out[kernel] = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
     return out
 
 
-def _arch(device: torch.device) -> int:
-    """The compute capability whose tiles to launch: the GPU's, or the one the compile check compiles
-    for (registry.target_arch); 80 (the sm_80 tiles) for the interpreter on CPU tensors."""
-    from triton.runtime import driver
-
-    active = getattr(driver, "_active", None)
-    if device.type == "cuda" or getattr(active, "compile_only", False):
-        return target_arch(device)
-    return 80
-
-
-def _blocks(cfg: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+def _launch_candidates(kernel: str, device, dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, ...]:
+    cands = candidates(kernel, launch_arch(device), dtype, head_dim)
     if _override_blocks is None:
-        return cfg
-    return (_override_blocks[0], _override_blocks[1] or cfg[1], cfg[2], cfg[3])
+        return cands
+    c = cands[0]
+    return (
+        _tile(
+            kernel, _override_blocks[0], _override_blocks[1] or c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+        ),
+    )
+
+
+# Autotuning on GPUs (registry.TunedKernel; never under the interpreter or the compile check, which
+# launch the first candidate). Triton's key: the constexprs that change the kernel's work per tile
+# (head size, mask kind, causality; GROUP: the query heads each dk/dv program loops over) and, added
+# by Triton, every tensor's dtype. The lengths decide the best tile too (programs per wave, loop trip
+# counts), but change from batch to batch: they select one autotuner per power-of-two bucket of
+# (T, S, P, programs' batch x heads), so a new length within a bucket launches the bucket's pick
+# without benchmarking again. Autotuned: the forward and dq (their outputs written once, nothing
+# read back) and dk/dv with reset_to_zero=["DGATE"] (its prompt programs atomically add into dgate,
+# which the preprocess zeroes: Triton zeroes it before every benchmarked run and again before the
+# launch of the pick, so every trial and the result are right). Not autotuned: the preprocess (one
+# memory-bound tile).
+_TUNE_KEYS = {
+    "fwd": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL"],
+    "pre": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL"],
+    "dkdv": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL", "GROUP"],
+    "dq": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL", "GROUP"],
+}
+_KERNEL_NAMES = {
+    "fwd": "_gpa_fwd_kernel",
+    "pre": "_gpa_bwd_preprocess_kernel",
+    "dkdv": "_gpa_bwd_dkdv_kernel",
+    "dq": "_gpa_bwd_dq_kernel",
+}
+_RESET_TO_ZERO = {"dkdv": ["DGATE"]}
+_tuned: dict[tuple, TunedKernel] = {}
+_do_bench = None  # None: Triton's timer (the GPU's); tests pass a stand-in
+
+
+def _length_bucket(*sizes: int) -> tuple[int, ...]:
+    return tuple(triton.next_power_of_2(max(int(n), 1)) for n in sizes)
+
+
+def tuned_kernel(kernel: str, bucket: tuple[int, ...] = ()) -> TunedKernel:
+    """The TunedKernel of ``kernel`` for a length bucket (created on first use, around the module's
+    kernel as it is now: tests swap in recorders)."""
+    fn = globals()[_KERNEL_NAMES[kernel]]
+    t = _tuned.get((kernel, bucket))
+    if t is None or t.kernel is not fn:
+        t = _tuned[(kernel, bucket)] = TunedKernel(
+            fn, _TUNE_KEYS[kernel], reset_to_zero=_RESET_TO_ZERO.get(kernel), do_bench=_do_bench
+        )
+    return t
+
+
+def _launch(kernel: str, grid, cands, *args, device, bucket: tuple[int, ...], **kwargs) -> TileConfig:
+    """Launch ``kernel`` with ``grid(meta)``: candidates[0] under the interpreter, the compile check or
+    with a single candidate, else the autotuner of the length bucket. Returns the tile used."""
+    tuned = len(cands) > 1 and autotune_enabled(device)
+    return tuned_kernel(kernel, bucket if tuned else ()).launch(grid, cands, *args, device=device, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -791,14 +855,16 @@ def forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, i
         return out, lse
     kind, m, ms = _prepare_mask(attention_mask, q, H)
     g, gs = _gate2(gate)
-    BM, BN, warps, stages = _blocks(configs(q.dtype, Dh, _arch(q.device))["fwd"])
-    _gpa_fwd_kernel[_grid(triton.cdiv(T, BM), B * H)](
+    _launch(
+        "fwd",
+        lambda meta: _grid(triton.cdiv(T, meta["BLOCK_M"]), B * H),
+        _launch_candidates("fwd", q.device, q.dtype, Dh),
         q, k, v, pk, pv, g, m, out, lse,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv),
         *ms, *_strides3(out), *gs,
         H, H // Hkv, T, S, P, scale * LOG2E,
         HEAD_DIM=Dh, D_PAD=d_pad(Dh), MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path,
-        FP32=q.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
+        FP32=q.dtype == torch.float32, device=q.device, bucket=_length_bucket(T, S, P, B * H),
     )  # fmt: skip
     return out, lse
 
@@ -827,53 +893,55 @@ def backward(
         zp = torch.zeros(pk.shape, dtype=dt, device=dev)
         return dq, dk, dv, zp, zp.clone(), dgate
     kind, m, ms = _prepare_mask(attention_mask, q, H)
-    cfg = configs(dt, Dh, _arch(dev))
     dp_, fp32 = d_pad(Dh), dt == torch.float32
     group = H // Hkv
+    common = dict(HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), device=dev)
 
     # delta = rowsum(grad_out * out), the rows' normalisers in base 2 as hi + lo (module docstring),
     # dgate zeroed for the dk/dv launch's atomic adds
     delta, hi, lo = (_alloc.empty((B, H, T), dtype=torch.float32, device=dev) for _ in range(3))
-    BM, BN, warps, stages = _blocks(cfg["pre"])
-    _gpa_bwd_preprocess_kernel[_grid(triton.cdiv(T, BM), B * H)](
+    _launch(
+        "pre",
+        lambda meta: _grid(triton.cdiv(T, meta["BLOCK_M"]), B * H),
+        _launch_candidates("pre", dev, dt, Dh),
         o, do, lse, m, delta, hi, lo, dgate, *_strides3(o), *_strides3(do), *ms, *gs, H, T, S,
-        HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), BLOCK_M=BM, BLOCK_N=BN,
-        num_warps=warps, num_stages=stages,
+        **common, bucket=(),
     )  # fmt: skip
 
     # dk, dv and the prompt's: one launch, prompt key blocks and key blocks as programs of one grid.
     # A broadcast prompt (batch 1, B > 1) gets float32 per-batch partials, summed over the batch here
     # (one reduction each, written in the input dtype); else dprompt_key/value are written directly.
-    BM, BN, warps, stages = _blocks(cfg["dkdv"])
     shared_prompt = Bp == 1 and B > 1 and P > 0
     if shared_prompt:
         part = _alloc.empty((2, B, Hkv, P, Dh), dtype=torch.float32, device=dev)
         dpk, dpv = part[0], part[1]
     else:
         dpk, dpv = (_alloc.empty(pk.shape, dtype=dt, device=dev) for _ in range(2))
-    n_blocks = triton.cdiv(P, min(BN, PROMPT_BLOCK_N)) + triton.cdiv(S, BN)
-    if n_blocks > 0:
-        _gpa_bwd_dkdv_kernel[_grid(n_blocks, B * Hkv)](
+    if P + S > 0:
+        _launch(
+            "dkdv",
+            lambda meta: _grid(triton.cdiv(P, meta["BLOCK_NP"]) + triton.cdiv(S, meta["BLOCK_N"]), B * Hkv),
+            _launch_candidates("dkdv", dev, dt, Dh),
             q, k, v, pk, pv, g, m, do, hi, lo, delta, dk, dv, dpk, dpv, dgate,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv), *ms,
             *_strides3(do), *_strides3(dk), *_strides3(dv), *_strides3(dpk), *_strides3(dpv), *gs,
             H, group, T, S, P, scale * LOG2E, scale,
-            HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path, FP32=fp32,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_NP=min(BN, PROMPT_BLOCK_N), num_warps=warps, num_stages=stages,
+            **common, FAST=_fast_path, FP32=fp32, bucket=_length_bucket(T, S, P, B * Hkv),
         )  # fmt: skip
     if shared_prompt:  # (two outputs: the custom op's gradients may not alias each other)
         dpk, dpv = (_alloc.empty(pk.shape, dtype=dt, device=dev) for _ in range(2))
         torch.sum(part[0], 0, keepdim=True, out=dpk)
         torch.sum(part[1], 0, keepdim=True, out=dpv)
 
-    BM, BN, warps, stages = _blocks(cfg["dq"])
-    _gpa_bwd_dq_kernel[_grid(triton.cdiv(T, BM), B * H)](
+    _launch(
+        "dq",
+        lambda meta: _grid(triton.cdiv(T, meta["BLOCK_M"]), B * H),
+        _launch_candidates("dq", dev, dt, Dh),
         q, k, v, pk, pv, g, m, do, hi, lo, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv), *ms,
         *_strides3(do), *_strides3(dq), *gs,
         H, group, T, S, P, scale * LOG2E, scale,
-        HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path, FP32=fp32,
-        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
+        **common, FAST=_fast_path, FP32=fp32, bucket=_length_bucket(T, S, P, B * H),
     )  # fmt: skip
     return dq, dk, dv, dpk, dpv, dgate
 
@@ -914,100 +982,73 @@ def dprompt_ty(dtype: torch.dtype, kind: int) -> dict[str, str]:
 
 
 # The mask kind and causality change no tile shape: the specs compile the heaviest variant (additive
-# [B, H, T, S] mask tile loads + causal compare) for every head size and dtype, plus the other
-# variants at head size 64.
-def _variants(head_dim: int) -> list[tuple[int, bool]]:
-    if head_dim == 64:
-        return [(MASK_ADDITIVE, True), (MASK_ADDITIVE, False), (MASK_BOOL, True), (MASK_NONE, False)]
-    return [(MASK_ADDITIVE, True)]
+# [B, H, T, S] mask tile loads + causal compare) of every candidate for every head size and dtype, plus
+# the other variants of the fixed (first) candidates at head size 64.
+VARIANTS_DH64 = ((MASK_ADDITIVE, True), (MASK_ADDITIVE, False), (MASK_BOOL, True), (MASK_NONE, False))
 
 
-def _per_arch(dtype: torch.dtype, head_dim: int, kernel: str):
-    """[(archs, config)]: one entry (archs None) when sm_80 and sm_90 launch the same configuration."""
-    cfgs = {arch: configs(dtype, head_dim, arch)[kernel] for arch in ARCHS}
-    if len(set(cfgs.values())) == 1:
-        return [(None, cfgs[ARCHS[0]])]
-    return [((arch,), cfg) for arch, cfg in cfgs.items()]
+def _variants(head_dim: int, first: bool) -> tuple[tuple[int, bool], ...]:
+    return VARIANTS_DH64 if head_dim == 64 and first else VARIANTS_DH64[:1]
+
+
+def table_tiles(kernel: str, dtype: torch.dtype, head_dim: int) -> dict[TileConfig, tuple[int, ...] | None]:
+    """Every tile ``kernel`` can launch on the checked architectures for a dtype and head size ->
+    the architectures that launch it (None: all), in table order (the fixed tiles first)."""
+    archs: dict[TileConfig, list[int]] = {}
+    for arch in ARCHS:
+        for c in candidates(kernel, arch, dtype, head_dim):
+            archs.setdefault(c, []).append(arch)
+    return {c: None if len(a) == len(ARCHS) else tuple(a) for c, a in archs.items()}
+
+
+_SPEC_KERNELS = {
+    "fwd": ("gpa_fwd", _FWD_ARGS, True),
+    "dkdv": ("gpa_bwd_dkdv", _DKDV_ARGS, True),
+    "pre": ("gpa_bwd_preprocess", _PRE_ARGS, False),
+    "dq": ("gpa_bwd_dq", _DQ_ARGS, True),
+}
+
+
+def _spec(
+    kernel: str, dtype: torch.dtype, hd: int, kind: int, causal: bool, tile: TileConfig, archs, extra: bool
+) -> CompileSpec:
+    """The spec of one tile (``extra``: not the fixed one; its name adds num_warps and num_stages)."""
+    ty = _TRITON_TYPE[dtype]
+    prefix, args, uses_dot = _SPEC_KERNELS[kernel]
+    types = {n: f"*{ty}" for n in ("Q", "K", "V", "PK", "PV", "OUT", "DO", "DQ", "DK", "DV")}
+    types |= {n: "*fp32" for n in ("G", "LSE", "HI", "LO", "DELTA", "DGATE")}
+    types |= {"qk_scale": "fp32", "sm_scale": "fp32", "MASK": "*u8" if kind == MASK_BOOL else f"*{ty}"}
+    if kernel == "dkdv":
+        types |= dprompt_ty(dtype, kind)
+    consts = dict(HEAD_DIM=hd, D_PAD=d_pad(hd), MASK_KIND=kind, IS_CAUSAL=causal)
+    if kernel != "pre":
+        consts |= dict(FAST=True, FP32=dtype == torch.float32)
+    consts |= tile.kwargs
+    tag = f"{ty},Dh={hd},mask={('none', 'bool', 'add')[kind]},causal={int(causal)}"
+    name = f"{prefix}[{tag},BM={tile.kwargs['BLOCK_M']},BN={tile.kwargs['BLOCK_N']}"
+    name += f",w={tile.num_warps},s={tile.num_stages}]" if extra else "]"
+    return CompileSpec(
+        name=name,
+        kernel=globals()[_KERNEL_NAMES[kernel]],
+        signature=_sig(args, types) | {k: "constexpr" for k in consts},
+        constexprs=consts,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+        uses_dot=uses_dot,
+        archs=archs,
+    )
 
 
 @register_compile_specs(OP)
 def _compile_specs() -> list[CompileSpec]:
     specs = []
     for dtype in DTYPES:
-        ty = _TRITON_TYPE[dtype]
         for hd in HEAD_DIMS:
-            cfg = configs(dtype, hd)
-            base = dict(HEAD_DIM=hd, D_PAD=d_pad(hd))
-            ptr = {n: f"*{ty}" for n in ("Q", "K", "V", "PK", "PV", "OUT", "DO", "DQ")}
-            f32 = {n: "*fp32" for n in ("G", "LSE", "HI", "LO", "DELTA", "DGATE")} | {
-                "qk_scale": "fp32",
-                "sm_scale": "fp32",
-            }
-            for kind, causal in _variants(hd):
-                mask_ty = {"MASK": "*u8" if kind == MASK_BOOL else f"*{ty}"}
-                tag = f"{ty},Dh={hd},mask={('none', 'bool', 'add')[kind]},causal={int(causal)}"
-                var = dict(MASK_KIND=kind, IS_CAUSAL=causal, FAST=True, FP32=dtype == torch.float32)
-                BM, BN, w, st = cfg["fwd"]
-                specs.append(
-                    CompileSpec(
-                        name=f"gpa_fwd[{tag},BM={BM},BN={BN}]",
-                        kernel=_gpa_fwd_kernel,
-                        signature=_sig(_FWD_ARGS, ptr | f32 | mask_ty)
-                        | {k: "constexpr" for k in (*base, *var, "BLOCK_M", "BLOCK_N")},
-                        constexprs=base | var | {"BLOCK_M": BM, "BLOCK_N": BN},
-                        num_warps=w,
-                        num_stages=st,
-                        uses_dot=True,
-                    )
-                )
-                for archs, (BM, BN, w, st) in _per_arch(dtype, hd, "dkdv"):
-                    tiles = {"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_NP": min(BN, PROMPT_BLOCK_N)}
-                    specs.append(
-                        CompileSpec(
-                            name=f"gpa_bwd_dkdv[{tag},BM={BM},BN={BN}]",
-                            kernel=_gpa_bwd_dkdv_kernel,
-                            signature=_sig(
-                                _DKDV_ARGS,
-                                ptr
-                                | f32
-                                | mask_ty
-                                | {"DK": f"*{ty}", "DV": f"*{ty}"}
-                                | dprompt_ty(dtype, kind),
-                            )
-                            | {k: "constexpr" for k in (*base, *var, *tiles)},
-                            constexprs=base | var | tiles,
-                            num_warps=w,
-                            num_stages=st,
-                            uses_dot=True,
-                            archs=archs,
-                        )
-                    )
-                BM, BN, w, st = cfg["pre"]
-                pre = dict(MASK_KIND=kind, IS_CAUSAL=causal)
-                specs.append(
-                    CompileSpec(
-                        name=f"gpa_bwd_preprocess[{tag},BM={BM},BN={BN}]",
-                        kernel=_gpa_bwd_preprocess_kernel,
-                        signature=_sig(_PRE_ARGS, ptr | f32 | mask_ty)
-                        | {k: "constexpr" for k in (*base, *pre, "BLOCK_M", "BLOCK_N")},
-                        constexprs=base | pre | {"BLOCK_M": BM, "BLOCK_N": BN},
-                        num_warps=w,
-                        num_stages=st,
-                    )
-                )
-                BM, BN, w, st = cfg["dq"]
-                specs.append(
-                    CompileSpec(
-                        name=f"gpa_bwd_dq[{tag},BM={BM},BN={BN}]",
-                        kernel=_gpa_bwd_dq_kernel,
-                        signature=_sig(_DQ_ARGS, ptr | f32 | mask_ty)
-                        | {k: "constexpr" for k in (*base, *var, "BLOCK_M", "BLOCK_N")},
-                        constexprs=base | var | {"BLOCK_M": BM, "BLOCK_N": BN},
-                        num_warps=w,
-                        num_stages=st,
-                        uses_dot=True,
-                    )
-                )
+            for kernel in ("fwd", "dkdv", "pre", "dq"):
+                fixed = {candidates(kernel, arch, dtype, hd)[0] for arch in ARCHS}
+                for tile, archs in table_tiles(kernel, dtype, hd).items():
+                    for kind, causal in _variants(hd, tile in fixed):
+                        specs.append(_spec(kernel, dtype, hd, kind, causal, tile, archs, tile not in fixed))
     return specs
 
 
