@@ -649,9 +649,9 @@ _FP32_ROW = {
 }
 _LOWP_80 = {
     32: {"fwd": ((128, 32, 8, 3),), "dkdv": ((32, 64, 8, 2),), "dq": ((128, 32, 8, 2),)},
-    # Dh 64: the forward and dq also offer 64 x 32 tiles on 4 warps (half the registers per CTA: 136
-    # and 168 per thread, 19 % occupancy against 12 %; twice the programs for short sequences); every
-    # other dk/dv tile spills (16 x 32, 32 x 32 on 4 warps; 32 x 64 on 8) or the fixed one sits at 255.
+    # Dh 64: the forward and dq also offer 64 x 32 tiles on 4 warps (136 and 168 registers per thread,
+    # 3 CTAs per SM: 19 % occupancy against 12 %; twice the programs for short sequences); every other
+    # dk/dv tile spills (16 x 32 and 32 x 32 on 4 warps, 32 x 64 on 8; the fixed one sits at 255).
     64: {
         "fwd": ((128, 64, 8, 3), (64, 32, 4, 3)),
         "dkdv": ((16, 64, 8, 2),),
@@ -719,9 +719,9 @@ def _launch_candidates(kernel: str, device, dtype: torch.dtype, head_dim: int) -
 
 
 # Autotuning on GPUs (registry.TunedKernel; never under the interpreter or the compile check, which
-# launch the first candidate). Triton's key: the constexprs that change the kernel's work per tile
-# (head size, mask kind, causality; GROUP: the query heads each dk/dv program loops over) and, added
-# by Triton, every tensor's dtype. The lengths decide the best tile too (programs per wave, loop trip
+# launch the first candidate; nor with PROMPT_KERNELS_AUTOTUNE=0). Triton's key: the constexprs that
+# change the kernel's work per tile (head size, mask kind, causality; for dk/dv GROUP, the query heads
+# each program loops over) and, added by Triton, every tensor's dtype. The lengths decide the best tile too (programs per wave, loop trip
 # counts), but change from batch to batch: they select one autotuner per power-of-two bucket of
 # (T, S, P, programs' batch x heads), so a new length within a bucket launches the bucket's pick
 # without benchmarking again. Autotuned: the forward and dq (their outputs written once, nothing
@@ -733,7 +733,7 @@ _TUNE_KEYS = {
     "fwd": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL"],
     "pre": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL"],
     "dkdv": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL", "GROUP"],
-    "dq": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL", "GROUP"],
+    "dq": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL"],
 }
 _KERNEL_NAMES = {
     "fwd": "_gpa_fwd_kernel",
