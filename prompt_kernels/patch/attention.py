@@ -114,7 +114,7 @@ BINDING_ATTR = "_prompt_kernels_binding"
 class PromptedCacheLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys/values hold ``prompt_rows`` prompt rows in front of the tokens'.
 
-    During ``PromptedModel.generate`` the prefill moves every gate-known layer's prompt keys/values into
+    During ``PromptedModel.generate`` the prefill moves every layer's prompt keys/values into
     the front of that layer's cache (once), so each decoding step is one call of the wrapped attention
     over ``[prompts; cache]`` (the plain model's cost) instead of a prompt segment, a cache segment and a
     merge. The lengths the model reads (``get_seq_length``, hence ``get_mask_sizes``, cache positions and

@@ -1,6 +1,6 @@
 """Whether ``generate`` may put the prompts into the key/value cache at the prefill.
 
-``PromptedModel.generate`` moves each layer's gate-1 prompt keys/values into the front of its
+``PromptedModel.generate`` moves each layer's prompt keys/values into the front of its
 ``DynamicLayer`` at the prefill (:class:`~prompt_kernels.patch.attention.PromptedCacheLayer`), so a
 decoding step costs what the plain model's does. That is exact only where nothing but the attention
 function reads the cached keys/values: a model that transforms them after the cache update (DiffLlama's

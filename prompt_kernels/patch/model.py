@@ -151,7 +151,7 @@ class _Generation:
         self.prefix: dict[int, LayerPrompt | None] = {}
         # host -> CachedPrompts (or None) for the decoding steps, once the prefill put the prompts in the cache
         self.cached: dict[int, CachedPrompts | None] = {}
-        self.inject = False  # the prefill puts gate-1 prompts into the key/value cache
+        self.inject = False  # the prefill puts the prompts into the key/value cache
 
 
 class PromptedModel(nn.Module):
@@ -226,7 +226,7 @@ class PromptedModel(nn.Module):
         self._encoder_pushed: list[bool] = []
         self._disabled = 0
         self._generation: _Generation | None = None
-        # generate() puts gate-1 prompts into the key/value cache at the prefill (PromptedCacheLayer) where
+        # generate() puts the prompts into the key/value cache at the prefill (PromptedCacheLayer) where
         # a check on the first generate shows it exact (cache_prompts.py); False keeps them out (every
         # decoding step then joins them in the attention).
         self.cache_prompts = True
