@@ -8,9 +8,10 @@ it into batches. The position (epoch, batch) and the generator state at the star
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 
 
-class SeededEpochs:
+class SeededEpochs(ABC):
     """Base class: ``next()`` gives the next batch; subclasses define ``_new_epoch(order)`` (called with
     each epoch's permutation), ``_num_batches()`` and ``_batch(i)``."""
 
@@ -28,14 +29,14 @@ class SeededEpochs:
         self.rng.shuffle(order)
         self._new_epoch(order)
 
-    def _new_epoch(self, order: list[int]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _new_epoch(self, order: list[int]) -> None: ...
 
-    def _num_batches(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def _num_batches(self) -> int: ...
 
-    def _batch(self, i: int):
-        raise NotImplementedError
+    @abstractmethod
+    def _batch(self, i: int): ...
 
     def next(self):
         if self.batch >= self._num_batches():
