@@ -621,3 +621,30 @@ def test_interpreter_launches_the_fixed_tile(monkeypatch):
     assert k.nearest_plan(40, 70).splits > 1 and used == [fixed, fixed]
     assert fixed.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64} and fixed.num_warps == 8
     assert not k._NEAREST.tuners and not k._NEAREST_SPLIT.tuners
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the sm_90 tile through the interpreter")
+def test_sample_hgmma_tile_same_draws(monkeypatch):
+    """sm_90 fp16/bf16 samples with a 64-row tile (wgmma's rows per warpgroup; 32 elsewhere): run
+    through the interpreter it is the launched tile (grid over 64-row tiles) and draws exactly what
+    the 32-row tile draws (the noise depends on (seed, row, sample, code) only). N = 70: one full and
+    one partial 64-row tile; K = 37 and S = 5 not multiples of the blocks."""
+    from prompt_kernels.kernels import vq as k
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    N, K, D, S = 70, 37, 16, 5
+    x, codebook = _inputs(N, K, D, torch.float16, "cpu")
+    assert k.sample_config(90, torch.float16, D).kwargs["BLOCK_M"] == 64
+    assert k.sample_config(0, torch.float16, D).kwargs["BLOCK_M"] == 32
+    out = {}
+    for arch in (0, 90):
+        monkeypatch.setattr(k, "launch_arch", lambda device=None, arch=arch: arch)
+        idx = torch.full((N, S), -7, dtype=torch.int64)
+        with TrafficMeter() as m:
+            k.vq_sample(x, codebook, S, 2.0, 99, idx)
+        assert m.launches[-1].kernel == "_sample_kernel"
+        block_m = k.sample_config(arch, torch.float16, D).kwargs["BLOCK_M"]
+        assert m.launches[-1].grid[:2] == (-(-N // block_m), 1)
+        out[arch] = idx
+    assert ((out[90] >= 0) & (out[90] < K)).all()
+    assert torch.equal(out[0], out[90])

@@ -20,7 +20,8 @@
   does the epilogue (direct distance to the winner). The row tile keeps 64 rows, so the codebook is
   read ``cdiv(N, 64)`` times instead of ``cdiv(N, 16)`` with the former 16-row tiles, and the splits
   give the parallelism the 16-row tiles were there for (see :func:`nearest_plan`).
-* ``_sample_kernel`` (grid ``(cdiv(N, BLOCK_M), cdiv(S, BLOCK_S))``): the same tiles give the logits
+* ``_sample_kernel`` (grid ``(cdiv(N, BLOCK_M), cdiv(S, BLOCK_S))``, 64 rows on sm_90 at fp16/bf16 for
+  wgmma, else 32): the same tiles give the logits
   ``(2 x.e - ||e||^2) / temperature`` (``-||x||^2 / t`` is a per-row constant); for each of the
   program's samples a Gumbel variate per (row, code) is added and a running arg-max kept: argmax
   of logit + Gumbel is an exact draw from the softmax. The noise is Philox4x32-10 keyed by the seed
@@ -70,6 +71,7 @@ REDUCE_BLOCK_M = 32  # rows per program of the reduction over the splits
 REDUCE_BLOCK_D = 64
 LEGACY_BLOCK_M = 16  # the former small-N tile: only for the "before" traffic launch cases
 SAMPLE_BLOCK_M = 32
+SAMPLE_BLOCK_M_HGMMA = 64  # sm_90 fp16/bf16: wgmma's 64 rows per warpgroup
 SAMPLE_BLOCK_N = 32
 SAMPLE_BLOCK_S = 16  # samples per program (a second grid axis covers more)
 NORMS_BLOCK_K = 64
@@ -105,17 +107,19 @@ SCAN_TABLE = {
     },
     DEFAULT_ARCH: _SCAN_80,
 }
-# Sampler (fixed per architecture, not autotuned): arch -> dtype -> (num_warps, BLOCK_D choices);
-# stages NUM_STAGES[dtype].
-_SAMPLE_80 = {dt: (SAMPLE_WARPS[dt], BLOCK_D_CHOICES[dt]) for dt in DTYPES}
+# Sampler (fixed per architecture, not autotuned): arch -> dtype -> (num_warps, BLOCK_D choices,
+# BLOCK_M); stages NUM_STAGES[dtype].
+_SAMPLE_80 = {dt: (SAMPLE_WARPS[dt], BLOCK_D_CHOICES[dt], SAMPLE_BLOCK_M) for dt in DTYPES}
 SAMPLE_TABLE = {
     80: _SAMPLE_80,
-    # sm_90 fp16/bf16: with 8 warps BLOCK_D 32/64 spill 24-48 B, with 4 warps BLOCK_D 64 spills 60 B
-    # (and occupancy falls to 25 %); 8 warps with BLOCK_D = 16 spill nothing (80 registers, 38 %).
+    # sm_90 fp16/bf16: 64 rows, the tile per warpgroup that wgmma needs (32 rows ran mma.sync, HMMA);
+    # 8 warps (2 warpgroups split the 32 codes) with BLOCK_D = 16: HGMMA, 128 registers, no spill,
+    # cp.async, 25 % occupancy. (4 warps: 235-255 registers, 12.5 %; BLOCK_D 32/64 with 8 warps: no
+    # spill either but 128-140 registers and 12.5-25 %, so BLOCK_D stays 16 as with the 32-row tile.)
     90: {
         torch.float32: _SAMPLE_80[torch.float32],
-        torch.float16: (8, (16,)),
-        torch.bfloat16: (8, (16,)),
+        torch.float16: (8, (16,), SAMPLE_BLOCK_M_HGMMA),
+        torch.bfloat16: (8, (16,), SAMPLE_BLOCK_M_HGMMA),
     },
     DEFAULT_ARCH: _SAMPLE_80,
 }
@@ -143,11 +147,11 @@ def scan_candidates(arch: int, dtype: torch.dtype, D: int) -> tuple[TileConfig, 
 
 def sample_config(arch: int, dtype: torch.dtype, D: int) -> TileConfig:
     """The sampler's tile on ``arch``: the smallest ``BLOCK_D`` choice >= D (else the largest)."""
-    warps, choices = arch_row(SAMPLE_TABLE, arch)[dtype]
+    warps, choices, block_m = arch_row(SAMPLE_TABLE, arch)[dtype]
     return TileConfig.of(
         warps,
         NUM_STAGES[dtype],
-        BLOCK_M=SAMPLE_BLOCK_M,
+        BLOCK_M=block_m,
         BLOCK_N=SAMPLE_BLOCK_N,
         BLOCK_D=next((c for c in choices if c >= D), choices[-1]),
         BLOCK_S=SAMPLE_BLOCK_S,
@@ -622,7 +626,7 @@ def vq_sample(
         return
     norms = code_sq_norms(codebook)
     cfg = sample_config(launch_arch(x.device), x.dtype, D)
-    grid = (triton.cdiv(N, SAMPLE_BLOCK_M), triton.cdiv(num_samples, SAMPLE_BLOCK_S))
+    grid = (triton.cdiv(N, cfg.kwargs["BLOCK_M"]), triton.cdiv(num_samples, SAMPLE_BLOCK_S))
     _sample_kernel[grid](
         x,
         codebook,
@@ -761,11 +765,11 @@ def _compile_specs() -> list[CompileSpec]:
                 )
             )
         for tile, archs in sample_table_tiles(dt).items():
-            block_d = tile.kwargs["BLOCK_D"]
+            block_d, block_m = tile.kwargs["BLOCK_D"], tile.kwargs["BLOCK_M"]
             warps = "" if tile.num_warps == SAMPLE_WARPS[dt] else f",warps={tile.num_warps}"
             specs.append(
                 CompileSpec(
-                    name=f"vq_sample[{t},BLOCK_M={SAMPLE_BLOCK_M},BLOCK_N={SAMPLE_BLOCK_N},BLOCK_D={block_d},"
+                    name=f"vq_sample[{t},BLOCK_M={block_m},BLOCK_N={SAMPLE_BLOCK_N},BLOCK_D={block_d},"
                     f"BLOCK_S={SAMPLE_BLOCK_S}{warps}]",
                     kernel=_sample_kernel,
                     signature={
