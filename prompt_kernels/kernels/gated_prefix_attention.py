@@ -222,6 +222,37 @@ def _causal_key_end(pid_m, S, T, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr)
         return S
 
 
+# fp32 QK^T in the forward: above this padded head size, in head-dimension chunks of FP32_QK_CHUNK.
+FP32_QK_SPLIT_ABOVE = 64
+FP32_QK_CHUNK = 32
+_QK_SPLIT_ABOVE = tl.constexpr(FP32_QK_SPLIT_ABOVE)
+_QK_CHUNK = tl.constexpr(FP32_QK_CHUNK)
+
+
+@triton.jit
+def _qk_chunked(
+    q_base, rows, sqt, r_ok, k_base, cols, sks, c_ok, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """fp32 q @ k^T [BLOCK_M, BLOCK_N] (unscaled) of the query rows ``rows`` of q_base and the key
+    rows ``cols`` of k_base, over head-dimension chunks of FP32_QK_CHUNK. An IEEE dot on the FMA units
+    holds each thread's operand rows along the whole reduction in registers (q's, hoisted out of the
+    key loop, and k's): at Dh 80-128 the forward spilled ~680 B even on 16 x 16 tiles. Chunked, the
+    query chunks are reloaded per key block (from L1/L2; fp32 is the CPU tests' dtype)."""
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for d0 in tl.static_range(0, D_PAD, _QK_CHUNK):
+        offs = d0 + tl.arange(0, _QK_CHUNK)
+        dc_ok = offs < HEAD_DIM
+        qc = tl.load(
+            _rows(q_base, rows, sqt, offs, _QK_CHUNK), mask=r_ok[:, None] & dc_ok[None, :], other=0.0
+        )
+        kc = tl.load(
+            _rows(k_base, cols, sks, offs, _QK_CHUNK), mask=c_ok[:, None] & dc_ok[None, :], other=0.0
+        )
+        s += tl.dot(qc, tl.trans(kc), input_precision="ieee")
+    return s
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 
@@ -244,11 +275,8 @@ def _gpa_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     r_ok = rows < T
 
-    q = tl.load(
-        _rows(Q + b * sqb + h * sqh, rows, sqt, offs_d, D_PAD),
-        mask=r_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q_base = Q + b * sqb + h * sqh
+    q = tl.load(_rows(q_base, rows, sqt, offs_d, D_PAD), mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
@@ -262,9 +290,17 @@ def _gpa_fwd_kernel(
     for start in range(0, p_end, BLOCK_N):
         cols = start + offs_n
         c_ok = cols < P
-        k = tl.load(_rows(pk_base, cols, spkp, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(_rows(pv_base, cols, spvp, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), FP32) * qk_scale + log2g
+        if FP32 and D_PAD > _QK_SPLIT_ABOVE:
+            s = _qk_chunked(
+                q_base, rows, sqt, r_ok, pk_base, cols, spkp, c_ok, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N
+            )
+        else:
+            k = tl.load(
+                _rows(pk_base, cols, spkp, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            s = _dot(q, tl.trans(k), FP32)
+        s = s * qk_scale + log2g
         s = tl.where(c_ok[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, FP32)
 
@@ -279,16 +315,30 @@ def _gpa_fwd_kernel(
         mid = _unmasked_key_end(pid_m, S, T, BLOCK_M, BLOCK_N, IS_CAUSAL)
         for start in range(0, mid, BLOCK_N):
             cols = start + offs_n
-            k = _load_rows(_rows(k_base, cols, sks, offs_d, D_PAD), r_ok, d_ok, True, HEAD_DIM == D_PAD)
             v = _load_rows(_rows(v_base, cols, svs, offs_d, D_PAD), r_ok, d_ok, True, HEAD_DIM == D_PAD)
-            s = _dot(q, tl.trans(k), FP32) * qk_scale
+            if FP32 and D_PAD > _QK_SPLIT_ABOVE:
+                s = _qk_chunked(
+                    q_base, rows, sqt, r_ok, k_base, cols, sks, cols < S, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N
+                )
+            else:
+                k = _load_rows(_rows(k_base, cols, sks, offs_d, D_PAD), r_ok, d_ok, True, HEAD_DIM == D_PAD)
+                s = _dot(q, tl.trans(k), FP32)
+            s = s * qk_scale
             m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, FP32)
     for start in range(mid, end, BLOCK_N):
         cols = start + offs_n
         c_ok = cols < S
-        k = tl.load(_rows(k_base, cols, sks, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(_rows(v_base, cols, svs, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), FP32) * qk_scale
+        if FP32 and D_PAD > _QK_SPLIT_ABOVE:
+            s = _qk_chunked(
+                q_base, rows, sqt, r_ok, k_base, cols, sks, c_ok, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N
+            )
+        else:
+            k = tl.load(
+                _rows(k_base, cols, sks, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            s = _dot(q, tl.trans(k), FP32)
+        s = s * qk_scale
         s = _mask_keys(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
         m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, FP32)
 
@@ -644,7 +694,7 @@ ARCHS = TABLE_ARCHS  # (80, 90): the architectures with their own rows (the comp
 # several tiles near 255 registers or known to spill) keeps one tile per head size everywhere.
 _FP32_ROW = {
     32: {"fwd": ((64, 32, 4, 2),), "dkdv": ((16, 32, 4, 1),), "dq": ((32, 32, 8, 1),)},
-    64: {"fwd": ((32, 32, 8, 1),), "dkdv": ((32, 32, 8, 1),), "dq": ((32, 32, 8, 1),)},
+    64: {"fwd": ((32, 32, 8, 1),), "dkdv": ((32, 32, 8, 1),), "dq": ((32, 32, 8, 2),)},
     128: {"fwd": ((16, 16, 4, 1),), "dkdv": ((16, 32, 8, 1),), "dq": ((16, 32, 8, 1),)},
 }
 _LOWP_80 = {
