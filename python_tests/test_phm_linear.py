@@ -83,6 +83,7 @@ CASES = [
     ((70, 40), 24, 4, True),
     ((2, 1, 96), 48, 4, False),
     ((5, 15), 9, 3, True),
+    ((9, 64), 32, 4, True),  # I = 16, O = 8: fp16 takes the aligned launch (ALIGN = 8, 2 stages)
 ]
 
 
@@ -405,25 +406,120 @@ def test_triton_weight_gradient_has_no_atomics_and_single_writes():
 
 @pytest.mark.skipif(not INTERPRET, reason="the fixed tile is the interpreter's (a GPU autotunes)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_interpreter_launches_the_fixed_tile(monkeypatch, dtype):
+@pytest.mark.parametrize("q_out", [12, 16])
+def test_interpreter_launches_the_fixed_tile(monkeypatch, dtype, q_out):
     """Under the interpreter the forward and grad_x launchers use the first candidate of the default
-    row (``mm_candidates(0, ...)``), build no autotuner, and compute the right values."""
+    row (``mm_candidates(0, ...)``) with every block in one tile (``N_UNROLL = next_pow2(n)``), the
+    ``ALIGN`` / ``num_stages`` of ``mm_align`` (fp16 with O = 12: 1 and 1 stage; O = 16: 8 and 2),
+    build no autotuner, and compute the right values."""
     from prompt_kernels.kernels import phm_linear as k
 
-    used = []
+    used, kwargs = [], []
+
+    def spy(orig):
+        def launch(*a, **kw):
+            kwargs.append({key: kw[key] for key in ("N_UNROLL", "ALIGN")})
+            used.append(orig(*a, **kw))
+
+        return launch
+
     for tuned in (k._FORWARD, k._GRAD_X):
-        monkeypatch.setattr(tuned, "launch", lambda *a, _o=tuned.launch, **kw: used.append(_o(*a, **kw)))
-    n, p_in, q_out, N = 2, 40, 12, 5
+        monkeypatch.setattr(tuned, "launch", spy(tuned.launch))
+    n, p_in, N = 3, 40, 5
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, n * p_in, generator=g).to(dtype)
     rules, w = torch.randn(n, n, n, generator=g).to(dtype), torch.randn(n, p_in, q_out, generator=g).to(dtype)
     y = k.phm_linear_forward(x, rules, w, None, torch.empty(N, n * q_out, dtype=dtype))
     gx = torch.empty_like(x)
     k.phm_linear_backward(torch.ones_like(y), x, rules, w, gx, None, None, None)
-    assert used == [k.mm_candidates(0, dtype, q_out, p_in)[0], k.mm_candidates(0, dtype, p_in, q_out)[0]]
-    assert used[0].kwargs == k.forward_config(p_in, q_out, dtype) and used[1].kwargs == k.grad_x_config(
-        p_in, q_out, dtype
+    aligned = dtype == torch.float16 and q_out % 8 == 0
+    assert k.mm_align(x, w, p_in, q_out) == (8 if aligned else 1)
+    assert kwargs == [{"N_UNROLL": 4, "ALIGN": 8 if aligned else 1}] * 2
+    want = [
+        k.mm_candidates(0, dtype, q_out, p_in, n, aligned),
+        k.mm_candidates(0, dtype, p_in, q_out, n, aligned),
+    ]
+    assert used == [want[0][0], want[1][0]]
+    assert all(c.num_stages == (1 if dtype == torch.float16 and not aligned else 2) for c in used)
+    assert used[0].kwargs == k.forward_config(p_in, q_out, dtype, n=n) and used[1].kwargs == k.grad_x_config(
+        p_in, q_out, dtype, n=n
     )
     assert not k._FORWARD.tuners and not k._GRAD_X.tuners
     ref = reference(x.double(), rules.double(), w.double())
     torch.testing.assert_close(y.double(), ref, atol=5e-2 if dtype == torch.float16 else 1e-4, rtol=1e-2)
+
+
+def test_mm_align_and_stages():
+    """``ALIGN`` is 8 only for fp16/bf16 with contiguous features, 16-byte aligned bases and rows and
+    I, O multiples of 8; otherwise 1, and the fp16/bf16 candidates then ask for 1 stage (2-byte
+    loads: no cp.async). fp32 always 1 and 2 stages."""
+    from prompt_kernels.kernels import phm_linear as k
+
+    w = torch.zeros(2, 8, 16, dtype=torch.float16)
+    x = torch.zeros(4, 16, dtype=torch.float16)
+    assert k.mm_align(x, w, 8, 16) == 8
+    assert k.mm_align(x, w, 8, 12) == 1  # O not a multiple of 8
+    assert k.mm_align(torch.zeros(16, 4, dtype=torch.float16).t(), w, 8, 16) == 1  # strided features
+    assert k.mm_align(torch.zeros(4, 20, dtype=torch.float16)[:, :16], w, 8, 16) == 1  # row stride 20
+    assert k.mm_align(torch.zeros(4, 17, dtype=torch.float16)[:, 1:], w, 8, 16) == 1  # base off by 2 B
+    assert k.mm_align(x.float(), w.float(), 8, 16) == 1
+    for arch in (80, 90, 0):
+        for dt in (torch.float16, torch.bfloat16):
+            assert {c.num_stages for c in k.mm_candidates(arch, dt, 16, 8, 2, aligned=True)} == {2}
+            assert {c.num_stages for c in k.mm_candidates(arch, dt, 16, 8, 2, aligned=False)} == {1}
+        assert {c.num_stages for c in k.mm_candidates(arch, torch.float32, 16, 8, 2, aligned=False)} == {2}
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic meter runs under the Triton interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_forward_and_grad_x_read_each_input_once(dtype):
+    """One program holds every Kronecker block of its rows: x (dy), weights and rules are each read
+    once (issued = unique bytes), each output element written once, at an awkward size (n = 3, I = 5,
+    O = 7, 5 rows) and at the fp32 launch case's n = 4, I = 24, O = 12 with two row blocks."""
+    from prompt_kernels.kernels import phm_linear as k
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    for N, n, p_in, q_out in ((5, 3, 5, 7), (40, 4, 24, 12)):
+        x, rules, w, b = make_inputs((N, n * p_in), n * q_out, n, True, dtype)
+        dy = torch.randn(N, n * q_out).to(dtype)
+        y = torch.full((N, n * q_out), float("nan"), dtype=dtype)
+        gx = torch.full_like(x, float("nan"))
+        with TrafficMeter() as meter:
+            k.phm_linear_forward(x, rules, w, b, y)
+            k.phm_linear_backward(dy, x, rules, w, gx, None, None, None)
+        fwd, gxl = meter.launches
+        assert (fwd.kernel, gxl.kernel) == ("_forward_kernel", "_grad_x_kernel")
+        e, np2 = x.element_size(), k.mm_unroll(dtype, n)
+        for rec, (cols, red), inp, out in ((fwd, (q_out, p_in), x, y), (gxl, (p_in, q_out), dy, gx)):
+            tile = k.mm_candidates(0, dtype, cols, red, n, k.mm_align(inp, w, p_in, q_out) > 1)[0].kwargs
+            rb, cc = -(-N // tile["BLOCK_M"]), -(-cols // (tile["BLOCK_N"] // np2))
+            assert rec.grid[:2] == (rb, cc)
+            bias = b.numel() if rec is fwd else 0
+            # inputs once per column chunk, weights (and bias) once per row block, rules per program
+            want = cc * inp.numel() + rb * (w.numel() + bias) + rb * cc * rules.numel()
+            assert rec.loaded_bytes == want * e, rec.kernel
+            assert rec.unique_loaded_bytes == (inp.numel() + w.numel() + bias + rules.numel()) * e
+            assert rec.stored_bytes == rec.unique_stored_bytes == out.numel() * e
+        assert fwd.grid == (1, 1, 1) or N == 40  # the awkward size: one program, every input read once
+        ref = reference(*(t.double() for t in (x, rules, w, b)))
+        xx = x.double().requires_grad_()
+        (reference(xx, rules.double(), w.double()) * dy.double()).sum().backward()
+        tol = {"atol": 2e-2, "rtol": 1e-2} if dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-5}
+        torch.testing.assert_close(y.double(), ref, **tol)
+        torch.testing.assert_close(gx.double(), xx.grad, **tol)
+
+
+def test_large_n_runs_pytorch_on_the_triton_backend(monkeypatch):
+    """n > 16 (more blocks than one tile holds) runs the PyTorch path, value and gradients; the
+    Triton launchers refuse it."""
+    from prompt_kernels.kernels import phm_linear as k
+
+    n = 17
+    inputs = make_inputs((2, n), 2 * n, n)
+    with pytest.raises(ValueError, match="n must be in"):
+        k.phm_linear_forward(inputs[0], inputs[1], inputs[2], None, torch.empty(2, 2 * n))
+    monkeypatch.setattr(k, "phm_linear_forward", None)  # must not be called
+    monkeypatch.setattr(k, "phm_linear_backward", None)
+    grad_out = torch.randn(2, 2 * n)
+    y, grads = _run("triton", inputs, grad_out)
+    _assert_all_within_budget("triton", inputs, grad_out, y, grads)

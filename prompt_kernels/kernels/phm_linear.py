@@ -3,15 +3,18 @@
     x: [N, n*I] (any strides)   rules: [n, n, n]   weights: [n, I, O]   bias: [n*O]   y: [N, n*O]
 
 ``H[a*I + p, b*O + q] = sum_i rules[i, a, b] * weights[i, p, q]`` is never stored: each program
-builds the small ``H`` tile it needs in registers (fp32, ``n`` scalar-times-tile multiply-adds from
-``rules`` scalars and ``weights`` tiles, then rounded to the input dtype as a materialised ``H``
-would be) right before the ``tl.dot`` that consumes it. ``x`` is read in place through its strides.
+builds the ``H`` chunk it needs in registers (fp32, from ``rules`` and ``weights`` tiles, then rounded
+to the input dtype as a materialised ``H`` would be) right before the ``tl.dot`` that consumes it.
+``x`` is read in place through its strides.
 
-* ``_forward_kernel`` (grid ``(cdiv(N, BLOCK_M), n * cdiv(O, BLOCK_N))``): the output tile lies in
-  block column ``b``; loop over ``a`` and chunks of ``BLOCK_K`` of ``p``:
-  ``acc += x[rows, a*I + p] @ H_tile(a, b)[p, q]``; add the bias, store once.
-* ``_grad_x_kernel`` (grid ``(cdiv(N, BLOCK_M), n * cdiv(I, BLOCK_N))``): ``dx = dy @ H^T`` the same
-  way, with the ``H^T`` tile ``[q, p]`` built from transposed ``weights`` tiles.
+* ``_forward_kernel`` (grid ``(cdiv(N, BLOCK_M), cdiv(O, BLOCK_N // N_UNROLL))``): every Kronecker
+  block side by side in one tile (``_kron_mm``, ``N_UNROLL = next_pow2(n)``): the tile's
+  ``BLOCK_N`` columns are ``(b, q)`` for all ``b`` and a chunk of ``q``, its ``BLOCK_K`` reduction
+  lanes ``(a, p)`` for all ``a`` and a chunk of ``p``, so a single loop over ``p`` does
+  ``acc += x[rows, (a, p)] @ H[(a, p), (b, q)]``: each program reads its rows of ``x`` once (once in
+  all when ``N_UNROLL * O <= 64``), ``weights`` once and ``rules`` once; add the bias, store once.
+* ``_grad_x_kernel`` (grid ``(cdiv(N, BLOCK_M), cdiv(I, BLOCK_N // N_UNROLL))``): ``dx = dy @ H^T``
+  the same way, the ``H^T`` chunk built from transposed ``weights`` tiles.
 * The parameter gradients (``grad_params``), deterministic: no atomics, every sum in a fixed order.
 
   1. ``_grad_h_kernel`` (grid ``(cdiv(in, BLOCK_P), cdiv(out, BLOCK_Q), splits)``): the GEMM
@@ -27,11 +30,12 @@ would be) right before the ``tl.dot`` that consumes it. ``x`` is read in place t
      programs sum ``gb`` over the splits into ``dbias``.
   3. ``_grad_rules_kernel`` (one program): ``drules = sum_t drp[t]`` in order.
 
-The loops over ``i`` that build ``H`` tiles are unrolled (``tl.static_range`` over a constexpr) in the
-fp16/bf16 forward and grad_x kernels through ``N_UNROLL = n``,
-which leaves their reduction loops without an inner loop so that Triton pipelines the loads
-(cp.async, ``num_stages = 2``). fp32 forward/grad_x keep the loop over a runtime ``n``
-(``N_UNROLL = 0``): unrolled, their fp32 tiles spill (see ``mm_unroll``).
+The forward and grad_x loops are single loops (no inner loop), so Triton pipelines their loads
+(cp.async, ``num_stages = 2``); fp16/bf16 only where the launcher has checked 16-byte alignment
+(``mm_align``: ``ALIGN = 8``, passed to the kernel so that it knows I and O are multiples of 8),
+else ``num_stages = 1`` (2-byte loads cannot be asynchronous copies). n > 16 is not taken (the op
+runs PyTorch); the kernels' ``N_UNROLL = 0`` form (one block per program, loops over a runtime n)
+is no launcher's choice.
 
 All accumulation is fp32; fp32 dots use ``input_precision="ieee"`` (no TF32).
 """
@@ -60,7 +64,10 @@ OP = "phm_linear"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-BLOCK_M = 64  # rows per program (forward, grad_x)
+BLOCK_M = 64  # rows per program (forward, grad_x) for fp16/bf16: wgmma's 64-row tile on sm_90
+# fp32 (IEEE dots on the FMA units): 32 rows. With 64, the all-blocks tiles of n = 4 need 255
+# registers and spill 8-44 B (BLOCK_N = 64, and BLOCK_K = 32) on sm_90, some on sm_80.
+BLOCK_M_FP32 = 32
 # (BLOCK_N, BLOCK_K) of the forward and grad_x kernels: output columns per program (q for forward,
 # p for grad_x) and reduction chunk (p for forward, q for grad_x). (64, 32) is left out: it spills on sm_80.
 MM_CONFIGS = ((16, 16), (16, 32), (32, 16), (32, 32), (64, 16))
@@ -74,19 +81,41 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 
 
+MAX_N_POW2 = 16  # largest next_pow2(n) whose blocks all fit one tile (BLOCK_N, BLOCK_K >= 16)
+HALF_ALIGN = 8  # fp16/bf16: elements per 16-byte vector (the ALIGN hint when the launcher checked it)
+
+
 def mm_unroll(dtype: torch.dtype, n: int) -> int:
-    """``N_UNROLL`` of the forward and grad_x kernels: ``n`` for fp16/bf16 (the loop over ``i`` unrolled
-    with ``tl.static_range``, so that the reduction loop is innermost and pipelined: cp.async), 0 for
-    fp32 (IEEE dots on the FMA units; the loop over a runtime ``n`` kept). Unrolled, the fp32 tiles need
-    up to 255 registers and spill 4-736 B on sm_80 and sm_90 with 2 stages (a few bytes with 1 stage,
-    or with ``n`` a constexpr and the loop kept)."""
-    return 0 if dtype == torch.float32 else int(n)
+    """``N_UNROLL`` of the forward and grad_x launches (any dtype): ``next_pow2(n)``, the Kronecker
+    blocks held side by side in one tile (``_kron_mm``: ``N_UNROLL`` column blocks of ``BLOCK_N`` and
+    ``N_UNROLL`` reduction blocks of ``BLOCK_K``), so that each program reads its rows of ``x`` once
+    and its single reduction loop (no inner loop) is pipelined (cp.async). At most ``MAX_N_POW2``
+    (``ops.phm_linear.TRITON_MAX_N``: larger n runs PyTorch). The kernels' ``N_UNROLL = 0`` form (one
+    block per program, loops over a runtime ``n``) is no launcher's choice."""
+    if not 1 <= n <= MAX_N_POW2:
+        raise ValueError(f"phm_linear (triton): n must be in [1, {MAX_N_POW2}], got {n}")
+    return triton.next_power_of_2(int(n))
+
+
+def mm_align(t: torch.Tensor, weights: torch.Tensor, *extents: int) -> int:
+    """The ``ALIGN`` hint (elements) of a forward / grad_x launch reading ``t`` (rows of ``n`` blocks
+    of ``extents[0]`` features) and ``weights`` (``[n, I, O]``): fp16/bf16 ``HALF_ALIGN`` when ``t``'s
+    base and row stride and ``I``, ``O`` are multiples of 16 bytes and its features contiguous, so that
+    every load of the reduction loop is a 16-byte vector and cp.async; else 1. fp32 always 1 (4-byte
+    cp.async needs no alignment; fp32 is not the tensor-core path)."""
+    if t.dtype == torch.float32 or t.stride(1) != 1:
+        return 1
+    if any((u.data_ptr() // u.element_size()) % HALF_ALIGN for u in (t, weights)):
+        return 1
+    if t.shape[0] > 1 and t.stride(0) % HALF_ALIGN:
+        return 1
+    return HALF_ALIGN if all(e % HALF_ALIGN == 0 for e in extents) else 1
 
 
 DOT_PRECISION = "ieee"  # only affects fp32 dots: exact fp32 products, no TF32
 # ``n`` values compiled by the compile check: the launch cases' n = 4 (also PromptGenerator's default)
-# and n = 2. ``N_UNROLL`` (= n) of the fp16/bf16 forward and grad_x kernels, ``N_POW2`` (next power of
-# two of n) of the contraction kernel and ``BLOCK`` (of n^3) of the drules kernel follow n, so the JIT
+# and n = 2. ``N_UNROLL`` (next power of two of n) of the forward and grad_x kernels, ``N_POW2`` (the
+# same) of the contraction kernel and ``BLOCK`` (of n^3) of the drules kernel follow n, so the JIT
 # compiles one specialisation per such value launched; others (n = 1, 3, 8, ...) are compiled by the
 # JIT on first use on a GPU, not by the compile check.
 COMPILE_N = (4, 2)
@@ -105,22 +134,80 @@ def _h_term(r_ptr, w_ptr, i, a, b, n, I, O, p, q, mask, TRANSPOSED: tl.constexpr
 
 @triton.jit
 def _h_tile(
-    r_ptr, w_ptr, a, b, n, I, O, p, q, mask, R: tl.constexpr, C: tl.constexpr,
-    TRANSPOSED: tl.constexpr, N_UNROLL: tl.constexpr,
+    r_ptr, w_ptr, a, b, n, I, O, p, q, mask, R: tl.constexpr, C: tl.constexpr, TRANSPOSED: tl.constexpr
 ):  # fmt: skip
     """The fp32 ``[R, C]`` tile of ``H`` of block ``(a, b)`` at rows ``p``, columns ``q``:
-    ``sum_i rules[i, a, b] * weights[i, p, q]`` (of ``H^T``, at ``[q, p]``, if ``TRANSPOSED``).
-
-    ``N_UNROLL > 0`` (``== n``): the loop over ``i`` unrolled (``tl.static_range``), so that the
-    enclosing reduction loop is innermost and Triton pipelines its loads; 0: a loop over the runtime ``n``."""
+    ``sum_i rules[i, a, b] * weights[i, p, q]`` (of ``H^T``, at ``[q, p]``, if ``TRANSPOSED``), a loop
+    over the runtime ``n`` (the one-block-per-program path, ``N_UNROLL = 0``)."""
     h = tl.zeros((R, C), dtype=tl.float32)
-    if N_UNROLL > 0:
-        for i in tl.static_range(N_UNROLL):
-            h += _h_term(r_ptr, w_ptr, i, a, b, N_UNROLL, I, O, p, q, mask, TRANSPOSED)
-    else:
-        for i in range(0, n):
-            h += _h_term(r_ptr, w_ptr, i, a, b, n, I, O, p, q, mask, TRANSPOSED)
+    for i in range(0, n):
+        h += _h_term(r_ptr, w_ptr, i, a, b, n, I, O, p, q, mask, TRANSPOSED)
     return h
+
+
+@triton.jit
+def _kron_mm(
+    in_ptr, r_ptr, w_ptr, N, n, KD, CD, stride_im, stride_ik, rows, u0,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NP: tl.constexpr,
+    ALIGN: tl.constexpr, TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``in[rows, :] @ M`` on the columns ``(c, u0 + [0, BLOCK_N // NP))`` of every block ``c < n``:
+    ``M = H`` (forward: ``k = a``, ``v = p``, ``c = b``, ``u = q``, ``KD = I``, ``CD = O``) or ``H^T``
+    (``TRANSPOSED``, grad_x: ``k = b``, ``v = q``, ``c = a``, ``u = p``, ``KD = O``, ``CD = I``).
+
+    The tile's ``BLOCK_K`` reduction lanes are ``NP`` blocks ``k`` of ``BLOCK_K // NP`` features ``v``
+    and its ``BLOCK_N`` columns ``NP`` blocks ``c`` of ``BLOCK_N // NP`` features ``u``, so one dot
+    step covers every Kronecker block at once: each element of ``in`` is read once per program, each
+    of ``weights`` once per step (``[NP, BK, BN]``, all ``i``), ``rules`` once per program. The ``M``
+    chunk ``sum_i R_i[k, c] * W_i[v, u]`` is built in fp32 as ``[NP, BK, NP, BN]`` and rounded to the
+    input dtype as a materialised ``H`` would be. ``ALIGN`` (elements) is a multiple the launcher has
+    checked for ``KD``, ``CD`` and ``stride_im`` (``stride_ik == 1``): vector loads, cp.async."""
+    BK: tl.constexpr = BLOCK_K // NP
+    BN: tl.constexpr = BLOCK_N // NP
+    # no-ops (the launcher checked the multiples) that tell the compiler so: vector loads and masks
+    KD = KD // ALIGN * ALIGN
+    CD = CD // ALIGN * ALIGN
+    stride_im = stride_im // ALIGN * ALIGN
+    IO = KD * CD
+    # rules as R[i, k, c] (fp32, [NP, NP, NP]), read once
+    i1 = tl.arange(0, NP)
+    i3 = i1[:, None, None]
+    k3 = i1[None, :, None]
+    c3 = i1[None, None, :]
+    if TRANSPOSED:
+        r_offs = (i3 * n + c3) * n + k3
+    else:
+        r_offs = (i3 * n + k3) * n + c3
+    r3 = tl.load(r_ptr + r_offs, mask=(i3 < n) & (k3 < n) & (c3 < n), other=0.0).to(tl.float32)
+    r5 = r3[:, :, None, :, None]
+    kk = tl.arange(0, BLOCK_K)
+    k_blk = kk // BK
+    k_in = kk % BK
+    k_ok = k_blk < n
+    k_base = k_blk * KD
+    row_ok = rows < N
+    in_rows = in_ptr + (rows.to(tl.int64) * stride_im)[:, None]
+    v_in = tl.arange(0, BK)
+    u = u0 + tl.arange(0, BN)
+    u_ok = u < CD
+    iw = i1[:, None, None] * IO
+    iw_ok = i1[:, None, None] < n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for v0 in range(0, KD, BK):
+        v = v0 + k_in
+        x_mask = row_ok[:, None] & (k_ok & (v < KD))[None, :]
+        xt = tl.load(in_rows + ((k_base + v) * stride_ik)[None, :], mask=x_mask, other=0.0)
+        vv = v0 + v_in
+        w_mask = iw_ok & (vv < KD)[None, :, None] & u_ok[None, None, :]
+        if TRANSPOSED:  # W_i[v = q, u = p] = weights[i, p, q]
+            w_offs = iw + vv[None, :, None] + (u * KD)[None, None, :]
+        else:  # W_i[v = p, u = q] = weights[i, p, q]
+            w_offs = iw + (vv * CD)[None, :, None] + u[None, None, :]
+        w3 = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+        h4 = tl.sum(r5 * w3[:, None, :, None, :], axis=0)  # [NP (k), BK (v), NP (c), BN (u)]
+        h = tl.reshape(h4, (BLOCK_K, BLOCK_N))
+        acc = tl.dot(xt, h.to(xt.dtype), acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -143,31 +230,42 @@ def _forward_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     N_UNROLL: tl.constexpr,
+    ALIGN: tl.constexpr = 1,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tiles_o = tl.cdiv(O, BLOCK_N)
-    b = pid_n // tiles_o
-    q = (pid_n % tiles_o) * BLOCK_N + tl.arange(0, BLOCK_N)
-    q_ok = q < O
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    # Rows past N are clamped (read, never stored): the x loads need no row mask.
-    x_rows = x_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_xm
-    k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for a in range(0, n):
-        for p0 in range(0, I, BLOCK_K):
-            p = p0 + k
-            p_ok = p < I
-            xt = tl.load(x_rows + ((a * I + p) * stride_xk)[None, :], mask=p_ok[None, :], other=0.0)
-            # H tile [p, q] of block (a, b), built in registers: sum_i rules[i, a, b] * weights[i, p, q]
-            h = _h_tile(r_ptr, w_ptr, a, b, n, I, O, p, q, p_ok[:, None] & q_ok[None, :], BLOCK_K, BLOCK_N,
-                        False, N_UNROLL)  # fmt: skip
-            acc = tl.dot(xt, h.to(xt.dtype), acc, input_precision=DOT_PRECISION)
+    if N_UNROLL > 0:  # every block b at once: columns (b, q0 + [0, BLOCK_N // N_UNROLL))
+        BN: tl.constexpr = BLOCK_N // N_UNROLL
+        q0 = pid_n * BN
+        acc = _kron_mm(x_ptr, r_ptr, w_ptr, N, n, I, O, stride_xm, stride_xk, rows, q0,
+                       BLOCK_M, BLOCK_N, BLOCK_K, N_UNROLL, ALIGN, False, DOT_PRECISION)  # fmt: skip
+        cc = tl.arange(0, BLOCK_N)
+        b = cc // BN
+        q = q0 + cc % BN
+        col_ok = (b < n) & (q < O)
+        cols = b * O + q
+    else:  # one block b per program, loops over a runtime n (the general form; no launcher takes it)
+        tiles_o = tl.cdiv(O, BLOCK_N)
+        b = pid_n // tiles_o
+        q = (pid_n % tiles_o) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = q < O
+        cols = b * O + q
+        x_rows = x_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_xm
+        k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for a in range(0, n):
+            for p0 in range(0, I, BLOCK_K):
+                p = p0 + k
+                p_ok = p < I
+                xt = tl.load(x_rows + ((a * I + p) * stride_xk)[None, :], mask=p_ok[None, :], other=0.0)
+                h = _h_tile(r_ptr, w_ptr, a, b, n, I, O, p, q, p_ok[:, None] & col_ok[None, :], BLOCK_K,
+                            BLOCK_N, False)  # fmt: skip
+                acc = tl.dot(xt, h.to(xt.dtype), acc, input_precision=DOT_PRECISION)
     if has_bias != 0:
-        acc += tl.load(b_ptr + b * O + q, mask=q_ok, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + (b * O + q)[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows < N)[:, None] & q_ok[None, :])
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows < N)[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -188,28 +286,40 @@ def _grad_x_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     N_UNROLL: tl.constexpr,
+    ALIGN: tl.constexpr = 1,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tiles_i = tl.cdiv(I, BLOCK_N)
-    a = pid_n // tiles_i
-    p = (pid_n % tiles_i) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_ok = p < I
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dy_rows = dy_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_dym
-    k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for b in range(0, n):
-        for q0 in range(0, O, BLOCK_K):
-            q = q0 + k
-            q_ok = q < O
-            dyt = tl.load(dy_rows + ((b * O + q) * stride_dyk)[None, :], mask=q_ok[None, :], other=0.0)
-            # H^T tile [q, p] of block (a, b): sum_i rules[i, a, b] * weights[i, p, q]
-            ht = _h_tile(r_ptr, w_ptr, a, b, n, I, O, p, q, q_ok[:, None] & p_ok[None, :], BLOCK_K, BLOCK_N,
-                         True, N_UNROLL)  # fmt: skip
-            acc = tl.dot(dyt, ht.to(dyt.dtype), acc, input_precision=DOT_PRECISION)
-    dx = dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + (a * I + p)[None, :]
-    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(rows < N)[:, None] & p_ok[None, :])
+    if N_UNROLL > 0:  # every block a at once: columns (a, p0 + [0, BLOCK_N // N_UNROLL))
+        BN: tl.constexpr = BLOCK_N // N_UNROLL
+        p0 = pid_n * BN
+        acc = _kron_mm(dy_ptr, r_ptr, w_ptr, N, n, O, I, stride_dym, stride_dyk, rows, p0,
+                       BLOCK_M, BLOCK_N, BLOCK_K, N_UNROLL, ALIGN, True, DOT_PRECISION)  # fmt: skip
+        cc = tl.arange(0, BLOCK_N)
+        a = cc // BN
+        p = p0 + cc % BN
+        col_ok = (a < n) & (p < I)
+        cols = a * I + p
+    else:  # one block a per program, loops over a runtime n (the general form; no launcher takes it)
+        tiles_i = tl.cdiv(I, BLOCK_N)
+        a = pid_n // tiles_i
+        p = (pid_n % tiles_i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = p < I
+        cols = a * I + p
+        dy_rows = dy_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_dym
+        k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for b in range(0, n):
+            for q0 in range(0, O, BLOCK_K):
+                q = q0 + k
+                q_ok = q < O
+                dyt = tl.load(dy_rows + ((b * O + q) * stride_dyk)[None, :], mask=q_ok[None, :], other=0.0)
+                ht = _h_tile(r_ptr, w_ptr, a, b, n, I, O, p, q, q_ok[:, None] & col_ok[None, :], BLOCK_K,
+                             BLOCK_N, True)  # fmt: skip
+                acc = tl.dot(dyt, ht.to(dyt.dtype), acc, input_precision=DOT_PRECISION)
+    dx = dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + cols[None, :]
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(rows < N)[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -389,33 +499,51 @@ def _kind(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
-def _mm_tile(bn: int, bk: int) -> TileConfig:
-    return TileConfig.of(NUM_WARPS, NUM_STAGES, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk)
+def _mm_tile(bm: int, bn: int, bk: int, stages: int) -> TileConfig:
+    return TileConfig.of(NUM_WARPS, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
 
 
-def mm_candidates(arch: int, dtype: torch.dtype, cols: int, reduce: int) -> tuple[TileConfig, ...]:
+def mm_candidates(
+    arch: int, dtype: torch.dtype, cols: int, reduce: int, n: int = 1, aligned: bool = True
+) -> tuple[TileConfig, ...]:
     """Candidate tiles of the forward (``cols = O``, ``reduce = I``) and grad_x (``cols = I``,
-    ``reduce = O``) kernels on ``arch``, the fixed one first: ``BLOCK_N`` = the output block width
-    rounded up to a power of two (16 to 64) with its ``BLOCK_K`` in the table's order (32 only when the
-    reduction is wider than 16), then half that ``BLOCK_N`` (more programs when there are few rows)."""
+    ``reduce = O``) kernels on ``arch``, the fixed one first. With ``N_UNROLL = next_pow2(n) > 0``
+    (``mm_unroll``) the tile holds every block: ``BLOCK_N`` = ``N_UNROLL * cols`` rounded up to a power
+    of two (16 to 64: the widest tile re-reads ``x`` the fewest times) with its ``BLOCK_K`` in the
+    table's order (32 only when ``N_UNROLL * reduce`` is wider than 16), then half that ``BLOCK_N``
+    (more programs when there are few rows); ``num_stages = 2``, or 1 for fp16/bf16 when not
+    ``aligned`` (``mm_align``: the loads would be 2-byte, below cp.async's 4)."""
     row = arch_row(MM_TABLE, arch)[_kind(dtype)]
-    bk_max = 32 if reduce > 16 else 16
-    bn = _pow2_clamp(cols, 16, 64)
-    out = [_mm_tile(bn, bk) for bk in row[bn] if bk <= bk_max]
+    np2 = mm_unroll(dtype, n)
+    stages = NUM_STAGES if aligned or dtype == torch.float32 else 1
+    bm = BLOCK_M_FP32 if dtype == torch.float32 else BLOCK_M
+    bk_max = 32 if np2 * reduce > 16 else 16
+    bn = _pow2_clamp(np2 * cols, 16, 64)
+    out = [_mm_tile(bm, bn, bk, stages) for bk in row[bn] if bk <= bk_max]
     if bn > 16:
-        out += [_mm_tile(bn // 2, next(bk for bk in row[bn // 2] if bk <= bk_max))]
+        out += [_mm_tile(bm, bn // 2, next(bk for bk in row[bn // 2] if bk <= bk_max), stages)]
     for c in out:
         assert (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) in MM_CONFIGS
     return tuple(out[:MM_MAX_CANDIDATES])
 
 
-def forward_config(I: int, O: int, dtype: torch.dtype = torch.float32, arch: int = DEFAULT_ARCH) -> dict:
+def _mm_grid(N: int, np2: int, cols: int):
+    """The forward / grad_x grid for a tile ``m``: row blocks x chunks of ``BLOCK_N // np2`` columns
+    of every block at once."""
+    return lambda m: (triton.cdiv(N, m["BLOCK_M"]), triton.cdiv(cols, m["BLOCK_N"] // np2))
+
+
+def forward_config(
+    I: int, O: int, dtype: torch.dtype = torch.float32, arch: int = DEFAULT_ARCH, n: int = 1
+) -> dict:
     """The fixed forward tile (what the interpreter and the compile check launch)."""
-    return mm_candidates(arch, dtype, O, I)[0].kwargs
+    return mm_candidates(arch, dtype, O, I, n)[0].kwargs
 
 
-def grad_x_config(I: int, O: int, dtype: torch.dtype = torch.float32, arch: int = DEFAULT_ARCH) -> dict:
-    return mm_candidates(arch, dtype, I, O)[0].kwargs
+def grad_x_config(
+    I: int, O: int, dtype: torch.dtype = torch.float32, arch: int = DEFAULT_ARCH, n: int = 1
+) -> dict:
+    return mm_candidates(arch, dtype, I, O, n)[0].kwargs
 
 
 def grad_h_config(in_features: int, out_features: int, dtype: torch.dtype, arch: int) -> dict:
@@ -491,13 +619,15 @@ def phm_linear_forward(x2, rules, weights, bias, out) -> torch.Tensor:
     n, I, O = weights.shape
     N = x2.shape[0]
     assert out.shape == (N, n * O) and out.stride(1) == 1
+    np2 = mm_unroll(x2.dtype, n)
+    align = mm_align(x2, weights, I, O)
     _FORWARD.launch(
-        lambda m: (triton.cdiv(N, m["BLOCK_M"]), n * triton.cdiv(O, m["BLOCK_N"])),
-        mm_candidates(_arch(x2.device), x2.dtype, O, I),
+        _mm_grid(N, np2, O),
+        mm_candidates(_arch(x2.device), x2.dtype, O, I, n, align > 1),
         x2, rules, weights, bias.contiguous() if bias is not None else out, out,
         N, n, I, O, int(bias is not None),
         x2.stride(0), x2.stride(1), out.stride(0),
-        DOT_PRECISION=DOT_PRECISION, N_UNROLL=mm_unroll(x2.dtype, n), device=x2.device,
+        DOT_PRECISION=DOT_PRECISION, N_UNROLL=np2, ALIGN=align, device=x2.device,
     )  # fmt: skip
     return out
 
@@ -515,12 +645,14 @@ def phm_linear_backward(
     N = x2.shape[0]
     if grad_x is not None:
         assert grad_x.shape == (N, n * I) and grad_x.stride(1) == 1
+        np2 = mm_unroll(dy2.dtype, n)
+        align = mm_align(dy2, weights, O, I)
         _GRAD_X.launch(
-            lambda m: (triton.cdiv(N, m["BLOCK_M"]), n * triton.cdiv(I, m["BLOCK_N"])),
-            mm_candidates(_arch(dy2.device), dy2.dtype, I, O),
+            _mm_grid(N, np2, I),
+            mm_candidates(_arch(dy2.device), dy2.dtype, I, O, n, align > 1),
             dy2, rules, weights, grad_x, N, n, I, O,
             dy2.stride(0), dy2.stride(1), grad_x.stride(0),
-            DOT_PRECISION=DOT_PRECISION, N_UNROLL=mm_unroll(dy2.dtype, n), device=dy2.device,
+            DOT_PRECISION=DOT_PRECISION, N_UNROLL=np2, ALIGN=align, device=dy2.device,
         )  # fmt: skip
     want_params = grad_rules is not None or grad_weights is not None
     want_bias = grad_bias is not None
@@ -607,29 +739,45 @@ def _mm_signature(names_ptr: list[str], t: str, ints: list[str], constexprs: lis
 MM_SHAPE_SWEEP = (1, 16, 17, 32, 33, 64, 65)  # block widths covering every BLOCK_N / BLOCK_K rule
 
 
-def mm_table_tiles(dtype: torch.dtype) -> dict[TileConfig, tuple[int, ...] | None]:
-    """Every forward/grad_x tile ``mm_candidates`` can offer for ``dtype`` on the checked
-    architectures, with the architectures that offer it (None: all): the compile specs."""
+def mm_table_tiles(dtype: torch.dtype, n: int = 1) -> dict[TileConfig, tuple[int, ...] | None]:
+    """Every forward/grad_x tile ``mm_candidates`` can offer for ``dtype`` and ``n`` (aligned, the
+    candidates' ``num_stages`` as is) on the checked architectures, with the architectures that offer
+    it (None: all): the compile specs."""
     archs: dict[TileConfig, set[int]] = {}
     for arch in TABLE_ARCHS:
         for cols in MM_SHAPE_SWEEP:
             for reduce in MM_SHAPE_SWEEP:
-                for c in mm_candidates(arch, dtype, cols, reduce):
+                for c in mm_candidates(arch, dtype, cols, reduce, n):
                     archs.setdefault(c, set()).add(arch)
     order = sorted(archs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))
     return {c: None if archs[c] == set(TABLE_ARCHS) else tuple(sorted(archs[c])) for c in order}
 
 
+def _mm_variants(dt: torch.dtype) -> list[tuple[int, int, int, int]]:
+    """``(n, N_UNROLL, ALIGN, num_stages)`` of the forward / grad_x launches the launchers can make for
+    ``dt`` (``mm_unroll``, ``mm_align``, ``mm_candidates``): per compiled ``n`` the aligned fp16/bf16
+    launch (16-byte vectors, 2 stages) and the unaligned one (1 stage), fp32's one (2 stages)."""
+    out = []
+    for n in COMPILE_N:
+        np2 = mm_unroll(dt, n)
+        if dt == torch.float32:
+            out.append((n, np2, 1, NUM_STAGES))
+        else:
+            out += [(n, np2, HALF_ALIGN, NUM_STAGES), (n, np2, 1, 1)]
+    return out
+
+
 @register_compile_specs(OP)
 def _compile_specs() -> list[CompileSpec]:
     specs = []
-    mm_consts = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION", "N_UNROLL"]
+    mm_consts = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION", "N_UNROLL", "ALIGN"]
     for dt in DTYPES:
         t = _TL[dt]
-        for nu in sorted({mm_unroll(dt, n) for n in COMPILE_N}, reverse=True):
-            for tile, archs in mm_table_tiles(dt).items():
-                consts = {**tile.kwargs, "DOT_PRECISION": DOT_PRECISION, "N_UNROLL": nu}
+        for n, nu, align, stages in _mm_variants(dt):
+            for tile, archs in mm_table_tiles(dt, n).items():
+                consts = {**tile.kwargs, "DOT_PRECISION": DOT_PRECISION, "N_UNROLL": nu, "ALIGN": align}
                 bn, bk = consts["BLOCK_N"], consts["BLOCK_K"]
+                inner = f"{t},N_UNROLL={nu},ALIGN={align},BM={consts['BLOCK_M']},BN={bn},BK={bk}"
                 sig = _mm_signature(
                     ["x_ptr", "r_ptr", "w_ptr", "b_ptr", "y_ptr"],
                     t,
@@ -638,12 +786,12 @@ def _compile_specs() -> list[CompileSpec]:
                 )
                 specs.append(
                     CompileSpec(
-                        name=f"phm_linear_fwd[{t},N_UNROLL={nu},BM={BLOCK_M},BN={bn},BK={bk}]",
+                        name=f"phm_linear_fwd[{inner}]",
                         kernel=_forward_kernel,
                         signature=sig,
                         constexprs=consts,
                         num_warps=tile.num_warps,
-                        num_stages=tile.num_stages,
+                        num_stages=stages,
                         uses_dot=True,
                         archs=archs,
                     )
@@ -656,12 +804,12 @@ def _compile_specs() -> list[CompileSpec]:
                 )
                 specs.append(
                     CompileSpec(
-                        name=f"phm_linear_grad_x[{t},N_UNROLL={nu},BM={BLOCK_M},BN={bn},BK={bk}]",
+                        name=f"phm_linear_grad_x[{inner}]",
                         kernel=_grad_x_kernel,
                         signature=sig,
                         constexprs=consts,
                         num_warps=tile.num_warps,
-                        num_stages=tile.num_stages,
+                        num_stages=stages,
                         uses_dot=True,
                         archs=archs,
                     )

@@ -87,8 +87,16 @@ def _cpp_op(name: str):
     return _cpp.op(name)
 
 
+# Largest n the Triton kernels take (their tiles hold all n Kronecker blocks side by side:
+# kernels.phm_linear.MAX_N_POW2); larger n (not a PHM layer anyone uses) runs the PyTorch path.
+TRITON_MAX_N = 16
+
+
 def _degenerate(x2: torch.Tensor, weights: torch.Tensor) -> bool:
-    return x2.shape[0] == 0 or weights.shape[1] == 0 or weights.shape[2] == 0
+    """Shapes the Triton kernels leave to PyTorch: no rows or features, or n > ``TRITON_MAX_N``."""
+    return (
+        x2.shape[0] == 0 or weights.shape[1] == 0 or weights.shape[2] == 0 or weights.shape[0] > TRITON_MAX_N
+    )
 
 
 def _phm_linear_impl(
