@@ -213,14 +213,16 @@ def _check_nearest(x, codebook, idx, dist, name):
 @pytest.mark.parametrize("shape", [(1, 130, 7), (7, 70, 13), (100, 200, 65)])
 def test_nearest_split_path_matches_float64(dtype, shape):
     """N = 1, 7, 100 (one or two row tiles); K = 130, 70, 200: 3, 2, 4 slices of 64 codes, the last
-    one partial; D odd (one or two feature chunks); duplicate codes in different slices."""
+    one partial; D odd (one or two feature chunks); duplicate codes in different slices. (Shapes
+    this small take the fused one pass in the public op; the split plan is forced.)"""
     from prompt_kernels.kernels import vq as vq_kernels
 
     N, K, D = shape
-    plan = vq_kernels.nearest_plan(N, K)
+    plan = vq_kernels.split_plan(N, K)
     assert plan.splits == -(-K // vq_kernels.NEAREST_BLOCK_N) > 1  # one 64-code tile per split here
+    assert not plan.fused_norms and vq_kernels.nearest_plan(N, K, D).fused_norms
     x, codebook = _tied_inputs(N, K, D, dtype, device_for("triton"))
-    idx, dist = _run_triton_nearest(x, codebook)
+    idx, dist = _run_triton_nearest(x, codebook, plan)
     _check_nearest(x, codebook, idx, dist, f"split {shape} {dtype}")
     if dtype == torch.float32:  # exact ties: rows on code 2 and next to it (codes 65 and K - 1 equal it)
         assert idx[: min(N, 4)].tolist() == [2] * min(N, 4)
@@ -228,15 +230,19 @@ def test_nearest_split_path_matches_float64(dtype, shape):
 
 
 @pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs the Triton interpreter or a GPU")
-@pytest.mark.parametrize("plan_kind", ["one pass 64", "one pass 16", "split 2 slices"])
-def test_nearest_forced_plans(plan_kind):
-    """The large-N path (one pass over 64-row tiles), the former 16-row tiles, and a split whose
-    slices hold several code tiles (K = 200: 128 + 72 codes), at a small N the interpreter can run."""
+@pytest.mark.parametrize("D", [9, 70])
+@pytest.mark.parametrize("plan_kind", ["one pass 64", "one pass 64 fused", "one pass 16", "split 2 slices"])
+def test_nearest_forced_plans(plan_kind, D):
+    """The large-N path (one pass over 64-row tiles), the small-problem path (the same with the norms
+    fused into the scan), the former 16-row tiles, and a split whose slices hold several code tiles
+    (K = 200: 128 + 72 codes), at a small N the interpreter can run; D = 9: the row tile stays
+    resident (one chunk), D = 70: two chunks, re-loaded per code tile."""
     from prompt_kernels.kernels import vq as vq_kernels
 
-    N, K, D = 70, 200, 9
+    N, K = 70, 200
     plan = {
         "one pass 64": vq_kernels.NearestPlan(64, 1, K),
+        "one pass 64 fused": vq_kernels.NearestPlan(64, 1, K, fused_norms=True),
         "one pass 16": vq_kernels.NearestPlan(16, 1, K),
         "split 2 slices": vq_kernels.NearestPlan(64, 2, 128),
     }[plan_kind]
@@ -247,15 +253,22 @@ def test_nearest_forced_plans(plan_kind):
 
 
 def test_nearest_plan_choice():
-    """Small N splits over codes (row tiles x splits reach the target, or one code tile per split);
-    from LARGE_N rows, or with a single code tile, one pass."""
+    """Small problems (N K D <= SMALL_WORK): one pass with fused norms. Above: small N splits over
+    codes (row tiles x splits reach the target, or one code tile per split); from LARGE_N rows, or
+    with a single code tile, one pass with the norms pass."""
     from prompt_kernels.kernels import vq as vq_kernels
 
-    big = vq_kernels.LARGE_N
-    assert vq_kernels.nearest_plan(big, 1000).splits == 1
-    assert vq_kernels.nearest_plan(100, 64).splits == 1  # one code tile: nothing to split
-    for N, K in [(1, 1000), (40, 70), (3200, 1000), (big - 1, 1000), (5000, 100_000)]:
-        p = vq_kernels.nearest_plan(N, K)
+    big, small = vq_kernels.LARGE_N, vq_kernels.SMALL_WORK
+    for N, K, D in [(1, 1, 1), (40, 70, 48), (200, 300, 48), (1, 1000, 384), (small // 1000, 1000, 1)]:
+        assert N * K * D <= small
+        p = vq_kernels.nearest_plan(N, K, D)
+        assert p == vq_kernels.NearestPlan(64, 1, -(-K // 64) * 64, fused_norms=True), (N, K, D, p)
+    assert vq_kernels.nearest_plan(small // 1000 + 1, 1000, 1).fused_norms is False
+    assert vq_kernels.nearest_plan(big, 1000, 384) == vq_kernels.NearestPlan(64, 1, 1024)
+    assert vq_kernels.nearest_plan(1000, 64, 384).splits == 1  # one code tile: nothing to split
+    for N, K in [(12, 1000), (40, 1000), (3200, 1000), (big - 1, 1000), (5000, 100_000)]:
+        p = vq_kernels.nearest_plan(N, K, 384)
+        assert p == vq_kernels.split_plan(N, K) and not p.fused_norms
         row_tiles = -(-N // p.block_m)
         code_tiles = -(-K // vq_kernels.NEAREST_BLOCK_N)
         assert p.block_m == 64 and p.splits > 1, (N, K, p)
@@ -265,12 +278,36 @@ def test_nearest_plan_choice():
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the traffic meter counts interpreted launches")
-def test_nearest_launcher_takes_split_path_at_small_n():
-    """The public op at small N launches the split and reduction kernels (not the one-pass kernel),
-    and issues the codebook once per 64-row tile, not once per 16 rows."""
+def test_nearest_launcher_takes_fused_path_for_small_problems():
+    """The public op on a small problem (N K D <= SMALL_WORK) launches the one-pass kernel alone, with
+    the norms fused: x issued once (resident row tile, reused by the epilogue), the codebook once per
+    64-row tile, the winners' rows once, the outputs once."""
+    from prompt_kernels.kernels import vq as vq_kernels
     from prompt_kernels.tools.traffic import TrafficMeter
 
     N, K, D = 100, 130, 8
+    x, codebook = _inputs(N, K, D, torch.float32, "cpu")
+    codebook[77] = codebook[3]  # a tie across code tiles
+    x[5] = codebook[3]
+    with TrafficMeter() as m, prompt_kernels.use_backend("triton"):
+        idx, dist = vq.vq_nearest(x, codebook)
+    assert [r.kernel for r in m.launches] == ["_nearest_kernel"]
+    (one,) = m.launches
+    assert one.grid[0] == 2  # two 64-row tiles
+    assert one.loaded_bytes == N * D * 4 + 2 * K * D * 4 + N * D * 4
+    assert one.stored_bytes == N * 12
+    assert idx[5].item() == 3 and dist[5].item() == 0.0
+    _check_nearest(x, codebook, idx, dist, "fused")
+    assert vq_kernels.nearest_plan(N, K, D).fused_norms
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic meter counts interpreted launches")
+def test_nearest_launcher_takes_split_path_at_small_n():
+    """The public op at small N above SMALL_WORK launches the split and reduction kernels (not the
+    one-pass kernel), and issues the codebook once per 64-row tile, not once per 16 rows."""
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    N, K, D = 100, 130, 400  # D > 64: two code tiles re-load the row tile per chunk
     x, codebook = _inputs(N, K, D, torch.float32, "cpu")
     with TrafficMeter() as m, prompt_kernels.use_backend("triton"):
         vq.vq_nearest(x, codebook)
@@ -282,6 +319,23 @@ def test_nearest_launcher_takes_split_path_at_small_n():
     # codebook twice (two row tiles) + x once per code tile (3) + norms twice
     assert split.loaded_bytes == 2 * codebook_bytes + 3 * N * D * 4 + 2 * K * 4
     assert split.stored_bytes == 3 * N * 8  # the partials
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic meter counts interpreted launches")
+def test_nearest_split_keeps_the_row_tile_resident():
+    """D <= BLOCK_D: a split program loads its row tile once for all the code tiles of its slice."""
+    from prompt_kernels.kernels import vq as vq_kernels
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    N, K, D = 70, 200, 9
+    x, codebook = _tied_inputs(N, K, D, torch.float32, "cpu")
+    with TrafficMeter() as m:
+        idx, dist = _run_triton_nearest(x, codebook, vq_kernels.NearestPlan(64, 2, 128))
+    split = next(r for r in m.launches if r.kernel == "_nearest_split_kernel")
+    assert split.grid[:2] == (2, 2)
+    # x once per slice (2), the codebook once per row tile (2), the norms once per row tile
+    assert split.loaded_bytes == 2 * N * D * 4 + 2 * K * D * 4 + 2 * K * 4
+    _check_nearest(x, codebook, idx, dist, "split resident")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,22 +667,25 @@ def test_interpreter_launches_the_fixed_tile(monkeypatch):
         monkeypatch.setattr(tuned, "launch", lambda *a, _o=tuned.launch, **kw: used.append(_o(*a, **kw)))
     g = torch.Generator().manual_seed(0)
     x, codebook = torch.randn(40, 24, generator=g), torch.randn(70, 24, generator=g)
-    for plan in (k.NearestPlan(k.NEAREST_BLOCK_M, 1, 70), k.nearest_plan(40, 70)):
+    for plan in (k.NearestPlan(k.NEAREST_BLOCK_M, 1, 70), k.split_plan(40, 70)):
         idx, dist = torch.empty(40, dtype=torch.int64), torch.empty(40)
         k.vq_nearest(x, codebook, idx, dist, plan=plan)
         torch.testing.assert_close(idx, torch.cdist(x, codebook).argmin(1))
     fixed = k.scan_candidates(0, torch.float32, 24)[0]
-    assert k.nearest_plan(40, 70).splits > 1 and used == [fixed, fixed]
-    assert fixed.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64} and fixed.num_warps == 8
+    assert k.split_plan(40, 70).splits > 1 and used == [fixed, fixed]
+    # fp32 with the row tile resident (D = 24 <= BLOCK_D): 32-code tiles (64 x 64 spills there)
+    assert fixed.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 64, "X_RESIDENT": 1}
+    assert fixed.num_warps == 8
     assert not k._NEAREST.tuners and not k._NEAREST_SPLIT.tuners
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs the sm_90 tile through the interpreter")
 def test_sample_hgmma_tile_same_draws(monkeypatch):
-    """sm_90 fp16/bf16 samples with a 64-row tile (wgmma's rows per warpgroup; 32 elsewhere): run
-    through the interpreter it is the launched tile (grid over 64-row tiles) and draws exactly what
-    the 32-row tile draws (the noise depends on (seed, row, sample, code) only). N = 70: one full and
-    one partial 64-row tile; K = 37 and S = 5 not multiples of the blocks."""
+    """sm_90 fp16/bf16 samples with a 64-row tile (wgmma's rows per warpgroup; 32 elsewhere) and the
+    norms from their own pass (fused elsewhere): run through the interpreter it is the launched tile
+    (grid over 64-row tiles) and draws exactly what the 32-row fused tile draws (the noise depends on
+    (seed, row, sample, code) only). N = 70: one full and one partial 64-row tile; K = 37 and S = 5
+    not multiples of the blocks."""
     from prompt_kernels.kernels import vq as k
     from prompt_kernels.tools.traffic import TrafficMeter
 
@@ -642,9 +699,34 @@ def test_sample_hgmma_tile_same_draws(monkeypatch):
         idx = torch.full((N, S), -7, dtype=torch.int64)
         with TrafficMeter() as m:
             k.vq_sample(x, codebook, S, 2.0, 99, idx)
-        assert m.launches[-1].kernel == "_sample_kernel"
+        # default row: the norms fused into the sampler (one launch); sm_90: the separate norms pass
+        fused = k.sample_config(arch, torch.float16, D).kwargs["FUSED_NORMS"]
+        assert fused == (arch != 90)
+        expected = ["_sample_kernel"] if fused else ["_sq_norms_kernel", "_sample_kernel"]
+        assert [r.kernel for r in m.launches] == expected
         block_m = k.sample_config(arch, torch.float16, D).kwargs["BLOCK_M"]
         assert m.launches[-1].grid[:2] == (-(-N // block_m), 1)
         out[arch] = idx
     assert ((out[90] >= 0) & (out[90] < K)).all()
     assert torch.equal(out[0], out[90])
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic meter counts interpreted launches")
+def test_sample_fp32_one_launch_codebook_once_per_row_tile():
+    """fp32 sampler: 64-row tiles, norms fused (one launch); the codebook is issued once per row
+    tile, x once per 32-code tile, the indices written once. N = 65: two row tiles, the second of one
+    row; K = 33: two code tiles, the second of one code; S = 17: two sample blocks."""
+    from prompt_kernels.kernels import vq as k
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    N, K, D, S = 65, 33, 5, 17
+    x, codebook = _inputs(N, K, D, torch.float32, "cpu")
+    idx = torch.full((N, S), -7, dtype=torch.int64)
+    with TrafficMeter() as m:
+        k.vq_sample(x, codebook, S, 1.5, 5, idx)
+    (run,) = m.launches
+    assert run.kernel == "_sample_kernel" and run.grid[:2] == (2, 2)
+    # per (row tile, sample block): the codebook once, its row tile once per code tile
+    assert run.loaded_bytes == 2 * (2 * K * D * 4 + 2 * N * D * 4)
+    assert run.stored_bytes == N * S * 8
+    assert ((idx >= 0) & (idx < K)).all()

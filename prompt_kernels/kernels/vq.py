@@ -2,7 +2,8 @@
 
     x:        [N, D]   fp32 / fp16 / bf16, contiguous
     codebook: [K, D]   same dtype, contiguous
-    norms:    [K]      fp32, ||e_k||^2 (``_sq_norms_kernel``, one pass over the codebook)
+    norms:    [K]      fp32, ||e_k||^2 (``_sq_norms_kernel``, one pass over the codebook), or computed
+                       in the scan from the code tiles it loads anyway (``FUSED_NORMS``)
 
 * ``_nearest_kernel`` (grid ``(cdiv(N, BLOCK_M),)``): for each tile of ``BLOCK_N`` codes the
   products ``x . e`` of the program's ``BLOCK_M`` rows come from ``tl.dot`` over ``BLOCK_D`` chunks
@@ -10,19 +11,23 @@
   ``||e||^2 - 2 x.e`` feeds a running minimum per row (a later tile must be strictly better, and
   ``tl.min`` breaks ties to the left: ties go to the lowest index). The epilogue gathers the
   winning code rows and writes ``sum((x - e)^2)`` (no cancellation) and the index. The codebook is
-  read once per row tile; the row tile is re-read per code tile from L1/L2 (HBM reads it once).
-  Used from ``LARGE_N`` rows on (at least ``SPLIT_TARGET_PROGRAMS`` row tiles) and for a single code tile.
-* Below ``LARGE_N`` rows, split over codes: ``_nearest_split_kernel`` (grid ``(cdiv(N, BLOCK_M),
-  splits)``) runs the same scan over one contiguous, tile-aligned slice of the codebook and writes a
-  partial (best score, best index) per row and split to an fp32 / int32 workspace ``[splits, N]``;
-  ``_nearest_reduce_kernel`` (grid ``cdiv(N, REDUCE_BLOCK_M)``) takes the minimum over the splits in
-  order (a later split must be strictly better: ties go to the lowest index, as in one pass) and
-  does the epilogue (direct distance to the winner). The row tile keeps 64 rows, so the codebook is
-  read ``cdiv(N, 64)`` times instead of ``cdiv(N, 16)`` with the former 16-row tiles, and the splits
-  give the parallelism the 16-row tiles were there for (see :func:`nearest_plan`).
-* ``_sample_kernel`` (grid ``(cdiv(N, BLOCK_M), cdiv(S, BLOCK_S))``, 64 rows on sm_90 at fp16/bf16 for
-  wgmma, else 32): the same tiles give the logits
-  ``(2 x.e - ||e||^2) / temperature`` (``-||x||^2 / t`` is a per-row constant); for each of the
+  read once per row tile. ``X_RESIDENT`` (``D <= BLOCK_D``): the row tile is loaded once per
+  program and kept in registers for every code tile and the epilogue (fp32 then uses 32-code
+  tiles); otherwise it is re-read per code tile and chunk (from L1/L2 on a GPU).
+  Used for small problems (``N K D <= SMALL_WORK``, with ``FUSED_NORMS``: one launch in all), from
+  ``LARGE_N`` rows on (at least ``SPLIT_TARGET_PROGRAMS`` row tiles) and for a single code tile.
+* Otherwise below ``LARGE_N`` rows, split over codes: ``_nearest_split_kernel`` (grid
+  ``(cdiv(N, BLOCK_M), splits)``) runs the same scan over one contiguous, tile-aligned slice of the
+  codebook and writes a partial (best score, best index) per row and split to an fp32 / int32
+  workspace ``[splits, N]``; ``_nearest_reduce_kernel`` (grid ``cdiv(N, REDUCE_BLOCK_M)``) takes the
+  minimum over the splits in order (a later split must be strictly better: ties go to the lowest
+  index, as in one pass) and does the epilogue (direct distance to the winner). The row tile keeps
+  64 rows, so the codebook is read ``cdiv(N, 64)`` times instead of ``cdiv(N, 16)`` with the former
+  16-row tiles, and the splits give the parallelism the 16-row tiles were there for (see
+  :func:`nearest_plan`).
+* ``_sample_kernel`` (grid ``(cdiv(N, BLOCK_M), cdiv(S, BLOCK_S))``; 64 rows at fp32 and on sm_90 at
+  fp16/bf16 for wgmma, else 32; norms fused except on sm_90 at fp16/bf16): the same tiles give the
+  logits ``(2 x.e - ||e||^2) / temperature`` (``-||x||^2 / t`` is a per-row constant); for each of the
   program's samples a Gumbel variate per (row, code) is added and a running arg-max kept: argmax
   of logit + Gumbel is an exact draw from the softmax. The noise is Philox4x32-10 keyed by the seed
   with counter ``(code, row, sample // 4, 0)``, whose four outputs serve samples ``4q .. 4q + 3``:
@@ -62,15 +67,22 @@ BLOCK_D_CHOICES = {torch.float32: (16, 64), torch.float16: (16, 32, 64), torch.b
 NUM_STAGES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 2}
 NEAREST_BLOCK_M = 64  # rows per program of the nearest-code scan (both paths)
 NEAREST_BLOCK_N = 64
+# fp32 with the row tile resident (D <= BLOCK_D): 32 codes per tile (64 x 64 spills 16-40 B on sm_80
+# / sm_90 with the resident tile; 64 x 32 with 8 warps: 80 registers, no spill, 37.5 % occupancy).
+RESIDENT_BLOCK_N = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
 # Programs the split path aims for: about two per SM on an A100 (108 SMs) / H100 (132 SMs); the
 # 64-row tiles run 2 to 4 blocks per SM (compile check), so this is at most one wave. From
 # LARGE_N rows (256 row tiles of 64) the row tiles alone give that many programs: one pass, no split.
 SPLIT_TARGET_PROGRAMS = 256
 LARGE_N = NEAREST_BLOCK_M * (SPLIT_TARGET_PROGRAMS - 1) + 1  # 16,321
+SMALL_WORK = 1 << 22  # N K D multiply-adds up to which one fused launch does it all (nearest_plan)
 REDUCE_BLOCK_M = 32  # rows per program of the reduction over the splits
 REDUCE_BLOCK_D = 64
 LEGACY_BLOCK_M = 16  # the former small-N tile: only for the "before" traffic launch cases
-SAMPLE_BLOCK_M = 32
+# Sampler rows per program: fp32 64 (the codebook is issued once per row tile; 64 x 32 with 8 warps
+# spills nothing on sm_80 / sm_90 at BLOCK_D 16 or 64: 127-128 registers, 25 % occupancy, as the
+# former 32 x 32 with 4 warps), fp16/bf16 32 (sm_80 and the default row; sm_90: 64 for wgmma).
+SAMPLE_BLOCK_M = {torch.float32: 64, torch.float16: 32, torch.bfloat16: 32}
 SAMPLE_BLOCK_M_HGMMA = 64  # sm_90 fp16/bf16: wgmma's 64 rows per warpgroup
 SAMPLE_BLOCK_N = 32
 SAMPLE_BLOCK_S = 16  # samples per program (a second grid axis covers more)
@@ -78,11 +90,10 @@ NORMS_BLOCK_K = 64
 NORMS_BLOCK_D = 64
 NUM_WARPS = 4
 # Warps per program, chosen so that no configuration spills on sm_80 / sm_90 (compile check): 8 for
-# the 64-row nearest tiles and the fp16/bf16 sampler; the fp32 sampler spills at BLOCK_D=16 with 8
-# warps but not with 4.
+# the 64-row nearest tiles and the samplers (the former 32-row fp32 sampler used 4).
 NEAREST_WARPS = {16: 4, 64: 8}
 REDUCE_WARPS = 4
-SAMPLE_WARPS = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
+SAMPLE_WARPS = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 8}
 
 
 # Per-architecture tile tables (issue #15 item 3), chosen from the compile check
@@ -108,18 +119,21 @@ SCAN_TABLE = {
     DEFAULT_ARCH: _SCAN_80,
 }
 # Sampler (fixed per architecture, not autotuned): arch -> dtype -> (num_warps, BLOCK_D choices,
-# BLOCK_M); stages NUM_STAGES[dtype].
-_SAMPLE_80 = {dt: (SAMPLE_WARPS[dt], BLOCK_D_CHOICES[dt], SAMPLE_BLOCK_M) for dt in DTYPES}
+# BLOCK_M, FUSED_NORMS); stages NUM_STAGES[dtype]. FUSED_NORMS: ||e||^2 from the code tiles, no
+# separate pass over the codebook (its registers cost no occupancy on sm_80: fp32 128, fp16/bf16
+# 104-109 registers).
+_SAMPLE_80 = {dt: (SAMPLE_WARPS[dt], BLOCK_D_CHOICES[dt], SAMPLE_BLOCK_M[dt], 1) for dt in DTYPES}
 SAMPLE_TABLE = {
     80: _SAMPLE_80,
     # sm_90 fp16/bf16: 64 rows, the tile per warpgroup that wgmma needs (32 rows ran mma.sync, HMMA);
     # 8 warps (2 warpgroups split the 32 codes) with BLOCK_D = 16: HGMMA, 128 registers, no spill,
     # cp.async, 25 % occupancy. (4 warps: 235-255 registers, 12.5 %; BLOCK_D 32/64 with 8 warps: no
     # spill either but 128-140 registers and 12.5-25 %, so BLOCK_D stays 16 as with the 32-row tile.)
+    # The norms come from the separate pass there: fused, 134 registers halve the occupancy (12.5 %).
     90: {
         torch.float32: _SAMPLE_80[torch.float32],
-        torch.float16: (8, (16,), SAMPLE_BLOCK_M_HGMMA),
-        torch.bfloat16: (8, (16,), SAMPLE_BLOCK_M_HGMMA),
+        torch.float16: (8, (16,), SAMPLE_BLOCK_M_HGMMA, 0),
+        torch.bfloat16: (8, (16,), SAMPLE_BLOCK_M_HGMMA, 0),
     },
     DEFAULT_ARCH: _SAMPLE_80,
 }
@@ -134,7 +148,11 @@ def scan_candidates(arch: int, dtype: torch.dtype, D: int) -> tuple[TileConfig, 
     block_d = next((c for c in choices if c >= D), choices[-1])
 
     def tile(bd, st):
-        return TileConfig.of(warps, st, BLOCK_M=NEAREST_BLOCK_M, BLOCK_N=NEAREST_BLOCK_N, BLOCK_D=bd)
+        resident = D <= bd
+        block_n = RESIDENT_BLOCK_N[dtype] if resident else NEAREST_BLOCK_N
+        return TileConfig.of(
+            warps, st, BLOCK_M=NEAREST_BLOCK_M, BLOCK_N=block_n, BLOCK_D=bd, X_RESIDENT=int(resident)
+        )
 
     out = [tile(block_d, stages)]
     if more_stages is not None:
@@ -147,7 +165,7 @@ def scan_candidates(arch: int, dtype: torch.dtype, D: int) -> tuple[TileConfig, 
 
 def sample_config(arch: int, dtype: torch.dtype, D: int) -> TileConfig:
     """The sampler's tile on ``arch``: the smallest ``BLOCK_D`` choice >= D (else the largest)."""
-    warps, choices, block_m = arch_row(SAMPLE_TABLE, arch)[dtype]
+    warps, choices, block_m, fused = arch_row(SAMPLE_TABLE, arch)[dtype]
     return TileConfig.of(
         warps,
         NUM_STAGES[dtype],
@@ -155,6 +173,7 @@ def sample_config(arch: int, dtype: torch.dtype, D: int) -> TileConfig:
         BLOCK_N=SAMPLE_BLOCK_N,
         BLOCK_D=next((c for c in choices if c >= D), choices[-1]),
         BLOCK_S=SAMPLE_BLOCK_S,
+        FUSED_NORMS=fused,
     )
 
 
@@ -174,9 +193,26 @@ def _sq_norms_kernel(e_ptr, out_ptr, K, D, stride_e, BLOCK_K: tl.constexpr, BLOC
 
 
 @triton.jit
+def _dot_acc(xt, et, acc):
+    if xt.dtype == tl.float32:
+        return tl.dot(xt, et, acc, input_precision="ieee")
+    return tl.dot(xt, et, acc)
+
+
+@triton.jit
+def _load_x_chunk(x_ptr, rows64, rmask, d0, D, stride_x, BLOCK_D: tl.constexpr):
+    """``[BLOCK_M, BLOCK_D]`` chunk of the row tile at feature ``d0`` (zero outside)."""
+    ds = d0 + tl.arange(0, BLOCK_D)
+    return tl.load(
+        x_ptr + rows64[:, None] * stride_x + ds[None, :], mask=rmask[:, None] & (ds[None, :] < D), other=0.0
+    )
+
+
+@triton.jit
 def _tile_dots(
     x_ptr,
     e_ptr,
+    x_res,
     rows64,
     rmask,
     ks64,
@@ -187,23 +223,43 @@ def _tile_dots(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    X_RESIDENT: tl.constexpr,
+    FUSED_NORMS: tl.constexpr,
 ):
-    """``[BLOCK_M, BLOCK_N]`` fp32 products of the row tile with the code tile."""
+    """``[BLOCK_M, BLOCK_N]`` fp32 products of the row tile with the code tile, and (``FUSED_NORMS``)
+    the ``[BLOCK_N]`` fp32 squared norms of the codes from the same loads (else zeros).
+    ``X_RESIDENT`` (``D <= BLOCK_D``): ``x_res`` is the row tile, loaded once per program by the
+    caller; the code tile is one chunk. Otherwise the row tile is re-loaded per chunk."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        dmask = ds < D
-        xt = tl.load(
-            x_ptr + rows64[:, None] * stride_x + ds[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0
-        )
+    en = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if X_RESIDENT:
+        ds = tl.arange(0, BLOCK_D)
         et = tl.load(
-            e_ptr + ks64[None, :] * stride_e + ds[:, None], mask=kmask[None, :] & dmask[:, None], other=0.0
+            e_ptr + ks64[None, :] * stride_e + ds[:, None], mask=kmask[None, :] & (ds[:, None] < D), other=0.0
         )
-        if x_ptr.dtype.element_ty == tl.float32:
-            acc = tl.dot(xt, et, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, et, acc)
-    return acc
+        acc = _dot_acc(x_res, et, acc)
+        if FUSED_NORMS:
+            ef = et.to(tl.float32)
+            en = tl.sum(ef * ef, axis=0)
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            dmask = ds < D
+            xt = tl.load(
+                x_ptr + rows64[:, None] * stride_x + ds[None, :],
+                mask=rmask[:, None] & dmask[None, :],
+                other=0.0,
+            )
+            et = tl.load(
+                e_ptr + ks64[None, :] * stride_e + ds[:, None],
+                mask=kmask[None, :] & dmask[:, None],
+                other=0.0,
+            )
+            acc = _dot_acc(xt, et, acc)
+            if FUSED_NORMS:
+                ef = et.to(tl.float32)
+                en += tl.sum(ef * ef, axis=0)
+    return acc, en
 
 
 @triton.jit
@@ -211,6 +267,7 @@ def _scan_codes(
     x_ptr,
     e_ptr,
     norms_ptr,
+    x_res,
     rows64,
     rmask,
     k_begin,
@@ -221,18 +278,22 @@ def _scan_codes(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    X_RESIDENT: tl.constexpr,
+    FUSED_NORMS: tl.constexpr,
 ):
     """Running minimum of ``||e||^2 - 2 x.e`` over codes ``k_begin .. k_end - 1`` for the row tile:
     ``(best score [BLOCK_M] fp32, its code [BLOCK_M] int32)``. A later code tile must be strictly
-    better and ``tl.min`` breaks ties to the left: ties go to the lowest index."""
+    better and ``tl.min`` breaks ties to the left: ties go to the lowest index. ``||e||^2`` comes
+    from ``norms_ptr`` or (``FUSED_NORMS``) from the code tiles themselves."""
     best = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
     best_k = tl.zeros([BLOCK_M], dtype=tl.int32) + k_begin
     for k0 in range(k_begin, k_end, BLOCK_N):
         ks = k0 + tl.arange(0, BLOCK_N)
         kmask = ks < k_end
-        acc = _tile_dots(
+        acc, en = _tile_dots(
             x_ptr,
             e_ptr,
+            x_res,
             rows64,
             rmask,
             ks.to(tl.int64),
@@ -243,8 +304,11 @@ def _scan_codes(
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
+            X_RESIDENT,
+            FUSED_NORMS,
         )
-        en = tl.load(norms_ptr + ks, mask=kmask, other=0.0)
+        if not FUSED_NORMS:
+            en = tl.load(norms_ptr + ks, mask=kmask, other=0.0)
         score = tl.where(kmask[None, :], en[None, :] - 2.0 * acc, float("inf"))
         tile_min, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_min < best
@@ -259,6 +323,7 @@ def _write_nearest(
     e_ptr,
     idx_ptr,
     dist_ptr,
+    x_res,
     rows,
     rows64,
     rmask,
@@ -268,18 +333,26 @@ def _write_nearest(
     stride_e,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    X_RESIDENT: tl.constexpr,
 ):
     """Epilogue: the exact distance to the winner (gather its row, sum the squared differences, no
-    cancellation) and the int64 index."""
+    cancellation) and the int64 index. ``X_RESIDENT``: ``x_res`` is the row tile (one chunk)."""
     dist = tl.zeros([BLOCK_M], dtype=tl.float32)
     bk64 = best_k.to(tl.int64)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
+    if X_RESIDENT:
+        ds = tl.arange(0, BLOCK_D)
         m = rmask[:, None] & (ds[None, :] < D)
-        xv = tl.load(x_ptr + rows64[:, None] * stride_x + ds[None, :], mask=m, other=0.0).to(tl.float32)
         ev = tl.load(e_ptr + bk64[:, None] * stride_e + ds[None, :], mask=m, other=0.0).to(tl.float32)
-        diff = xv - ev
-        dist += tl.sum(diff * diff, axis=1)
+        diff = x_res.to(tl.float32) - ev
+        dist = tl.sum(diff * diff, axis=1)
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            m = rmask[:, None] & (ds[None, :] < D)
+            xv = tl.load(x_ptr + rows64[:, None] * stride_x + ds[None, :], mask=m, other=0.0).to(tl.float32)
+            ev = tl.load(e_ptr + bk64[:, None] * stride_e + ds[None, :], mask=m, other=0.0).to(tl.float32)
+            diff = xv - ev
+            dist += tl.sum(diff * diff, axis=1)
     tl.store(idx_ptr + rows, bk64, mask=rmask)
     tl.store(dist_ptr + rows, dist, mask=rmask)
 
@@ -299,15 +372,49 @@ def _nearest_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    X_RESIDENT: tl.constexpr,
+    FUSED_NORMS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
+    x_res = 0.0
+    if X_RESIDENT:
+        x_res = _load_x_chunk(x_ptr, rows64, rmask, 0, D, stride_x, BLOCK_D)
     _, best_k = _scan_codes(
-        x_ptr, e_ptr, norms_ptr, rows64, rmask, 0, K, D, stride_x, stride_e, BLOCK_M, BLOCK_N, BLOCK_D
+        x_ptr,
+        e_ptr,
+        norms_ptr,
+        x_res,
+        rows64,
+        rmask,
+        0,
+        K,
+        D,
+        stride_x,
+        stride_e,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+        X_RESIDENT,
+        FUSED_NORMS,
     )
     _write_nearest(
-        x_ptr, e_ptr, idx_ptr, dist_ptr, rows, rows64, rmask, best_k, D, stride_x, stride_e, BLOCK_M, BLOCK_D
+        x_ptr,
+        e_ptr,
+        idx_ptr,
+        dist_ptr,
+        x_res,
+        rows,
+        rows64,
+        rmask,
+        best_k,
+        D,
+        stride_x,
+        stride_e,
+        BLOCK_M,
+        BLOCK_D,
+        X_RESIDENT,
     )
 
 
@@ -327,6 +434,7 @@ def _nearest_split_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    X_RESIDENT: tl.constexpr,
 ):
     """Program ``(i, s)``: rows ``i * BLOCK_M ..`` against codes ``s * codes_per_split ..`` (a multiple
     of BLOCK_N); writes the partial minimum to ``part_*[s, row]``."""
@@ -336,10 +444,14 @@ def _nearest_split_kernel(
     split = tl.program_id(1)
     k_begin = split * codes_per_split
     k_end = tl.minimum(k_begin + codes_per_split, K)
+    x_res = 0.0
+    if X_RESIDENT:
+        x_res = _load_x_chunk(x_ptr, rows64, rmask, 0, D, stride_x, BLOCK_D)
     best, best_k = _scan_codes(
         x_ptr,
         e_ptr,
         norms_ptr,
+        x_res,
         rows64,
         rmask,
         k_begin,
@@ -350,6 +462,8 @@ def _nearest_split_kernel(
         BLOCK_M,
         BLOCK_N,
         BLOCK_D,
+        X_RESIDENT,
+        False,
     )
     out = split.to(tl.int64) * N + rows64
     tl.store(part_score_ptr + out, best, mask=rmask)
@@ -390,7 +504,21 @@ def _nearest_reduce_kernel(
         score_ptrs += N
         idx_ptrs += N
     _write_nearest(
-        x_ptr, e_ptr, idx_ptr, dist_ptr, rows, rows64, rmask, best_k, D, stride_x, stride_e, BLOCK_M, BLOCK_D
+        x_ptr,
+        e_ptr,
+        idx_ptr,
+        dist_ptr,
+        0.0,
+        rows,
+        rows64,
+        rmask,
+        best_k,
+        D,
+        stride_x,
+        stride_e,
+        BLOCK_M,
+        BLOCK_D,
+        False,
     )
 
 
@@ -444,6 +572,7 @@ def _sample_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    FUSED_NORMS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
@@ -458,9 +587,14 @@ def _sample_kernel(
     for k0 in range(0, K, BLOCK_N):
         ks = k0 + tl.arange(0, BLOCK_N)
         kmask = ks < K
-        acc = _tile_dots(
+        # FUSED_NORMS: ||e||^2 from the code tiles (the sampling work per (row, code) dwarfs the
+        # BLOCK_N x D squares per tile). The row tile is re-loaded per code tile: kept resident,
+        # fp32 spills 0.7-2.8 KB at BLOCK_D = 64 and fp16/bf16 lose the pipelined chunk loop (the
+        # code loop holds the sampling loop, so it is not innermost).
+        acc, en = _tile_dots(
             x_ptr,
             e_ptr,
+            0.0,
             rows64,
             rmask,
             ks.to(tl.int64),
@@ -471,8 +605,11 @@ def _sample_kernel(
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
+            False,
+            FUSED_NORMS,
         )
-        en = tl.load(norms_ptr + ks, mask=kmask, other=0.0)
+        if not FUSED_NORMS:
+            en = tl.load(norms_ptr + ks, mask=kmask, other=0.0)
         logit = tl.where(kmask[None, :], (2.0 * acc - en[None, :]) * inv_temp, float("-inf"))
         ctr_k = ks[None, :] + zero
         # One Philox call gives four uint32: the noise of samples 4q .. 4q + 3 (BLOCK_S % 4 == 0).
@@ -502,25 +639,43 @@ _NEAREST_SPLIT = TunedKernel(_nearest_split_kernel, key=["K", "D"])
 class NearestPlan:
     """How ``vq_nearest`` launches: ``splits == 1`` is one pass (``_nearest_kernel``), otherwise the
     codes are split into ``splits`` slices of ``codes_per_split`` (a multiple of ``NEAREST_BLOCK_N``)
-    and reduced by a second kernel."""
+    and reduced by a second kernel. ``fused_norms`` (one pass only): ``||e||^2`` from the scan's code
+    tiles instead of a separate pass over the codebook."""
 
     block_m: int
     splits: int
     codes_per_split: int
+    fused_norms: bool = False
 
 
-def nearest_plan(N: int, K: int) -> NearestPlan:
-    """The launch of ``vq_nearest`` for ``N`` rows and ``K`` codes.
+def nearest_plan(N: int, K: int, D: int) -> NearestPlan:
+    """The launch of ``vq_nearest`` for ``N`` rows, ``K`` codes of ``D`` features.
 
     Traffic (no cache, element size s): one pass over 64-row tiles issues the codebook
     ``cdiv(N, 64) K D s`` times (a quarter of the former 16-row tiles' ``cdiv(N, 16) K D s``, whose
-    only purpose was more programs at small N). Splitting over codes issues exactly the same
-    codebook and ``x`` bytes (each slice is tile-aligned) plus a workspace of 8 bytes per row and
-    split, written once and read once; the winner's epilogue moves from the scan to the reduction.
-    So the split never costs traffic worth counting (16 N splits bytes against ``s (N + K) D``), and
-    it is chosen for parallelism: whenever the row tiles alone give fewer than
-    ``SPLIT_TARGET_PROGRAMS`` programs (``N < LARGE_N``), the codes are split so that row tiles x
-    splits reaches it (at most one code tile per split)."""
+    only purpose was more programs at small N). Splitting over codes issues the codebook as often
+    and ``x`` once per slice (``D <= BLOCK_D``: the row tile stays in registers across a slice's code
+    tiles; else once per code tile on either path), plus a workspace of 8 bytes per row and split
+    written and read once, and the reduction's epilogue reads ``x`` again; the separate norms pass
+    reads the codebook once more. That is the price of parallelism, so:
+
+    * Small problems (``N K D <= SMALL_WORK``, 4.2 M multiply-adds: the one pass's 64-row programs
+      then scan at most 64 K D <= 2^22 products each, microseconds, comparable to one launch):
+      one pass with the norms fused into the scan, one launch in all; ``x`` and the codebook are
+      issued ``1`` and ``cdiv(N, 64)`` times.
+    * Otherwise, whenever the row tiles alone give fewer than ``SPLIT_TARGET_PROGRAMS`` programs
+      (``N < LARGE_N``), the codes are split so that row tiles x splits reaches it (at most one code
+      tile per split); from ``LARGE_N`` rows one pass (the norms pass reads ``K D s`` against the
+      ``N D s`` of ``x``)."""
+    if N * K * D <= SMALL_WORK:
+        return NearestPlan(
+            NEAREST_BLOCK_M, 1, triton.cdiv(K, NEAREST_BLOCK_N) * NEAREST_BLOCK_N, fused_norms=True
+        )
+    return split_plan(N, K)
+
+
+def split_plan(N: int, K: int) -> NearestPlan:
+    """The plan above ``SMALL_WORK``: split over codes up to ``SPLIT_TARGET_PROGRAMS`` programs."""
     row_tiles = triton.cdiv(N, NEAREST_BLOCK_M)
     code_tiles = triton.cdiv(K, NEAREST_BLOCK_N)
     splits = min(code_tiles, triton.cdiv(SPLIT_TARGET_PROGRAMS, row_tiles))  # 1 from LARGE_N rows on
@@ -566,20 +721,20 @@ def vq_nearest(
     K = codebook.shape[0]
     if N == 0:
         return
-    plan = plan or nearest_plan(N, K)
-    norms = code_sq_norms(codebook)
+    plan = plan or nearest_plan(N, K, D)
+    fused = plan.fused_norms and plan.splits == 1
+    norms = distances if fused else code_sq_norms(codebook)  # fused: a placeholder, never read
     cands = scan_candidates(launch_arch(x.device), x.dtype, D)
     if plan.block_m != NEAREST_BLOCK_M:  # the former 16-row tiles (tests, "before" traffic cases): fixed
         c = cands[0]
-        cands = (
-            TileConfig.of(NEAREST_WARPS[plan.block_m], c.num_stages, **{**c.kwargs, "BLOCK_M": plan.block_m}),
-        )
+        kw = {**c.kwargs, "BLOCK_M": plan.block_m, "BLOCK_N": NEAREST_BLOCK_N, "X_RESIDENT": 0}
+        cands = (TileConfig.of(NEAREST_WARPS[plan.block_m], c.num_stages, **kw),)
     if plan.splits == 1:
         _NEAREST.launch(
             lambda m: (triton.cdiv(N, m["BLOCK_M"]),),
             cands,
             x, codebook, norms, indices, distances, N, K, D, x.stride(0), codebook.stride(0),
-            device=x.device,
+            device=x.device, FUSED_NORMS=int(fused),
         )  # fmt: skip
         return
     part_score = _alloc.empty((plan.splits, N), dtype=torch.float32, device=x.device)
@@ -624,8 +779,11 @@ def vq_sample(
     K = codebook.shape[0]
     if N == 0:
         return
-    norms = code_sq_norms(codebook)
     cfg = sample_config(launch_arch(x.device), x.dtype, D)
+    if cfg.kwargs["FUSED_NORMS"]:  # a placeholder, never read
+        norms = _alloc.empty((1,), dtype=torch.float32, device=x.device)
+    else:
+        norms = code_sq_norms(codebook)
     grid = (triton.cdiv(N, cfg.kwargs["BLOCK_M"]), triton.cdiv(num_samples, SAMPLE_BLOCK_S))
     _sample_kernel[grid](
         x,
@@ -705,6 +863,7 @@ def _compile_specs() -> list[CompileSpec]:
             "BLOCK_M": "constexpr",
             "BLOCK_N": "constexpr",
             "BLOCK_D": "constexpr",
+            "X_RESIDENT": "constexpr",
         }
         specs.append(
             CompileSpec(
@@ -732,21 +891,28 @@ def _compile_specs() -> list[CompileSpec]:
         )
         for tile, archs in scan_table_tiles(dt).items():
             block_d = tile.kwargs["BLOCK_D"]
-            tile_name = f"{t},BLOCK_M={NEAREST_BLOCK_M},BLOCK_N={NEAREST_BLOCK_N},BLOCK_D={block_d}"
+            tile_name = f"{t},BLOCK_M={NEAREST_BLOCK_M},BLOCK_N={tile.kwargs['BLOCK_N']},BLOCK_D={block_d}"
+            tile_name += f",X_RESIDENT={tile.kwargs['X_RESIDENT']}"
             if tile.num_stages != NUM_STAGES[dt]:
                 tile_name += f",stages={tile.num_stages}"
-            specs.append(
-                CompileSpec(
-                    name=f"vq_nearest[{tile_name}]",
-                    kernel=_nearest_kernel,
-                    signature={**scan_signature, "idx_ptr": "*i64", "dist_ptr": "*fp32"},
-                    constexprs=tile.kwargs,
-                    num_warps=tile.num_warps,
-                    num_stages=tile.num_stages,
-                    uses_dot=True,
-                    archs=archs,
+            for fused in (0, 1):  # nearest_plan fuses the norms for small problems, at any tile
+                specs.append(
+                    CompileSpec(
+                        name=f"vq_nearest[{tile_name},FUSED_NORMS={fused}]",
+                        kernel=_nearest_kernel,
+                        signature={
+                            **scan_signature,
+                            "idx_ptr": "*i64",
+                            "dist_ptr": "*fp32",
+                            "FUSED_NORMS": "constexpr",
+                        },
+                        constexprs={**tile.kwargs, "FUSED_NORMS": fused},
+                        num_warps=tile.num_warps,
+                        num_stages=tile.num_stages,
+                        uses_dot=True,
+                        archs=archs,
+                    )
                 )
-            )
             specs.append(
                 CompileSpec(
                     name=f"vq_nearest_split[{tile_name}]",
@@ -770,7 +936,7 @@ def _compile_specs() -> list[CompileSpec]:
             specs.append(
                 CompileSpec(
                     name=f"vq_sample[{t},BLOCK_M={block_m},BLOCK_N={SAMPLE_BLOCK_N},BLOCK_D={block_d},"
-                    f"BLOCK_S={SAMPLE_BLOCK_S}{warps}]",
+                    f"BLOCK_S={SAMPLE_BLOCK_S},FUSED_NORMS={tile.kwargs['FUSED_NORMS']}{warps}]",
                     kernel=_sample_kernel,
                     signature={
                         "x_ptr": f"*{t}",
@@ -789,6 +955,7 @@ def _compile_specs() -> list[CompileSpec]:
                         "BLOCK_N": "constexpr",
                         "BLOCK_D": "constexpr",
                         "BLOCK_S": "constexpr",
+                        "FUSED_NORMS": "constexpr",
                     },
                     constexprs=tile.kwargs,
                     num_warps=tile.num_warps,
@@ -814,14 +981,20 @@ def _launch_cases() -> list[LaunchCase]:
         idx = _alloc.empty((N,), dtype=torch.int64, device=x.device)
         dist = _alloc.empty((N,), dtype=torch.float32, device=x.device)
         near = vq_nearest_floors(N, K, D, 4)
-        plan = nearest_plan(N, K)
+        plan = nearest_plan(N, K, D)
+        assert plan.splits == 1 and plan.fused_norms  # small problems: one fused launch
+        split = split_plan(N, K)
         variants = [
-            (f" (split {plan.splits}x{plan.codes_per_split} codes)", None),
+            (" (one pass, fused norms: the small-problem path)", None),
+            (f" (split {split.splits}x{split.codes_per_split} codes: the mid-size path)", split),
             (" (before: one pass, 16-row tiles)", NearestPlan(LEGACY_BLOCK_M, 1, K)),
         ]
         if N > 64:
             variants.append(
-                (" (one pass, 64-row tiles: the large-N path)", NearestPlan(NEAREST_BLOCK_M, 1, K))
+                (
+                    " (one pass, 64-row tiles, norms pass: the large-N path)",
+                    NearestPlan(NEAREST_BLOCK_M, 1, K),
+                )
             )
         for suffix, p in variants:
             cases.append(
@@ -835,7 +1008,8 @@ def _launch_cases() -> list[LaunchCase]:
                     floor_bytes=near.forward_bytes,
                     floor_flops=near.forward_flops,
                     scale_note="bytes (N*D + K*D)*4 + 12*N; flops 2*N*K*D; codebook issued cdiv(N, BLOCK_M) "
-                    "times, x once per 64-code tile; split adds 16*N*splits B of partials",
+                    "times (+1 for a norms pass), x once per program (D <= BLOCK_D) and once more for "
+                    "the winner's distance after a split; split adds 16*N*splits B of partials",
                 )
             )
     N, K, D, S = 40, 70, 48, 3
