@@ -326,17 +326,21 @@ def test_eager_path_skips_the_custom_op_with_identical_results(backend, monkeypa
 
 
 # ---------------------------------------------------------------------------------------------
-# The Triton weight gradient: dH = x^T dy as a split-K GEMM into a workspace, then the contractions
-# with rules / weights in fixed order (no atomics). Launched directly, with NaN-filled outputs (the
-# launcher's own workspaces are NaN-poisoned by conftest's PROMPT_KERNELS_POISON=1).
+# The Triton weight gradient: dH = x^T dy on tiles of every Kronecker block at once, contracted with
+# rules / weights in registers (one split: dweights and dbias stored in place; several: per-split fp32
+# partials summed in order by _grad_reduce_kernel; no atomics). Launched directly, with NaN-filled
+# outputs (the launcher's own workspaces are NaN-poisoned by conftest's PROMPT_KERNELS_POISON=1).
 
 # (x shape, out_features, n): batch 1; in/out not multiples of any tile (I = 5, O = 7; I = 9, O = 5);
-# 3-D x; in = 136 > 64 (several dH p-tiles) and O = 18 > 16 (several contraction q-tiles).
+# 3-D x; I = 68 (several dH p-tiles); O = 20 with n = 4 (several q-tiles); I = O = 16 (fp16: the
+# aligned launch, ALIGN = 8 and 2 stages).
 GRAD_CASES = [
     ((1, 12), 8, 4),
     ((1, 10), 14, 2),
     ((3, 7, 36), 20, 4),
     ((75, 136), 36, 2),
+    ((5, 12), 80, 4),
+    ((33, 64), 64, 4),
 ]
 
 
@@ -396,12 +400,66 @@ def test_triton_weight_gradient_has_no_atomics_and_single_writes():
     with TrafficMeter() as meter:
         _launch_backward(inputs, grad_out, 3)
     kernels = [rec.kernel for rec in meter.launches]
-    assert kernels == ["_grad_x_kernel", "_grad_h_kernel", "_grad_reduce_kernel", "_grad_rules_kernel"]
-    grad_h = meter.launches[1]
+    assert kernels == ["_grad_x_kernel", "_grad_h_kernel", "_grad_reduce_kernel"]
+    grad_h, reduce = meter.launches[1:]
     assert grad_h.grid[2] == 3 and grad_h.dot_flops >= 2 * 70 * 40 * 24  # the split-K GEMM, 3 splits
+    # drules, then the partials of dweights (4 * 10 * 6 elements) and dbias (24), 1024 a program
+    assert reduce.grid == (3, 1, 1)
     for rec in meter.launches:
         assert rec.atomics == 0, rec.kernel
         assert rec.stored_bytes == rec.unique_stored_bytes, f"{rec.kernel} stores some bytes twice"
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic meter runs under the Triton interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_weight_gradient_one_split_has_no_workspace_round_trip(dtype):
+    """One split (the interpreter's choice at a small batch): ``_grad_h_kernel`` contracts ``dH`` in
+    registers and stores dweights and dbias in place, once, plus the tiles' drules shares; the
+    reduction only sums those shares. x and dy are read once per dH column / row tile, weights and
+    rules once per program; nothing else is read."""
+    from prompt_kernels.kernels import phm_linear as k
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    N, n, p_in, q_out = 21, 3, 5, 7
+    inputs = make_inputs((N, n * p_in), n * q_out, n, True, dtype)
+    grad_out = torch.randn(N, n * q_out).to(dtype)
+    with TrafficMeter() as meter:
+        grads = _launch_backward(inputs, grad_out, None)
+    assert [rec.kernel for rec in meter.launches] == [
+        "_grad_x_kernel",
+        "_grad_h_kernel",
+        "_grad_reduce_kernel",
+    ]
+    grad_h, reduce = meter.launches[1:]
+    assert grad_h.grid == (1, 1, 1) and reduce.grid == (1, 1, 1)  # every block in one tile, one split
+    e = inputs[0].element_size()
+    x, rules, w = inputs[:3]
+    assert (
+        grad_h.loaded_bytes
+        == grad_h.unique_loaded_bytes
+        == (x.numel() + grad_out.numel() + w.numel()) * e + (rules.numel() * e)
+    )
+    assert grad_h.stored_bytes == (w.numel() + n * q_out) * e + 4 * n**3  # dw, db in place, drules share
+    assert reduce.loaded_bytes == 4 * n**3 and reduce.stored_bytes == n**3 * e
+    assert k.grad_h_splits(N, n * p_in, n * q_out, 1, e, x.device, None, w.numel() + n * q_out)[0] == 1
+    y = reference(*inputs) if dtype == torch.float32 else reference(*(t.float() for t in inputs)).to(dtype)
+    _assert_all_within_budget("triton", inputs, grad_out, y, grads)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic meter runs under the Triton interpreter")
+def test_launch_cases_within_one_and_a_half_of_the_byte_floor():
+    """Issue #15's goal at the registered launch cases: issued bytes (no cache) at most 1.5x the
+    floor, forward and backward, with tl.dot doing the products."""
+    from prompt_kernels.kernels import registry
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    cases = [c for c in registry.launch_cases() if c.op == "phm_linear"]
+    assert len(cases) == 4
+    for case in cases:
+        with TrafficMeter() as meter:
+            case.launch()
+        assert meter.totals.issued_bytes <= 1.5 * case.floor_bytes, (case.name, meter.totals.issued_bytes)
+        assert meter.totals.dot_flops >= case.floor_flops * 0.9, case.name
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the fixed tile is the interpreter's (a GPU autotunes)")

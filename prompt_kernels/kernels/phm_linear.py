@@ -17,18 +17,16 @@ to the input dtype as a materialised ``H`` would be) right before the ``tl.dot``
   the same way, the ``H^T`` chunk built from transposed ``weights`` tiles.
 * The parameter gradients (``grad_params``), deterministic: no atomics, every sum in a fixed order.
 
-  1. ``_grad_h_kernel`` (grid ``(cdiv(in, BLOCK_P), cdiv(out, BLOCK_Q), splits)``): the GEMM
-     ``dH = x^T dy`` (``[in, out]``, ``tl.dot``, fp32), split over rows (split-K) when the tiles alone
-     would not fill the GPU; each split stores its partial ``dH`` to its own slot of an fp32
-     workspace ``g [splits, in, out]`` (no atomics), the first p-tile also the split's column sums of
-     ``dy`` to ``gb [splits, out]``.
-  2. ``_grad_reduce_kernel`` (grid ``(cdiv(I, BLOCK_P) * cdiv(O, BLOCK_Q),)``): per tile of
-     ``weights``' ``[I, O]``, for each block ``(a, b)`` in order, the splits of
-     ``dH_ab = g[:, a*I + p, b*O + q]`` summed in order, then ``dweights[i] += rules[i, a, b] * dH_ab``
-     for all ``i`` at once (stored once at the end) and the tile's share of
-     ``drules[i, a, b] = <weights[i], dH_ab>`` stored to ``drp [tiles, n^3]``; the first p-tile's
-     programs sum ``gb`` over the splits into ``dbias``.
-  3. ``_grad_rules_kernel`` (one program): ``drules = sum_t drp[t]`` in order.
+  1. ``_grad_h_kernel`` (grid ``(cdiv(I, BLOCK_P // N_POW2), cdiv(O, BLOCK_Q // N_POW2), splits)``):
+     the GEMM ``dH = x^T dy`` (``tl.dot``, fp32) on tiles of every block at once (rows ``(a, p)``,
+     columns ``(b, q)``, ``N_POW2 = next_pow2(n)`` blocks a side), split over rows (split-K) when the
+     tiles alone would not fill the GPU, then contracted in registers: ``dweights[i, p, q] =
+     sum_ab rules[i, a, b] dH_ab[p, q]`` for all ``i``, the tile's share of ``drules[i, a, b] =
+     <weights[i], dH_ab>`` (to ``drp [splits * tiles, n^3]``) and, in the first p-tile, the column
+     sums of ``dy`` (``dbias``). No ``dH`` workspace: with one split ``dweights`` and ``dbias`` are
+     stored in place, once; with several, each split's fp32 partials to its own slot (no atomics).
+  2. ``_grad_reduce_kernel`` (grid ``1 + blocks``): program 0 sums the ``drules`` shares in order;
+     with several splits the others sum the partials of ``dweights`` and ``dbias`` in split order.
 
 The forward and grad_x loops are single loops (no inner loop), so Triton pipelines their loads
 (cp.async, ``num_stages = 2``); fp16/bf16 only where the launcher has checked 16-byte alignment
@@ -71,12 +69,11 @@ BLOCK_M_FP32 = 32
 # (BLOCK_N, BLOCK_K) of the forward and grad_x kernels: output columns per program (q for forward,
 # p for grad_x) and reduction chunk (p for forward, q for grad_x). (64, 32) is left out: it spills on sm_80.
 MM_CONFIGS = ((16, 16), (16, 32), (32, 16), (32, 32), (64, 16))
-GRAD_H_TILES = (16, 32, 64)  # tile sides of the dH = x^T dy GEMM (BLOCK_P over in, BLOCK_Q over out)
+# tile sides of the dH = x^T dy GEMM (BLOCK_P over (a, p), BLOCK_Q over (b, q): every block at once)
+GRAD_H_TILES = (32, 64)
 BLOCK_R = 32  # rows per step of the dH GEMM's reduction
-REDUCE_TILES = (16, 32)  # tile sides of the contraction kernel over weights' [I, O]
-REDUCE_TILE_ELEMENTS = (1024, 2048)  # N_POW2 * BLOCK_P * BLOCK_Q, where the tile sides allow
-REDUCE_STAGES = 1  # contraction kernel: no dot to pipeline (2 stages changed nothing in the compile check)
-WORKSPACE_SHARE = 4  # the dH split workspace's round trip: at most 1/4 of the bytes of x and dy
+REDUCE_BLOCK = 1024  # elements per program of the sum over the splits' partial dweights / dbias
+WORKSPACE_SHARE = 4  # the split partials' round trip: at most 1/4 of the bytes of x and dy
 NUM_WARPS = 4
 NUM_STAGES = 2
 
@@ -326,12 +323,19 @@ def _grad_x_kernel(
 def _grad_h_kernel(
     x_ptr,
     dy_ptr,
-    g_ptr,
-    gb_ptr,
+    r_ptr,
+    w_ptr,
+    dw_ptr,
+    db_ptr,
+    dwp_ptr,
+    dbp_ptr,
+    drp_ptr,
     N,
-    IN,
-    OUT,
+    n,
+    I,
+    O,
     rows_per_split,
+    splits,
     want_params,
     want_bias,
     stride_xm,
@@ -341,120 +345,136 @@ def _grad_h_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    N_POW2: tl.constexpr,
+    ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """``g[split] = x[rows]^T dy[rows]`` on a ``[BLOCK_P, BLOCK_Q]`` tile of the ``[IN, OUT]`` matrix
-    ``dH`` over the rows of one split (a plain GEMM: the Kronecker blocks do not matter here), stored
-    to its own slot of the fp32 workspace ``g [splits, IN, OUT]``; the programs of the first p-tile
-    also store the split's column sums of ``dy`` to ``gb [splits, OUT]``. No atomics."""
+    """Program ``(tp, tq, s)``: the ``dH`` GEMM over the rows of split ``s`` on the features
+    ``p`` in the ``tp``-th chunk of ``BP = BLOCK_P // N_POW2`` and ``q`` in the ``tq``-th chunk of
+    ``BQ = BLOCK_Q // N_POW2`` of every block at once (tile rows ``(a, p)``, columns ``(b, q)``):
+    ``G[a, p, b, q] = sum_r x[r, a*I + p] dy[r, b*O + q]`` (``tl.dot``, fp32), then contracted in
+    registers (no ``dH`` workspace): ``dweights[i, p, q] = sum_ab rules[i, a, b] G[a, p, b, q]``
+    and the tile's share ``drp[s, tile, i, a, b] = sum_pq weights[i, p, q] G[a, p, b, q]``; the
+    ``tp = 0`` programs also the column sums of ``dy`` (``dbias``). One split: ``dweights`` and
+    ``dbias`` stored in place (``dw``, ``db``); several: the split's fp32 partials to ``dwp[s]``,
+    ``dbp[s]`` (summed by ``_grad_reduce_kernel``). No atomics; every sum in a fixed order."""
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
     split = tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    p_ok = p < IN
-    q_ok = q < OUT
-    x_cols = x_ptr + p.to(tl.int64)[:, None] * stride_xk
-    dy_cols = dy_ptr + q.to(tl.int64)[None, :] * stride_dyk
+    # no-ops (the launcher checked the multiples) that tell the compiler so: vector loads and masks
+    I = I // ALIGN * ALIGN
+    O = O // ALIGN * ALIGN
+    stride_xm = stride_xm // ALIGN * ALIGN
+    stride_dym = stride_dym // ALIGN * ALIGN
+    BP: tl.constexpr = BLOCK_P // N_POW2
+    BQ: tl.constexpr = BLOCK_Q // N_POW2
+    p0 = pid_p * BP
+    q0 = pid_q * BQ
+    pp = tl.arange(0, BLOCK_P)
+    a_blk = pp // BP
+    p = p0 + pp % BP
+    p_ok = (a_blk < n) & (p < I)
+    qq = tl.arange(0, BLOCK_Q)
+    b_blk = qq // BQ
+    q = q0 + qq % BQ
+    q_ok = (b_blk < n) & (q < O)
+    x_cols = x_ptr + ((a_blk * I + p) * stride_xk).to(tl.int64)[:, None]
+    dy_cols = dy_ptr + ((b_blk * O + q) * stride_dyk).to(tl.int64)[None, :]
     r_start = split * rows_per_split
     r_end = tl.minimum(r_start + rows_per_split, N)
     g = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     for r0 in range(r_start, r_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
+        r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         r_ok = r < r_end
-        xt = tl.load(
-            x_cols + r.to(tl.int64)[None, :] * stride_xm, mask=p_ok[:, None] & r_ok[None, :], other=0.0
-        )
-        dyt = tl.load(
-            dy_cols + r.to(tl.int64)[:, None] * stride_dym, mask=r_ok[:, None] & q_ok[None, :], other=0.0
-        )
+        x_offs = (r * stride_xm)[None, :]
+        xt = tl.load(x_cols + x_offs, mask=p_ok[:, None] & r_ok[None, :], other=0.0)
+        dy_offs = (r * stride_dym)[:, None]
+        dyt = tl.load(dy_cols + dy_offs, mask=r_ok[:, None] & q_ok[None, :], other=0.0)
         g = tl.dot(xt, dyt, g, input_precision=DOT_PRECISION)
         dbias += tl.sum(dyt.to(tl.float32), axis=0)
-    slot = split.to(tl.int64) * OUT
     if want_params != 0:
-        g_offs = (slot * IN + p[:, None] * OUT) + q[None, :]
-        tl.store(g_ptr + g_offs, g, mask=p_ok[:, None] & q_ok[None, :])
+        g4 = tl.reshape(g, (N_POW2, BP, N_POW2, BQ))
+        ab = tl.arange(0, N_POW2)
+        ab_offs = ab[:, None] * n + ab[None, :]
+        ab_ok = (ab[:, None] < n) & (ab[None, :] < n)
+        pl = p0 + tl.arange(0, BP)
+        ql = q0 + tl.arange(0, BQ)
+        pq = pl[:, None] * O + ql[None, :]
+        pq_ok = (pl < I)[:, None] & (ql < O)[None, :]
+        IO = I * O
+        n3 = n * n * n
+        tile = pid_p * tl.num_programs(1) + pid_q
+        dwp_split = dwp_ptr + split.to(tl.int64) * (n * IO)
+        drp_tile = drp_ptr + (split * tl.num_programs(0) * tl.num_programs(1) + tile).to(tl.int64) * n3
+        for i in tl.static_range(N_POW2):
+            i_ok = i < n
+            coef = tl.load(r_ptr + i * n * n + ab_offs, mask=ab_ok & i_ok, other=0.0).to(tl.float32)
+            dw_i = tl.sum(tl.sum(coef[:, None, :, None] * g4, axis=2), axis=0)  # [BP, BQ]
+            if splits == 1:
+                tl.store(dw_ptr + i * IO + pq, dw_i.to(dw_ptr.dtype.element_ty), mask=pq_ok & i_ok)
+            else:
+                tl.store(dwp_split + i * IO + pq, dw_i, mask=pq_ok & i_ok)
+            w_i = tl.load(w_ptr + i * IO + pq, mask=pq_ok & i_ok, other=0.0).to(tl.float32)
+            dr_i = tl.sum(tl.sum(w_i[None, :, None, :] * g4, axis=3), axis=1)  # [NP (a), NP (b)]
+            tl.store(drp_tile + i * n * n + ab_offs, dr_i, mask=ab_ok & i_ok)
     if (want_bias != 0) & (pid_p == 0):
-        tl.store(gb_ptr + slot + q, dbias, mask=q_ok)
+        cols = b_blk * O + q
+        if splits == 1:
+            tl.store(db_ptr + cols, dbias.to(db_ptr.dtype.element_ty), mask=q_ok)
+        else:
+            tl.store(dbp_ptr + split.to(tl.int64) * (n * O) + cols, dbias, mask=q_ok)
 
 
 @triton.jit
 def _grad_reduce_kernel(
-    g_ptr,
-    gb_ptr,
-    r_ptr,
-    w_ptr,
-    dw_ptr,
     drp_ptr,
+    dr_ptr,
+    dwp_ptr,
+    dw_ptr,
+    dbp_ptr,
     db_ptr,
-    n,
-    I,
-    O,
+    n3,
+    shares,
+    size_w,
+    size_b,
     splits,
-    want_params,
-    want_bias,
-    BLOCK_P: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    N_POW2: tl.constexpr,
+    want_rules,
+    BLOCK_N3: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """Program ``t`` owns the ``[BLOCK_P, BLOCK_Q]`` tile ``(p, q)`` of ``weights``' ``[I, O]``. For
-    each block ``(a, b)`` in a fixed order it sums the splits of ``G_ab[p, q] = g[:, a*I + p, b*O + q]``
-    in a fixed order, adds ``rules[i, a, b] * G_ab`` to its ``[n, BLOCK_P, BLOCK_Q]`` tile of
-    ``dweights`` (all ``i`` at once, a ``[N_POW2]``-vector of rule coefficients) and stores the tile's
-    share of ``drules[i, a, b] = <weights[i], G_ab>`` to ``drp[t, i, a, b]``. The first p-tile's
-    programs also sum the splits of the bias columns. Every sum has a fixed order: deterministic."""
+    """Program 0: ``drules = sum_t drp[t]`` over the ``shares`` rows (every split's tiles) in order,
+    when ``want_rules``. Programs 1, ... (several splits only): ``BLOCK`` elements each of
+    ``dweights`` (``size_w``), then of ``dbias`` (``size_b``), ``out[e] = sum_s part[s, e]`` over the
+    splits in order. Deterministic."""
     pid = tl.program_id(0)
-    tiles_q = tl.cdiv(O, BLOCK_Q)
-    p_tile = pid // tiles_q
-    p = p_tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    q = (pid % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = q < O
-    OUT = n * O
-    plane = n * I * OUT  # elements of one split of g (in * out < 2**31)
-    if want_params != 0:
-        i = tl.arange(0, N_POW2)
-        i_ok = i < n
-        pq_ok = (p < I)[:, None] & q_ok[None, :]
-        # int32 offsets (n * I * O < 2**31), recomputed for the final store rather than kept live
-        w_offs = (i * I * O)[:, None, None] + (p[:, None] * O + q[None, :])[None, :, :]
-        w3 = tl.load(w_ptr + w_offs, mask=i_ok[:, None, None] & pq_ok[None, :, :], other=0.0).to(tl.float32)
-        dw3 = tl.zeros((N_POW2, BLOCK_P, BLOCK_Q), dtype=tl.float32)
-        n3 = n * n * n
-        for a in range(0, n):
-            for b in range(0, n):
-                g_ab = g_ptr + ((a * I + p)[:, None] * OUT + (b * O + q)[None, :])
-                gsum = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-                for _s in range(0, splits):  # pointer stepped by a split: no s * plane overflow
-                    gsum += tl.load(g_ab, mask=pq_ok, other=0.0)
-                    g_ab += plane
-                r_offs = (i * n + a) * n + b
-                coef = tl.load(r_ptr + r_offs, mask=i_ok, other=0.0).to(tl.float32)
-                dw3 += coef[:, None, None] * gsum[None, :, :]
-                dr = tl.sum(tl.sum(w3 * gsum[None, :, :], axis=2), axis=1)
-                tl.store(drp_ptr + pid * n3 + r_offs, dr, mask=i_ok)
-        p_st = p_tile * BLOCK_P + tl.arange(0, BLOCK_P)
-        i_st = tl.arange(0, N_POW2)
-        st_offs = (i_st * I * O)[:, None, None] + (p_st[:, None] * O + q[None, :])[None, :, :]
-        st_mask = (i_st < n)[:, None, None] & ((p_st < I)[:, None] & q_ok[None, :])[None, :, :]
-        tl.store(dw_ptr + st_offs, dw3.to(dw_ptr.dtype.element_ty), mask=st_mask)
-    if (want_bias != 0) & (p_tile == 0):
-        for b in range(0, n):
-            db = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-            for s in range(0, splits):
-                db += tl.load(gb_ptr + s * OUT + b * O + q, mask=q_ok, other=0.0)
-            tl.store(db_ptr + b * O + q, db.to(db_ptr.dtype.element_ty), mask=q_ok)
-
-
-@triton.jit
-def _grad_rules_kernel(drp_ptr, dr_ptr, n3, tiles, BLOCK: tl.constexpr):
-    """``drules = sum_t drp[t]`` over the weight tiles in order (one program; ``n^3`` values)."""
-    k = tl.arange(0, BLOCK)
-    ok = k < n3
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for t in range(0, tiles):
-        acc += tl.load(drp_ptr + t * n3 + k, mask=ok, other=0.0)
-    tl.store(dr_ptr + k, acc.to(dr_ptr.dtype.element_ty), mask=ok)
+    if pid == 0:
+        if want_rules != 0:
+            k = tl.arange(0, BLOCK_N3)
+            k_ok = k < n3
+            dr = tl.zeros((BLOCK_N3,), dtype=tl.float32)
+            for t in range(0, shares):
+                dr += tl.load(drp_ptr + t * n3 + k, mask=k_ok, other=0.0)
+            tl.store(dr_ptr + k, dr.to(dr_ptr.dtype.element_ty), mask=k_ok)
+    else:
+        blk = pid - 1
+        blocks_w = tl.cdiv(size_w, BLOCK)
+        src = dwp_ptr
+        dst = dw_ptr
+        size = size_w
+        if blk >= blocks_w:
+            blk -= blocks_w
+            src = dbp_ptr
+            dst = db_ptr
+            size = size_b
+        e = blk * BLOCK + tl.arange(0, BLOCK)
+        ok = e < size
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        src += e
+        for _s in range(0, splits):  # pointer stepped by a split: no s * size overflow
+            acc += tl.load(src, mask=ok, other=0.0)
+            src += size
+        tl.store(dst + e, acc.to(dst.dtype.element_ty), mask=ok)
 
 
 # Autotuned on GPUs over the per-arch candidates (``mm_candidates``), keyed by the layer's sizes and
@@ -546,43 +566,25 @@ def grad_x_config(
     return mm_candidates(arch, dtype, I, O, n)[0].kwargs
 
 
-def grad_h_config(in_features: int, out_features: int, dtype: torch.dtype, arch: int) -> dict:
-    """Tile of the ``dH = x^T dy`` GEMM: ``BLOCK_P x BLOCK_Q`` of ``[in, out]``, ``BLOCK_R`` rows a step.
-    On sm_90 fp16/bf16 ``BLOCK_P`` is 64 whatever ``in`` (wgmma's 64-row tile per warpgroup: HGMMA,
-    not HMMA); elsewhere the sides follow ``in`` / ``out`` from 16 to 64."""
-    lo_p = 64 if arch >= 90 and dtype != torch.float32 else min(GRAD_H_TILES)
+def grad_h_config(n: int, I: int, O: int, dtype: torch.dtype, arch: int) -> dict:
+    """Tile of the ``dH`` GEMM (``_grad_h_kernel``): ``BLOCK_P`` rows ``(a, p)`` by ``BLOCK_Q`` columns
+    ``(b, q)`` of every block at once (``N_POW2`` blocks a side), ``BLOCK_R`` rows of x a step: the
+    sides ``N_POW2 * I`` and ``N_POW2 * O`` rounded up to a power of two, 32 to 64. On sm_90
+    fp16/bf16 ``BLOCK_P`` is 64 whatever ``I`` (wgmma's 64-row tile per warpgroup: HGMMA, not HMMA)."""
+    np2 = mm_unroll(dtype, n)
+    lo, hi = min(GRAD_H_TILES), max(GRAD_H_TILES)
+    lo_p = hi if arch >= 90 and dtype != torch.float32 else lo
     return {
-        "BLOCK_P": _pow2_clamp(in_features, lo_p, max(GRAD_H_TILES)),
-        "BLOCK_Q": _pow2_clamp(out_features, min(GRAD_H_TILES), max(GRAD_H_TILES)),
+        "BLOCK_P": _pow2_clamp(np2 * I, lo_p, hi),
+        "BLOCK_Q": _pow2_clamp(np2 * O, lo, hi),
         "BLOCK_R": BLOCK_R,
+        "N_POW2": np2,
     }
 
 
 def _arch(device: torch.device) -> int:
     """The row of the tile tables (``registry.launch_arch``): 0 under the interpreter."""
     return launch_arch(device)
-
-
-def grad_reduce_config(n: int, I: int, O: int) -> dict:
-    """Tile of ``weights``' ``[I, O]`` per program of the contraction kernel. It keeps its
-    ``[N_POW2, BLOCK_P, BLOCK_Q]`` tiles of ``weights`` and ``dweights`` in fp32 registers, so
-    ``N_POW2 * BLOCK_P * BLOCK_Q`` stays within ``REDUCE_TILE_ELEMENTS`` (``n = 4``: 16 x 32 at most;
-    32 x 32 needs ~230 registers with 4 warps) and, where the sides allow, at least 1024 (the
-    512-element tiles of ``n = 2`` spill a few bytes on sm_80)."""
-    np2 = triton.next_power_of_2(max(int(n), 1))
-    lo, hi = min(REDUCE_TILES), max(REDUCE_TILES)
-    bp, bq = _pow2_clamp(I, lo, hi), _pow2_clamp(O, lo, hi)
-    while np2 * bp * bq > REDUCE_TILE_ELEMENTS[1] and max(bp, bq) > lo:
-        bp, bq = (bp // 2, bq) if bp >= bq else (bp, bq // 2)
-    while np2 * bp * bq < REDUCE_TILE_ELEMENTS[0] and min(bp, bq) < hi:
-        bp, bq = (bp * 2, bq) if bp <= bq else (bp, bq * 2)
-    return {"BLOCK_P": bp, "BLOCK_Q": bq, "N_POW2": np2}
-
-
-def _reduce_specs_tiles(np2: int) -> list[tuple[int, int]]:
-    """The ``(BLOCK_P, BLOCK_Q)`` that ``grad_reduce_config`` can choose for ``N_POW2 = np2``."""
-    lo, hi = REDUCE_TILE_ELEMENTS
-    return [(bp, bq) for bp in REDUCE_TILES for bq in REDUCE_TILES if lo <= np2 * bp * bq <= hi]
 
 
 def _target_programs(device: torch.device) -> int:
@@ -593,18 +595,19 @@ def _target_programs(device: torch.device) -> int:
 
 def grad_h_splits(
     N: int, in_features: int, out_features: int, tiles: int, element_size: int, device: torch.device,
-    splits: int | None = None,
+    splits: int | None = None, partial: int = 0,
 ) -> tuple[int, int]:  # fmt: skip
     """``(splits, rows_per_split)`` of the ``dH`` GEMM's reduction over the N rows (split-K).
 
-    Enough splits for about ``_target_programs`` programs, but the fp32 workspace's round trip
-    (``8 * splits * in * out`` bytes written and read back) at most ``1 / WORKSPACE_SHARE`` of the bytes
-    of ``x`` and ``dy`` read: past that, splitting costs more traffic than the parallelism is worth
-    on a compute-light weight gradient. ``splits`` (tests) overrides the choice."""
+    Enough splits for about ``_target_programs`` programs, but the round trip of the splits' fp32
+    partials (``partial`` elements a split: ``dweights`` and ``dbias``; ``8 * splits * partial``
+    bytes written and read back) at most ``1 / WORKSPACE_SHARE`` of the bytes of ``x`` and ``dy``
+    read: past that, splitting costs more traffic than the parallelism is worth on a compute-light
+    weight gradient. ``splits`` (tests) overrides the choice."""
     if splits is None:
         want = -(-_target_programs(device) // max(tiles, 1))
         budget = N * (in_features + out_features) * element_size
-        budget //= WORKSPACE_SHARE * 8 * max(in_features * out_features, 1)
+        budget //= WORKSPACE_SHARE * 8 * max(partial, 1)
         splits = min(want, budget)
     splits = max(1, min(int(splits), triton.cdiv(N, BLOCK_R)))
     rows_per_split = triton.cdiv(triton.cdiv(N, splits), BLOCK_R) * BLOCK_R
@@ -671,12 +674,12 @@ def _out_buffer(t: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
 def grad_params(dy2, x2, rules, weights, grad_rules, grad_weights, grad_bias, *, splits=None) -> None:
     """The parameter gradients, deterministic (no atomics; every sum in a fixed order):
 
-    1. ``_grad_h_kernel``: ``dH = x^T dy`` (``[in, out]``, fp32), a GEMM with ``tl.dot`` split over
-       rows into ``splits`` slots of a workspace (and the column sums of ``dy`` per split);
-    2. ``_grad_reduce_kernel``: per ``[I, O]`` tile, the splits summed in order, then
-       ``dweights[i] = sum_ab rules[i, a, b] dH_ab`` (stored) and the tile's share of
-       ``drules[i, a, b] = <weights[i], dH_ab>`` (to a second workspace), and ``dbias``;
-    3. ``_grad_rules_kernel``: the ``n^3`` drules shares summed over the tiles in order.
+    1. ``_grad_h_kernel``: ``dH = x^T dy`` with ``tl.dot`` on tiles of every Kronecker block at once
+       (split over rows when the tiles alone would not fill the GPU), contracted in registers to
+       ``dweights[i] = sum_ab rules[i, a, b] dH_ab`` (in place with one split, else per-split fp32
+       partials), the tile's share of ``drules[i, a, b] = <weights[i], dH_ab>`` and ``dbias``;
+    2. ``_grad_reduce_kernel`` (when drules is asked for or there are several splits): the
+       ``drules`` shares summed in order, and the splits' partials.
     """
     rules = rules.contiguous()
     weights = weights.contiguous()
@@ -686,35 +689,41 @@ def grad_params(dy2, x2, rules, weights, grad_rules, grad_weights, grad_bias, *,
     dev, dt = x2.device, x2.dtype
     want_params = grad_rules is not None or grad_weights is not None
     want_bias = grad_bias is not None
-    hc = grad_h_config(in_f, out_f, dt, _arch(dev))
+    hc = grad_h_config(n, I, O, dt, _arch(dev))
+    np2 = hc["N_POW2"]
     # bias only: the first p-tile alone (its dot still runs; only the column sums are stored)
-    tiles_p = triton.cdiv(in_f, hc["BLOCK_P"]) if want_params else 1
-    tiles_q = triton.cdiv(out_f, hc["BLOCK_Q"])
-    splits, rows_per_split = grad_h_splits(N, in_f, out_f, tiles_p * tiles_q, x2.element_size(), dev, splits)
+    tiles_p = triton.cdiv(I, hc["BLOCK_P"] // np2) if want_params else 1
+    tiles = tiles_p * triton.cdiv(O, hc["BLOCK_Q"] // np2)
+    size_w = n * I * O if want_params else 0
+    size_b = out_f if want_bias else 0
+    splits, rows_per_split = grad_h_splits(
+        N, in_f, out_f, tiles, x2.element_size(), dev, splits, size_w + size_b
+    )
+    align = min(mm_align(x2, weights, I, O), mm_align(dy2, weights, I, O))
+    stages = NUM_STAGES if align > 1 or dt == torch.float32 else 1
     f32 = torch.float32
-    g = _alloc.empty((splits, in_f, out_f) if want_params else (1,), dtype=f32, device=dev)
-    gb = _alloc.empty((splits, out_f) if want_bias else (1,), dtype=f32, device=dev)
-    _grad_h_kernel[(tiles_p, tiles_q, splits)](
-        x2, dy2, g, gb, N, in_f, out_f, rows_per_split, int(want_params), int(want_bias),
-        x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
-        DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **hc,
-    )  # fmt: skip
-    rc = grad_reduce_config(n, I, O)
-    tiles_q = triton.cdiv(O, rc["BLOCK_Q"])
-    tiles = triton.cdiv(I, rc["BLOCK_P"]) * tiles_q if want_params else tiles_q
     unused = _alloc.empty((1,), dtype=dt, device=dev)  # pointer argument of a gradient not asked for
+    unused32 = _alloc.empty((1,), dtype=f32, device=dev)
     dw = _out_buffer(grad_weights, (n, I, O), dt, dev) if want_params else unused
-    drp = _alloc.empty((tiles, n**3) if want_params else (1,), dtype=f32, device=dev)
     db = _out_buffer(grad_bias, (out_f,), dt, dev) if want_bias else unused
-    _grad_reduce_kernel[(tiles,)](
-        g, gb, rules, weights, dw, drp, db, n, I, O, splits, int(want_params), int(want_bias),
-        num_warps=NUM_WARPS, num_stages=REDUCE_STAGES, **rc,
+    dwp = _alloc.empty((splits, n, I, O), dtype=f32, device=dev) if want_params and splits > 1 else unused32
+    dbp = _alloc.empty((splits, out_f), dtype=f32, device=dev) if want_bias and splits > 1 else unused32
+    drp = _alloc.empty((splits * tiles, n**3) if want_params else (1,), dtype=f32, device=dev)
+    _grad_h_kernel[(tiles_p, tiles // tiles_p, splits)](
+        x2, dy2, rules, weights, dw, db, dwp, dbp, drp, N, n, I, O, rows_per_split, splits,
+        int(want_params), int(want_bias), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
+        ALIGN=align, DOT_PRECISION=DOT_PRECISION, num_warps=NUM_WARPS, num_stages=stages, **hc,
     )  # fmt: skip
-    if grad_rules is not None:
-        dr = _out_buffer(grad_rules, (n, n, n), dt, dev)
-        _grad_rules_kernel[(1,)](drp, dr, n**3, tiles, BLOCK=rules_block(n), num_warps=1)
-        if dr is not grad_rules:
-            grad_rules.copy_(dr)
+    want_rules = grad_rules is not None
+    dr = _out_buffer(grad_rules, (n, n, n), dt, dev) if want_rules else unused
+    blocks = triton.cdiv(size_w, REDUCE_BLOCK) + triton.cdiv(size_b, REDUCE_BLOCK) if splits > 1 else 0
+    if want_rules or blocks:
+        _grad_reduce_kernel[(1 + blocks,)](
+            drp, dr, dwp, dw, dbp, db, n**3, splits * tiles, size_w, size_b, splits, int(want_rules),
+            BLOCK_N3=rules_block(n), BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    if want_rules and dr is not grad_rules:
+        grad_rules.copy_(dr)
     if grad_weights is not None and dw is not grad_weights:
         grad_weights.copy_(dw)
     if want_bias and db is not grad_bias:
@@ -814,58 +823,45 @@ def _compile_specs() -> list[CompileSpec]:
                         archs=archs,
                     )
                 )
-        for bp in GRAD_H_TILES:
-            for bq in GRAD_H_TILES:
-                sig = {"x_ptr": f"*{t}", "dy_ptr": f"*{t}", "g_ptr": "*fp32", "gb_ptr": "*fp32"}
-                ints = ["N", "IN", "OUT", "rows_per_split", "want_params", "want_bias"]
-                ints += ["stride_xm", "stride_xk", "stride_dym", "stride_dyk"]
-                sig.update({name: "i32" for name in ints})
-                consts = {"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_R": BLOCK_R, "DOT_PRECISION": DOT_PRECISION}
-                sig.update({name: "constexpr" for name in consts})
-                specs.append(
-                    CompileSpec(
-                        name=f"phm_linear_grad_h[{t},BP={bp},BQ={bq},BR={BLOCK_R}]",
-                        kernel=_grad_h_kernel,
-                        signature=sig,
-                        constexprs=consts,
-                        num_warps=NUM_WARPS,
-                        num_stages=NUM_STAGES,
-                        uses_dot=True,
-                        # sm_90 fp16/bf16 launches BLOCK_P = 64 only (grad_h_config)
-                        archs=(80,) if bp < 64 and dt != torch.float32 else None,
-                    )
-                )
-        for np2 in sorted({triton.next_power_of_2(n) for n in COMPILE_N}, reverse=True):
-            for bp, bq in _reduce_specs_tiles(np2):
-                sig = {"g_ptr": "*fp32", "gb_ptr": "*fp32", "drp_ptr": "*fp32"}
-                sig.update({name: f"*{t}" for name in ("r_ptr", "w_ptr", "dw_ptr", "db_ptr")})
-                sig.update({name: "i32" for name in ("n", "I", "O", "splits", "want_params", "want_bias")})
-                consts = {"BLOCK_P": bp, "BLOCK_Q": bq, "N_POW2": np2}
-                sig.update({name: "constexpr" for name in consts})
-                specs.append(
-                    CompileSpec(
-                        name=f"phm_linear_grad_reduce[{t},N_POW2={np2},BP={bp},BQ={bq}]",
-                        kernel=_grad_reduce_kernel,
-                        signature=sig,
-                        constexprs=consts,
-                        num_warps=NUM_WARPS,
-                        num_stages=REDUCE_STAGES,
-                    )
-                )
+        for n in COMPILE_N:
+            np2 = mm_unroll(dt, n)
+            variants = [(1, NUM_STAGES)] if dt == torch.float32 else [(HALF_ALIGN, NUM_STAGES), (1, 1)]
+            for align, stages in variants:
+                for bp in GRAD_H_TILES:
+                    for bq in GRAD_H_TILES:
+                        sig = {k: f"*{t}" for k in ("x_ptr", "dy_ptr", "r_ptr", "w_ptr", "dw_ptr", "db_ptr")}
+                        sig.update({k: "*fp32" for k in ("dwp_ptr", "dbp_ptr", "drp_ptr")})
+                        ints = ["N", "n", "I", "O", "rows_per_split", "splits", "want_params", "want_bias"]
+                        ints += ["stride_xm", "stride_xk", "stride_dym", "stride_dyk"]
+                        sig.update({name: "i32" for name in ints})
+                        consts = {"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_R": BLOCK_R, "N_POW2": np2}
+                        consts.update({"ALIGN": align, "DOT_PRECISION": DOT_PRECISION})
+                        sig.update({name: "constexpr" for name in consts})
+                        specs.append(
+                            CompileSpec(
+                                name=f"phm_linear_grad_h[{t},N_POW2={np2},ALIGN={align},BP={bp},BQ={bq},BR={BLOCK_R}]",
+                                kernel=_grad_h_kernel,
+                                signature=sig,
+                                constexprs=consts,
+                                num_warps=NUM_WARPS,
+                                num_stages=stages,
+                                uses_dot=True,
+                                # sm_90 fp16/bf16 launches BLOCK_P = 64 only (grad_h_config)
+                                archs=(80,) if bp < 64 and dt != torch.float32 else None,
+                            )
+                        )
         for block in sorted({rules_block(n) for n in COMPILE_N}, reverse=True):
+            sig = {"drp_ptr": "*fp32", "dr_ptr": f"*{t}", "dwp_ptr": "*fp32", "dw_ptr": f"*{t}"}
+            sig.update({"dbp_ptr": "*fp32", "db_ptr": f"*{t}"})
+            sig.update({k: "i32" for k in ("n3", "shares", "size_w", "size_b", "splits", "want_rules")})
+            sig.update({"BLOCK_N3": "constexpr", "BLOCK": "constexpr"})
             specs.append(
                 CompileSpec(
-                    name=f"phm_linear_grad_rules[{t},BLOCK={block}]",
-                    kernel=_grad_rules_kernel,
-                    signature={
-                        "drp_ptr": "*fp32",
-                        "dr_ptr": f"*{t}",
-                        "n3": "i32",
-                        "tiles": "i32",
-                        "BLOCK": "constexpr",
-                    },
-                    constexprs={"BLOCK": block},
-                    num_warps=1,
+                    name=f"phm_linear_grad_reduce[{t},BLOCK_N3={block},BLOCK={REDUCE_BLOCK}]",
+                    kernel=_grad_reduce_kernel,
+                    signature=sig,
+                    constexprs={"BLOCK_N3": block, "BLOCK": REDUCE_BLOCK},
+                    num_warps=NUM_WARPS,
                     num_stages=None,
                 )
             )
