@@ -680,12 +680,12 @@ def test_interpreter_launches_the_fixed_tile(monkeypatch):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs the sm_90 tile through the interpreter")
-def test_sample_hgmma_tile_same_draws(monkeypatch):
-    """sm_90 fp16/bf16 samples with a 64-row tile (wgmma's rows per warpgroup; 32 elsewhere) and the
-    norms from their own pass (fused elsewhere): run through the interpreter it is the launched tile
-    (grid over 64-row tiles) and draws exactly what the 32-row fused tile draws (the noise depends on
-    (seed, row, sample, code) only). N = 70: one full and one partial 64-row tile; K = 37 and S = 5
-    not multiples of the blocks."""
+def test_sample_tiles_same_draws(monkeypatch):
+    """Three sampler tiles draw exactly the same (the noise depends on (seed, row, sample, code)
+    only): the default row's 32-row fp16 tile with fused norms, sm_90's 64-row tile (wgmma's rows per
+    warpgroup) with the separate norms pass, and the small-launch 64 x 64 tile. Run through the
+    interpreter, each is the launched tile (grid, kernels). N = 70: one full and one partial 64-row
+    tile; K = 37 and S = 5 not multiples of the blocks."""
     from prompt_kernels.kernels import vq as k
     from prompt_kernels.tools.traffic import TrafficMeter
 
@@ -693,40 +693,64 @@ def test_sample_hgmma_tile_same_draws(monkeypatch):
     x, codebook = _inputs(N, K, D, torch.float16, "cpu")
     assert k.sample_config(90, torch.float16, D).kwargs["BLOCK_M"] == 64
     assert k.sample_config(0, torch.float16, D).kwargs["BLOCK_M"] == 32
+    assert k.sample_small(N, S)
     out = {}
-    for arch in (0, 90):
+    for arch, small in ((0, False), (90, False), (0, True), (90, True)):
         monkeypatch.setattr(k, "launch_arch", lambda device=None, arch=arch: arch)
+        monkeypatch.setattr(k, "SAMPLE_SMALL_PROGRAMS", 64 if small else 0)
+        assert k.sample_small(N, S) == small
+        cfg = k.sample_config(arch, torch.float16, D, small)
         idx = torch.full((N, S), -7, dtype=torch.int64)
         with TrafficMeter() as m:
             k.vq_sample(x, codebook, S, 2.0, 99, idx)
-        # default row: the norms fused into the sampler (one launch); sm_90: the separate norms pass
-        fused = k.sample_config(arch, torch.float16, D).kwargs["FUSED_NORMS"]
-        assert fused == (arch != 90)
+        # the norms fused into the sampler (one launch) except sm_90's regular tile (norms pass)
+        fused = cfg.kwargs["FUSED_NORMS"]
+        assert fused == (small or arch != 90)
         expected = ["_sample_kernel"] if fused else ["_sq_norms_kernel", "_sample_kernel"]
         assert [r.kernel for r in m.launches] == expected
-        block_m = k.sample_config(arch, torch.float16, D).kwargs["BLOCK_M"]
-        assert m.launches[-1].grid[:2] == (-(-N // block_m), 1)
-        out[arch] = idx
-    assert ((out[90] >= 0) & (out[90] < K)).all()
-    assert torch.equal(out[0], out[90])
+        assert cfg.kwargs["BLOCK_N"] == (64 if small else 32)
+        assert m.launches[-1].grid[:2] == (-(-N // cfg.kwargs["BLOCK_M"]), 1)
+        assert ((idx >= 0) & (idx < K)).all()
+        out[arch, small] = idx
+    for key in out:
+        assert torch.equal(out[key], out[0, False]), key
+
+
+def test_sample_small_rule():
+    """The small-launch tile while 64-row tiles x 16-sample blocks give at most 64 programs."""
+    from prompt_kernels.kernels import vq as k
+
+    assert k.sample_small(1, 1) and k.sample_small(40, 3) and k.sample_small(64 * 64, 16)
+    assert k.sample_small(64, 16 * 64) and not k.sample_small(64, 16 * 64 + 1)
+    assert not k.sample_small(64 * 64 + 1, 16) and not k.sample_small(100_000, 1)
+    for arch in (0, 80, 90):
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            c = k.sample_config(arch, dt, 48, small=True)
+            assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["FUSED_NORMS"]) == (64, 64, 1)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the traffic meter counts interpreted launches")
-def test_sample_fp32_one_launch_codebook_once_per_row_tile():
+@pytest.mark.parametrize("small", [True, False])
+def test_sample_fp32_one_launch_codebook_once_per_row_tile(monkeypatch, small):
     """fp32 sampler: 64-row tiles, norms fused (one launch); the codebook is issued once per row
-    tile, x once per 32-code tile, the indices written once. N = 65: two row tiles, the second of one
-    row; K = 33: two code tiles, the second of one code; S = 17: two sample blocks."""
+    tile and sample block, x once per code tile (64 codes for a small launch, else 32), the indices
+    written once. N = 65: two row tiles, the second of one row; K = 33: one or two code tiles, the
+    last of one code; S = 17: two sample blocks."""
     from prompt_kernels.kernels import vq as k
     from prompt_kernels.tools.traffic import TrafficMeter
 
     N, K, D, S = 65, 33, 5, 17
+    assert k.sample_small(N, S)
+    if not small:
+        monkeypatch.setattr(k, "SAMPLE_SMALL_PROGRAMS", 0)
     x, codebook = _inputs(N, K, D, torch.float32, "cpu")
     idx = torch.full((N, S), -7, dtype=torch.int64)
     with TrafficMeter() as m:
         k.vq_sample(x, codebook, S, 1.5, 5, idx)
     (run,) = m.launches
     assert run.kernel == "_sample_kernel" and run.grid[:2] == (2, 2)
-    # per (row tile, sample block): the codebook once, its row tile once per code tile
-    assert run.loaded_bytes == 2 * (2 * K * D * 4 + 2 * N * D * 4)
+    code_tiles = 1 if small else 2
+    # per sample block: the codebook once per row tile, x once per code tile
+    assert run.loaded_bytes == 2 * (2 * K * D * 4 + code_tiles * N * D * 4)
     assert run.stored_bytes == N * S * 8
     assert ((idx >= 0) & (idx < K)).all()

@@ -85,6 +85,12 @@ LEGACY_BLOCK_M = 16  # the former small-N tile: only for the "before" traffic la
 SAMPLE_BLOCK_M = {torch.float32: 64, torch.float16: 32, torch.bfloat16: 32}
 SAMPLE_BLOCK_M_HGMMA = 64  # sm_90 fp16/bf16: wgmma's 64 rows per warpgroup
 SAMPLE_BLOCK_N = 32
+# Small sampling launches (at most SAMPLE_SMALL_PROGRAMS programs of 64 rows x 16 samples: fewer
+# than half the SMs of an A100 / H100, so each SM runs at most one program whatever the occupancy):
+# 64 x 64 tiles, norms fused. The row tile is re-read once per code tile, so 64 codes halve that;
+# the price, 185-252 registers (12.5 % occupancy, no spill), costs nothing at one program per SM.
+SAMPLE_SMALL_PROGRAMS = 64
+SAMPLE_SMALL_BLOCK = 64
 SAMPLE_BLOCK_S = 16  # samples per program (a second grid axis covers more)
 NORMS_BLOCK_K = 64
 NORMS_BLOCK_D = 64
@@ -163,14 +169,23 @@ def scan_candidates(arch: int, dtype: torch.dtype, D: int) -> tuple[TileConfig, 
     return tuple(out[:SCAN_MAX_CANDIDATES])
 
 
-def sample_config(arch: int, dtype: torch.dtype, D: int) -> TileConfig:
-    """The sampler's tile on ``arch``: the smallest ``BLOCK_D`` choice >= D (else the largest)."""
+def sample_small(N: int, S: int) -> bool:
+    """Whether ``vq_sample`` of ``N`` rows and ``S`` samples takes the small-launch tile."""
+    return triton.cdiv(N, SAMPLE_SMALL_BLOCK) * triton.cdiv(S, SAMPLE_BLOCK_S) <= SAMPLE_SMALL_PROGRAMS
+
+
+def sample_config(arch: int, dtype: torch.dtype, D: int, small: bool = False) -> TileConfig:
+    """The sampler's tile on ``arch``: the smallest ``BLOCK_D`` choice >= D (else the largest);
+    ``small`` (:func:`sample_small`): 64 x 64 with the norms fused."""
     warps, choices, block_m, fused = arch_row(SAMPLE_TABLE, arch)[dtype]
+    block_n = SAMPLE_BLOCK_N
+    if small:
+        block_m, block_n, fused = SAMPLE_SMALL_BLOCK, SAMPLE_SMALL_BLOCK, 1
     return TileConfig.of(
         warps,
         NUM_STAGES[dtype],
         BLOCK_M=block_m,
-        BLOCK_N=SAMPLE_BLOCK_N,
+        BLOCK_N=block_n,
         BLOCK_D=next((c for c in choices if c >= D), choices[-1]),
         BLOCK_S=SAMPLE_BLOCK_S,
         FUSED_NORMS=fused,
@@ -779,7 +794,7 @@ def vq_sample(
     K = codebook.shape[0]
     if N == 0:
         return
-    cfg = sample_config(launch_arch(x.device), x.dtype, D)
+    cfg = sample_config(launch_arch(x.device), x.dtype, D, sample_small(N, num_samples))
     if cfg.kwargs["FUSED_NORMS"]:  # a placeholder, never read
         norms = _alloc.empty((1,), dtype=torch.float32, device=x.device)
     else:
@@ -826,7 +841,9 @@ def scan_table_tiles(dtype: torch.dtype) -> dict[TileConfig, tuple[int, ...] | N
 
 
 def sample_table_tiles(dtype: torch.dtype) -> dict[TileConfig, tuple[int, ...] | None]:
-    return _tiles_by_arch(lambda arch, D: (sample_config(arch, dtype, D),))
+    return _tiles_by_arch(
+        lambda arch, D: (sample_config(arch, dtype, D), sample_config(arch, dtype, D, True))
+    )
 
 
 @register_compile_specs(OP)
@@ -935,7 +952,7 @@ def _compile_specs() -> list[CompileSpec]:
             warps = "" if tile.num_warps == SAMPLE_WARPS[dt] else f",warps={tile.num_warps}"
             specs.append(
                 CompileSpec(
-                    name=f"vq_sample[{t},BLOCK_M={block_m},BLOCK_N={SAMPLE_BLOCK_N},BLOCK_D={block_d},"
+                    name=f"vq_sample[{t},BLOCK_M={block_m},BLOCK_N={tile.kwargs['BLOCK_N']},BLOCK_D={block_d},"
                     f"BLOCK_S={SAMPLE_BLOCK_S},FUSED_NORMS={tile.kwargs['FUSED_NORMS']}{warps}]",
                     kernel=_sample_kernel,
                     signature={
