@@ -990,8 +990,9 @@ def _launch_cases() -> list[LaunchCase]:
 
     gen = torch.Generator().manual_seed(0)
     cases = []
-    # Small N (the split path; "before": the former one pass over 16-row tiles, kept as a plan for
-    # comparison; "one pass": the large-N path at the same shape).
+    # Small problems (the launcher's plan: one pass, norms fused; for comparison at the same shapes
+    # the plans of larger problems, the split over codes and the large-N one pass with the norms
+    # pass, and "before": the former one pass over 16-row tiles).
     for N, K, D in ((40, 70, 48), (200, 300, 48)):
         x = torch.randn(N, D, generator=gen)
         codebook = torch.randn(K, D, generator=gen)
