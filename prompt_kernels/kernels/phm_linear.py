@@ -498,18 +498,22 @@ def _check_dtype(t: torch.Tensor) -> None:
 
 # Per-architecture tile table of the forward and grad_x kernels (issue #15 item 3), chosen from the
 # compile check (compile_check --filter phm_linear; facts in benchmarks/notes/phm_linear.md):
-# for each BLOCK_N (the output block width rounded up, 16 to 64: the widest tile re-reads x the
-# fewest times) the BLOCK_K values in order of preference. Rows: arch -> dtype kind -> BLOCK_N ->
+# for each BLOCK_N (n_pow2 * the output block width rounded up, 16 to 64: the widest tile re-reads x
+# the fewest times) the BLOCK_K values in order of preference. Rows: arch -> dtype kind -> BLOCK_N ->
 # BLOCK_Ks. ``DEFAULT_ARCH`` (other architectures, the interpreter) is the sm_80 row.
 _BK_BY_OCCUPANCY = {16: (16, 32), 32: (16, 32), 64: (16,)}
+# fp32 (IEEE dots on the FMA units, 32-row tiles): BLOCK_K = 16 only. With the every-block tiles
+# BLOCK_K = 32 costs 128 registers at BLOCK_N 16 (31% -> 25% occupancy) and 246-255 at BLOCK_N 32
+# (n = 2, 12%), on sm_80 and sm_90 alike.
+_BK_FP32 = {16: (16,), 32: (16,), 64: (16,)}
 MM_TABLE = {
-    # sm_80, every dtype: BLOCK_K = 16 first; BLOCK_K = 32 always costs occupancy (more registers):
-    # fp16 n=2 BN=32 50% -> 38%, n=4 BN=16 50% -> 44%, fp32 BN=16 38% -> 31%, bf16 n=4 38% -> 25%.
-    80: {"fp32": _BK_BY_OCCUPANCY, "half": _BK_BY_OCCUPANCY},
+    # sm_80, fp16/bf16: BLOCK_K = 16 first; BLOCK_K = 32 always costs occupancy (more registers):
+    # n=2 BN=16 75% -> 62%, BN=32 56% -> 44%, n=4 BN=16 56% -> 50% (the every-block kernels).
+    80: {"fp32": _BK_FP32, "half": _BK_BY_OCCUPANCY},
     # sm_90 (fp16/bf16 HGMMA, 64-row tiles, 4 warps = one warpgroup): BLOCK_K = 32 never gains
-    # occupancy (fp16 n=2 BN=16 62%/62%, BN=32 62% -> 50%) and doubles the shared memory per stage
-    # (5.6 -> 11 KB): 16 first, 32 offered second. fp32 (FMA, no cp.async): as sm_80.
-    90: {"fp32": _BK_BY_OCCUPANCY, "half": _BK_BY_OCCUPANCY},
+    # occupancy (n=2 BN=16 75%/75%, BN=32 62%/62%, n=4 BN=16 62%/62%) and doubles the shared memory
+    # (n=2 BN=16: 4.5 -> 9.5 KB): 16 first, 32 offered second. fp32: as sm_80.
+    90: {"fp32": _BK_FP32, "half": _BK_BY_OCCUPANCY},
 }
 MM_TABLE[DEFAULT_ARCH] = MM_TABLE[80]
 MM_MAX_CANDIDATES = 3
