@@ -193,7 +193,7 @@ def _kron_mm(
     for v0 in range(0, KD, BK):
         v = v0 + k_in
         x_mask = row_ok[:, None] & (k_ok & (v < KD))[None, :]
-        xt = tl.load(in_rows + ((k_base + v) * stride_ik)[None, :], mask=x_mask, other=0.0)
+        xt = tl.load(in_rows + ((k_base + v).to(tl.int64) * stride_ik)[None, :], mask=x_mask, other=0.0)
         vv = v0 + v_in
         w_mask = iw_ok & (vv < KD)[None, :, None] & u_ok[None, None, :]
         if TRANSPOSED:  # W_i[v = q, u = p] = weights[i, p, q]
@@ -378,8 +378,8 @@ def _grad_h_kernel(
     b_blk = qq // BQ
     q = q0 + qq % BQ
     q_ok = (b_blk < n) & (q < O)
-    x_cols = x_ptr + ((a_blk * I + p) * stride_xk).to(tl.int64)[:, None]
-    dy_cols = dy_ptr + ((b_blk * O + q) * stride_dyk).to(tl.int64)[None, :]
+    x_cols = x_ptr + ((a_blk * I + p).to(tl.int64) * stride_xk)[:, None]
+    dy_cols = dy_ptr + ((b_blk * O + q).to(tl.int64) * stride_dyk)[None, :]
     r_start = split * rows_per_split
     r_end = tl.minimum(r_start + rows_per_split, N)
     g = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
