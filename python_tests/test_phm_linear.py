@@ -396,6 +396,37 @@ def test_triton_partial_parameter_gradients(want, splits):
             assert torch.isnan(got).all(), key
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("q_out", [12, 16])
+def test_triton_weight_gradient_alignment_and_stages(monkeypatch, dtype, q_out):
+    """``_grad_h_kernel`` gets ``ALIGN = 8`` and 2 stages for fp16 with I, O multiples of 8 (O = 16),
+    ``ALIGN = 1`` and 1 stage when O = 12 (2-byte loads: no cp.async); fp32 always 1 and 2 stages;
+    the values are right either way."""
+    from prompt_kernels.kernels import phm_linear as k
+
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((kwargs["ALIGN"], kwargs["num_stages"], kwargs["N_POW2"]))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(k, "_grad_h_kernel", Spy(k._grad_h_kernel))
+    inputs = make_inputs((9, 3 * 16), 3 * q_out, 3, True, dtype)
+    grad_out = torch.randn(9, 3 * q_out).to(dtype)
+    grads = _launch_backward(inputs, grad_out, None)
+    aligned = dtype == torch.float16 and q_out % 8 == 0
+    assert seen == [(8 if aligned else 1, 1 if dtype == torch.float16 and not aligned else 2, 4)]
+    y = reference(*inputs) if dtype == torch.float32 else reference(*(t.float() for t in inputs)).to(dtype)
+    _assert_all_within_budget("triton", inputs, grad_out, y, grads)
+
+
 def test_triton_weight_gradient_bitwise_deterministic():
     """Two runs give bit-identical parameter gradients (several splits, several tiles)."""
     inputs = make_inputs((70, 40), 24, 4)
