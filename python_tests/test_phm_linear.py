@@ -626,7 +626,8 @@ def test_large_n_runs_pytorch_on_the_triton_backend(monkeypatch):
     Triton launchers refuse it."""
     from prompt_kernels.kernels import phm_linear as k
 
-    n = 17
+    assert phm_module.TRITON_MAX_N == k.MAX_N_POW2
+    n = k.MAX_N_POW2 + 1
     inputs = make_inputs((2, n), 2 * n, n)
     with pytest.raises(ValueError, match="n must be in"):
         k.phm_linear_forward(inputs[0], inputs[1], inputs[2], None, torch.empty(2, 2 * n))
