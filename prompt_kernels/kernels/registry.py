@@ -64,47 +64,11 @@ class KnownFailure:
     reason: str
 
 
-_HGMMA_ROWS = "below the 64-row tile per warpgroup that wgmma needs, so sm_90 runs mma.sync (HMMA)"
-
 # Found by the compile check once it compiled what launches (the launch specialisation, the
 # launchers' num_stages); the tile tables that choose these live in prompt_kernels/kernels/<op>.py.
-KNOWN_FAILURES: tuple[KnownFailure, ...] = (
-    KnownFailure(
-        "gpa_fwd[fp32,**,BM=16,BN=16]",
-        (80, 90),
-        "spills",
-        "fp32 attention forward at Dh 80-128 (padded to 128): IEEE dots keep their operands in registers, "
-        "~680 B spill even at 16x16 tiles (a tensor-core TF32 path would not; fp32 is the CPU tests' dtype)",
-    ),
-    KnownFailure(
-        "gpa_bwd_dq[fp32,Dh=64,*,causal=1,**",
-        (80,),
-        "spills",
-        "fp32 attention dq, Dh 64, 32x32 tile with the causal compare (and mask tile): 8-52 B on sm_80",
-    ),
-    KnownFailure(
-        "phm_linear_fwd[fp32,**",
-        (80, 90),
-        "async",
-        "num_stages=2, but fp32 keeps the loop over a runtime n that builds the H tile inside the reduction "
-        "loop (unrolled, the fp32 tiles spill) and Triton pipelines innermost loops only: no cp.async",
-    ),
-    KnownFailure(
-        "phm_linear_grad_x[fp32,**",
-        (80, 90),
-        "async",
-        "num_stages=2, but fp32 keeps the loop over a runtime n that builds the H^T tile: no cp.async",
-    ),
-    KnownFailure(
-        "phm_linear_*[bf16,N_UNROLL=4,**",
-        (80, 90),
-        "async",
-        "bf16 N_UNROLL=4 forward/grad_x, compiled with the arguments of the fp32 launch case (I=24, O=12, "
-        "not multiples of 16: presumably 2-byte accesses, below cp.async's 4): no cp.async; bf16 N_UNROLL=2, "
-        "compiled with the fp16 case's arguments, gets it",
-    ),
-    KnownFailure("vq_sample[*16,**", (90,), "hgmma", f"sampler tile, 32 rows: {_HGMMA_ROWS}"),
-)
+# Empty since 2026-12-05: the fp32 attention spills, the PHM loops without cp.async and the sm_90
+# sampler's HMMA were fixed in the kernels (see benchmarks/notes/<op>.md).
+KNOWN_FAILURES: tuple[KnownFailure, ...] = ()
 
 
 _COMPILE: dict[str, list[Callable[[], list[CompileSpec]]]] = {}
