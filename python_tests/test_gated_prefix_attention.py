@@ -12,6 +12,7 @@ shapes still cross block boundaries; two cases run the launcher's own block size
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -25,11 +26,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import INTERPRET, assert_within_budget, backends, device_for, max_err
+from helpers import INTERPRET, assert_within_budget, backends, max_err
+from helpers import device_for as _device_for
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from prompt_kernels import use_backend
+from prompt_kernels import use_backend as _use_backend
 from prompt_kernels.ops import gated_prefix_attention
 from prompt_kernels.ops.gated_prefix_attention import (
     _gpa_backward_op,
@@ -41,15 +43,35 @@ from prompt_kernels.ops.gated_prefix_attention import (
 from prompt_kernels.ops.gated_prefix_attention import visible_key_pairs as _visible_key_pairs
 from prompt_kernels.ops.reference import gated_prefix_attention as reference
 
-BACKENDS = backends(has_cpp=False)
+# "triton-long": the Triton backend with the fused backward for short key ranges switched off
+# (``short_path(False)``), so that the three-launch backward for long key ranges is tested on the same
+# small cases (where the Triton backend takes the fused one).
+LONG = "triton-long"
+BACKENDS = [*backends(has_cpp=False), LONG]
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    if backend != LONG:
+        with _use_backend(backend):
+            yield
+        return
+    from prompt_kernels.kernels.gated_prefix_attention import short_path
+
+    with _use_backend("triton"), short_path(False):
+        yield
+
+
+def device_for(backend: str) -> str:
+    return _device_for("triton" if backend == LONG else backend)
+
+
 NAMES = ("out", "query", "key", "value", "prompt_key", "prompt_value", "gate")
 
 
 def _blocks(backend: str, small: bool = True):
     """Small blocks for the interpreted kernels (the multi-block loops at tiny sizes)."""
-    import contextlib
-
-    if backend == "triton" and small and INTERPRET:
+    if backend in ("triton", LONG) and small and INTERPRET:
         from prompt_kernels.kernels.gated_prefix_attention import force_blocks
 
         return force_blocks(16, 16)
@@ -298,7 +320,7 @@ def test_cpu_path_blocks_fp16(block, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", LOW_CASES, ids=["D64-bool-causal", "D96-add"])
 def test_matches_reference_low_precision(backend, dtype, case):
-    if backend == "triton" and INTERPRET and dtype == torch.bfloat16:
+    if backend in ("triton", LONG) and INTERPRET and dtype == torch.bfloat16:
         pytest.skip("bf16 under the Triton interpreter is numpy's weak emulation; run on a GPU to test it")
     B, H, Hkv, T, S, P, Dh, Bp, gate, mask, causal = case
     tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, Bp, gate, mask, dtype)
@@ -426,7 +448,7 @@ HF_MASK_DTYPES = [
 HF_MASK_IDS = ["fp32-fp32mask", "fp32-bf16mask", "fp16-fp16mask", "bf16-bf16mask"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "torch_recompute", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "torch_recompute", "triton", LONG])
 @pytest.mark.parametrize("dtypes", HF_MASK_DTYPES, ids=HF_MASK_IDS)
 @pytest.mark.parametrize("P,gate", [(0, "head"), (3, "zero"), (3, "mixed")], ids=["P0", "gate0", "mixed"])
 def test_hf_min_mask_fully_masked_rows_backward(backend, dtypes, P, gate, monkeypatch):
@@ -437,7 +459,7 @@ def test_hf_min_mask_fully_masked_rows_backward(backend, dtypes, P, gate, monkey
     positions get), where d out / d gate is 0, not 0 * inf. ``torch_recompute``: the CPU path's
     blockwise backward from the log-sum-exp (what fp16/bf16 and large float32 calls run)."""
     qdt, mdt = dtypes
-    if backend == "triton" and INTERPRET and qdt == torch.bfloat16:
+    if backend in ("triton", LONG) and INTERPRET and qdt == torch.bfloat16:
         pytest.skip("bf16 under the Triton interpreter is numpy's weak emulation; run on a GPU to test it")
     if backend == "torch_recompute":
         op_module = importlib.import_module("prompt_kernels.ops.gated_prefix_attention")
@@ -643,6 +665,7 @@ _TTIR_KERNELS = [
     "gpa_bwd_preprocess[fp16,Dh=64",
     "gpa_bwd_dkdv[fp16,Dh=64,mask=add,causal=1",
     "gpa_bwd_dq[fp16,Dh=64,mask=add,causal=1",
+    "gpa_bwd_fused[fp16,Dh=64,mask=add,causal=1",
 ]
 _SSA = re.compile(r"^\s*(%[\w.]+)(?::\d+)? = ([\w.]+) (.*)$")
 
@@ -719,8 +742,9 @@ class _GridRecorder:
         return lambda *args, **kwargs: self.grids.append((self.name, tuple(grid), kwargs))
 
 
+@pytest.mark.parametrize("short", [True, False], ids=["fused", "three-launch"])
 @pytest.mark.parametrize("heads", [(35_000, 35_000), (70_000, 1)], ids=["H35000-Hkv35000", "H70000-Hkv1"])
-def test_grids_within_cuda_limits(heads, monkeypatch):
+def test_grids_within_cuda_limits(heads, short, monkeypatch):
     """B * H = 70,000 (over CUDA's 65,535 on grid axes y and z): every launch of the forward and the
     backward stays within CUDA's grid limits and still has a program for every (query block, batch,
     head) (key block, batch, kv head). The launchers run with the kernels replaced by recorders."""
@@ -732,8 +756,10 @@ def test_grids_within_cuda_limits(heads, monkeypatch):
         "_gpa_bwd_preprocess_kernel",
         "_gpa_bwd_dkdv_kernel",
         "_gpa_bwd_dq_kernel",
+        "_gpa_bwd_fused_kernel",
     ):
         monkeypatch.setattr(gk, name, _GridRecorder(name, grids))
+    monkeypatch.setattr(gk, "_short_path", short)  # (S = 2, P = 1: the fused backward applies)
     (H, Hkv), B, T, S, P, Dh = heads, 2, 3, 2, 1, 32
     q = torch.randn(B, H, T, Dh)
     k, v = torch.randn(B, Hkv, S, Dh), torch.randn(B, Hkv, S, Dh)
@@ -741,14 +767,15 @@ def test_grids_within_cuda_limits(heads, monkeypatch):
     gate, mask = torch.rand(H), torch.zeros(B, H, T, S)
     out, lse = gk.forward(q, k, v, pk, pv, gate, mask, True, 0.1)
     gk.backward(torch.ones_like(out), q, k, v, pk, pv, gate, mask, out, lse, True, 0.1)
-    assert {g[0] for g in grids} == {
-        "_gpa_fwd_kernel", "_gpa_bwd_preprocess_kernel", "_gpa_bwd_dkdv_kernel", "_gpa_bwd_dq_kernel"
-    }  # fmt: skip
+    assert {g[0] for g in grids} == (
+        {"_gpa_fwd_kernel", "_gpa_bwd_fused_kernel"} if short else
+        {"_gpa_fwd_kernel", "_gpa_bwd_preprocess_kernel", "_gpa_bwd_dkdv_kernel", "_gpa_bwd_dq_kernel"}
+    )  # fmt: skip
     for name, grid, _ in grids:
         assert 1 <= len(grid) <= 3, (name, grid)
         limits = (2**31 - 1, 65_535, 65_535)
         assert all(0 < n <= lim for n, lim in zip(grid, limits)), f"{name}: grid {grid} over CUDA's limits"
-        heads_here = Hkv if name == "_gpa_bwd_dkdv_kernel" else H
+        heads_here = Hkv if name in ("_gpa_bwd_dkdv_kernel", "_gpa_bwd_fused_kernel") else H
         assert math.prod(grid) >= B * heads_here, f"{name}: grid {grid} has fewer programs than heads"
 
 
@@ -907,6 +934,7 @@ def test_autotuned_launches_are_right_on_every_trial(monkeypatch):
         ran.append(len(ran))
         return [10.0 - len(ran)] * 3  # the last candidate is the fastest
 
+    monkeypatch.setattr(gk, "_short_path", False)  # (the fused backward has one tile: never autotuned)
     B, H, Hkv, P, Dh = 2, 4, 2, 19, 32
     tensors, _ = make_inputs(B, H, Hkv, 40, 37, P, Dh, 1, "head", "none", torch.float32)
     q, k, v, pk, pv, gate = tensors
@@ -956,6 +984,7 @@ def test_unmasked_fast_path(T, S, causal, monkeypatch):
     bottom-right causality with T != S), and the reference's values."""
     from prompt_kernels.kernels import gated_prefix_attention as gk
 
+    monkeypatch.setattr(gk, "_short_path", False)  # (the fast path is the three-launch backward's)
     tensors, mask = make_inputs(1, 4, 2, T, S, 5, 32, 1, "head", "none", torch.float32)
     grad_out = torch.randn(tensors[0].shape)
     calls = [0]
@@ -981,6 +1010,103 @@ def test_unmasked_fast_path(T, S, causal, monkeypatch):
     for name, a, b in zip(NAMES, results[True], results[False]):
         assert torch.equal(a, b), f"{name}: the fast path differs from the masked path"
     _check_against_reference("triton", tensors, mask, causal, torch.float32, grad_out=grad_out)
+
+
+# (S, P, dtype, Dh, fused): the fused backward where the keys and the prompt keys fit their blocks
+# (the default row: 64 keys and prompt keys at Dh 32-64, 32 at Dh 80-128), the three launches beyond.
+SHORT_PATH_CASES = [
+    (64, 16, torch.float16, 64, True),
+    (1, 1, torch.float16, 64, True),
+    (65, 16, torch.float16, 64, False),
+    (64, 65, torch.float16, 64, False),
+    (32, 5, torch.float16, 80, True),
+    (33, 5, torch.float16, 80, False),
+    (37, 19, torch.float32, 32, True),  # (fp32: the interpreter only; GPUs take the three launches)
+    (70, 0, torch.float32, 32, False),
+]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's launch configuration")
+@pytest.mark.parametrize("S,P,dtype,Dh,fused", SHORT_PATH_CASES)
+@pytest.mark.parametrize("Bp", [2, 1], ids=["prompt-per-batch", "prompt-broadcast"])
+def test_short_key_path_is_taken_where_it_applies(S, P, dtype, Dh, fused, Bp, monkeypatch):
+    """The backward is the fused launch (one program per (b, kv head), the key and prompt blocks the
+    next powers of two of S and P, at least 16) exactly where every key fits one block, else the three
+    launches; with ``short_path(False)`` always the three. Its only other device ops: zeroing dgate
+    (added atomically) and, for a broadcast prompt, the two sums over the batch."""
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+
+    grids = _record_kernels(gk, monkeypatch)
+    B, H, Hkv, T = 2, 4, 2, 40
+    q = torch.randn(B, H, T, Dh, dtype=dtype)
+    k, v = (torch.randn(B, Hkv, S, Dh, dtype=dtype) for _ in range(2))
+    pk, pv = (torch.randn(Bp, Hkv, P, Dh, dtype=dtype) for _ in range(2))
+    gate, out, lse = torch.rand(H), torch.randn(B, H, T, Dh, dtype=dtype), torch.randn(B, H, T)
+    grad_out, rec = torch.ones_like(out), _OpRecorder()
+    with rec:
+        gk.backward(grad_out, q, k, v, pk, pv, gate, None, out, lse, True, 0.1)
+    sums = ["sum", "sum"] if Bp == 1 and P > 0 else []
+    if fused:
+        ((name, grid, kwargs),) = grids
+        assert name == "_gpa_bwd_fused_kernel" and grid == (B * Hkv,)
+        assert kwargs["BLOCK_N"] == max(16, 1 << (S - 1).bit_length())
+        assert kwargs["BLOCK_NP"] == max(16, 1 << (max(P, 1) - 1).bit_length())
+        assert [op for op in rec.ops if op != "fill_"] == ["zero_", *sums], rec.ops
+    else:
+        assert [g[0] for g in grids] == [
+            "_gpa_bwd_preprocess_kernel",
+            "_gpa_bwd_dkdv_kernel",
+            "_gpa_bwd_dq_kernel",
+        ]
+    grids.clear()
+    with gk.short_path(False):
+        gk.backward(torch.ones_like(out), q, k, v, pk, pv, gate, None, out, lse, True, 0.1)
+    assert [g[0] for g in grids] == [
+        "_gpa_bwd_preprocess_kernel",
+        "_gpa_bwd_dkdv_kernel",
+        "_gpa_bwd_dq_kernel",
+    ]
+
+
+def test_fused_tiles_per_arch():
+    """The fused backward's tiles: fp16/bf16 only on sm_80 and sm_90 (fp32 takes the three launches
+    there), at least 64 keys on sm_90 (wgmma's 64 rows: the dk/dv products' M dimension), every tile
+    the launcher can choose registered as a compile spec (in every variant at Dh 64 for the largest)."""
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+
+    names = {s.name for s in gk._compile_specs() if s.name.startswith("gpa_bwd_fused[")}
+    for arch in gk.ARCHS:
+        assert gk.fused_tile(arch, torch.float32, 32, 16, 16) is None
+        for dtype in (torch.float16, torch.bfloat16):
+            ty = gk._TRITON_TYPE[dtype]
+            for Dh in gk.HEAD_DIMS:
+                tiles = gk.fused_tiles(arch, dtype, Dh)
+                assert tiles and gk.fused_tile(arch, dtype, Dh, 32, 16) in tiles
+                for S in range(1, 129, 7):
+                    for P in (0, 1, 16, 17, 40, 64, 65):
+                        t = gk.fused_tile(arch, dtype, Dh, S, P)
+                        assert t is None or (
+                            t in tiles and t.kwargs["BLOCK_N"] >= S and t.kwargs["BLOCK_NP"] >= P
+                        )
+                for t in tiles:
+                    assert t.kwargs["BLOCK_N"] >= (64 if arch >= 90 else 16), (arch, Dh, t)
+                    kw = t.kwargs
+                    name = f"gpa_bwd_fused[{ty},Dh={Dh},mask=add,causal=1,BM={kw['BLOCK_M']},BN={kw['BLOCK_N']},BNP={kw['BLOCK_NP']}]"
+                    assert name in names, name
+            assert gk.fused_tile(arch, dtype, 64, 64, 16) is not None  # T ~ 64 classifiers, Dh 64
+
+
+@pytest.mark.skipif(not INTERPRET, reason="checks the interpreter with the launcher's own blocks")
+@pytest.mark.parametrize(
+    "dtype,Dh,S,P",
+    [(torch.float32, 32, 50, 37), (torch.float16, 80, 29, 9)],
+    ids=["fp32-D32-P37", "fp16-D80"],
+)
+def test_fused_launcher_blocks(dtype, Dh, S, P):
+    """The fused backward with the launcher's own tiles (several query blocks, GQA, causal with T > S,
+    a per-head additive mask with -inf), against the reference."""
+    tensors, m = make_inputs(2, 4, 2, 70, S, P, Dh, 1, "head", "add_h", dtype)
+    _check_against_reference("triton", tensors, m, True, dtype, small_blocks=False)
 
 
 def test_floors():

@@ -27,7 +27,7 @@ weight: P = 0 or gate 0) is then softmax over equal logits: uniform over those k
 the biased scores gives in float64. Its log-sum-exp cannot be stored (log(count) vanishes next to
 -FLT_MAX in float32), so the forward stores -FLT_MAX and the backward counts the row's saturated keys.
 
-Backward (three launches):
+Backward (three launches; one for short key ranges, see below):
   * preprocess, per query row: ``delta = rowsum(grad_out * out)`` and the row's normaliser in base 2
     as two terms, ``hi`` (lse * log2(e), -FLT_MAX on saturated rows) and ``lo`` (0, log2 of the
     row's count of saturated keys on saturated rows), so that ``p = exp2((s - hi) - lo)``; it also
@@ -43,6 +43,13 @@ Backward (three launches):
 Unmasked fast path: without a padding/additive mask, the key blocks that every query of a block sees
 (inside S, below the causal diagonal) skip the mask/causal ``where``s in the forward, dk/dv and dq;
 only the diagonal blocks (and a partial last key block) take the masked path (``FAST``).
+Short key ranges (``fused_tile``: the S keys within one key block and the P prompt keys within one
+prompt block, e.g. prompt-tuned classifiers with T ~ 64): one launch instead, one program per
+(b, kv head) holding all its keys (``_gpa_bwd_fused_kernel``): it loops over the group's query heads
+and their query blocks, computes delta, hi and lo per block itself (the saturated keys counted on the
+block's logits), and the five products of the floor per segment; dq is complete and written once
+(no dq launch, no atomics), q, grad_out and out are read once; dgate is zeroed by the launcher and
+added to atomically as above. fp16/bf16 on GPUs; fp32 only under the interpreter (see FUSED_TABLE).
 The T x (P + S) probability matrix never exists in global memory.
 """
 
@@ -56,6 +63,7 @@ import triton
 import triton.language as tl
 
 from prompt_kernels import _alloc, floors
+from prompt_kernels.kernels import interpreting
 from prompt_kernels.kernels.registry import (
     DEFAULT_ARCH,
     TABLE_ARCHS,
@@ -642,6 +650,117 @@ def _gpa_bwd_dq_kernel(
     )
 
 
+@triton.jit
+def _gpa_bwd_fused_kernel(
+    Q, K, V, PK, PV, G, MASK, DO, OUT, LSE, DQ, DK, DV, DPK, DPV, DGATE,
+    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
+    spkb, spkh, spkp, spvb, spvh, spvp,
+    smb, smh, smt, sdob, sdoh, sdot, sob, soh, sot,
+    sdqb, sdqh, sdqt, sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+    sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp, sgb, sgh,
+    H, GROUP, T, S, P, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NP: tl.constexpr,
+):  # fmt: skip
+    """The whole backward of one (b, kv head) whose keys fit one block each (S <= BLOCK_N prompt keys
+    P <= BLOCK_NP): the program holds k, v, pk, pv and loops over the query heads of the group and
+    their query blocks. Per query block it computes what the preprocess computes (delta = rowsum(dO *
+    O), the base-2 normaliser hi + lo, the saturated keys counted on the block's own logits), then
+    the five products of the floor per segment (S = Q K^T, dP = dO V^T, dV += P^T dO, dK += dS^T Q,
+    dQ = dS K): dq is complete (every key is in the program) and written once, q, dO and out are
+    read once; dk, dv and the prompt's accumulate over the group's query heads and are written once,
+    dgate terms (as in the dk/dv kernel) are added atomically to DGATE (zeroed by the launcher)."""
+    _, _, b, hk = _split_pid(1, H // GROUP)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    cols = tl.arange(0, BLOCK_N)
+    c_ok = cols < S
+    kv_ok = c_ok[:, None] & d_ok[None, :]
+    k = tl.load(_rows(K + b * skb + hk * skh, cols, sks, offs_d, D_PAD), mask=kv_ok, other=0.0)
+    v = tl.load(_rows(V + b * svb + hk * svh, cols, svs, offs_d, D_PAD), mask=kv_ok, other=0.0)
+    pcols = tl.arange(0, BLOCK_NP)
+    pc_ok = pcols < P
+    pkv_ok = pc_ok[:, None] & d_ok[None, :]
+    pk = tl.load(_rows(PK + b * spkb + hk * spkh, pcols, spkp, offs_d, D_PAD), mask=pkv_ok, other=0.0)
+    pv = tl.load(_rows(PV + b * spvb + hk * spvh, pcols, spvp, offs_d, D_PAD), mask=pkv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dpk = tl.zeros([BLOCK_NP, D_PAD], tl.float32)
+    dpv = tl.zeros([BLOCK_NP, D_PAD], tl.float32)
+    for hh in range(0, GROUP):
+        h = hk * GROUP + hh
+        row_base = (b * H + h) * T
+        g = tl.load(G + b * sgb + h * sgh)
+        dg = tl.zeros([BLOCK_M], tl.float32)
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        o_base = OUT + b * sob + h * soh
+        dq_base = DQ + b * sdqb + h * sdqh
+        mask_base = b * smb + h * smh
+        for start_m in range(0, T, BLOCK_M):
+            rows = start_m + offs_m
+            r_ok = rows < T
+            qo_ok = r_ok[:, None] & d_ok[None, :]
+            q = tl.load(_rows(q_base, rows, sqt, offs_d, D_PAD), mask=qo_ok, other=0.0)
+            do = tl.load(_rows(do_base, rows, sdot, offs_d, D_PAD), mask=qo_ok, other=0.0)
+            o = tl.load(_rows(o_base, rows, sot, offs_d, D_PAD), mask=qo_ok, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            # Rows past T: lse = +inf, hi = +inf, so p = pu = 0 there (q = dO = 0 too).
+            lse = tl.load(LSE + row_base + rows, mask=r_ok, other=float("inf"))
+            saturated = lse < _SAT_LSE
+            hi = tl.where(saturated, _NEG_MAX, lse * _LOG2E)
+
+            # Key segment.
+            s = _dot(q, tl.trans(k), FP32) * qk_scale
+            s = _mask_keys(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
+            if MASK_KIND == 2:
+                # A saturated key's logit is -FLT_MAX exactly (module docstring); hidden keys are -inf.
+                count = tl.sum((s == _NEG_MAX).to(tl.int32), 1)
+                lo = tl.where(saturated, tl.log2(tl.maximum(count, 1).to(tl.float32)), 0.0)
+                p = tl.exp2(s - hi[:, None] - lo[:, None])
+            else:
+                p = tl.exp2(s - hi[:, None])
+            ds = p * (_dot(do, tl.trans(v), FP32) - delta[:, None])
+            dv += _dot(tl.trans(p.to(do.dtype)), do, FP32)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32)
+            dq = _dot(ds.to(k.dtype), k, FP32)
+
+            # Prompt segment: the ungated probability pu (exponent clamped as in the dk/dv kernel),
+            # p = gate * pu, and the dgate terms pu * (dP - delta), finite at gate 0.
+            sp = _dot(q, tl.trans(pk), FP32) * qk_scale
+            sp = tl.where(pc_ok[None, :], sp, float("-inf"))
+            pu = tl.exp2(tl.minimum(sp - hi[:, None], _EXP2_CLAMP))
+            pp = pu * g
+            dpp = _dot(do, tl.trans(pv), FP32) - delta[:, None]
+            dg += tl.sum(pu * dpp, 1)
+            dsp = pp * dpp
+            dpv += _dot(tl.trans(pp.to(do.dtype)), do, FP32)
+            dpk += _dot(tl.trans(dsp.to(q.dtype)), q, FP32)
+            dq += _dot(dsp.to(pk.dtype), pk, FP32)
+            dq = dq * sm_scale
+            tl.store(_rows(dq_base, rows, sdqt, offs_d, D_PAD), dq.to(DQ.dtype.element_ty), mask=qo_ok)
+        tl.atomic_add(DGATE + b * sgb + h * sgh, tl.sum(dg, 0))
+    dk = dk * sm_scale
+    dpk = dpk * sm_scale
+    tl.store(
+        _rows(DK + b * sdkb + hk * sdkh, cols, sdks, offs_d, D_PAD), dk.to(DK.dtype.element_ty), mask=kv_ok
+    )
+    tl.store(
+        _rows(DV + b * sdvb + hk * sdvh, cols, sdvs, offs_d, D_PAD), dv.to(DV.dtype.element_ty), mask=kv_ok
+    )
+    tl.store(
+        _rows(DPK + b * sdpkb + hk * sdpkh, pcols, sdpkp, offs_d, D_PAD),
+        dpk.to(DPK.dtype.element_ty),
+        mask=pkv_ok,
+    )
+    tl.store(
+        _rows(DPV + b * sdpvb + hk * sdpvh, pcols, sdpvp, offs_d, D_PAD),
+        dpv.to(DPV.dtype.element_ty),
+        mask=pkv_ok,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Configurations: per-architecture tile tables (the launchers choose among exactly these; the
 # compile specs register exactly these)
@@ -768,6 +887,79 @@ def _launch_candidates(kernel: str, device, dtype: torch.dtype, head_dim: int) -
     )
 
 
+# The fused backward (_gpa_bwd_fused_kernel: one launch, one program per (b, kv head) holding all its
+# keys) where the S keys fit one key block and the P prompt keys one prompt block: per architecture
+# and padded head size (BLOCK_M, fewest and most keys BLOCK_N, most prompt keys BLOCK_NP, num_warps,
+# num_stages); the launch takes BLOCK_N = next_power_of_2(S) (at least the fewest) and BLOCK_NP =
+# next_power_of_2(P) (at least 16, tl.dot's minimum), so that padding stays below 2x. Chosen with the
+# compile check (``fused_tiles`` are its specs; ``compile_check --filter gpa_bwd_fused``): the
+# program holds k, v, pk, pv and the float32 dk, dv, dpk, dpv, so the rows are the largest that
+# compile without spills on 8 (4 at Dh 32) warps, unpipelined (the query loop pipelined at 2 stages
+# spills everywhere). sm_90: at least 64 keys (the dk/dv products' M dimension: wgmma's 64 rows, HGMMA;
+# with 16-32 keys and 16-32 queries no product reaches it and sm_90 would run HMMA); at Dh 80-128
+# prompt blocks of 16 (32 spills 24 B). sm_80 at Dh 80-128: up to 32 keys (64 spill 108 B at 16
+# queries). fp16/bf16 only on GPUs: fp32 IEEE dots on the FMA units keep their operands in registers
+# and spill 100 B to 3 KB at every tile tried (Dh 32-64, 16-64 keys); the interpreter (the CPU tests'
+# dtype) runs fp32 with the default row's tiles, the same kernel code as fp16.
+_FUSED_LOWP_80 = {32: (16, 16, 64, 64, 4, 1), 64: (32, 16, 64, 64, 8, 1), 128: (16, 16, 32, 32, 8, 1)}
+_FUSED_LOWP_90 = {32: (16, 64, 64, 64, 4, 1), 64: (32, 64, 64, 64, 8, 1), 128: (16, 64, 64, 16, 8, 1)}
+FUSED_TABLE = {80: _FUSED_LOWP_80, 90: _FUSED_LOWP_90, DEFAULT_ARCH: _FUSED_LOWP_80}
+_short_path = True
+
+
+@contextlib.contextmanager
+def short_path(enabled: bool):
+    """Tests only: with ``False`` the backward never takes the fused short-key-range path."""
+    global _short_path
+    old, _short_path = _short_path, bool(enabled)
+    try:
+        yield
+    finally:
+        _short_path = old
+
+
+def _fused_row(arch: int, dtype: torch.dtype, head_dim: int):
+    if dtype == torch.float32 and not (arch == DEFAULT_ARCH and interpreting()):
+        return None
+    return arch_row(FUSED_TABLE, arch).get(max(32, d_pad(head_dim)))
+
+
+def _key_block(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+def fused_tile(arch: int, dtype: torch.dtype, head_dim: int, S: int, P: int) -> TileConfig | None:
+    """The fused backward's tile for S keys and P prompt keys on ``arch``, or None where the keys do
+    not fit one block (or the table has no fused row for the dtype and head size)."""
+    row = _fused_row(arch, dtype, head_dim)
+    if row is None or _key_block(S) > row[2] or _key_block(P) > row[3]:
+        return None
+    bm, fewest, _, _, warps, stages = row
+    return TileConfig.of(
+        warps, stages, BLOCK_M=bm, BLOCK_N=max(_key_block(S), fewest), BLOCK_NP=_key_block(P)
+    )
+
+
+def fused_tiles(arch: int, dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, ...]:
+    """Every tile the fused backward can launch with on ``arch`` (the compile specs), the largest first."""
+    row = _fused_row(arch, dtype, head_dim)
+    if row is None:
+        return ()
+    sizes = lambda fewest, most: [n for n in (128, 64, 32, 16) if fewest <= n <= most]
+    return tuple(
+        fused_tile(arch, dtype, head_dim, s, p) for s in sizes(row[1], row[2]) for p in sizes(16, row[3])
+    )
+
+
+def _fused_launch_tile(device, dtype: torch.dtype, head_dim: int, S: int, P: int) -> TileConfig | None:
+    if not _short_path:
+        return None
+    tile = fused_tile(launch_arch(device), dtype, head_dim, S, P)
+    if tile is None or _override_blocks is None:
+        return tile
+    return TileConfig.of(tile.num_warps, tile.num_stages, **{**tile.kwargs, "BLOCK_M": _override_blocks[0]})
+
+
 # Autotuning on GPUs (registry.TunedKernel; never under the interpreter or the compile check, which
 # launch the first candidate; nor with PROMPT_KERNELS_AUTOTUNE=0). Triton's key: the constexprs that
 # change the kernel's work per tile (head size, mask kind, causality; for dk/dv GROUP, the query heads
@@ -784,12 +976,14 @@ _TUNE_KEYS = {
     "pre": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL"],
     "dkdv": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL", "GROUP"],
     "dq": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL"],
+    "fused": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL", "GROUP"],
 }
 _KERNEL_NAMES = {
     "fwd": "_gpa_fwd_kernel",
     "pre": "_gpa_bwd_preprocess_kernel",
     "dkdv": "_gpa_bwd_dkdv_kernel",
     "dq": "_gpa_bwd_dq_kernel",
+    "fused": "_gpa_bwd_fused_kernel",
 }
 _RESET_TO_ZERO = {"dkdv": ["DGATE"]}
 _tuned: dict[tuple, TunedKernel] = {}
@@ -947,16 +1141,19 @@ def backward(
     group = H // Hkv
     common = dict(HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), device=dev)
 
-    # delta = rowsum(grad_out * out), the rows' normalisers in base 2 as hi + lo (module docstring),
-    # dgate zeroed for the dk/dv launch's atomic adds
-    delta, hi, lo = (_alloc.empty((B, H, T), dtype=torch.float32, device=dev) for _ in range(3))
-    _launch(
-        "pre",
-        lambda meta: _grid(triton.cdiv(T, meta["BLOCK_M"]), B * H),
-        _launch_candidates("pre", dev, dt, Dh),
-        o, do, lse, m, delta, hi, lo, dgate, *_strides3(o), *_strides3(do), *ms, *gs, H, T, S,
-        **common, bucket=(),
-    )  # fmt: skip
+    # Short key ranges (every key of a (b, kv head) in one block): the fused backward, one launch.
+    fused = _fused_launch_tile(dev, dt, Dh, S, P)
+    if fused is None:
+        # delta = rowsum(grad_out * out), the rows' normalisers in base 2 as hi + lo (module
+        # docstring), dgate zeroed for the dk/dv launch's atomic adds
+        delta, hi, lo = (_alloc.empty((B, H, T), dtype=torch.float32, device=dev) for _ in range(3))
+        _launch(
+            "pre",
+            lambda meta: _grid(triton.cdiv(T, meta["BLOCK_M"]), B * H),
+            _launch_candidates("pre", dev, dt, Dh),
+            o, do, lse, m, delta, hi, lo, dgate, *_strides3(o), *_strides3(do), *ms, *gs, H, T, S,
+            **common, bucket=(),
+        )  # fmt: skip
 
     # dk, dv and the prompt's: one launch, prompt key blocks and key blocks as programs of one grid.
     # A broadcast prompt (batch 1, B > 1) gets float32 per-batch partials, summed over the batch here
@@ -967,7 +1164,20 @@ def backward(
         dpk, dpv = part[0], part[1]
     else:
         dpk, dpv = (_alloc.empty(pk.shape, dtype=dt, device=dev) for _ in range(2))
-    if P + S > 0:
+    if fused is not None:
+        dgate.zero_()  # (the fused programs add their dgate terms atomically)
+        _launch(
+            "fused",
+            lambda meta: _grid(1, B * Hkv),
+            (fused,),
+            q, k, v, pk, pv, g, m, do, o, lse, dq, dk, dv, dpk, dpv, dgate,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv), *ms,
+            *_strides3(do), *_strides3(o), *_strides3(dq), *_strides3(dk), *_strides3(dv),
+            *_strides3(dpk), *_strides3(dpv), *gs,
+            H, group, T, S, P, scale * LOG2E, scale,
+            **common, FP32=fp32, bucket=(),
+        )  # fmt: skip
+    elif P + S > 0:
         _launch(
             "dkdv",
             lambda meta: _grid(triton.cdiv(P, meta["BLOCK_NP"]) + triton.cdiv(S, meta["BLOCK_N"]), B * Hkv),
@@ -982,6 +1192,8 @@ def backward(
         dpk, dpv = (_alloc.empty(pk.shape, dtype=dt, device=dev) for _ in range(2))
         torch.sum(part[0], 0, keepdim=True, out=dpk)
         torch.sum(part[1], 0, keepdim=True, out=dpv)
+    if fused is not None:
+        return dq, dk, dv, dpk, dpv, dgate
 
     _launch(
         "dq",
@@ -1022,6 +1234,12 @@ _DQ_ARGS = (
     "smb smh smt sdob sdoh sdot sdqb sdqh sdqt sgb sgh H GROUP T S P qk_scale sm_scale"
 )
 
+_FUSED_ARGS = (
+    "Q K V PK PV G MASK DO OUT LSE DQ DK DV DPK DPV DGATE sqb sqh sqt skb skh sks svb svh svs "
+    "spkb spkh spkp spvb spvh spvp smb smh smt sdob sdoh sdot sob soh sot sdqb sdqh sdqt "
+    "sdkb sdkh sdks sdvb sdvh sdvs sdpkb sdpkh sdpkp sdpvb sdpvh sdpvp sgb sgh H GROUP T S P qk_scale sm_scale"
+)
+
 
 def dprompt_ty(dtype: torch.dtype, kind: int) -> dict[str, str]:
     """Pointer types of the dk/dv launch's prompt outputs in a spec: the input dtype (prompt batch =
@@ -1056,6 +1274,7 @@ _SPEC_KERNELS = {
     "dkdv": ("gpa_bwd_dkdv", _DKDV_ARGS, True),
     "pre": ("gpa_bwd_preprocess", _PRE_ARGS, False),
     "dq": ("gpa_bwd_dq", _DQ_ARGS, True),
+    "fused": ("gpa_bwd_fused", _FUSED_ARGS, True),
 }
 
 
@@ -1068,14 +1287,18 @@ def _spec(
     types = {n: f"*{ty}" for n in ("Q", "K", "V", "PK", "PV", "OUT", "DO", "DQ", "DK", "DV")}
     types |= {n: "*fp32" for n in ("G", "LSE", "HI", "LO", "DELTA", "DGATE")}
     types |= {"qk_scale": "fp32", "sm_scale": "fp32", "MASK": "*u8" if kind == MASK_BOOL else f"*{ty}"}
-    if kernel == "dkdv":
+    if kernel in ("dkdv", "fused"):
         types |= dprompt_ty(dtype, kind)
     consts = dict(HEAD_DIM=hd, D_PAD=d_pad(hd), MASK_KIND=kind, IS_CAUSAL=causal)
-    if kernel != "pre":
+    if kernel == "fused":
+        consts |= dict(FP32=dtype == torch.float32)
+    elif kernel != "pre":
         consts |= dict(FAST=True, FP32=dtype == torch.float32)
     consts |= tile.kwargs
     tag = f"{ty},Dh={hd},mask={('none', 'bool', 'add')[kind]},causal={int(causal)}"
     name = f"{prefix}[{tag},BM={tile.kwargs['BLOCK_M']},BN={tile.kwargs['BLOCK_N']}"
+    if kernel == "fused":
+        name += f",BNP={tile.kwargs['BLOCK_NP']}"
     name += f",w={tile.num_warps},s={tile.num_stages}]" if extra else "]"
     return CompileSpec(
         name=name,
@@ -1099,6 +1322,29 @@ def _compile_specs() -> list[CompileSpec]:
                 for tile, archs in table_tiles(kernel, dtype, hd).items():
                     for kind, causal in _variants(hd, tile in fixed):
                         specs.append(_spec(kernel, dtype, hd, kind, causal, tile, archs, tile not in fixed))
+            # the fused backward: every (BLOCK_N, BLOCK_NP) its launcher can choose, heaviest variant;
+            # the largest tile in every variant at head size 64
+            fused: dict[TileConfig, list[int]] = {}
+            for arch in ARCHS:
+                for tile in fused_tiles(arch, dtype, hd):
+                    fused.setdefault(tile, []).append(arch)
+            for tile, archs in fused.items():
+                largest = tile in {
+                    fused_tiles(arch, dtype, hd)[0] for arch in ARCHS if fused_tiles(arch, dtype, hd)
+                }
+                for kind, causal in _variants(hd, largest):
+                    specs.append(
+                        _spec(
+                            "fused",
+                            dtype,
+                            hd,
+                            kind,
+                            causal,
+                            tile,
+                            None if len(archs) == len(ARCHS) else tuple(archs),
+                            False,
+                        )
+                    )
     return specs
 
 
