@@ -602,17 +602,18 @@ def test_autotune_path_benchmarks_every_candidate_and_launches_the_pick(monkeypa
     n, p, q, N = 2, 40, 40, 5
     x, rules, w = torch.randn(N, n * p), torch.randn(n, n, n), torch.randn(n, p, q)
     out = torch.full((N, n * q), float("nan"))
-    cands = phm.mm_candidates(registry.DEFAULT_ARCH, torch.float32, q, p)
+    cands = phm.mm_candidates(registry.DEFAULT_ARCH, torch.float32, q, p, n)
     assert len(cands) == 2
     args = (x, rules, w, out, out, N, n, p, q, 0, x.stride(0), x.stride(1), out.stride(0))
+    np2 = phm.mm_unroll(torch.float32, n)
 
     def grid(m):
-        return (triton.cdiv(N, m["BLOCK_M"]), n * triton.cdiv(q, m["BLOCK_N"]))
+        return (triton.cdiv(N, m["BLOCK_M"]), triton.cdiv(q, m["BLOCK_N"] // np2))
 
-    got = tuned.launch(grid, cands, *args, DOT_PRECISION="ieee", N_UNROLL=0, device=x.device)
+    got = tuned.launch(grid, cands, *args, DOT_PRECISION="ieee", N_UNROLL=np2, device=x.device)
     assert got == cands[1] and ran == [3.0, 1.0]  # both benchmarked, the faster launched
     torch.testing.assert_close(out, phm_ref(x, rules, w))
-    assert tuned.launch(grid, cands, *args, DOT_PRECISION="ieee", N_UNROLL=0, device=x.device) == cands[1]
+    assert tuned.launch(grid, cands, *args, DOT_PRECISION="ieee", N_UNROLL=np2, device=x.device) == cands[1]
     assert ran == [3.0, 1.0]  # cached for the key (n, I, O, dtype): no second benchmark
 
     # prompt_pool forward: the mask kind (a constexpr keyword) is part of the key

@@ -32,8 +32,7 @@ The forward and grad_x loops are single loops (no inner loop), so Triton pipelin
 (cp.async, ``num_stages = 2``); fp16/bf16 only where the launcher has checked 16-byte alignment
 (``mm_align``: ``ALIGN = 8``, passed to the kernel so that it knows I and O are multiples of 8),
 else ``num_stages = 1`` (2-byte loads cannot be asynchronous copies). n > 16 is not taken (the op
-runs PyTorch); the kernels' ``N_UNROLL = 0`` form (one block per program, loops over a runtime n)
-is no launcher's choice.
+runs PyTorch).
 
 All accumulation is fp32; fp32 dots use ``input_precision="ieee"`` (no TF32).
 """
@@ -87,8 +86,7 @@ def mm_unroll(dtype: torch.dtype, n: int) -> int:
     blocks held side by side in one tile (``_kron_mm``: ``N_UNROLL`` column blocks of ``BLOCK_N`` and
     ``N_UNROLL`` reduction blocks of ``BLOCK_K``), so that each program reads its rows of ``x`` once
     and its single reduction loop (no inner loop) is pipelined (cp.async). At most ``MAX_N_POW2``
-    (``ops.phm_linear.TRITON_MAX_N``: larger n runs PyTorch). The kernels' ``N_UNROLL = 0`` form (one
-    block per program, loops over a runtime ``n``) is no launcher's choice."""
+    (``ops.phm_linear.TRITON_MAX_N``: larger n runs PyTorch)."""
     if not 1 <= n <= MAX_N_POW2:
         raise ValueError(f"phm_linear (triton): n must be in [1, {MAX_N_POW2}], got {n}")
     return triton.next_power_of_2(int(n))
@@ -116,30 +114,6 @@ DOT_PRECISION = "ieee"  # only affects fp32 dots: exact fp32 products, no TF32
 # compiles one specialisation per such value launched; others (n = 1, 3, 8, ...) are compiled by the
 # JIT on first use on a GPU, not by the compile check.
 COMPILE_N = (4, 2)
-
-
-@triton.jit
-def _h_term(r_ptr, w_ptr, i, a, b, n, I, O, p, q, mask, TRANSPOSED: tl.constexpr):
-    """``rules[i, a, b] * weights[i, p, q]`` in fp32, as a ``[p, q]`` tile (``[q, p]`` if ``TRANSPOSED``)."""
-    coef = tl.load(r_ptr + (i * n + a) * n + b).to(tl.float32)
-    if TRANSPOSED:
-        wt = tl.load(w_ptr + (i * I + p)[None, :] * O + q[:, None], mask=mask, other=0.0)
-    else:
-        wt = tl.load(w_ptr + (i * I + p)[:, None] * O + q[None, :], mask=mask, other=0.0)
-    return coef * wt.to(tl.float32)
-
-
-@triton.jit
-def _h_tile(
-    r_ptr, w_ptr, a, b, n, I, O, p, q, mask, R: tl.constexpr, C: tl.constexpr, TRANSPOSED: tl.constexpr
-):  # fmt: skip
-    """The fp32 ``[R, C]`` tile of ``H`` of block ``(a, b)`` at rows ``p``, columns ``q``:
-    ``sum_i rules[i, a, b] * weights[i, p, q]`` (of ``H^T``, at ``[q, p]``, if ``TRANSPOSED``), a loop
-    over the runtime ``n`` (the one-block-per-program path, ``N_UNROLL = 0``)."""
-    h = tl.zeros((R, C), dtype=tl.float32)
-    for i in range(0, n):
-        h += _h_term(r_ptr, w_ptr, i, a, b, n, I, O, p, q, mask, TRANSPOSED)
-    return h
 
 
 @triton.jit
@@ -232,33 +206,16 @@ def _forward_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if N_UNROLL > 0:  # every block b at once: columns (b, q0 + [0, BLOCK_N // N_UNROLL))
-        BN: tl.constexpr = BLOCK_N // N_UNROLL
-        q0 = pid_n * BN
-        acc = _kron_mm(x_ptr, r_ptr, w_ptr, N, n, I, O, stride_xm, stride_xk, rows, q0,
-                       BLOCK_M, BLOCK_N, BLOCK_K, N_UNROLL, ALIGN, False, DOT_PRECISION)  # fmt: skip
-        cc = tl.arange(0, BLOCK_N)
-        b = cc // BN
-        q = q0 + cc % BN
-        col_ok = (b < n) & (q < O)
-        cols = b * O + q
-    else:  # one block b per program, loops over a runtime n (the general form; no launcher takes it)
-        tiles_o = tl.cdiv(O, BLOCK_N)
-        b = pid_n // tiles_o
-        q = (pid_n % tiles_o) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = q < O
-        cols = b * O + q
-        x_rows = x_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_xm
-        k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for a in range(0, n):
-            for p0 in range(0, I, BLOCK_K):
-                p = p0 + k
-                p_ok = p < I
-                xt = tl.load(x_rows + ((a * I + p) * stride_xk)[None, :], mask=p_ok[None, :], other=0.0)
-                h = _h_tile(r_ptr, w_ptr, a, b, n, I, O, p, q, p_ok[:, None] & col_ok[None, :], BLOCK_K,
-                            BLOCK_N, False)  # fmt: skip
-                acc = tl.dot(xt, h.to(xt.dtype), acc, input_precision=DOT_PRECISION)
+    # every block b at once: columns (b, q0 + [0, BLOCK_N // N_UNROLL))
+    BN: tl.constexpr = BLOCK_N // N_UNROLL
+    q0 = pid_n * BN
+    acc = _kron_mm(x_ptr, r_ptr, w_ptr, N, n, I, O, stride_xm, stride_xk, rows, q0,
+                   BLOCK_M, BLOCK_N, BLOCK_K, N_UNROLL, ALIGN, False, DOT_PRECISION)  # fmt: skip
+    cc = tl.arange(0, BLOCK_N)
+    b = cc // BN
+    q = q0 + cc % BN
+    col_ok = (b < n) & (q < O)
+    cols = b * O + q
     if has_bias != 0:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
@@ -288,33 +245,16 @@ def _grad_x_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if N_UNROLL > 0:  # every block a at once: columns (a, p0 + [0, BLOCK_N // N_UNROLL))
-        BN: tl.constexpr = BLOCK_N // N_UNROLL
-        p0 = pid_n * BN
-        acc = _kron_mm(dy_ptr, r_ptr, w_ptr, N, n, O, I, stride_dym, stride_dyk, rows, p0,
-                       BLOCK_M, BLOCK_N, BLOCK_K, N_UNROLL, ALIGN, True, DOT_PRECISION)  # fmt: skip
-        cc = tl.arange(0, BLOCK_N)
-        a = cc // BN
-        p = p0 + cc % BN
-        col_ok = (a < n) & (p < I)
-        cols = a * I + p
-    else:  # one block a per program, loops over a runtime n (the general form; no launcher takes it)
-        tiles_i = tl.cdiv(I, BLOCK_N)
-        a = pid_n // tiles_i
-        p = (pid_n % tiles_i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = p < I
-        cols = a * I + p
-        dy_rows = dy_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_dym
-        k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for b in range(0, n):
-            for q0 in range(0, O, BLOCK_K):
-                q = q0 + k
-                q_ok = q < O
-                dyt = tl.load(dy_rows + ((b * O + q) * stride_dyk)[None, :], mask=q_ok[None, :], other=0.0)
-                ht = _h_tile(r_ptr, w_ptr, a, b, n, I, O, p, q, q_ok[:, None] & col_ok[None, :], BLOCK_K,
-                             BLOCK_N, True)  # fmt: skip
-                acc = tl.dot(dyt, ht.to(dyt.dtype), acc, input_precision=DOT_PRECISION)
+    # every block a at once: columns (a, p0 + [0, BLOCK_N // N_UNROLL))
+    BN: tl.constexpr = BLOCK_N // N_UNROLL
+    p0 = pid_n * BN
+    acc = _kron_mm(dy_ptr, r_ptr, w_ptr, N, n, O, I, stride_dym, stride_dyk, rows, p0,
+                   BLOCK_M, BLOCK_N, BLOCK_K, N_UNROLL, ALIGN, True, DOT_PRECISION)  # fmt: skip
+    cc = tl.arange(0, BLOCK_N)
+    a = cc // BN
+    p = p0 + cc % BN
+    col_ok = (a < n) & (p < I)
+    cols = a * I + p
     dx = dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + cols[None, :]
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(rows < N)[:, None] & col_ok[None, :])
 
