@@ -869,7 +869,7 @@ def test_dkdv_tiles_per_arch():
 
 def _record_kernels(gk, monkeypatch) -> list:
     grids = []
-    for name in gk._KERNEL_NAMES.values():
+    for name in gk._ALL_KERNEL_NAMES.values():
         monkeypatch.setattr(gk, name, _GridRecorder(name, grids))
     return grids
 

@@ -983,8 +983,9 @@ _KERNEL_NAMES = {
     "pre": "_gpa_bwd_preprocess_kernel",
     "dkdv": "_gpa_bwd_dkdv_kernel",
     "dq": "_gpa_bwd_dq_kernel",
-    "fused": "_gpa_bwd_fused_kernel",
 }
+# (the fused backward's tiles come from FUSED_TABLE by S and P, not from ``candidates``)
+_ALL_KERNEL_NAMES = {**_KERNEL_NAMES, "fused": "_gpa_bwd_fused_kernel"}
 _RESET_TO_ZERO = {"dkdv": ["DGATE"]}
 _tuned: dict[tuple, TunedKernel] = {}
 _do_bench = None  # None: Triton's timer (the GPU's); tests pass a stand-in
@@ -997,7 +998,7 @@ def _length_bucket(*sizes: int) -> tuple[int, ...]:
 def tuned_kernel(kernel: str, bucket: tuple[int, ...] = ()) -> TunedKernel:
     """The TunedKernel of ``kernel`` for a length bucket (created on first use, around the module's
     kernel as it is now: tests swap in recorders)."""
-    fn = globals()[_KERNEL_NAMES[kernel]]
+    fn = globals()[_ALL_KERNEL_NAMES[kernel]]
     t = _tuned.get((kernel, bucket))
     if t is None or t.kernel is not fn:
         t = _tuned[(kernel, bucket)] = TunedKernel(
@@ -1302,7 +1303,7 @@ def _spec(
     name += f",w={tile.num_warps},s={tile.num_stages}]" if extra else "]"
     return CompileSpec(
         name=name,
-        kernel=globals()[_KERNEL_NAMES[kernel]],
+        kernel=globals()[_ALL_KERNEL_NAMES[kernel]],
         signature=_sig(args, types) | {k: "constexpr" for k in consts},
         constexprs=consts,
         num_warps=tile.num_warps,
@@ -1392,6 +1393,9 @@ def _launch_cases() -> list[LaunchCase]:
         (2, 4, 2, 64, 64, 16, 64, torch.float16, 1, MASK_BOOL, False),
         (1, 2, 2, 48, 80, 8, 32, torch.float32, 1, MASK_NONE, True),
         (1, 2, 1, 32, 32, 5, 80, torch.float16, 1, MASK_ADDITIVE, False),
+        # the first case with 128 keys: past the fused backward's one key block, the three launches
+        # (also the fp16 launch the compile check specialises their specs with)
+        (2, 4, 2, 64, 128, 16, 64, torch.float16, 1, MASK_BOOL, False),
     ]
     for B, H, Hkv, T, S, P, Dh, dtype, Bp, kind, causal in shapes:
         ins = _case_inputs(B, H, Hkv, T, S, P, Dh, dtype, Bp, kind)
