@@ -662,7 +662,7 @@ def _gpa_bwd_fused_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NP: tl.constexpr,
 ):  # fmt: skip
-    """The whole backward of one (b, kv head) whose keys fit one block each (S <= BLOCK_N prompt keys
+    """The whole backward of one (b, kv head) whose keys fit one block each (S <= BLOCK_N keys,
     P <= BLOCK_NP): the program holds k, v, pk, pv and loops over the query heads of the group and
     their query blocks. Per query block it computes what the preprocess computes (delta = rowsum(dO *
     O), the base-2 normaliser hi + lo, the saturated keys counted on the block's own logits), then
