@@ -47,7 +47,8 @@ def make_mask(kind: str, B: int, T: int) -> torch.Tensor | None:
 
 
 # (B, T, D, length, mask kind). Awkward sizes: D not a power of two, n < length, B = T = length = 1,
-# T > 128 (the index kernel's long-sequence block) with wide bins, D > 64 (the wide feature block).
+# T > 128 (the index kernel's long-sequence block, five backward token tiles of 32) with wide bins,
+# D > 64 (the wide feature block), T not a multiple of the backward's 8-token tile at D > 64.
 CASES = [
     (2, 11, 40, 4, "end"),
     (3, 9, 17, 3, "start"),
@@ -59,6 +60,8 @@ CASES = [
     (3, 6, 7, 3, "empty"),
     (1, 130, 3, 3, "random"),
     (1, 5, 70, 2, "end"),
+    (2, 37, 70, 3, "middle"),
+    (3, 21, 66, 9, "empty"),
 ]
 
 
@@ -370,6 +373,109 @@ def test_interpreter_launches_the_fixed_tile(monkeypatch):
     out = k.prompt_pool_forward(x, mask, L)
     k.prompt_pool_backward(torch.ones_like(out), mask, T)
     assert used == [k.forward_candidates(0, D, T, L)[0], k.backward_candidates(0, D)[0]]
-    assert used[0].kwargs == {"BLOCK_R": 8, "BLOCK_D": 256} and used[1].kwargs == {"BLOCK_D": 256}
+    assert used[0].kwargs == {"BLOCK_R": 8, "BLOCK_D": 256}
+    assert used[1].kwargs == {"BLOCK_TOK": 8, "BLOCK_D": 256}
     assert not k._FORWARD.tuners and not k._BACKWARD.tuners
     torch.testing.assert_close(out, reference(x, mask, L))
+
+
+def _bin_rows_per_tile(mask: torch.Tensor | None, B: int, T: int, length: int, tok: int) -> int:
+    """grad_out rows the backward loads: per tile of ``tok`` tokens, the bins of its real tokens."""
+    rows = 0
+    for b in range(B):
+        real = torch.ones(T, dtype=torch.bool) if mask is None else mask[b]
+        n = int(real.sum())
+        rank = torch.where(real, real.long().cumsum(0) - 1, -1)
+        for t0 in range(0, T, tok):
+            r = rank[t0 : t0 + tok]
+            r = r[r >= 0]
+            if r.numel():
+                rows += min(-(-(int(r.max()) + 1) * length // n), length) - int(r.min()) * length // n
+    return rows
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic meter runs under the Triton interpreter")
+@pytest.mark.parametrize("kind", ["end", "random", "empty", "none"])
+def test_backward_reads_grad_out_about_once(kind):
+    """The backward kernel loads each grad_out row once per token tile holding one of its tokens (a bin
+    straddling two tiles twice), not once per token: grad_out issued <= (B L + B (tiles - 1)) rows,
+    exactly the rows of the tiles' bins; the ranks once, n once per program, grad_x stored once.
+    Fails on the former program per token (grad_out issued about T / L times)."""
+    from prompt_kernels.kernels import prompt_pool as k
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    B, T, D, length = 3, 70, 80, 6  # D > 64: 8-token tiles, 9 a row, the last one partial
+    mask = make_mask(kind, B, T)
+    if mask is not None:
+        mask[0] = False
+        mask[0, 20:23] = True  # n = 3 < length: every token in two bins
+    grad_out = torch.randn(B, length, D)
+    with TrafficMeter() as meter:
+        grad = k.prompt_pool_backward(grad_out, mask, T)
+    bwd = meter.launches[-1]
+    assert (
+        [r.kernel for r in meter.launches] == ["_backward_kernel"]
+        if mask is None
+        else [
+            "_index_kernel",
+            "_backward_kernel",
+        ]
+    )
+    tok = k.backward_candidates(0, D)[0].kwargs["BLOCK_TOK"]
+    tiles = -(-T // tok)
+    assert bwd.grid == (B * tiles, 1, 1)
+    rows = _bin_rows_per_tile(mask, B, T, length, tok)
+    assert rows <= B * length + B * (tiles - 1)
+    index_bytes = 0 if mask is None else B * tiles * 4 + B * T * 4  # n per program, the ranks
+    assert bwd.loaded_bytes == rows * D * 4 + index_bytes
+    assert bwd.stored_bytes == bwd.unique_stored_bytes == B * T * D * 4
+    x = torch.zeros(B, T, D, dtype=torch.float64)
+    _, grad64 = _reference(x, mask, length, grad_out.double())
+    _, grad_same = _reference(x.float(), mask, length, grad_out)
+    assert_within_budget(grad, grad64, grad_same, name="grad_x")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic meter runs under the Triton interpreter")
+def test_launch_cases_within_one_and_a_half_of_the_byte_floor():
+    """Issue #15's goal at the registered launch cases: issued bytes (no cache) at most 1.5x the floor."""
+    from prompt_kernels.kernels import registry
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    cases = [c for c in registry.launch_cases() if c.op == "prompt_pool"]
+    assert len(cases) == 2
+    for case in cases:
+        with TrafficMeter() as meter:
+            case.launch()
+        assert meter.totals.issued_bytes <= 1.5 * case.floor_bytes, (case.name, meter.totals.issued_bytes)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter launches one chosen tile (a GPU autotunes)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_every_backward_tile(monkeypatch, dtype):
+    """Every backward tile a GPU may pick, at T not a multiple of the token tile (two full tiles and a
+    partial one), D not a multiple of BLOCK_D (two feature programs at BLOCK_D = 64), n < length in one
+    row and no real token in another."""
+    from prompt_kernels.kernels import prompt_pool as k
+
+    tiles = k.backward_table_tiles()
+    assert {c.kwargs["BLOCK_D"] for c in tiles} == set(k.BLOCK_D_CHOICES)
+    assert {c.kwargs["BLOCK_TOK"] * c.kwargs["BLOCK_D"] for c in tiles} == set(k.BWD_TILE_ELEMS)
+    for tile in tiles:
+        monkeypatch.setattr(k, "backward_candidates", lambda arch, D, _t=tile: (_t,))
+        tok = tile.kwargs["BLOCK_TOK"]
+        B, T, D, length = 3, 2 * tok + 3, 70, 5
+        mask = make_mask("middle", B, T)
+        mask[1] = False
+        mask[2] = False
+        mask[2, T - 3 :] = True  # n = 3 < length, the real tokens in the partial tile
+        grad_out = torch.randn(B, length, D).to(dtype)
+        grad = k.prompt_pool_backward(grad_out, mask, T)
+        x = torch.zeros(B, T, D, dtype=dtype)
+        _, grad64 = _reference(x.double(), mask, length, grad_out.double())
+        _, grad_same = _reference(x, mask, length, grad_out)
+        assert_within_budget(grad, grad64, grad_same, name=f"grad_x {tile}")
+        assert (grad[~mask] == 0).all(), f"{tile}: padding tokens must get exactly zero gradient"
+        grad_n = k.prompt_pool_backward(grad_out, None, T)
+        _, grad64 = _reference(x.double(), None, length, grad_out.double())
+        _, grad_same = _reference(x, None, length, grad_out)
+        assert_within_budget(grad_n, grad64, grad_same, name=f"grad_x {tile} no mask")

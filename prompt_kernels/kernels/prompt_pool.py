@@ -10,10 +10,14 @@ Three kernels:
   to ``e = ceil((j + 1) n / L)``; the program gathers the rows ``x[b, pos[s .. e)]`` in tiles of
   ``BLOCK_R`` rows, sums them in fp32 and divides by ``e - s``. x is read once, up to the one token
   two neighbouring bins share (L2 hits in practice).
-* ``_backward_kernel`` (grid ``(B * T, cdiv(D, BLOCK_D))``): token t of rank r lies in
-  the bins ``floor(r L / n) <= j < ceil((r + 1) L / n)`` (one or two when n >= L); each row gathers
-  those rows of grad_out scaled by ``1 / (e_j - s_j)``; padding rows get zeros. No atomics: each
-  program owns one row of grad_x.
+* ``_backward_kernel`` (grid ``(B * cdiv(T, BLOCK_TOK), cdiv(D, BLOCK_D))``): a program per tile of
+  ``BLOCK_TOK`` tokens of one sequence. The real tokens of a tile have consecutive ranks
+  ``r_lo .. r_hi``, so the bins they lie in are ``floor(r_lo L / n) <= j < ceil((r_hi + 1) L / n)``; the
+  program loads each of those grad_out rows once, scales it by ``1 / (e_j - s_j)`` and adds it to
+  the tokens of the tile with ``s_j <= r < e_j`` (a token on a bin boundary gets both bins' terms, in
+  ascending j as before). grad_out is read about once (a bin row straddling two tiles twice), not
+  once per token; padding tokens (rank -1) are in no bin and get exact zeros. No atomics: each
+  program owns its tile of grad_x.
 
 Without a mask there is no index pass: ``pos = rank = arange(T)`` and ``n = T``.
 """
@@ -45,6 +49,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_T_CHOICES = (128, 1024)  # index kernel: mask chunk
 BLOCK_D_CHOICES = (64, 256)  # features per program
 BLOCK_R_CHOICES = (4, 8)  # forward: x rows gathered per step
+# backward: tokens per program, as BLOCK_TOK * BLOCK_D elements of grad_x (16 or 32 a thread at 4 warps:
+# 40-72 or 92-126 registers, each element holding its accumulator, address and mask): 8 / 16 tokens
+# at BLOCK_D = 256, 32 / 64 at BLOCK_D = 64
+BWD_TILE_ELEMS = (2048, 4096)
 NUM_WARPS = 4
 
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -136,36 +144,52 @@ def _backward_kernel(
     stride_gl,
     stride_gd,
     HAS_MASK: tl.constexpr,
+    BLOCK_TOK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # b * T + t
-    b = row // T
+    tile = tl.program_id(0).to(tl.int64)  # b * cdiv(T, BLOCK_TOK) + token tile
+    tiles = tl.cdiv(T, BLOCK_TOK)
+    b = tile // tiles
+    t0 = (tile % tiles) * BLOCK_TOK  # the tile's first token
+    tok = tl.arange(0, BLOCK_TOK)
+    t_ok = tok < T - t0
+    # ranks and bin bounds fit int32 (< T); products j * n are taken in int64
     if HAS_MASK:
         n = tl.load(n_ptr + b).to(tl.int64)
-        r = tl.load(rank_ptr + row).to(tl.int64)
+        r = tl.load(rank_ptr + b * T + t0 + tok, mask=t_ok, other=-1)
     else:
-        n = b * 0 + T
-        r = row % T
+        n = b * 0 + T  # int64 even when T is specialised to a constant
+        r = tl.where(t_ok, (t0 + tok).to(tl.int32), -1)
     n_safe = tl.maximum(n, 1)
-    r_safe = tl.maximum(r, 0)
-    j0 = (r_safe * L) // n_safe  # the first bin with e_j > r
-    j1 = tl.minimum(((r_safe + 1) * L + n_safe - 1) // n_safe, L)  # past the last bin with s_j <= r
-    j1 = tl.where(r >= 0, j1, j0)  # padding: no bins, zeros
+    r_lo = tl.min(tl.where(r >= 0, r, n_safe.to(tl.int32)), axis=0).to(tl.int64)  # n: no real token
+    r_hi = tl.max(r, axis=0).to(tl.int64)  # -1 when the tile has no real token
+    j0 = (r_lo * L) // n_safe  # the first bin with e_j > r_lo (L: none)
+    j1 = tl.minimum(((r_hi + 1) * L + n_safe - 1) // n_safe, L)  # past the last bin with s_j <= r_hi
+    j1 = tl.where(r_hi >= 0, j1, j0)  # only padding: no bins, zeros
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
     g_row = grad_out_ptr + b * stride_gb + d * stride_gd
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_TOK, BLOCK_D), dtype=tl.float32)
     for j in range(j0, j1):
-        count = tl.maximum(((j + 1) * n + L - 1) // L - (j * n) // L, 1).to(tl.float32)
-        g = tl.load(g_row + j * stride_gl, mask=d_ok, other=0.0)
-        acc += g.to(tl.float32) / count
-    tl.store(grad_x_ptr + row * D + d, acc.to(grad_x_ptr.dtype.element_ty), mask=d_ok)
+        s = ((j * n) // L).to(tl.int32)
+        e = (((j + 1) * n + L - 1) // L).to(tl.int32)
+        g = tl.load(g_row + j * stride_gl, mask=d_ok, other=0.0).to(tl.float32)
+        g = g / tl.maximum(e - s, 1).to(tl.float32)
+        in_bin = (r >= s) & (r < e)  # padding (r = -1) is in no bin
+        acc += tl.where(in_bin[:, None], g[None, :], 0.0)
+    out = grad_x_ptr + (b * T + t0) * D  # int64 tile base, int32 offsets inside (BLOCK_TOK * D < 2**31)
+    tl.store(
+        out + tok[:, None] * D + d[None, :],
+        acc.to(grad_x_ptr.dtype.element_ty),
+        mask=t_ok[:, None] & d_ok[None, :],
+    )
 
 
 # Per-architecture tile table (issue #15 item 3), from the compile check (``compile_check --filter
 # prompt_pool``; facts and reasons in benchmarks/notes/prompt_pool.md). No tl.dot and no pipelined
-# loads: the facts (16-48 registers, no spills, <= 2 KB shared memory, 62-100 % occupancy) are
-# the same on sm_80 and sm_90, so the rows are equal: arch -> (num_warps, max candidates).
+# loads: the facts (no spills; index and forward 27-54 registers, backward 40-126 registers and
+# <= 8 KB shared memory) are about the same on sm_80 and sm_90, so the rows are equal:
+# arch -> (num_warps, max candidates).
 POOL_TABLE = {80: (NUM_WARPS, 3), 90: (NUM_WARPS, 3), DEFAULT_ARCH: (NUM_WARPS, 3)}
 
 
@@ -184,13 +208,16 @@ def forward_candidates(arch: int, D: int, T: int, L: int) -> tuple[TileConfig, .
 
 
 def backward_candidates(arch: int, D: int) -> tuple[TileConfig, ...]:
-    """Backward tiles, the fixed one first (``BLOCK_D`` as the forward), then ``BLOCK_D = 64`` for
-    ``D > 64`` (more programs per grad_x row)."""
+    """Backward tiles, the fixed one first: ``BLOCK_D`` as the forward and ``BLOCK_TOK`` tokens for 2048
+    elements (8 at ``BLOCK_D = 256``, 32 at 64: 64-72 registers, 44-50 % occupancy); then twice the
+    tokens (fewer bin rows loaded twice by neighbouring tiles; 92-126 registers, 25-31 %); then, for
+    ``D > 64``, ``BLOCK_D = 64`` with 32 tokens (more programs for few tokens ``B * T``)."""
     warps, most = arch_row(POOL_TABLE, arch)
     bd = _block_d(D)
-    out = [TileConfig.of(warps, BLOCK_D=bd)]
+    out = [TileConfig.of(warps, BLOCK_TOK=elems // bd, BLOCK_D=bd) for elems in BWD_TILE_ELEMS]
     if bd != BLOCK_D_CHOICES[0]:
-        out.append(TileConfig.of(warps, BLOCK_D=BLOCK_D_CHOICES[0]))
+        small = BLOCK_D_CHOICES[0]
+        out.append(TileConfig.of(warps, BLOCK_TOK=BWD_TILE_ELEMS[0] // small, BLOCK_D=small))
     return tuple(out[:most])
 
 
@@ -275,13 +302,15 @@ def prompt_pool_backward(
     grad_x = _alloc.empty((B, T, D), dtype=grad_out.dtype, device=grad_out.device)
     if grad_x.numel() == 0:
         return grad_x
+    if D * (max(BWD_TILE_ELEMS) // BLOCK_D_CHOICES[0]) >= 2**31:  # BLOCK_TOK * D: int32 offsets in a tile
+        raise ValueError(f"prompt_pool backward: D = {D} is too large for the Triton kernel")
     has_mask = attention_mask is not None
     if has_mask:
         n, rank = _index(attention_mask, T, want_pos=False)
     else:
         n = rank = _alloc.empty((1,), dtype=torch.int32, device=grad_out.device)  # unread: HAS_MASK=False
     _BACKWARD.launch(
-        lambda m: (B * T, triton.cdiv(D, m["BLOCK_D"])),
+        lambda m: (B * triton.cdiv(T, m["BLOCK_TOK"]), triton.cdiv(D, m["BLOCK_D"])),
         backward_candidates(launch_arch(grad_out.device), D),
         grad_out, rank, n, grad_x, T, D, L, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         HAS_MASK=has_mask, device=grad_out.device,
@@ -299,7 +328,15 @@ def _tiles_by_arch(choose) -> dict[TileConfig, tuple[int, ...] | None]:
         for D, T, L in SHAPE_SWEEP:
             for c in choose(arch, D, T, L):
                 archs.setdefault(c, set()).add(arch)
-    order = sorted(archs, key=lambda c: (c.kwargs.get("BLOCK_D", 0), c.kwargs.get("BLOCK_R", 0), c.num_warps))
+    order = sorted(
+        archs,
+        key=lambda c: (
+            c.kwargs.get("BLOCK_D", 0),
+            c.kwargs.get("BLOCK_R", 0),
+            c.kwargs.get("BLOCK_TOK", 0),
+            c.num_warps,
+        ),
+    )
     return {c: None if archs[c] == set(TABLE_ARCHS) else tuple(sorted(archs[c])) for c in order}
 
 
@@ -369,10 +406,10 @@ def _compile_specs() -> list[CompileSpec]:
                     )
                 )
             for tile, archs in backward_table_tiles().items():
-                block_d = tile.kwargs["BLOCK_D"]
+                block_tok, block_d = tile.kwargs["BLOCK_TOK"], tile.kwargs["BLOCK_D"]
                 specs.append(
                     CompileSpec(
-                        name=f"prompt_pool_bwd[{t},mask={has_mask},BLOCK_D={block_d}]",
+                        name=f"prompt_pool_bwd[{t},mask={has_mask},BLOCK_TOK={block_tok},BLOCK_D={block_d}]",
                         kernel=_backward_kernel,
                         signature={
                             "grad_out_ptr": f"*{t}",
@@ -386,6 +423,7 @@ def _compile_specs() -> list[CompileSpec]:
                             "stride_gl": "i32",
                             "stride_gd": "i32",
                             "HAS_MASK": "constexpr",
+                            "BLOCK_TOK": "constexpr",
                             "BLOCK_D": "constexpr",
                         },
                         constexprs={"HAS_MASK": has_mask, **tile.kwargs},
