@@ -129,10 +129,15 @@ def test_nearest_exact_ties_go_to_lowest_index(backend):
     # Codes 5 and 70 (different Triton code tiles) and 300 (a different C++ code block) are equal.
     K, D = 320, 12
     codebook = torch.randn(K, D) * 3
+    # The tied codes and the rows near them hold small multiples of 1/8: every product and sum is exact,
+    # so duplicate codes score exactly equal in any summation order (the interpreter's numpy matmul
+    # may round two columns of a tile differently).
+    codebook[5:7] = torch.randint(-3, 4, (2, D)).float()
     codebook[70] = codebook[5]
     codebook[300] = codebook[5]
     codebook[71] = codebook[6]
-    x = torch.cat([codebook[5:7] + 0.01 * torch.randn(2, D), codebook[5:6]])  # the last row sits on code 5
+    near = codebook[5:7] + 0.125 * torch.randint(-1, 2, (2, D)).float()
+    x = torch.cat([near, codebook[5:6]])  # the last row sits on code 5
     if backend == "triton":  # keep the interpreter cheap: the first 72 codes hold the ties
         codebook = codebook[:72]
     x, codebook = x.to(dev), codebook.to(dev)
@@ -167,12 +172,17 @@ def _tied_inputs(N, K, D, dtype, device):
     """Random codes with exact duplicates of code 2 at 65 and K - 1 (other splits: slices of 64
     codes); the first rows of ``x`` sit exactly on code 2, the next near it."""
     codebook = torch.randn(K, D, dtype=torch.float64) * 2
+    # Code 2 and the rows on or near it hold multiples of 1/8 below 12 (exact products and sums: its
+    # duplicates score exactly equal in any summation order, also in fp16/bf16; the interpreter's numpy
+    # matmul may round two equal columns of a tile differently otherwise). Code 2 lies far from the
+    # random rows, so only the rows placed on or near it can tie.
+    codebook[2] = 8 + torch.randint(-3, 4, (D,)).double()
     for k in (65, K - 1):
         if k > 2 and k < K:
             codebook[k] = codebook[2]
     x = torch.randn(N, D, dtype=torch.float64) * 2
     x[: min(N, 2)] = codebook[2]
-    x[2:4] = codebook[2] + 0.01 * torch.randn(len(x[2:4]), D, dtype=torch.float64)
+    x[2:4] = codebook[2] + 0.125 * torch.randint(-1, 2, (len(x[2:4]), D)).double()
     return x.to(dtype).to(device), codebook.to(dtype).to(device)
 
 
@@ -287,6 +297,7 @@ def test_nearest_launcher_takes_fused_path_for_small_problems():
 
     N, K, D = 100, 130, 8
     x, codebook = _inputs(N, K, D, torch.float32, "cpu")
+    codebook[3] = 8 + torch.randint(-3, 4, (D,)).float()  # exact scores, far from the rest (_tied_inputs)
     codebook[77] = codebook[3]  # a tie across code tiles
     x[5] = codebook[3]
     with TrafficMeter() as m, prompt_kernels.use_backend("triton"):
