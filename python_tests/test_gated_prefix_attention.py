@@ -747,7 +747,8 @@ class _GridRecorder:
 def test_grids_within_cuda_limits(heads, short, monkeypatch):
     """B * H = 70,000 (over CUDA's 65,535 on grid axes y and z): every launch of the forward and the
     backward stays within CUDA's grid limits and still has a program for every (query block, batch,
-    head) (key block, batch, kv head). The launchers run with the kernels replaced by recorders."""
+    head) (key block, batch, kv head; the forward: block of the group's packed query rows, batch, kv
+    head). The launchers run with the kernels replaced by recorders."""
     from prompt_kernels.kernels import gated_prefix_attention as gk
 
     grids = []
@@ -771,12 +772,16 @@ def test_grids_within_cuda_limits(heads, short, monkeypatch):
         {"_gpa_fwd_kernel", "_gpa_bwd_fused_kernel"} if short else
         {"_gpa_fwd_kernel", "_gpa_bwd_preprocess_kernel", "_gpa_bwd_dkdv_kernel", "_gpa_bwd_dq_kernel"}
     )  # fmt: skip
-    for name, grid, _ in grids:
+    for name, grid, kwargs in grids:
         assert 1 <= len(grid) <= 3, (name, grid)
         limits = (2**31 - 1, 65_535, 65_535)
         assert all(0 < n <= lim for n, lim in zip(grid, limits)), f"{name}: grid {grid} over CUDA's limits"
-        heads_here = Hkv if name in ("_gpa_bwd_dkdv_kernel", "_gpa_bwd_fused_kernel") else H
+        heads_here = (
+            Hkv if name in ("_gpa_fwd_kernel", "_gpa_bwd_dkdv_kernel", "_gpa_bwd_fused_kernel") else H
+        )
         assert math.prod(grid) >= B * heads_here, f"{name}: grid {grid} has fewer programs than heads"
+        if name == "_gpa_fwd_kernel":  # (blocks of the group's packed query rows, per (b, kv head))
+            assert math.prod(grid) == -(-T * H // Hkv // kwargs["BLOCK_M"]) * B * Hkv, (grid, kwargs)
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -1107,6 +1112,67 @@ def test_fused_launcher_blocks(dtype, Dh, S, P):
     a per-head additive mask with -inf), against the reference."""
     tensors, m = make_inputs(2, 4, 2, 70, S, P, Dh, 1, "head", "add_h", dtype)
     _check_against_reference("triton", tensors, m, True, dtype, small_blocks=False)
+
+
+# (B, H, Hkv, T, S, P, Dh, prompt batch, gate kind, mask kind, causal): GQA groups of 3 and 4 through the
+# forward's packed rows (query t of the group's head hh at row t * group + hh): blocks that end inside a
+# query's group of rows, gates that differ (and are 0) within one group, per-head masks, T = 1.
+GQA_CASES = [
+    (1, 3, 1, 7, 20, 5, 32, 1, "mixed", "add_h", True),  # group 3, gate 0 on 2 of the group's 3 heads
+    (2, 6, 2, 1, 9, 3, 32, 2, "bh", "bool", False),  # T = 1, group 3, per-batch prompt
+    (2, 6, 2, 11, 6, 4, 32, 1, "head", "none", True),  # causal T > S (fast path), group 3
+    (1, 4, 1, 5, 8, 0, 32, 1, "ones", "add_hf", False),  # group 4, P = 0, finfo.min fully masked rows
+    (2, 6, 3, 9, 13, 2, 80, 1, "zero", "add_1", True),  # group 2, Dh 80 (fp32 chunked q.k), gate 0
+]
+
+
+@pytest.mark.parametrize("small_blocks", [True, False], ids=["blocks16", "launcher-blocks"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", LONG)])
+@pytest.mark.parametrize("case", GQA_CASES, ids=[f"B{c[0]}H{c[1]}kv{c[2]}T{c[3]}-{c[9]}" for c in GQA_CASES])
+def test_gqa_packed_forward_rows(case, backend, small_blocks):
+    """The forward packs the query rows of a GQA group into one tile per (b, kv head): value and every
+    gradient against the float64 reference, with 16-row blocks (several per group) and the launcher's."""
+    B, H, Hkv, T, S, P, Dh, Bp, gate, mask, causal = case
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, Bp, gate, mask, torch.float32)
+    _check_against_reference(backend, tensors, m, causal, torch.float32, small_blocks=small_blocks)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic meter runs under the Triton interpreter")
+@pytest.mark.parametrize("group", [1, 2, 3, 4])
+@pytest.mark.parametrize("mask_kind,causal", [("none", False), ("bool", True)], ids=["full", "bool-causal"])
+def test_forward_reads_kv_once_per_group_block(group, mask_kind, causal):
+    """The forward's traffic (interpreter's meter, 16-row blocks): q read once, out and lse written
+    once, and the keys, values and prompt of a kv head issued once per block of the group's packed
+    query rows, cdiv(group * T, BLOCK_M) times, not once per query head and query block (which was
+    group * cdiv(T, BLOCK_M) times: 1.44x-1.57x the byte floor at the launch cases)."""
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+    from prompt_kernels.tools.traffic import TrafficMeter
+
+    B, Hkv, T, S, P, Dh, BM = 2, 2, 20, 40, 7, 32, 16
+    H = Hkv * group
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, 1, "bh", mask_kind, torch.float32)
+    q, k, v, pk, pv, gate = tensors
+    with gk.force_blocks(BM, 16), TrafficMeter() as meter:
+        out, lse = gk.forward(q, k, v, pk, pv, gate, m, causal, Dh**-0.5)
+    (rec,) = meter.launches
+    blocks = -(-group * T // BM)
+    assert rec.kernel == "_gpa_fwd_kernel" and rec.programs == blocks * B * Hkv
+    e = 4
+    if causal:  # the 16-key blocks below each block's last query (query t sees keys <= t + S - T)
+        last = [min((i * BM + BM - 1) // group, T - 1) for i in range(blocks)]
+        kv_rows = sum(min(-(-max(t + 1 + S - T, 0) // 16) * 16, S) for t in last)
+    else:
+        kv_rows = blocks * S
+    kv = B * Hkv * kv_rows * Dh * e * 2
+    prompt = blocks * B * Hkv * P * Dh * e * 2  # (the broadcast prompt: once per program)
+    mask_bytes = B * Hkv * kv_rows if mask_kind == "bool" else 0  # (uint8 [B, S], per key block)
+    # each row's gate, and the group's in every program (to skip the prompt where they are all 0)
+    gates = B * H * T * 4 + rec.programs * group * 4
+    assert rec.loaded_bytes == q.numel() * e + kv + prompt + gates + mask_bytes, rec
+    assert rec.stored_bytes == rec.unique_stored_bytes == (out.numel() + lse.numel()) * e
+    if group > 1:  # K/V issued fewer times than once per query head
+        assert blocks < group * -(-T // BM)
+    _check_against_reference("triton", tensors, m, causal, torch.float32)
 
 
 def test_floors():
