@@ -522,13 +522,18 @@ def plot(summary: list[dict], task: str, path: Path, baseline: float | None = No
     if not items:
         return False
     settings = [s for s in SETTINGS if any(i["setting"] == s for i in items)]
+    from prompt_kernels.train import DEFAULT_LR
+
     fig, axes = plt.subplots(1, len(settings), figsize=(8 * len(settings), 5), squeeze=False)
     colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
     for ax, setting in zip(axes[0], settings):
         group = [s for s in items if s["setting"] == setting]
         for s in group:
             several = sum(g["method"] == s["method"] for g in group) > 1
-            label = NAMES.get(s["method"], s["method"]) + (f" lr {s['lr']:g}" if several else "")
+            # a learning-rate sweep: the curve of the default rate only (every rate is in the tables)
+            if several and not math.isclose(float(s["lr"]), DEFAULT_LR[s["method"]], rel_tol=1e-3):
+                continue
+            label = NAMES.get(s["method"], s["method"]) + (f" (default lr {s['lr']:g})" if several else "")
             if s["method"] == "spt":
                 label += f" (search to step {max(1, s['steps'] // 2)})"
             c = colors[s["method"]]
