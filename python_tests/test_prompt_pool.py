@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import INTERPRET, assert_within_budget, backends, device_for, require_cpp_build
+from helpers import CAN_RUN_TRITON, INTERPRET, assert_within_budget, backends, device_for, require_cpp_build
 
 from prompt_kernels import use_backend
 from prompt_kernels.ops import prompt_pool
@@ -449,13 +449,16 @@ def test_launch_cases_within_one_and_a_half_of_the_byte_floor():
         assert meter.totals.issued_bytes <= 1.5 * case.floor_bytes, (case.name, meter.totals.issued_bytes)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the interpreter launches one chosen tile (a GPU autotunes)")
+@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs the Triton interpreter or a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_every_backward_tile(monkeypatch, dtype):
-    """Every backward tile a GPU may pick, at T not a multiple of the token tile (two full tiles and a
-    partial one), D not a multiple of BLOCK_D (two feature programs at BLOCK_D = 64), n < length in one
-    row and no real token in another."""
+    """Every backward tile a GPU may pick, each the only candidate (so launched as is, also where a
+    GPU would autotune), at T not a multiple of the token tile (two full tiles and a partial one), D
+    not a multiple of BLOCK_D (two feature programs at BLOCK_D = 64), n < length in one row and no real
+    token in another."""
     from prompt_kernels.kernels import prompt_pool as k
+
+    dev = device_for("triton")
 
     tiles = k.backward_table_tiles()
     assert {c.kwargs["BLOCK_D"] for c in tiles} == set(k.BLOCK_D_CHOICES)
@@ -469,13 +472,13 @@ def test_every_backward_tile(monkeypatch, dtype):
         mask[2] = False
         mask[2, T - 3 :] = True  # n = 3 < length, the real tokens in the partial tile
         grad_out = torch.randn(B, length, D).to(dtype)
-        grad = k.prompt_pool_backward(grad_out, mask, T)
+        grad = k.prompt_pool_backward(grad_out.to(dev), mask.to(dev), T).cpu()
         x = torch.zeros(B, T, D, dtype=dtype)
         _, grad64 = _reference(x.double(), mask, length, grad_out.double())
         _, grad_same = _reference(x, mask, length, grad_out)
         assert_within_budget(grad, grad64, grad_same, name=f"grad_x {tile}")
         assert (grad[~mask] == 0).all(), f"{tile}: padding tokens must get exactly zero gradient"
-        grad_n = k.prompt_pool_backward(grad_out, None, T)
+        grad_n = k.prompt_pool_backward(grad_out.to(dev), None, T).cpu()
         _, grad64 = _reference(x.double(), None, length, grad_out.double())
         _, grad_same = _reference(x, None, length, grad_out)
         assert_within_budget(grad_n, grad64, grad_same, name=f"grad_x {tile} no mask")
