@@ -39,14 +39,11 @@ EXCLUDED: dict[tuple[str, str], str] = {
             "lilt",
             "longformer",
             "luke",
-            "megatron-bert",
             "mpnet",
             "mra",
-            "mvp",
             "nystromformer",
             "openai-gpt",
             "perceiver",
-            "rembert",
             "squeezebert",
             "tapas",
             "xlm",
@@ -55,10 +52,6 @@ EXCLUDED: dict[tuple[str, str], str] = {
         )
     },
     ("seq-cls", "fnet"): "Fourier mixing instead of attention: nothing for prompt keys/values to join",
-    ("seq-cls", "bigbird_pegasus"): (
-        "its classification forward runs block-sparse attention in its own code; no self-attention call "
-        "goes through the attention interface"
-    ),
     **{("seq2seq", t): _NO_INTERFACE for t in ("fsmt", "prophetnet")},
 }
 

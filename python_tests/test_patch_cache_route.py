@@ -46,3 +46,77 @@ def test_cache_route_refuses_what_it_cannot_do():
     pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=3))
     with pytest.raises(NotImplementedError, match="generate"):
         pm.generate(input_ids=inputs["input_ids"], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_cache_handed_to_the_base_model_equals_the_interface_route(monkeypatch, model_type):
+    """A classification head that does not pass a cache on: the cache goes to its base model. Forced onto
+    a model that also has the interface route, both give the same loss, logits and prompt gradients (the
+    prompts are keys/values in front, the tokens keep their positions and padding mask)."""
+    import prompt_kernels.patch.model as patch_model
+    from prompt_kernels.patch.discovery import NoAttentionInterface
+
+    model = build_tiny(model_type, "seq-cls").eval()
+    inputs = tiny_inputs(model, "seq-cls", batch=3, length=5, padding="right", seed=1)
+    config = pk.PrefixTuningConfig(prompt_length=3)
+
+    def run(pm):
+        out = pm(**inputs)
+        out.loss.backward()
+        return out.loss.detach(), out.logits.detach(), [p.grad.clone() for p in pm.method.parameters()]
+
+    pm = pk.attach(model, config)
+    assert pm.info.layout.kind == "interface"
+    with torch.no_grad():
+        for p in pm.method.parameters():
+            p.normal_()
+    state = {k: v.clone() for k, v in pm.method.state_dict().items()}
+    ref = run(pm)
+    model = pm.detach()
+
+    def no_interface(*args, **kwargs):
+        raise NoAttentionInterface("forced")
+
+    monkeypatch.setattr(patch_model, "discover", no_interface)
+    pm = pk.attach(model, config)
+    assert pm.info.layout.kind == "cache" and pm.info.layout.cache_module is model.base_model
+    pm.method.load_state_dict(state)
+    got = run(pm)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    for g, r in zip(got[2], ref[2]):
+        assert r.abs().sum() > 0
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    pm.detach()
+
+
+def test_cache_handed_to_the_base_model_of_a_model_without_the_interface():
+    """MegatronBERT's classification head calls its base model without a cache: prompts reach every
+    layer there (the logits move with them, and equal the base model given the cache by hand)."""
+    from transformers import DynamicCache
+
+    model = build_tiny("megatron-bert", "seq-cls").eval()
+    inputs = tiny_inputs(model, "seq-cls", batch=2, length=6, padding="right", seed=2)
+    pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=4))
+    assert pm.info.layout.kind == "cache" and pm.info.layout.cache_module is model.base_model
+    with torch.no_grad():
+        pm.method.embedding.weight.normal_()
+        out = pm(**inputs)
+        kv = pm.method.all_key_values()
+        B, T = inputs["input_ids"].shape
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(kv):
+            cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), i)
+        mask = torch.cat([torch.ones(B, 4, dtype=inputs["attention_mask"].dtype), inputs["attention_mask"]], 1)
+        base = pm.detach()
+        hidden = base.bert(
+            input_ids=inputs["input_ids"],
+            attention_mask=mask,
+            token_type_ids=inputs.get("token_type_ids"),
+            position_ids=torch.arange(T).expand(B, -1),
+            cache=cache,
+        )
+        ref = base.classifier(base.dropout(hidden[1]))
+        plain = base(**inputs).logits
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out.logits, plain, atol=1e-3)

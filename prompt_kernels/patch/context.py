@@ -67,6 +67,8 @@ class ForwardContext:
         self.row_sets: dict[str, torch.Tensor] | None = None  # prompt set name -> its batch rows
         self.output = None
         self.sequence_rows: torch.Tensor | None = None
+        self.prompt_cache = None  # the cache route's prompts, until the base model receives them
+        self.prompt_cache_length = 0  # the cache route: prompt rows in front of the tokens' keys/values
         self.training = owner.model.training
         self.grad_enabled = torch.is_grad_enabled()  # the caller's mode (layers may run under no_grad)
 

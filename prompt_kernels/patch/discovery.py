@@ -74,6 +74,12 @@ class Layout:
     cache_wrap: str = (
         "dynamic"  # "encoder_decoder": the model keeps its self-attention cache in an EncoderDecoderCache
     )
+    # The module whose forward receives the cache: None = the model's own forward; else its base model
+    # (a task head that neither names nor passes on the cache argument of the base model it calls).
+    cache_module: nn.Module | None = None
+    # Cache route: embedding modules that count positions from the cache length (``cache_length``); they
+    # are given 0, so the tokens keep the positions they have without prompts (RoBERTa's padding offset too).
+    position_modules: list[nn.Module] = field(default_factory=list)
 
     @property
     def hosts(self) -> list[nn.Module]:
@@ -341,7 +347,9 @@ def _layout(model, calls, hosts, name_of, module_hosts: set[int], is_self, encod
             )
         )
     if not sites:
-        raise ValueError(
+        # Only cross-attention calls the interface (an encoder with attention code of its own): the cache
+        # route may still reach the decoder's self-attention.
+        raise NoAttentionInterface(
             f"{type(model).__name__} has no self-attention that goes through the attention interface"
         )
     unprompted = [m for m in unprompted if not any(m is s.module for s in sites)]
@@ -354,29 +362,82 @@ def cache_keyword(model: nn.Module) -> str | None:
     return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
+def cache_target(model: nn.Module) -> tuple[str | None, nn.Module | None]:
+    """``(keyword, module)``: where a key/value cache of prompts enters the model. ``module`` None: the
+    model's own forward names the keyword; else the base model does and the task head in front of it
+    does not (BERT-era classification heads call their base model without any cache), so the cache is
+    handed to the base model's forward. ``(None, None)`` when neither takes a cache."""
+    kw = cache_keyword(model)
+    if kw is not None:
+        return kw, None
+    base = getattr(model, "base_model", model)
+    if base is not model and isinstance(base, nn.Module):
+        kw = cache_keyword(base)
+        if kw is not None:
+            return kw, base
+    return None, None
+
+
+@contextlib.contextmanager
+def cache_handed_to(module: nn.Module, kw: str, cache):
+    """Within the block, every call of ``module`` receives ``cache`` under ``kw`` (a probe's way to give
+    a base model the cache its task head does not pass on)."""
+
+    def hand(mod, args, kwargs):
+        return args, {**kwargs, kw: cache}
+
+    handle = module.register_forward_pre_hook(hand, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def position_modules(model: nn.Module) -> list[nn.Module]:
+    """The embedding modules whose forward counts positions from a ``cache_length`` argument."""
+    out = []
+    for m in model.modules():
+        if m is model:
+            continue
+        try:
+            params = inspect.signature(m.forward).parameters
+        except (TypeError, ValueError):
+            continue
+        if "cache_length" in params and ("input_ids" in params or "inputs_embeds" in params):
+            out.append(m)
+    return out
+
+
+def _with_cache(model, module, kw, cache, inputs: dict):
+    """``model(**inputs)`` with ``cache`` given under ``kw`` to the model itself or to ``module``."""
+    if module is None:
+        return model(**inputs, **{kw: cache})
+    with cache_handed_to(module, kw, cache):
+        return model(**inputs)
+
+
 def discover_cache(model: nn.Module, reason: str) -> Layout:
     """The cache route for a model that does not use the attention interface (``reason``).
 
     A probe forward with ``use_cache=True``: the cache it returns gives the layers and their key/value
     shapes, and a multi-token forward on top of it checks the route. Encoders that read a cache but
-    return none (classification heads of BERT-era models, which pass it to their base model through
-    ``**kwargs``) get the shapes of their text config's standard fields instead (as PEFT takes them),
-    checked by a forward whose output must change with a cache of random prompts. Prefix prompts then
-    travel as a pre-filled cache (the route PEFT takes for every model): gate 1 only, positions and
-    masks of the model's own cache handling. ValueError with ``reason`` if none of this works."""
+    return none (classification heads of BERT-era models, whose base model takes a cache the head does
+    not pass on: it is handed to the base model) get the shapes of their text config's standard fields
+    instead (as PEFT takes them), checked by a forward whose output must change with a cache of random
+    prompts. Prefix prompts then travel as a pre-filled cache (the route PEFT takes for every model):
+    gate 1 only, positions and masks of the model's own cache handling. ValueError with ``reason`` if
+    none of this works."""
     from transformers.cache_utils import Cache
 
     params = inspect.signature(model.forward).parameters
-    kw = cache_keyword(model)
-    if kw is None and accepts_var_kwargs(model.forward) and model.base_model is not model:
-        kw = cache_keyword(model.base_model)  # passed through the head's **kwargs
+    kw, module = cache_target(model)
     enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     if kw is None:
         raise ValueError(reason)
     inputs = probe_inputs(model)
     cache, wrap, layers = None, "dynamic", []
     if enc_dec:  # the prompts go to the decoder's self-attention cache only (as PEFT does)
-        return _encoder_decoder_cache_layout(model, inputs, kw, reason)
+        return _encoder_decoder_cache_layout(model, kw, module, reason)
     if "use_cache" in params:
         inputs["use_cache"] = True
         try:
@@ -398,13 +459,20 @@ def discover_cache(model: nn.Module, reason: str) -> Layout:
     # A model that writes a cache is a decoder; one that only reads it is causal only if its config says so.
     causal = bool(layers) or bool(getattr(model.config, "is_decoder", False))
     if layers:
-        _check_cache_route(model, inputs, kw, out_cache(out), reason, must_change=False)
+        _check_cache_route(model, inputs, kw, module, out_cache(out), reason, must_change=False)
     else:
         layers = _config_cache_shapes(model, reason)
-        _check_cache_route(model, inputs, kw, _random_cache(layers), reason, must_change=True)
+        _check_cache_route(model, inputs, kw, module, _random_cache(layers), reason, must_change=True)
     heads = int(getattr(model.config.get_text_config(), "num_attention_heads", 0) or layers[0][0][1])
     sites = _cache_sites(layers, heads, MODEL, causal, "cache layer")
-    return Layout(sites, kind="cache", cache_kwarg=kw, cache_wrap=wrap)
+    return Layout(
+        sites,
+        kind="cache",
+        cache_kwarg=kw,
+        cache_wrap=wrap,
+        cache_module=module,
+        position_modules=position_modules(model),
+    )
 
 
 def out_cache(out):
@@ -432,13 +500,14 @@ def _random_cache(layers):
     return cache
 
 
-def _check_cache_route(model, inputs, kw, cache, reason, must_change: bool) -> None:
+def _check_cache_route(model, inputs, kw, module, cache, reason, must_change: bool) -> None:
     """A forward of 3 tokens behind a cache of 3: it must run (and, for a cache the model did not write
     itself, change the output)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(mask).repeat(1, 2), **{kw: cache})
+            given = {"input_ids": ids, "attention_mask": torch.ones_like(mask).repeat(1, 2)}
+            out = _with_cache(model, module, kw, cache, given)
             if must_change:
                 plain = model(input_ids=ids, attention_mask=mask)
     except Exception as exc:
@@ -454,31 +523,51 @@ def _check_cache_route(model, inputs, kw, cache, reason, must_change: bool) -> N
             raise ValueError(f"{reason}; it ignores a key/value cache given to it")
 
 
-def _encoder_decoder_cache_layout(model, inputs, kw, reason) -> Layout:
+def _encoder_decoder_cache_layout(model, kw, module, reason) -> Layout:
+    """The decoder's self-attention cache of an encoder-decoder: decoder inputs of their own, or (heads
+    that read the decoder at the input's positions, sequence classification) built by the model."""
     from transformers import DynamicCache, EncoderDecoderCache
 
-    if "decoder_input_ids" not in inputs:
+    failure = None
+    for decoder_ids in (True, False):
+        inputs = probe_inputs(model, decoder_ids=decoder_ids)
+        if decoder_ids and "decoder_input_ids" not in inputs:
+            continue
+        n = inputs["decoder_input_ids" if decoder_ids else "input_ids"].shape[1]  # decoder tokens
+        inputs["use_cache"] = True
+        try:
+            with torch.no_grad():
+                out = model(**inputs)
+                self_cache = getattr(out_cache(out), "self_attention_cache", None)
+                layers = [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in self_cache.layers]
+                if not layers or any(k[2] != n for k, _ in layers):
+                    raise ValueError("no decoder self-attention cache of one entry per token")
+                prompts = EncoderDecoderCache(_random_cache(layers), DynamicCache())
+                inputs["use_cache"] = False
+                prompted = _with_cache(model, module, kw, prompts, inputs)
+                plain = model(**inputs)
+        except Exception as exc:
+            failure = failure or exc
+            continue
+        if torch.equal(prompted.logits, plain.logits):
+            raise ValueError(f"{reason}; its decoder ignores a key/value cache given to it")
+        heads = int(
+            getattr(model.config.get_text_config(decoder=True), "num_attention_heads", 0) or layers[0][0][1]
+        )
+        sites = _cache_sites(layers, heads, DECODER, True, "decoder cache layer")
+        return Layout(
+            sites,
+            encoder_decoder=True,
+            kind="cache",
+            cache_kwarg=kw,
+            cache_wrap="encoder_decoder",
+            cache_module=module,
+        )
+    if failure is None:
         raise ValueError(reason)
-    try:
-        with torch.no_grad():
-            out = model(**{**inputs, "use_cache": True})
-            cache = out_cache(out)
-            self_cache = getattr(cache, "self_attention_cache", None)
-            layers = [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in self_cache.layers]
-            if not layers or any(k[2] != 2 for k, _ in layers):
-                raise ValueError("no decoder self-attention cache of one entry per token")
-            prompts = EncoderDecoderCache(_random_cache(layers), DynamicCache())
-            prompted = model(**inputs, **{kw: prompts})
-            plain = model(**inputs)
-    except Exception as exc:
-        raise ValueError(f"{reason}; its decoder does not take a key/value cache of prompts: {exc}") from exc
-    if torch.equal(prompted.logits, plain.logits):
-        raise ValueError(f"{reason}; its decoder ignores a key/value cache given to it")
-    heads = int(
-        getattr(model.config.get_text_config(decoder=True), "num_attention_heads", 0) or layers[0][0][1]
-    )
-    sites = _cache_sites(layers, heads, DECODER, True, "decoder cache layer")
-    return Layout(sites, encoder_decoder=True, kind="cache", cache_kwarg=kw, cache_wrap="encoder_decoder")
+    raise ValueError(
+        f"{reason}; its decoder does not take a key/value cache of prompts: {failure}"
+    ) from failure
 
 
 def _cache_sites(layers, heads: int, stack: str, causal: bool, name: str) -> list[AttentionSite]:

@@ -369,6 +369,14 @@ class PromptedModel(nn.Module):
         h.append(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         h.append(self.model.register_forward_hook(self._on_model_end, always_call=True))
         h.append(info.input_embeddings.register_forward_hook(self._on_embeddings))
+        for m in info.layout.position_modules:
+            h.append(m.register_forward_pre_hook(self._on_position_module_start, with_kwargs=True))
+        if info.layout.cache_module is not None:
+            h.append(
+                info.layout.cache_module.register_forward_pre_hook(
+                    self._on_cache_module_start, with_kwargs=True
+                )
+            )
         if info.encoder_decoder:
             encoder = self.model.get_encoder()
             h.append(encoder.register_forward_pre_hook(self._on_encoder_start, with_kwargs=True))
@@ -689,7 +697,10 @@ class PromptedModel(nn.Module):
             from transformers import EncoderDecoderCache
 
             cache = EncoderDecoderCache(cache, DynamicCache())
-        kwargs[self.info.layout.cache_kwarg] = cache
+        if self.info.layout.cache_module is None:
+            kwargs[self.info.layout.cache_kwarg] = cache
+        else:
+            ctx.prompt_cache = cache  # handed to the base model by _on_cache_module_start
         # The prompts sit in the (decoder's) self-attention: its 2D mask gets them in front.
         mask_name = "decoder_attention_mask" if self.info.encoder_decoder else "attention_mask"
         mask = kwargs.get(mask_name)
@@ -699,6 +710,9 @@ class PromptedModel(nn.Module):
             kwargs[mask_name] = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
         if self.info.encoder_decoder:
             return kwargs
+        ctx.prompt_cache_length = P
+        if self.info.layout.position_modules:
+            return kwargs  # positions counted from 0 by _on_position_module_start
         if "position_ids" in self._accepts and kwargs.get("position_ids") is None:
             T = (
                 kwargs["input_ids"].shape[1]
@@ -785,6 +799,53 @@ class PromptedModel(nn.Module):
             if torch.is_tensor(states) and states.shape[1] == mask.shape[1] + p:
                 kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
         return kwargs
+
+    # -- hooks: the base model of a head that does not pass a cache on (the cache route) ----------------
+    def _on_cache_module_start(self, module, args, kwargs):
+        """Hands the forward's cache of prompts to the base model (once: a head calling its base model
+        again within one forward gets no prompts there), with positions counted from the first token."""
+        ctx = self._current()
+        cache = getattr(ctx, "prompt_cache", None)
+        if cache is None:
+            return None
+        ctx.prompt_cache = None
+        kw = self.info.layout.cache_kwarg
+        if kwargs.get(kw) is not None:
+            raise NotImplementedError(
+                f"{type(module).__name__} was called with a key/value cache of its own; its prompts travel in "
+                "that argument, so this is not supported"
+            )
+        params = list(inspect.signature(module.forward).parameters.values())
+        positional = {
+            p.name for p in params[: len(args)] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
+        if kw in positional:
+            raise NotImplementedError(
+                f"{type(module).__name__} was called with a key/value cache of its own; its prompts travel in "
+                "that argument, so this is not supported"
+            )
+        kwargs = {**kwargs, kw: cache}
+        if (
+            not self.info.encoder_decoder
+            and not self.info.layout.position_modules
+            and any(p.name == "position_ids" for p in params)
+            and "position_ids" not in positional
+            and kwargs.get("position_ids") is None
+        ):
+            kwargs["position_ids"] = torch.arange(ctx.seq_len, device=ctx.device).expand(ctx.batch_size, -1)
+        return args, kwargs
+
+    def _on_position_module_start(self, module, args, kwargs):
+        """The cache route: an embedding module counts the tokens' positions from 0, not from the prompt
+        rows in the cache (the positions the tokens have without prompts)."""
+        ctx = self._current()
+        if not getattr(ctx, "prompt_cache_length", 0):
+            return None
+        names = [p.name for p in inspect.signature(module.forward).parameters.values()][: len(args)]
+        if "cache_length" in names:
+            args = tuple(0 if n == "cache_length" else a for n, a in zip(names, args))
+            return args, kwargs
+        return args, {**kwargs, "cache_length": 0}
 
     # -- hooks: an encoder-decoder's encoder, when run by itself (generate) -------------------------------
     def _on_encoder_start(self, module, args, kwargs):
