@@ -68,8 +68,10 @@ class Layout:
     encoder_decoder: bool = False
     module_hosts: bool = False  # some attention modules host their own prompts (layer drops kwargs)
     # "interface": prompts joined inside the attention function (the normal route); "cache": the model
-    # does not use the attention interface, and prefix prompts travel as a pre-filled key/value cache.
+    # does not use the attention interface, and prefix prompts travel as a pre-filled key/value cache;
+    # "input": neither reaches its layers (no sites): input-style prompts only, ``reason`` says why.
     kind: str = "interface"
+    reason: str = ""
     cache_kwarg: str | None = None  # the forward's cache keyword ("cache" or "past_key_values")
     cache_wrap: str = (
         "dynamic"  # "encoder_decoder": the model keeps its self-attention cache in an EncoderDecoderCache

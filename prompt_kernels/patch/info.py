@@ -55,7 +55,8 @@ class ModelInfo:
             then its decoder's; a hybrid model's attention layers only).
         kv_shapes: per site ``(Hkv, Dk, Dv)``: key/value heads and the key and value head sizes.
         num_heads (``H``), num_kv_heads (``Hkv``), head_dim (``Dh``): of site 0 (``uniform_kv`` says
-            whether every site has the same ``(Hkv, Dk, Dv)`` with ``Dk == Dv``).
+            whether every site has the same ``(Hkv, Dk, Dv)`` with ``Dk == Dv``); None on a model whose
+            layers take no prompts (``layout.kind == "input"``, ``L = 0``).
         hidden_size (``d``): the width of the input embeddings (hidden-space prompts).
         causal: whether site 0's self-attention is causal. encoder_decoder: the model has both.
         layers: per site, the layer that hosts it; attentions: per site, the attention module.
@@ -75,12 +76,23 @@ class ModelInfo:
         self.attentions = [s.module for s in self.sites]
         self.num_layers = len(self.sites)
         self.kv_shapes = [(s.num_kv_heads, s.key_dim, s.value_dim) for s in self.sites]
-        first = self.sites[0]
-        self.num_heads, self.num_kv_heads, self.head_dim = first.num_heads, first.num_kv_heads, first.key_dim
-        self.uniform_kv = all(shape == self.kv_shapes[0] for shape in self.kv_shapes) and (
-            first.key_dim == first.value_dim
-        )
-        self.causal = first.causal
+        if self.sites:
+            first = self.sites[0]
+            self.num_heads, self.num_kv_heads, self.head_dim = (
+                first.num_heads,
+                first.num_kv_heads,
+                first.key_dim,
+            )
+            self.uniform_kv = all(shape == self.kv_shapes[0] for shape in self.kv_shapes) and (
+                first.key_dim == first.value_dim
+            )
+            self.causal = first.causal
+        else:  # the input-only layout: no attention site takes prompts
+            self.num_heads = self.num_kv_heads = self.head_dim = None
+            self.uniform_kv = True
+            self.causal = bool(getattr(model.config, "is_decoder", False)) or (
+                not layout.encoder_decoder and bool(getattr(model, "can_generate", lambda: False)())
+            )
         self.input_embeddings = self._input_embeddings(model)
         self.hidden_size = int(self.input_embeddings.weight.shape[1])
         self.positions = Positions(model, self.input_embeddings)
@@ -98,11 +110,26 @@ class ModelInfo:
         }
 
     def _input_embeddings(self, model: nn.Module) -> nn.Module:
-        if self.encoder_decoder and hasattr(model, "get_encoder"):
-            encoder = model.get_encoder()
-            if hasattr(encoder, "get_input_embeddings") and encoder.get_input_embeddings() is not None:
-                return encoder.get_input_embeddings()
-        return model.get_input_embeddings()
+        try:
+            if self.encoder_decoder and hasattr(model, "get_encoder"):
+                encoder = model.get_encoder()
+                if hasattr(encoder, "get_input_embeddings") and encoder.get_input_embeddings() is not None:
+                    return encoder.get_input_embeddings()
+            emb = model.get_input_embeddings()
+        except (NotImplementedError, AttributeError) as exc:
+            emb, why = None, f"{type(exc).__name__}: {exc}"
+        else:
+            why = f"get_input_embeddings() returned {type(emb).__name__}"
+        weight = getattr(emb, "weight", None)
+        if not isinstance(emb, nn.Module) or not torch.is_tensor(weight) or weight.dim() != 2:
+            where = (
+                f"; no route reaches its layers either ({self.layout.reason})" if self.layout.reason else ""
+            )
+            raise ValueError(
+                f"{type(model).__name__} has no token embedding table [vocab, d] for prompts to join "
+                f"({why}){where}"
+            )
+        return emb
 
     def sites_of(self, stack: str) -> list[int]:
         """The site indices of one stack (``"encoder"``, ``"decoder"``, or ``"model"``)."""

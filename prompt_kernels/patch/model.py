@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from prompt_kernels.configs import PromptConfig
-from prompt_kernels.methods.base import PrefixKV, PromptMethod, build_method
+from prompt_kernels.methods.base import PrefixKV, PromptMethod, build_method, method_class
 from prompt_kernels.patch import io
 from prompt_kernels.patch import sequence as seq
 from prompt_kernels.patch.attention import (
@@ -54,7 +54,7 @@ from prompt_kernels.patch.attention import (
 )
 from prompt_kernels.patch.cache_prompts import cache_route_is_exact
 from prompt_kernels.patch.context import ForwardContext, cache_argument
-from prompt_kernels.patch.discovery import NoAttentionInterface, discover, discover_cache
+from prompt_kernels.patch.discovery import Layout, NoAttentionInterface, discover, discover_cache
 from prompt_kernels.patch.info import ModelInfo
 
 ROUTES = ("auto", "concat")
@@ -144,6 +144,77 @@ def _prompted_class(model_class: type, params: list[inspect.Parameter]) -> type:
     return cls
 
 
+def _refuse_layer_prompts(config: PromptConfig, model: nn.Module, reason: str) -> None:
+    """On a model whose layers no prompt can reach, only input-style methods (prompts prepended to the
+    input embeddings) run: ValueError for a method that puts prompts into the layers."""
+    cls = method_class(config)
+    if cls.prefix is not PromptMethod.prefix or cls.sequence_layer is not None:
+        raise ValueError(
+            f"{type(config).__name__} puts prompts into the model's layers, which prompt_kernels cannot reach "
+            f"in {type(model).__name__}: {reason}. Methods that only prepend prompts to the input embeddings "
+            "(prompt tuning, VIP, InfoPrompt) work on it."
+        )
+
+
+def _embeddings_seq_first(model: nn.Module, embeddings: nn.Module) -> bool:
+    """Whether ``model`` looks its ``[B, T]`` ids up transposed (``[T, B]``): one no-grad probe forward of
+    a batch of one with three tokens (False when the probe does not run)."""
+    from prompt_kernels.patch.discovery import probe_inputs
+
+    shapes = []
+    handle = embeddings.register_forward_hook(
+        lambda m, args, out: shapes.append(tuple(args[0].shape) if args else ())
+    )
+    try:
+        with torch.no_grad():
+            model(**probe_inputs(model))
+    except Exception:
+        return False
+    finally:
+        handle.remove()
+    return bool(shapes) and shapes[0] == (3, 1)
+
+
+# Per-token arguments input-style prompts extend (the rest of a [B, T, ...] tensor's kind is unknown).
+_PER_TOKEN_KNOWN = frozenset(
+    {
+        "input_ids",
+        "inputs_embeds",
+        "attention_mask",
+        "token_type_ids",
+        "position_ids",
+        "labels",
+        "cache_position",
+    }
+)
+
+
+def _refuse_other_per_token_inputs(
+    kwargs: dict, B: int, T: int, encoder_decoder: bool, generating: bool
+) -> None:
+    """NotImplementedError for a per-token argument ``[B, T, ...]`` input-style prompts would need rows
+    of but prompt_kernels cannot fill (XLM's ``langs``, XLNet's ``perm_mask``, LayoutLM's ``bbox``)."""
+    for name, value in kwargs.items():
+        if (
+            name in _PER_TOKEN_KNOWN
+            or (encoder_decoder and name.startswith("decoder_"))
+            or name.startswith("encoder_")  # another sequence's (cross-attention inputs)
+            or not torch.is_tensor(value)
+            or value.dim() < 2
+            or tuple(value.shape[:2]) != (B, T)
+        ):
+            continue
+        what = (
+            "generate() with input-style prompts is not supported on this model (its generate passes it)"
+            if generating
+            else f"call without {name!r}"
+        )
+        raise NotImplementedError(
+            f"input-style prompts put rows in front of the {T} tokens, and the per-token argument {name!r} "
+            f"{list(value.shape)} would need entries for them too, which prompt_kernels cannot choose: {what}"
+        )
+
+
 class _Generation:
     """Prompts computed on the first forward of a ``generate`` call, reused for every new token."""
 
@@ -197,7 +268,11 @@ class PromptedModel(nn.Module):
         except NoAttentionInterface as exc:
             _restore_configs(self._configs)
             self._configs = []
-            layout = discover_cache(model, str(exc))  # ValueError when no cache can carry prompts either
+            try:
+                layout = discover_cache(model, str(exc))
+            except ValueError as no_cache:  # neither route reaches the layers: input-style prompts only
+                enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+                layout = Layout([], encoder_decoder=enc_dec, kind="input", reason=str(no_cache))
         except BaseException:
             _restore_configs(self._configs)
             raise
@@ -208,9 +283,14 @@ class PromptedModel(nn.Module):
                 f"trainable_head=True but {type(model).__name__} has no task head outside its backbone"
             )
 
+        if layout.kind == "input":
+            _refuse_layer_prompts(config, model, layout.reason)
         self.model = model
         self.info = info
         self.prompt_config = config
+        # Models that run sequence-first look their ids up as [T, B] (XLNet): found by a probe, since a
+        # check per forward would read the data (and break torch.compile's graph).
+        self._seq_first = layout.kind == "input" and _embeddings_seq_first(model, info.input_embeddings)
         try:
             self.method: PromptMethod = build_method(config, info, **options)
         except BaseException:
@@ -922,6 +1002,7 @@ class PromptedModel(nn.Module):
                 f"input_prompts must have shape [B={B} or 1, p, d={info.hidden_size}], got {tuple(prompts.shape)}"
             )
         p = prompts.shape[1]
+        _refuse_other_per_token_inputs(kwargs, B, T, info.encoder_decoder, self._generation is not None)
         ctx.input_prompt_length = p
         if ctx.depth == 0:
             self._cached_input_prompt = p
@@ -939,7 +1020,7 @@ class PromptedModel(nn.Module):
             kwargs["attention_mask"] = torch.cat([mask.new_ones(B, p), mask], dim=1)
         tt = kwargs.get("token_type_ids")
         if tt is not None:
-            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(tt.shape[0], p), tt], dim=1)
+            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(tt.shape[0], p, *tt.shape[2:]), tt], dim=1)
         if "position_ids" in self._accepts:
             pos = kwargs.get("position_ids")
             if pos is None:
@@ -967,6 +1048,13 @@ class PromptedModel(nn.Module):
             return None
         prompts = ctx.cache.pop("_pending_input_prompts", None)
         p = 0 if prompts is None else prompts.shape[1]
+        # Models that run sequence-first (XLNet) look up the ids transposed: [p + T, B] -> [p + T, B, d].
+        extra = ()
+        if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
+            output, extra = output[0], output[1:]  # (embeddings, ...): quantised models (I-BERT)
+        first = self._seq_first and output.dim() == 3
+        if first:
+            output = output.transpose(0, 1)
         # Keep the real tokens' embeddings of the model's own lookup for ctx.input_embeddings: a method
         # reading them after the forward then needs no second lookup (which FSDP2 would have resharded).
         if (
@@ -980,7 +1068,9 @@ class PromptedModel(nn.Module):
             )  # a copy: the model may modify its own in place
         if prompts is None:
             return None
-        return torch.cat([prompts.to(output.dtype).expand(output.shape[0], -1, -1), output[:, p:]], dim=1)
+        out = torch.cat([prompts.to(output.dtype).expand(output.shape[0], -1, -1), output[:, p:]], dim=1)
+        out = out.transpose(0, 1) if first else out
+        return (out, *extra) if extra else out
 
     # -- hooks: the layers -----------------------------------------------------------------------------
     def _host_start_hook(self, host: nn.Module):

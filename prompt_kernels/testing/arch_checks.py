@@ -16,6 +16,10 @@
    the prompts moved into the key/value cache at the prefill (the default, where the first generate's
    check allows it) as with the prompts joined in the attention at every step (``cache_prompts=False``).
 
+On a model no route reaches the layers of (its own attention code and no key/value cache: Mamba,
+DeBERTa, XLNet, ...), ``attach`` refuses P-tuning v2 with the reason; prompt tuning must then pass
+checks 2-4 by itself (input style only).
+
 It raises ``ArchitectureCheckFailed`` naming the check that failed (``TinyModelUnavailable`` when the
 bare tiny model does not run).
 """
@@ -71,18 +75,52 @@ def _close(a, b, what: str, rtol=1e-4, atol=1e-5):
         _fail(what, exc)
 
 
+class LayersUnreachable(Exception):
+    """``attach`` refused a method that prompts the layers: no route reaches them (input style only)."""
+
+
 def check_prefix(model, inputs) -> None:
+    """P-tuning v2: checks 1-3. ``LayersUnreachable`` when ``attach`` refuses it because no route reaches
+    the model's layers (its own attention code and no key/value cache)."""
     import prompt_kernels as pk
 
+    _check_attached(model, inputs, pk.PrefixTuningConfig(prompt_length=PROMPT_LENGTH), concat=True)
+
+
+def check_prompt_tuning(model, inputs, full: bool = False) -> None:
+    """Prompt tuning: check 4 (``full``: checks 2 and 3 as well)."""
+    import prompt_kernels as pk
+
+    config = pk.PromptTuningConfig(prompt_length=PROMPT_LENGTH)
+    if full:
+        _check_attached(model, inputs, config, concat=False)
+        return
+    try:
+        pm = pk.attach(model, config)
+        _run(pm, inputs)
+    except ArchitectureCheckFailed:
+        raise
+    except Exception as exc:
+        _fail("prompt tuning", exc)
+    pm.detach()
+
+
+def _check_attached(model, inputs, config, concat: bool) -> None:
+    import prompt_kernels as pk
+
+    name = type(config).__name__
     with torch.no_grad():
         bare = _main(model(**inputs)).clone()
     config_before, attn_before = model.config, model.config._attn_implementation
     flags = [p.requires_grad for p in model.parameters()]
-    config = pk.PrefixTuningConfig(prompt_length=PROMPT_LENGTH)
     try:
         pm = pk.attach(model, config)
+    except ValueError as exc:
+        if "cannot reach" in str(exc) and "input embeddings" in str(exc):
+            raise LayersUnreachable(str(exc)) from exc
+        _fail(f"attach {name}", exc)
     except Exception as exc:
-        _fail("attach", exc)
+        _fail(f"attach {name}", exc)
     if config_before._attn_implementation != attn_before:
         _fail("attach changed the caller's config object")
     try:
@@ -90,14 +128,14 @@ def check_prefix(model, inputs) -> None:
     except ArchitectureCheckFailed:
         raise
     except Exception as exc:
-        _fail("prefix forward/backward", exc)
+        _fail(f"{name} forward/backward", exc)
     state = {k: v.clone() for k, v in pm.method.state_dict().items()}
     with torch.no_grad():
         inference = _main(pm(**inputs)).clone()
     with tempfile.TemporaryDirectory() as tmp:
         pm.save_prompts(tmp)
         model = pm.detach()
-        if pm.info.layout.kind == "interface":  # the cache route is the model's own concatenation
+        if concat and pm.info.layout.kind == "interface":  # the cache route is the model's own concatenation
             pm = pk.attach(model, config, attention_route="concat")
             pm.method.load_state_dict(state)
             try:
@@ -121,19 +159,6 @@ def check_prefix(model, inputs) -> None:
         _fail("detach did not restore the model's config")
     if [p.requires_grad for p in model.parameters()] != flags:
         _fail("detach did not restore requires_grad")
-
-
-def check_prompt_tuning(model, inputs) -> None:
-    import prompt_kernels as pk
-
-    try:
-        pm = pk.attach(model, pk.PromptTuningConfig(prompt_length=PROMPT_LENGTH))
-        _run(pm, inputs)
-    except ArchitectureCheckFailed:
-        raise
-    except Exception as exc:
-        _fail("prompt tuning", exc)
-    pm.detach()
 
 
 def _greedy(model, inputs):
@@ -189,11 +214,17 @@ def check_generate(model, mapping: str) -> str | None:
 
 
 def check_architecture(model_type: str, mapping: str) -> dict:
-    """Runs the checks; returns ``{"generate": None | "cache" | "joined"}`` (how ``generate`` decoded)."""
+    """Runs the checks; returns ``{"generate": None | "cache" | "joined", "layers": bool}``: how
+    ``generate`` decoded, and whether prompts reach the layers (False: ``attach`` refused P-tuning v2
+    with its reason, and prompt tuning passed checks 2-4 on its own: input style only)."""
     model = build_tiny(model_type, mapping)
     for p in model.parameters():
         p.requires_grad_(True)
     inputs = tiny_inputs(model, mapping)
-    check_prefix(model, inputs)
+    try:
+        check_prefix(model, inputs)
+    except LayersUnreachable as exc:
+        check_prompt_tuning(model, tiny_inputs(model, mapping, padding="left"), full=True)
+        return {"generate": None, "layers": False, "reason": str(exc)}
     check_prompt_tuning(model, tiny_inputs(model, mapping, padding="left"))
-    return {"generate": check_generate(model, mapping)}
+    return {"generate": check_generate(model, mapping), "layers": True, "reason": ""}
