@@ -1,4 +1,5 @@
-"""Prefix tuning on every transformers architecture: ours (``prompt_kernels.attach``) and PEFT's.
+"""Prefix tuning and prompt tuning on every transformers architecture: ours (``prompt_kernels.attach``)
+and PEFT's.
 
 For every model type of the causal-LM, sequence-classification and seq2seq auto mappings of the
 installed transformers, the tiny random model of ``prompt_kernels.testing.tiny_models`` (2 layers,
@@ -9,13 +10,15 @@ backward, and must give a finite loss and a non-zero gradient on every prompt pa
   then ``detach``);
 - ``peft``: ``peft.PrefixTuningConfig(num_virtual_tokens=4)`` with task type CAUSAL_LM / SEQ_CLS /
   SEQ_2_SEQ_LM, SEQ_CLS through ``benchmarks.bench_patch.peft_task_type`` (FEATURE_EXTRACTION where
-  PEFT 0.21.2's SEQ_CLS wrapper would refuse the model).
+  PEFT 0.21.2's SEQ_CLS wrapper would refuse the model);
+- ``ours_pt`` / ``peft_pt``: the same with prompt tuning (``PromptTuningConfig``, 4 vectors in front of
+  the input embeddings), which needs no route into the layers.
 
 Each check gets a fresh tiny model. Models run in a worker process, one after the other, each check
 in its own try/except; a worker that dies (a crash no exception catches) or hangs is replaced, the
 check it was in recorded as "crash" with the reason, and the sweep goes on. Writes a CSV (``mapping,
 model_type, bare, ours, peft, ours_reason, peft_reason``; ok / fail / crash, "-" where not tried; the
-reason is the exception's first line, at most 200 characters) and a markdown summary next to it
+reason is the exception's first line; ``ours_pt, peft_pt`` and their reasons after them, at most 200 characters) and a markdown summary next to it
 (``.md``: versions, date, counts, lists, failure reasons grouped)::
 
     python -m benchmarks.arch_sweep [--mappings causal-lm seq-cls seq2seq] [--out benchmarks/results/arch_sweep.csv]
@@ -40,7 +43,10 @@ from benchmarks.bench_patch import peft_task_type
 
 PROMPT_LENGTH = 4
 PEFT_TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+CHECKS = ("ours", "peft", "ours_pt", "peft_pt")
 COLUMNS = ("mapping", "model_type", "bare", "ours", "peft", "ours_reason", "peft_reason")
+COLUMNS += ("ours_pt", "peft_pt", "ours_pt_reason", "peft_pt_reason")
+WHO = {"ours": "Ours", "peft": "PEFT", "ours_pt": "Ours, prompt tuning", "peft_pt": "PEFT, prompt tuning"}
 TIMEOUT_S = 300  # per model type (three tiny models and two prompted runs take well under a second)
 
 
@@ -75,21 +81,32 @@ def ours_check(model, inputs: dict, mapping: str) -> None:
     pm.detach()
 
 
-def peft_check(model, inputs: dict, mapping: str) -> None:
-    """PEFT's prefix tuning (4 virtual tokens) on ``model``: forward with labels, backward, a finite
-    loss and a non-zero gradient on every prompt-encoder parameter. Raises on any failure."""
+def ours_pt_check(model, inputs: dict, mapping: str) -> None:
+    """``ours_check`` with prompt tuning (4 vectors in front of the input embeddings)."""
+    import prompt_kernels
+
+    pm = prompt_kernels.attach(model, prompt_kernels.PromptTuningConfig(prompt_length=PROMPT_LENGTH))
+    out = pm(**inputs)
+    _check_loss_and_grads(getattr(out, "loss", None), list(pm.prompt_parameters()), f"ours PT ({mapping})")
+    pm.detach()
+
+
+def peft_check(model, inputs: dict, mapping: str, method: str = "PrefixTuningConfig") -> None:
+    """PEFT's prefix tuning (``method``: or another of its prompt configs; 4 virtual tokens) on
+    ``model``: forward with labels, backward, a finite loss and a non-zero gradient on every
+    prompt-encoder parameter. Raises on any failure."""
     import peft
 
     task = peft_task_type(PEFT_TASKS[mapping], model)
-    pm = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=PROMPT_LENGTH))
+    pm = peft.get_peft_model(model, getattr(peft, method)(task_type=task, num_virtual_tokens=PROMPT_LENGTH))
     out = pm(**inputs)
     params = [p for name, p in pm.named_parameters() if "prompt_encoder" in name and p.requires_grad]
     _check_loss_and_grads(getattr(out, "loss", None), params, f"peft {task}")
 
 
 def sweep_one(mapping: str, model_type: str, progress=None) -> dict:
-    """One CSV row: the bare tiny model, then ``ours_check`` and ``peft_check``, each on a fresh one;
-    ``progress(row)`` gets the row as it is before each of the two checks."""
+    """One CSV row: the bare tiny model, then the ``CHECKS``, each on a fresh one; ``progress(row)``
+    gets the row as it is before each check."""
     from prompt_kernels.testing import tiny_models as tm
 
     row = dict.fromkeys(COLUMNS, "")
@@ -98,11 +115,17 @@ def sweep_one(mapping: str, model_type: str, progress=None) -> dict:
         model = tm.build_tiny(model_type, mapping)
     except Exception as e:
         reason = f"no tiny model: {str(e) or type(e).__name__}"[:200]
-        row.update(bare="fail", ours="-", peft="-", ours_reason=reason, peft_reason=reason)
+        row.update(bare="fail", **{c: "-" for c in CHECKS}, **{f"{c}_reason": reason for c in CHECKS})
         return row
     row["bare"] = "ok"
     del model
-    for name, check in (("ours", ours_check), ("peft", peft_check)):
+    checks = {
+        "ours": ours_check,
+        "peft": peft_check,
+        "ours_pt": ours_pt_check,
+        "peft_pt": lambda m, i, mp: peft_check(m, i, mp, "PromptTuningConfig"),
+    }
+    for name, check in checks.items():
         if progress is not None:
             progress(dict(row))
         try:
@@ -141,9 +164,8 @@ class _Worker:
         """``(row, True)``; ``(row, False)`` when the worker died or exceeded ``timeout_s``: the row
         as far as it got, the stage it was in marked "crash" with the reason."""
         mapping, model_type = task
-        row = dict(
-            mapping=mapping, model_type=model_type, bare="", ours="", peft="", ours_reason="", peft_reason=""
-        )
+        row = dict.fromkeys(COLUMNS, "")
+        row.update(mapping=mapping, model_type=model_type)
         start = time.monotonic()
         try:
             self.conn.send(task)
@@ -162,11 +184,11 @@ class _Worker:
             self.proc.join(timeout=10)
             why = f"worker crashed (exit code {self.proc.exitcode})"
         if not row["bare"]:
-            row.update(bare="crash", ours="-", peft="-", ours_reason=why, peft_reason=why)
+            row.update(bare="crash", **{c: "-" for c in CHECKS}, **{f"{c}_reason": why for c in CHECKS})
         else:
-            stage = "ours" if not row["ours"] else "peft"
+            stage = next((c for c in CHECKS if not row[c]), CHECKS[-1])
             row.update({stage: "crash", f"{stage}_reason": why})
-            row["peft"] = row["peft"] or "-"
+            row.update({c: row[c] or "-" for c in CHECKS})
         return row, False
 
     def close(self, kill: bool = False) -> None:
@@ -192,7 +214,10 @@ def sweep(tasks: list[tuple[str, str]], timeout_s: float = TIMEOUT_S, log=print)
             worker.close(kill=True)
             worker = None
         rows.append(row)
-        log(f"{mapping:<10} {model_type:<28} bare {row['bare']:<4} ours {row['ours']:<4} peft {row['peft']}")
+        log(
+            f"{mapping:<10} {model_type:<28} bare {row['bare']:<4} "
+            + " ".join(f"{c} {row[c]:<4}" for c in CHECKS)
+        )
     if worker is not None:
         worker.close()
     return rows
@@ -224,7 +249,7 @@ def summary(rows: list[dict], seconds: float) -> str:
     import transformers
 
     lines = [
-        "# Prefix tuning on every transformers architecture",
+        "# Prefix tuning and prompt tuning on every transformers architecture",
         "",
         f"Written by `python -m benchmarks.arch_sweep` on {datetime.date.today().isoformat()}: "
         f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}; "
@@ -254,6 +279,22 @@ def summary(rows: list[dict], seconds: float) -> str:
             f"| {mapping} | {len(rs)} | {len(bare)} | {len(ours)} | {len(theirs)} | {len(ours & theirs)} "
             f"| {len(ours - theirs)} | {len(theirs - ours)} |"
         )
+    lines += [
+        "",
+        "Prompt tuning (4 vectors in front of the input embeddings; it needs no route into the layers):",
+        "",
+        "| mapping | tiny models that run | ours | PEFT | only ours | only PEFT |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mapping, rs in by_mapping.items():
+        bare = [r["model_type"] for r in rs if r["bare"] == "ok"]
+        ours = {r["model_type"] for r in rs if r.get("ours_pt") == "ok"}
+        theirs = {r["model_type"] for r in rs if r.get("peft_pt") == "ok"}
+        sets[mapping].update(pt_only_ours=sorted(ours - theirs), pt_only_peft=sorted(theirs - ours))
+        sets[mapping]["pt_neither"] = sorted(set(bare) - ours - theirs)
+        lines.append(
+            f"| {mapping} | {len(bare)} | {len(ours)} | {len(theirs)} | {len(ours - theirs)} | {len(theirs - ours)} |"
+        )
     for mapping, rs in by_mapping.items():
         lines += ["", f"## {mapping}", ""]
         for key, title in (
@@ -261,12 +302,15 @@ def summary(rows: list[dict], seconds: float) -> str:
             ("only_ours", "Only ours"),
             ("only_peft", "Only PEFT"),
             ("neither", "Neither (the tiny model runs)"),
+            ("pt_only_ours", "Prompt tuning, only ours"),
+            ("pt_only_peft", "Prompt tuning, only PEFT"),
+            ("pt_neither", "Prompt tuning, neither"),
         ):
             names = sets[mapping][key]
             lines.append(f"- {title} ({len(names)}): {', '.join(names) or '-'}")
         no_tiny = {r["model_type"]: r["ours_reason"] for r in rs if r["bare"] != "ok"}
         lines.append(f"- No tiny model ({len(no_tiny)}): " + (", ".join(no_tiny) or "-"))
-        for who in ("ours", "peft"):  # reasons with numbers as #, model classes as <Model>
+        for who in CHECKS:  # reasons with numbers as #, model classes as <Model>
             failed = {
                 r["model_type"]: r[f"{who}_reason"]
                 for r in rs
@@ -276,7 +320,7 @@ def summary(rows: list[dict], seconds: float) -> str:
                 continue
             lines += [
                 "",
-                f"{'Ours' if who == 'ours' else 'PEFT'}: failure reasons ({len(failed)} model types)",
+                f"{WHO[who]}: failure reasons ({len(failed)} model types)",
                 "",
             ]
             lines += ["| model types | reason |", "|---|---|"]
