@@ -44,8 +44,8 @@ def test_cache_route_refuses_what_it_cannot_do():
             pm(**inputs)
         model = pm.detach()
     pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=3))
-    with pytest.raises(NotImplementedError, match="generate"):
-        pm.generate(input_ids=inputs["input_ids"], max_new_tokens=2)
+    with pytest.raises(NotImplementedError, match=r"generate\(use_cache=True\)"):
+        pm.generate(input_ids=inputs["input_ids"], max_new_tokens=2, use_cache=True)
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
@@ -107,7 +107,9 @@ def test_cache_handed_to_the_base_model_of_a_model_without_the_interface():
         cache = DynamicCache()
         for i, (k, v) in enumerate(kv):
             cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), i)
-        mask = torch.cat([torch.ones(B, 4, dtype=inputs["attention_mask"].dtype), inputs["attention_mask"]], 1)
+        mask = torch.cat(
+            [torch.ones(B, 4, dtype=inputs["attention_mask"].dtype), inputs["attention_mask"]], 1
+        )
         base = pm.detach()
         hidden = base.bert(
             input_ids=inputs["input_ids"],
@@ -120,3 +122,34 @@ def test_cache_handed_to_the_base_model_of_a_model_without_the_interface():
         plain = base(**inputs).logits
     torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out.logits, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "gpt_neo", "xglm"])
+def test_generate_on_the_cache_route_recomputes_every_step_exactly(model_type):
+    """generate() on the cache route: each step's logits equal a prompted forward over everything so far
+    (the prompts are never in a cache generate carries), and differ from the plain model's."""
+    model = build_tiny(model_type, "causal-lm").eval()
+    ids = tiny_inputs(model, "causal-lm", batch=2, length=5, seed=5)["input_ids"]
+    mask = torch.ones_like(ids)
+    steps = 3
+    kw = dict(
+        max_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    plain = torch.stack(model.generate(input_ids=ids, attention_mask=mask, **kw).logits, 1)
+    pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=3))
+    assert pm.info.layout.kind == "cache"
+    with torch.no_grad():
+        pm.method.embedding.weight.normal_()
+        got = torch.stack(pm.generate(input_ids=ids, attention_mask=mask, **kw).logits, 1)
+        seq, ref = ids, []
+        for _ in range(steps):
+            logits = pm(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1]
+            ref.append(logits)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    torch.testing.assert_close(got, torch.stack(ref, 1), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    pm.detach()

@@ -53,7 +53,7 @@ from prompt_kernels.patch.attention import (
     model_eager_function,
 )
 from prompt_kernels.patch.cache_prompts import cache_route_is_exact
-from prompt_kernels.patch.context import ForwardContext, cache_argument
+from prompt_kernels.patch.context import CACHE_KWARGS, ForwardContext, cache_argument
 from prompt_kernels.patch.discovery import Layout, NoAttentionInterface, discover, discover_cache
 from prompt_kernels.patch.info import ModelInfo
 
@@ -565,10 +565,15 @@ class PromptedModel(nn.Module):
         if not (hasattr(self.model, "can_generate") and self.model.can_generate()):
             raise TypeError(f"{type(self.model).__name__} cannot generate (not a causal LM)")
         if self.info.layout.kind == "cache":
-            raise NotImplementedError(
-                f"generate() with prompts on {type(self.model).__name__} is not supported: it does not use "
-                "transformers' attention interface, and its prompts travel in the key/value cache"
-            )
+            # Its prompts travel as the key/value cache of every forward, so decoding cannot keep a cache of
+            # its own: every step recomputes the whole sequence with the prompts (exact, O(T^2)).
+            if kwargs.get("use_cache"):
+                raise NotImplementedError(
+                    f"generate(use_cache=True) with prompts on {type(self.model).__name__} is not supported: it "
+                    "does not use transformers' attention interface, and its prompts travel in the key/value "
+                    "cache; generate() recomputes every step instead (use_cache=False, the default here)"
+                )
+            kwargs["use_cache"] = False
         if self._sequence_layer is not None:
             raise NotImplementedError(
                 "generate() with sequence-style prompts is not supported (the rows would "
@@ -755,11 +760,16 @@ class PromptedModel(nn.Module):
         ``p`` ones in front, and the tokens keep the positions they have without prompts."""
         from transformers import DynamicCache
 
-        if cache_argument(kwargs) is not None:
-            raise NotImplementedError(
-                f"{type(self.model).__name__} does not use transformers' attention interface; its prompts travel "
-                "in the key/value cache, so a forward with a cache of its own (decoding) is not supported"
-            )
+        past = cache_argument(kwargs)
+        if past is not None:
+            # generate(use_cache=False) still hands an empty cache to every step: ours takes its place.
+            empty = hasattr(past, "get_seq_length") and int(past.get_seq_length()) == 0
+            if not (empty and kwargs.get("use_cache") is False):
+                raise NotImplementedError(
+                    f"{type(self.model).__name__} does not use transformers' attention interface; its prompts "
+                    "travel in the key/value cache, so a forward with a cache of its own (decoding) is not supported"
+                )
+            kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
         prompts = [self._layer_prefix(ctx, i) for i in range(self.info.num_layers)]
         if all(p is None for p in prompts):
             return kwargs
@@ -964,6 +974,11 @@ class PromptedModel(nn.Module):
                 self._stack.pop()
         if ctx.depth == 0:
             self.last_aux_losses = dict(aux)
+            if self.info.layout.kind == "cache" and self._generation is not None and isinstance(output, dict):
+                # The cache of this step holds the prompts: generate must not hand it to the next step.
+                for name in CACHE_KWARGS:
+                    if output.get(name) is not None:
+                        output[name] = None
         if not aux or ctx.labels is None:
             return None
         total = sum(aux.values())

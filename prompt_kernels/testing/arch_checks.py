@@ -11,10 +11,11 @@
    implementation and ``requires_grad`` flags;
 3. ``save_prompts`` / ``load_prompts`` onto the detached model give identical outputs;
 4. prompt tuning (``PromptTuningConfig``): finite loss, non-zero prompt gradient;
-5. models that generate (causal-LM and seq2seq heads on the attention interface): where the bare tiny
-   model's greedy ``generate`` runs, the prompted one does too, and gives the same tokens and logits with
+5. models that generate (causal-LM and seq2seq heads): where the bare tiny model's greedy ``generate``
+   runs, the prompted one does too, and on the attention interface gives the same tokens and logits with
    the prompts moved into the key/value cache at the prefill (the default, where the first generate's
-   check allows it) as with the prompts joined in the attention at every step (``cache_prompts=False``).
+   check allows it) as with the prompts joined in the attention at every step (``cache_prompts=False``);
+   on the cache route (every step recomputed) a causal LM's logits equal prompted forwards.
 
 On a model no route reaches the layers of (its own attention code and no key/value cache: Mamba,
 DeBERTa, XLNet, ...), ``attach`` refuses P-tuning v2 with the reason; prompt tuning must then pass
@@ -174,8 +175,36 @@ def _greedy(model, inputs):
         )
 
 
+def _check_recomputed_generate(pm, inputs, mapping: str) -> None:
+    """The cache route's generate (every step recomputed): its logits equal greedy steps of prompted
+    forwards over everything so far (decoder-only models; an encoder-decoder's is checked to run)."""
+    # No padding: a left-padded row's positions are the model's own generate business (mask-aware there,
+    # arange in a plain forward), with or without prompts.
+    inputs = {**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])}
+    try:
+        got = _greedy(pm, inputs)
+    except Exception as exc:
+        _fail("generate with prompts (cache route)", exc)
+    if mapping != "causal-lm":
+        return
+    seq, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        for step, logits in enumerate(got.logits):
+            ref = pm(input_ids=seq, attention_mask=mask).logits[:, -1]
+            _close(
+                logits,
+                ref,
+                f"generate step {step}: logits differ from a prompted forward",
+                rtol=1e-3,
+                atol=1e-4,
+            )
+            nxt = got.sequences[:, seq.shape[1] : seq.shape[1] + 1]
+            seq, mask = torch.cat([seq, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+
+
 def check_generate(model, mapping: str) -> str | None:
-    """None (no generate to check), "cache" (the prompts went into the key/value cache) or "joined"."""
+    """None (no generate to check), "cache" (the prompts went into the key/value cache), "joined", or
+    "recompute" (the cache route: every step recomputed with the prompts as the cache)."""
     import prompt_kernels as pk
 
     if mapping not in ("causal-lm", "seq2seq") or not model.can_generate():
@@ -188,11 +217,12 @@ def check_generate(model, mapping: str) -> str | None:
         return None  # the bare tiny model does not generate: nothing to compare
     pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=PROMPT_LENGTH))
     try:
-        if pm.info.layout.kind != "interface":
-            return None  # the cache route refuses generate() by name
         with torch.no_grad():
             for p in pm.method.parameters():
                 p.mul_(3.0)  # make the prompts matter
+        if pm.info.layout.kind == "cache":
+            _check_recomputed_generate(pm, inputs, mapping)
+            return "recompute"
         try:
             cached = _greedy(pm, inputs)
             pm.cache_prompts = False
