@@ -11,10 +11,15 @@ import prompt_kernels as pk
 from prompt_kernels.testing.tiny_models import build_tiny, tiny_inputs
 
 
-def test_cache_route_equals_the_model_given_the_prompts_as_its_cache():
+@pytest.mark.parametrize("model_type", ["bloom", "xglm", "gpt_neo"])
+def test_cache_route_equals_the_model_given_the_prompts_as_its_cache(model_type):
+    """The prompts as the model's own cache, the mask with ones in front, and the tokens at positions
+    0..T-1 (given explicitly to the reference where the model takes position ids)."""
+    import inspect
+
     from transformers import DynamicCache
 
-    model = build_tiny("bloom", "causal-lm")
+    model = build_tiny(model_type, "causal-lm")
     inputs = tiny_inputs(model, "causal-lm")
     pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=3))
     assert pm.info.layout.kind == "cache" and pm.info.num_layers == 2
@@ -30,7 +35,11 @@ def test_cache_route_equals_the_model_given_the_prompts_as_its_cache():
             [torch.ones(B, 3, dtype=inputs["attention_mask"].dtype), inputs["attention_mask"]], 1
         )
         kwargs = {**inputs, "attention_mask": mask, "cache": cache}
-        ref = pm.detach()(**kwargs)
+        base = pm.detach()
+        if "position_ids" in inspect.signature(base.forward).parameters:
+            T = inputs["input_ids"].shape[1]
+            kwargs["position_ids"] = torch.arange(T).expand(B, -1)
+        ref = base(**kwargs)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
 
@@ -152,4 +161,37 @@ def test_generate_on_the_cache_route_recomputes_every_step_exactly(model_type):
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
     torch.testing.assert_close(got, torch.stack(ref, 1), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-3)
+    pm.detach()
+
+
+def test_decoder_positions_do_not_move_behind_prompts_in_its_cache():
+    """An encoder-decoder on the cache route (MVP): the decoder's positional embedding counts from 0, as
+    without prompts (it would count from the cache length, the prompt rows)."""
+    model = build_tiny("mvp", "seq2seq").eval()
+    inputs = tiny_inputs(model, "seq2seq", batch=2, length=5, seed=6)
+    import inspect
+
+    embed = model.get_decoder().embed_positions
+    names = list(inspect.signature(embed.forward).parameters)
+    seen = []
+
+    def spy(m, args, kwargs):  # runs after the patch layer's hook (registered later)
+        seen.append({**dict(zip(names, args)), **kwargs}.get("cache_length", 0))
+
+    pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=3))
+    assert pm.info.layout.kind == "cache" and pm.info.encoder_decoder
+    handle = embed.register_forward_pre_hook(spy, with_kwargs=True)
+    pm(**inputs)
+    assert seen == [0]
+    with pm.disabled():  # the same spy sees the cache length where the model has a cache of its own
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        enc = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+        dec = inputs["input_ids"][:, :3]
+        model(**enc, decoder_input_ids=dec, use_cache=True, cache=cache)
+        seen.clear()
+        model(**enc, decoder_input_ids=dec[:, :1], cache=cache)
+    assert seen and seen[0] > 0
+    handle.remove()
     pm.detach()

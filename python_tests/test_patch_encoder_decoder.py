@@ -132,6 +132,9 @@ def test_input_dependent_methods_train_and_generate(model_type, config):
     """SPT (per-layer generators; each stack carries its own chain of prompts, the decoder's from the
     decoder tokens) and InfoPrompt (representation loss on the encoder's output): a training step with
     their auxiliary losses reaches every prompt parameter, and generate uses the prompts."""
+    # Seeded: with the weights scaled up, InfoPrompt's clamped critic (clamp 2) saturates for some dropout
+    # masks of the training step (about 1 in 20), and a saturated critic gives its context no gradient.
+    torch.manual_seed(0)
     model = build_tiny(model_type, "seq2seq")
     inputs = tiny_inputs(model, "seq2seq", batch=2, length=6)
     with torch.no_grad():

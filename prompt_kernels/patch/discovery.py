@@ -396,7 +396,8 @@ def cache_handed_to(module: nn.Module, kw: str, cache):
 
 
 def position_modules(model: nn.Module) -> list[nn.Module]:
-    """The embedding modules whose forward counts positions from a ``cache_length`` argument."""
+    """The embedding modules whose forward counts positions from a ``cache_length`` argument (token and
+    positional embeddings; not the stacks and layers, which take the cache itself)."""
     out = []
     for m in model.modules():
         if m is model:
@@ -405,7 +406,7 @@ def position_modules(model: nn.Module) -> list[nn.Module]:
             params = inspect.signature(m.forward).parameters
         except (TypeError, ValueError):
             continue
-        if "cache_length" in params and ("input_ids" in params or "inputs_embeds" in params):
+        if "cache_length" in params and not any(k in params for k in ("cache", "past_key_values")):
             out.append(m)
     return out
 
@@ -564,6 +565,7 @@ def _encoder_decoder_cache_layout(model, kw, module, reason) -> Layout:
             cache_kwarg=kw,
             cache_wrap="encoder_decoder",
             cache_module=module,
+            position_modules=position_modules(model),
         )
     if failure is None:
         raise ValueError(reason)

@@ -778,7 +778,7 @@ class PromptedModel(nn.Module):
                 f"{type(self.model).__name__} does not use transformers' attention interface: prompts reach it only "
                 "as a key/value cache, which needs ungated prompts at every layer (prefix tuning, prompt tuning)"
             )
-        B, T = ctx.batch_size, ctx.seq_len
+        B = ctx.batch_size
         cache = DynamicCache()
         for i, p in enumerate(prompts):
             cache.update(p.key.expand(B, -1, -1, -1), p.value.expand(B, -1, -1, -1), i)
@@ -798,19 +798,20 @@ class PromptedModel(nn.Module):
             if mask.dim() != 2:
                 raise ValueError(f"prompts on the cache route need a 2D {mask_name} [B, T] (or none)")
             kwargs[mask_name] = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
+        ctx.prompt_cache_length = P
         if self.info.encoder_decoder:
             return kwargs
-        ctx.prompt_cache_length = P
-        if self.info.layout.position_modules:
-            return kwargs  # positions counted from 0 by _on_position_module_start
+        # The tokens keep the positions they have without prompts: given where the forward takes them (and
+        # counted from 0 by the embeddings that read the cache length, _on_position_module_start).
         if "position_ids" in self._accepts and kwargs.get("position_ids") is None:
-            T = (
-                kwargs["input_ids"].shape[1]
-                if kwargs.get("input_ids") is not None
-                else kwargs["inputs_embeds"].shape[1]
-            )
-            kwargs["position_ids"] = torch.arange(T, device=ctx.device).expand(B, -1)
+            kwargs["position_ids"] = self._token_positions(ctx, kwargs)
         return kwargs
+
+    def _token_positions(self, ctx: ForwardContext, kwargs: dict) -> torch.Tensor:
+        """``[B, T]``: the positions the model gives its tokens without a cache (RoBERTa's too)."""
+        ids = kwargs.get("input_ids")
+        T = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        return self.info.positions.default_ids(ids, T, 0, ctx.device).expand(ctx.batch_size, -1)
 
     def _row_sets(self, names, B: int, device) -> dict[str, torch.Tensor] | None:
         """``prompt_set`` of a call -> {set name: its rows} (None when every row uses the default set)."""
@@ -917,12 +918,12 @@ class PromptedModel(nn.Module):
         kwargs = {**kwargs, kw: cache}
         if (
             not self.info.encoder_decoder
-            and not self.info.layout.position_modules
             and any(p.name == "position_ids" for p in params)
             and "position_ids" not in positional
             and kwargs.get("position_ids") is None
+            and (kwargs.get("input_ids") is not None or kwargs.get("inputs_embeds") is not None)
         ):
-            kwargs["position_ids"] = torch.arange(ctx.seq_len, device=ctx.device).expand(ctx.batch_size, -1)
+            kwargs["position_ids"] = self._token_positions(ctx, kwargs)
         return args, kwargs
 
     def _on_position_module_start(self, module, args, kwargs):
