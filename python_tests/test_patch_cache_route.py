@@ -195,3 +195,36 @@ def test_decoder_positions_do_not_move_behind_prompts_in_its_cache():
     assert seen and seen[0] > 0
     handle.remove()
     pm.detach()
+
+
+@pytest.mark.parametrize(
+    "model_type,mapping",
+    [("bloom", "causal-lm"), ("gpt_neo", "causal-lm"), ("megatron-bert", "seq-cls"), ("mvp", "seq2seq")],
+)
+def test_cache_route_under_gradient_checkpointing_equals_without(model_type, mapping):
+    """Recomputed layers see the same prompt keys (the prompt cache never grows; checkpointed layers keep
+    it for the prompted forward only): loss and prompt gradients as without checkpointing."""
+    model = build_tiny(model_type, mapping)
+    inputs = tiny_inputs(model, mapping, batch=2, length=6, seed=7)
+    pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=3)).train()
+    assert pm.info.layout.kind == "cache"
+    with torch.no_grad():
+        pm.method.embedding.weight.normal_()
+
+    def step():  # the same dropout masks (checkpointing replays them)
+        torch.manual_seed(0)
+        pm.method.zero_grad()
+        loss = pm(**inputs).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in pm.method.parameters()]
+
+    ref = step()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got = step()
+    model.gradient_checkpointing_disable()
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    for g, r in zip(got[1], ref[1]):
+        assert r.abs().sum() > 0
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules())
+    pm.detach()

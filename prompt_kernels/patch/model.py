@@ -56,6 +56,7 @@ from prompt_kernels.patch.cache_prompts import cache_route_is_exact
 from prompt_kernels.patch.context import CACHE_KWARGS, ForwardContext, cache_argument
 from prompt_kernels.patch.discovery import Layout, NoAttentionInterface, discover, discover_cache
 from prompt_kernels.patch.info import ModelInfo
+from prompt_kernels.patch.prompt_cache import prompt_cache
 
 ROUTES = ("auto", "concat")
 
@@ -142,6 +143,31 @@ def _prompted_class(model_class: type, params: list[inspect.Parameter]) -> type:
         cls = type(name, (PromptedModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
         _PROMPTED_CLASSES[model_class] = cls
     return cls
+
+
+def _checkpointing_layers(model: nn.Module) -> list[nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _set_flags(modules: list[nn.Module], name: str, value) -> list:
+    """Sets instance attribute ``name`` on each module; returns what ``_restore_flags`` needs."""
+    saved = [(m, name, m.__dict__.get(name, _MISSING)) for m in modules]
+    for m in modules:
+        setattr(m, name, value)
+    return saved
+
+
+def _restore_flags(saved: list) -> None:
+    for m, name, old in saved:
+        if old is _MISSING:
+            m.__dict__.pop(name, None)
+        else:
+            setattr(m, name, old)
+
+
+_MISSING = object()
 
 
 def _refuse_layer_prompts(config: PromptConfig, model: nn.Module, reason: str) -> None:
@@ -311,6 +337,9 @@ class PromptedModel(nn.Module):
         # decoding step then joins them in the attention).
         self.cache_prompts = True
         self._cache_route_exact: bool | None = None
+        # The cache route under gradient checkpointing: transformers' checkpointed layers drop a cache
+        # unless the layer says it only reads it, which the prompt cache's layers make true (prompt_cache.py).
+        self._checkpoint_layers = _checkpointing_layers(model) if info.layout.kind == "cache" else []
         self._cached_input_prompt = 0  # input-style rows in the key/value cache of the last prefill
         self._detached = False
         self._one = torch.ones(1, device=info.device)
@@ -758,7 +787,6 @@ class PromptedModel(nn.Module):
         """The cache route (models without the attention interface): every layer's prompt keys/values
         become a pre-filled ``DynamicCache`` the model's own attention reads, the 2D attention mask gets
         ``p`` ones in front, and the tokens keep the positions they have without prompts."""
-        from transformers import DynamicCache
 
         past = cache_argument(kwargs)
         if past is not None:
@@ -779,14 +807,13 @@ class PromptedModel(nn.Module):
                 "as a key/value cache, which needs ungated prompts at every layer (prefix tuning, prompt tuning)"
             )
         B = ctx.batch_size
-        cache = DynamicCache()
-        for i, p in enumerate(prompts):
-            cache.update(p.key.expand(B, -1, -1, -1), p.value.expand(B, -1, -1, -1), i)
+        cache = prompt_cache(
+            [(p.key.expand(B, -1, -1, -1), p.value.expand(B, -1, -1, -1)) for p in prompts],
+            self.info.layout.cache_wrap == "encoder_decoder",
+        )
         P = prompts[0].key.shape[2]
-        if self.info.layout.cache_wrap == "encoder_decoder":
-            from transformers import EncoderDecoderCache
-
-            cache = EncoderDecoderCache(cache, DynamicCache())
+        if self._checkpoint_layers and self.model.training and torch.is_grad_enabled():
+            ctx.checkpoint_flags = _set_flags(self._checkpoint_layers, "_can_checkpoint_with_cache", True)
         if self.info.layout.cache_module is None:
             kwargs[self.info.layout.cache_kwarg] = cache
         else:
@@ -973,6 +1000,8 @@ class PromptedModel(nn.Module):
         finally:
             if self._stack:
                 self._stack.pop()
+            if ctx is not None and ctx.checkpoint_flags:
+                _restore_flags(ctx.checkpoint_flags)
         if ctx.depth == 0:
             self.last_aux_losses = dict(aux)
             if self.info.layout.kind == "cache" and self._generation is not None and isinstance(output, dict):
