@@ -228,3 +228,29 @@ class AuxTest(PromptMethod):
         if self.config.nested and ctx.depth == 0:
             ctx.owner.model(**{**ctx.kwargs, "labels": None})  # a nested prompted forward
         return {"norm": (self.prompt**2).sum()}
+
+
+GREEDY = dict(do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+
+def greedy_logits(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[B, steps, V]``: the logits of ``steps`` greedy decoding steps of ``model.generate``."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, **GREEDY
+        )
+    return torch.stack(out.logits, 1)
+
+
+def assert_generate_equals_recompute(pm, ids: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """``pm.generate``'s greedy logits equal, step by step, a prompted forward over everything so far;
+    returns them ``[B, steps, V]``."""
+    got = greedy_logits(pm, ids, steps)
+    seq, ref = ids, []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = pm(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1]
+            ref.append(logits)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    torch.testing.assert_close(got, torch.stack(ref, 1), rtol=1e-4, atol=1e-5)
+    return got

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from patch_helpers import one_thread  # noqa: F401  (autouse fixture)
+from patch_helpers import assert_generate_equals_recompute, greedy_logits, one_thread  # noqa: F401
 
 import prompt_kernels as pk
 from prompt_kernels.testing.tiny_models import build_tiny, tiny_inputs
@@ -139,27 +139,12 @@ def test_generate_on_the_cache_route_recomputes_every_step_exactly(model_type):
     (the prompts are never in a cache generate carries), and differ from the plain model's."""
     model = build_tiny(model_type, "causal-lm").eval()
     ids = tiny_inputs(model, "causal-lm", batch=2, length=5, seed=5)["input_ids"]
-    mask = torch.ones_like(ids)
-    steps = 3
-    kw = dict(
-        max_new_tokens=steps,
-        do_sample=False,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    plain = torch.stack(model.generate(input_ids=ids, attention_mask=mask, **kw).logits, 1)
+    plain = greedy_logits(model, ids, 3)
     pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=3))
     assert pm.info.layout.kind == "cache"
     with torch.no_grad():
         pm.method.embedding.weight.normal_()
-        got = torch.stack(pm.generate(input_ids=ids, attention_mask=mask, **kw).logits, 1)
-        seq, ref = ids, []
-        for _ in range(steps):
-            logits = pm(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1]
-            ref.append(logits)
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-    torch.testing.assert_close(got, torch.stack(ref, 1), rtol=1e-4, atol=1e-5)
+    got = assert_generate_equals_recompute(pm, ids, 3)
     assert not torch.allclose(got, plain, atol=1e-3)
     pm.detach()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from patch_helpers import one_thread  # noqa: F401  (autouse fixture)
+from patch_helpers import assert_generate_equals_recompute, greedy_logits, one_thread  # noqa: F401
 
 import prompt_kernels as pk
 from prompt_kernels.testing.tiny_models import build_tiny, tiny_inputs
@@ -99,26 +99,11 @@ def test_generate_with_input_style_prompts_equals_recomputing_every_step(model_t
     a full forward of the prompted model over everything so far (and differ from the plain model's)."""
     model = build_tiny(model_type, "causal-lm").eval()
     ids = tiny_inputs(model, "causal-lm", batch=1, length=5, seed=4)["input_ids"]
-    steps = 3
-    kw = dict(
-        max_new_tokens=steps,
-        do_sample=False,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    plain = torch.stack(model.generate(input_ids=ids, **kw).logits, 1)
+    plain = greedy_logits(model, ids, 3)
     pm = pk.attach(model, pk.PromptTuningConfig(prompt_length=3))
     with torch.no_grad():
         pm.method.prompt.normal_().mul_(3)
-        got = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-        seq, ref = ids, []
-        for _ in range(steps):
-            logits = pm(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1]
-            ref.append(logits)
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-    got = torch.stack(got.logits, 1)
-    torch.testing.assert_close(got, torch.stack(ref, 1), rtol=1e-4, atol=1e-5)
+    got = assert_generate_equals_recompute(pm, ids, 3)
     assert not torch.allclose(got, plain, atol=1e-3)
     pm.detach()
 
