@@ -52,9 +52,13 @@ def test_cache_route_refuses_what_it_cannot_do():
         with pytest.raises(NotImplementedError, match="key/value cache"):
             pm(**inputs)
         model = pm.detach()
+    # RemBERT as a decoder: its generate does not decode exactly with the prompts in generate's cache, so
+    # every step is recomputed, and asking for the cache is refused by name.
+    model = build_tiny("rembert", "causal-lm")
     pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=3))
     with pytest.raises(NotImplementedError, match=r"generate\(use_cache=True\)"):
         pm.generate(input_ids=inputs["input_ids"], max_new_tokens=2, use_cache=True)
+    assert pm._cache_route_exact is False
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
@@ -133,10 +137,15 @@ def test_cache_handed_to_the_base_model_of_a_model_without_the_interface():
     assert not torch.allclose(out.logits, plain, atol=1e-3)
 
 
-@pytest.mark.parametrize("model_type", ["bloom", "gpt_neo", "xglm"])
-def test_generate_on_the_cache_route_recomputes_every_step_exactly(model_type):
-    """generate() on the cache route: each step's logits equal a prompted forward over everything so far
-    (the prompts are never in a cache generate carries), and differ from the plain model's."""
+@pytest.mark.parametrize(
+    "model_type,grows",
+    [("bloom", True), ("gpt_neo", True), ("xglm", True), ("mpt", True), ("megatron-bert", False)],
+)
+def test_generate_on_the_cache_route_equals_recomputing_every_step(model_type, grows):
+    """generate() on the cache route: the prompts go into generate's own cache at the prefill and stay in
+    front while it grows (where the first generate's check finds that exact), else every step is
+    recomputed; either way each step's logits equal a prompted forward over everything so far, and differ
+    from the plain model's. ``cache_prompts = False`` recomputes too."""
     model = build_tiny(model_type, "causal-lm").eval()
     ids = tiny_inputs(model, "causal-lm", batch=2, length=5, seed=5)["input_ids"]
     plain = greedy_logits(model, ids, 3)
@@ -144,8 +153,19 @@ def test_generate_on_the_cache_route_recomputes_every_step_exactly(model_type):
     assert pm.info.layout.kind == "cache"
     with torch.no_grad():
         pm.method.embedding.weight.normal_()
-    got = assert_generate_equals_recompute(pm, ids, 3)
+    lengths = []
+    spy = model.register_forward_pre_hook(
+        lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    got = greedy_logits(pm, ids, 3)
+    spy.remove()
+    assert pm._cache_route_exact is grows
+    # Growing: one token per decoding step (after the first generate's check); else the whole sequence.
+    assert lengths[-3:] == ([5, 1, 1] if grows else [5, 6, 7])
+    torch.testing.assert_close(assert_generate_equals_recompute(pm, ids, 3), got, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-3)
+    pm.cache_prompts = False
+    torch.testing.assert_close(assert_generate_equals_recompute(pm, ids, 3), got, rtol=1e-4, atol=1e-5)
     pm.detach()
 
 

@@ -1,5 +1,8 @@
 """Whether ``generate`` may put the prompts into the key/value cache at the prefill.
 
+(The cache route, models without the attention interface, asks the same of generate's own cache:
+:func:`cache_route_grows_exactly`.)
+
 ``PromptedModel.generate`` moves each layer's prompt keys/values into the front of its
 ``DynamicLayer`` at the prefill (:class:`~prompt_kernels.patch.attention.PromptedCacheLayer`), so a
 decoding step costs what the plain model's does. That is exact only where nothing but the attention
@@ -90,3 +93,46 @@ def cache_route_is_exact(pm, new_generation) -> bool:
     tol = 1e-4 if pm.info.dtype == torch.float32 else 2e-2
     scale = max(float(ref.abs().max()), 1.0)
     return bool(torch.isfinite(ours).all()) and bool((ours - ref).abs().max() <= tol * scale)
+
+
+def cache_route_grows_exactly(pm, new_generation) -> bool:
+    """The cache route: True when a short greedy ``generate`` with random stand-in prompts gives the same
+    logits with the prompts put into generate's own cache at the prefill (which then grows with the
+    tokens) as with every step recomputed without a cache. Decoder-only models whose forward takes the
+    cache only; ``pm``'s state is restored."""
+    model, layout = pm.model, pm.info.layout
+    if (
+        pm.info.encoder_decoder
+        or layout.cache_module is not None
+        or layout.cache_wrap != "dynamic"
+        or not getattr(model, "can_generate", lambda: False)()
+    ):
+        return False
+    inputs = probe_inputs(model)
+    inputs.pop("use_cache", None)
+    kw = dict(max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    kw["pad_token_id"] = int(getattr(model.config, "pad_token_id", None) or 0)
+    saved = pm._generation
+    logits = {}
+    try:
+        with pm.method_stand_ins(_stand_in_hooks(pm)), torch.no_grad():
+            for grows in (True, False):
+                gen = new_generation()
+                gen.cache_grows = grows
+                pm._generation = gen
+                out = model.generate(**inputs, use_cache=grows, **kw)
+                if grows and gen.cache_rows == 0:
+                    return False  # the prompts never reached generate's cache
+                logits[grows] = torch.stack(out.logits, 1).float()
+    except Exception:
+        return False
+    finally:
+        pm._generation = saved
+    ours, ref = logits[True], logits[False]
+    tol = 1e-4 if pm.info.dtype == torch.float32 else 2e-2
+    scale = max(float(ref.abs().max()), 1.0)
+    return (
+        ours.shape == ref.shape
+        and bool(torch.isfinite(ours).all())
+        and bool((ours - ref).abs().max() <= tol * scale)
+    )

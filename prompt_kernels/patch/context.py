@@ -69,6 +69,7 @@ class ForwardContext:
         self.sequence_rows: torch.Tensor | None = None
         self.prompt_cache = None  # the cache route's prompts, until the base model receives them
         self.prompt_cache_length = 0  # the cache route: prompt rows in front of the tokens' keys/values
+        self.tokens_past = 0  # the cache route, decoding: tokens (not prompts) already in the cache
         self.checkpoint_flags: list = []  # the cache route: layer flags set for this forward, restored after
         self.training = owner.model.training
         self.grad_enabled = torch.is_grad_enabled()  # the caller's mode (layers may run under no_grad)

@@ -52,7 +52,7 @@ from prompt_kernels.patch.attention import (
     cache_layer_of,
     model_eager_function,
 )
-from prompt_kernels.patch.cache_prompts import cache_route_is_exact
+from prompt_kernels.patch.cache_prompts import cache_route_grows_exactly, cache_route_is_exact
 from prompt_kernels.patch.context import CACHE_KWARGS, ForwardContext, cache_argument
 from prompt_kernels.patch.discovery import Layout, NoAttentionInterface, discover, discover_cache
 from prompt_kernels.patch.info import ModelInfo
@@ -249,6 +249,10 @@ class _Generation:
         # host -> CachedPrompts (or None) for the decoding steps, once the prefill put the prompts in the cache
         self.cached: dict[int, CachedPrompts | None] = {}
         self.inject = False  # the prefill puts the prompts into the key/value cache
+        # The cache route: generate's own cache keeps the prompts in front (cache_rows of them, put there
+        # by the prefill) and grows with the tokens; False: every step is recomputed without a cache.
+        self.cache_grows = False
+        self.cache_rows = 0
 
 
 class PromptedModel(nn.Module):
@@ -593,28 +597,38 @@ class PromptedModel(nn.Module):
             raise RuntimeError("this PromptedModel was detached")
         if not (hasattr(self.model, "can_generate") and self.model.can_generate()):
             raise TypeError(f"{type(self.model).__name__} cannot generate (not a causal LM)")
+        grows = False
         if self.info.layout.kind == "cache":
-            # Its prompts travel as the key/value cache of every forward, so decoding cannot keep a cache of
-            # its own: every step recomputes the whole sequence with the prompts (exact, O(T^2)).
-            if kwargs.get("use_cache"):
+            # Its prompts travel in the key/value cache: generate's own cache takes them at the prefill and
+            # grows with the tokens where the first generate's check shows that exact (decoder-only models
+            # whose forward takes the cache); else every step recomputes the whole sequence (O(T^2)).
+            if self.cache_prompts and kwargs.get("use_cache") is not False:
+                if self._cache_route_exact is None:
+                    self._cache_route_exact = cache_route_grows_exactly(self, _Generation)
+                grows = self._cache_route_exact
+            if kwargs.get("use_cache") and not grows:
                 raise NotImplementedError(
                     f"generate(use_cache=True) with prompts on {type(self.model).__name__} is not supported: it "
-                    "does not use transformers' attention interface, and its prompts travel in the key/value "
-                    "cache; generate() recomputes every step instead (use_cache=False, the default here)"
+                    "does not use transformers' attention interface, its prompts travel in the key/value cache, "
+                    "and decoding with them in generate's cache was not exact on it; generate() recomputes every "
+                    "step instead (use_cache=False, the default here)"
                 )
-            kwargs["use_cache"] = False
+            kwargs["use_cache"] = (
+                grows  # the check decoded with use_cache=True; some configs default to False
+            )
         if self._sequence_layer is not None:
             raise NotImplementedError(
                 "generate() with sequence-style prompts is not supported (the rows would "
                 "sit in part of the key/value cache only)"
             )
         inject = False
-        if self.cache_prompts:
+        if self.cache_prompts and self.info.layout.kind != "cache":
             if self._cache_route_exact is None:
                 self._cache_route_exact = cache_route_is_exact(self, _Generation)
             inject = self._cache_route_exact
         self._generation = _Generation()
         self._generation.inject = inject
+        self._generation.cache_grows = grows
         try:
             return self.model.generate(*args, **kwargs)
         finally:
@@ -787,17 +801,23 @@ class PromptedModel(nn.Module):
         """The cache route (models without the attention interface): every layer's prompt keys/values
         become a pre-filled ``DynamicCache`` the model's own attention reads, the 2D attention mask gets
         ``p`` ones in front, and the tokens keep the positions they have without prompts."""
+        from transformers import DynamicCache
 
         past = cache_argument(kwargs)
+        gen = self._generation if ctx.depth == 0 else None
+        growing = None  # generate's own cache, which takes the prompts at the prefill and keeps them
+        n = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         if past is not None:
-            # generate(use_cache=False) still hands an empty cache to every step: ours takes its place.
-            empty = hasattr(past, "get_seq_length") and int(past.get_seq_length()) == 0
-            if not (empty and kwargs.get("use_cache") is False):
+            if gen is not None and gen.cache_grows and type(past) is DynamicCache:
+                growing = past
+            elif n == 0 and kwargs.get("use_cache") is False:
+                # generate(use_cache=False) still hands an empty cache to every step: ours takes its place.
+                kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+            else:
                 raise NotImplementedError(
                     f"{type(self.model).__name__} does not use transformers' attention interface; its prompts "
                     "travel in the key/value cache, so a forward with a cache of its own (decoding) is not supported"
                 )
-            kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
         prompts = [self._layer_prefix(ctx, i) for i in range(self.info.num_layers)]
         if all(p is None for p in prompts):
             return kwargs
@@ -807,17 +827,27 @@ class PromptedModel(nn.Module):
                 "as a key/value cache, which needs ungated prompts at every layer (prefix tuning, prompt tuning)"
             )
         B = ctx.batch_size
-        cache = prompt_cache(
-            [(p.key.expand(B, -1, -1, -1), p.value.expand(B, -1, -1, -1)) for p in prompts],
-            self.info.layout.cache_wrap == "encoder_decoder",
-        )
         P = prompts[0].key.shape[2]
-        if self._checkpoint_layers and self.model.training and torch.is_grad_enabled():
-            ctx.checkpoint_flags = _set_flags(self._checkpoint_layers, "_can_checkpoint_with_cache", True)
-        if self.info.layout.cache_module is None:
-            kwargs[self.info.layout.cache_kwarg] = cache
+        rows = [(p.key.expand(B, -1, -1, -1), p.value.expand(B, -1, -1, -1)) for p in prompts]
+        if growing is not None:
+            if gen.cache_rows == 0:  # the prefill: the prompts go into the front of generate's cache
+                if n:
+                    raise NotImplementedError(
+                        "generate() on the cache route needs an empty cache to start from"
+                    )
+                for i, (key, value) in enumerate(rows):
+                    growing.update(key, value, i)
+                gen.cache_rows = P
+            else:
+                ctx.tokens_past = n - gen.cache_rows
         else:
-            ctx.prompt_cache = cache  # handed to the base model by _on_cache_module_start
+            cache = prompt_cache(rows, self.info.layout.cache_wrap == "encoder_decoder")
+            if self._checkpoint_layers and self.model.training and torch.is_grad_enabled():
+                ctx.checkpoint_flags = _set_flags(self._checkpoint_layers, "_can_checkpoint_with_cache", True)
+            if self.info.layout.cache_module is None:
+                kwargs[self.info.layout.cache_kwarg] = cache
+            else:
+                ctx.prompt_cache = cache  # handed to the base model by _on_cache_module_start
         # The prompts sit in the (decoder's) self-attention: its 2D mask gets them in front.
         mask_name = "decoder_attention_mask" if self.info.encoder_decoder else "attention_mask"
         mask = kwargs.get(mask_name)
@@ -835,10 +865,11 @@ class PromptedModel(nn.Module):
         return kwargs
 
     def _token_positions(self, ctx: ForwardContext, kwargs: dict) -> torch.Tensor:
-        """``[B, T]``: the positions the model gives its tokens without a cache (RoBERTa's too)."""
+        """``[B, T]``: the positions the model gives its tokens behind ``ctx.tokens_past`` cached tokens
+        and no prompts (RoBERTa's too)."""
         ids = kwargs.get("input_ids")
         T = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
-        return self.info.positions.default_ids(ids, T, 0, ctx.device).expand(ctx.batch_size, -1)
+        return self.info.positions.default_ids(ids, T, ctx.tokens_past, ctx.device).expand(ctx.batch_size, -1)
 
     def _row_sets(self, names, B: int, device) -> dict[str, torch.Tensor] | None:
         """``prompt_set`` of a call -> {set name: its rows} (None when every row uses the default set)."""
@@ -960,10 +991,11 @@ class PromptedModel(nn.Module):
         if not getattr(ctx, "prompt_cache_length", 0):
             return None
         names = [p.name for p in inspect.signature(module.forward).parameters.values()][: len(args)]
+        past = ctx.tokens_past
         if "cache_length" in names:
-            args = tuple(0 if n == "cache_length" else a for n, a in zip(names, args))
+            args = tuple(past if n == "cache_length" else a for n, a in zip(names, args))
             return args, kwargs
-        return args, {**kwargs, "cache_length": 0}
+        return args, {**kwargs, "cache_length": past}
 
     # -- hooks: an encoder-decoder's encoder, when run by itself (generate) -------------------------------
     def _on_encoder_start(self, module, args, kwargs):
@@ -1004,7 +1036,13 @@ class PromptedModel(nn.Module):
                 _restore_flags(ctx.checkpoint_flags)
         if ctx.depth == 0:
             self.last_aux_losses = dict(aux)
-            if self.info.layout.kind == "cache" and self._generation is not None and isinstance(output, dict):
+            gen = self._generation
+            if (
+                self.info.layout.kind == "cache"
+                and gen is not None
+                and not gen.cache_grows
+                and isinstance(output, dict)
+            ):
                 # The cache of this step holds the prompts: generate must not hand it to the next step.
                 for name in CACHE_KWARGS:
                     if output.get(name) is not None:

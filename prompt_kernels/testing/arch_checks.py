@@ -15,7 +15,8 @@
    runs, the prompted one does too, and on the attention interface gives the same tokens and logits with
    the prompts moved into the key/value cache at the prefill (the default, where the first generate's
    check allows it) as with the prompts joined in the attention at every step (``cache_prompts=False``);
-   on the cache route (every step recomputed) a causal LM's logits equal prompted forwards.
+   on the cache route (prompts in generate's own growing cache where the first generate's check allows
+   it, else every step recomputed) a causal LM's logits equal prompted forwards.
 
 On a model no route reaches the layers of (its own attention code and no key/value cache: Mamba,
 DeBERTa, XLNet, ...), ``attach`` refuses P-tuning v2 with the reason; prompt tuning must then pass
@@ -176,8 +177,9 @@ def _greedy(model, inputs):
 
 
 def _check_recomputed_generate(pm, inputs, mapping: str) -> None:
-    """The cache route's generate (every step recomputed): its logits equal greedy steps of prompted
-    forwards over everything so far (decoder-only models; an encoder-decoder's is checked to run)."""
+    """The cache route's generate (prompts in generate's growing cache, or every step recomputed): its
+    logits equal greedy steps of prompted forwards over everything so far (decoder-only models; an
+    encoder-decoder's is checked to run)."""
     # No padding: a left-padded row's positions are the model's own generate business (mask-aware there,
     # arange in a plain forward), with or without prompts.
     inputs = {**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])}
@@ -203,8 +205,9 @@ def _check_recomputed_generate(pm, inputs, mapping: str) -> None:
 
 
 def check_generate(model, mapping: str) -> str | None:
-    """None (no generate to check), "cache" (the prompts went into the key/value cache), "joined", or
-    "recompute" (the cache route: every step recomputed with the prompts as the cache)."""
+    """None (no generate to check), "cache" (the prompts went into the key/value cache), "joined", or on
+    the cache route "grown" (the prompts in front of generate's own cache) or "recompute" (every step
+    recomputed with the prompts as the cache)."""
     import prompt_kernels as pk
 
     if mapping not in ("causal-lm", "seq2seq") or not model.can_generate():
@@ -222,7 +225,7 @@ def check_generate(model, mapping: str) -> str | None:
                 p.mul_(3.0)  # make the prompts matter
         if pm.info.layout.kind == "cache":
             _check_recomputed_generate(pm, inputs, mapping)
-            return "recompute"
+            return "grown" if pm._cache_route_exact else "recompute"
         try:
             cached = _greedy(pm, inputs)
             pm.cache_prompts = False
