@@ -226,7 +226,7 @@ def _refuse_other_per_token_inputs(
             or (encoder_decoder and name.startswith("decoder_"))
             or name.startswith("encoder_")  # another sequence's (cross-attention inputs)
             or not torch.is_tensor(value)
-            or value.dim() < 2
+            or not 2 <= value.dim() <= 3  # not images or video ([B, C, H, W, ...])
             or tuple(value.shape[:2]) != (B, T)
         ):
             continue
