@@ -247,7 +247,8 @@ def check_generate(model, mapping: str) -> str | None:
 
 
 def check_architecture(model_type: str, mapping: str) -> dict:
-    """Runs the checks; returns ``{"generate": None | "cache" | "joined", "layers": bool}``: how
+    """Runs the checks; returns ``{"generate": None | "cache" | "joined" | "grown" | "recompute", "layers":
+    bool, "reason": str}``: how
     ``generate`` decoded, and whether prompts reach the layers (False: ``attach`` refused P-tuning v2
     with its reason, and prompt tuning passed checks 2-4 on its own: input style only)."""
     model = build_tiny(model_type, mapping)
@@ -261,3 +262,43 @@ def check_architecture(model_type: str, mapping: str) -> dict:
         return {"generate": None, "layers": False, "reason": str(exc)}
     check_prompt_tuning(model, tiny_inputs(model, mapping, padding="left"))
     return {"generate": check_generate(model, mapping), "layers": True, "reason": ""}
+
+
+def main(argv=None) -> None:
+    """``python -m prompt_kernels.testing.arch_checks [--mappings ...]``: every type of the mappings through
+    ``check_architecture`` (one thread), then per mapping the counts: layers prompted, input style only,
+    failing, and how ``generate`` decoded (the numbers the README quotes)."""
+    import argparse
+    import collections
+    import warnings
+
+    import transformers
+
+    from prompt_kernels.testing.tiny_models import MAPPINGS, TinyModelUnavailable, model_types
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    ap.add_argument("--mappings", nargs="+", choices=MAPPINGS, default=list(MAPPINGS))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    transformers.logging.set_verbosity_error()
+    for mapping in args.mappings:
+        kinds, generated, failed = collections.Counter(), collections.Counter(), []
+        for model_type in model_types(mapping):
+            try:
+                result = check_architecture(model_type, mapping)
+            except TinyModelUnavailable:
+                continue
+            except Exception as exc:  # a report: every failure is listed
+                failed.append(f"{model_type} ({type(exc).__name__})")
+                continue
+            kinds["layers" if result["layers"] else "input style only"] += 1
+            if result["generate"] is not None:
+                generated[result["generate"]] += 1
+        print(
+            f"{mapping}: {dict(kinds)}; failing {len(failed)}: {', '.join(failed) or '-'}; generate: {dict(generated)}"
+        )
+
+
+if __name__ == "__main__":
+    main()
