@@ -80,7 +80,7 @@ class Layout:
     # (a task head that neither names nor passes on the cache argument of the base model it calls).
     cache_module: nn.Module | None = None
     # Cache route: embedding modules that count positions from the cache length (``cache_length``); they
-    # are given 0, so the tokens keep the positions they have without prompts (RoBERTa's padding offset too).
+    # are given the tokens' count without the prompt rows, so the tokens keep their positions.
     position_modules: list[nn.Module] = field(default_factory=list)
 
     @property
@@ -380,21 +380,6 @@ def cache_target(model: nn.Module) -> tuple[str | None, nn.Module | None]:
     return None, None
 
 
-@contextlib.contextmanager
-def cache_handed_to(module: nn.Module, kw: str, cache):
-    """Within the block, every call of ``module`` receives ``cache`` under ``kw`` (a probe's way to give
-    a base model the cache its task head does not pass on)."""
-
-    def hand(mod, args, kwargs):
-        return args, {**kwargs, kw: cache}
-
-    handle = module.register_forward_pre_hook(hand, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def position_modules(model: nn.Module) -> list[nn.Module]:
     """The embedding modules whose forward counts positions from a ``cache_length`` argument (token and
     positional embeddings; not the stacks and layers, which take the cache itself)."""
@@ -412,11 +397,17 @@ def position_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _with_cache(model, module, kw, cache, inputs: dict):
-    """``model(**inputs)`` with ``cache`` given under ``kw`` to the model itself or to ``module``."""
+    """``model(**inputs)`` with ``cache`` given under ``kw`` to the model itself or, by a pre-hook for
+    this call only, to ``module`` (a base model its task head calls without a cache)."""
     if module is None:
         return model(**inputs, **{kw: cache})
-    with cache_handed_to(module, kw, cache):
+    handle = module.register_forward_pre_hook(
+        lambda m, args, kwargs: (args, {**kwargs, kw: cache}), with_kwargs=True
+    )
+    try:
         return model(**inputs)
+    finally:
+        handle.remove()
 
 
 def discover_cache(model: nn.Module, reason: str) -> Layout:

@@ -344,6 +344,7 @@ class PromptedModel(nn.Module):
         # The cache route under gradient checkpointing: transformers' checkpointed layers drop a cache
         # unless the layer says it only reads it, which the prompt cache's layers make true (prompt_cache.py).
         self._checkpoint_layers = _checkpointing_layers(model) if info.layout.kind == "cache" else []
+        self._signatures: dict[int, tuple[str, ...]] = {}
         self._cached_input_prompt = 0  # input-style rows in the key/value cache of the last prefill
         self._detached = False
         self._one = torch.ones(1, device=info.device)
@@ -610,8 +611,8 @@ class PromptedModel(nn.Module):
                 raise NotImplementedError(
                     f"generate(use_cache=True) with prompts on {type(self.model).__name__} is not supported: it "
                     "does not use transformers' attention interface, its prompts travel in the key/value cache, "
-                    "and decoding with them in generate's cache was not exact on it; generate() recomputes every "
-                    "step instead (use_cache=False, the default here)"
+                    "and decoding with them in generate's cache is off (cache_prompts=False) or was not exact on "
+                    "it; generate() recomputes every step instead (use_cache=False, the default here)"
                 )
             kwargs["use_cache"] = (
                 grows  # the check decoded with use_cache=True; some configs default to False
@@ -952,23 +953,15 @@ class PromptedModel(nn.Module):
     # -- hooks: the base model of a head that does not pass a cache on (the cache route) ----------------
     def _on_cache_module_start(self, module, args, kwargs):
         """Hands the forward's cache of prompts to the base model (once: a head calling its base model
-        again within one forward gets no prompts there), with positions counted from the first token."""
+        again within one forward gets no prompts there), with the tokens' own positions."""
         ctx = self._current()
         cache = getattr(ctx, "prompt_cache", None)
         if cache is None:
             return None
         ctx.prompt_cache = None
         kw = self.info.layout.cache_kwarg
-        if kwargs.get(kw) is not None:
-            raise NotImplementedError(
-                f"{type(module).__name__} was called with a key/value cache of its own; its prompts travel in "
-                "that argument, so this is not supported"
-            )
-        params = list(inspect.signature(module.forward).parameters.values())
-        positional = {
-            p.name for p in params[: len(args)] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        }
-        if kw in positional:
+        positional = self._positional_names(module, len(args))
+        if kwargs.get(kw) is not None or kw in positional:
             raise NotImplementedError(
                 f"{type(module).__name__} was called with a key/value cache of its own; its prompts travel in "
                 "that argument, so this is not supported"
@@ -976,7 +969,7 @@ class PromptedModel(nn.Module):
         kwargs = {**kwargs, kw: cache}
         if (
             not self.info.encoder_decoder
-            and any(p.name == "position_ids" for p in params)
+            and "position_ids" in self._param_names(module)
             and "position_ids" not in positional
             and kwargs.get("position_ids") is None
             and (kwargs.get("input_ids") is not None or kwargs.get("inputs_embeds") is not None)
@@ -985,17 +978,28 @@ class PromptedModel(nn.Module):
         return args, kwargs
 
     def _on_position_module_start(self, module, args, kwargs):
-        """The cache route: an embedding module counts the tokens' positions from 0, not from the prompt
-        rows in the cache (the positions the tokens have without prompts)."""
+        """The cache route: an embedding module counts the tokens' positions from the tokens already in
+        the cache (``ctx.tokens_past``, 0 outside decoding), not from the prompt rows in front of them."""
         ctx = self._current()
         if not getattr(ctx, "prompt_cache_length", 0):
             return None
-        names = [p.name for p in inspect.signature(module.forward).parameters.values()][: len(args)]
         past = ctx.tokens_past
-        if "cache_length" in names:
-            args = tuple(past if n == "cache_length" else a for n, a in zip(names, args))
-            return args, kwargs
+        if "cache_length" in self._positional_names(module, len(args)):
+            names = self._param_names(module)
+            return tuple(past if n == "cache_length" else a for n, a in zip(names, args)), kwargs
         return args, {**kwargs, "cache_length": past}
+
+    def _param_names(self, module: nn.Module) -> tuple[str, ...]:
+        """``module.forward``'s parameter names, read once per module (hooks run on every forward)."""
+        names = self._signatures.get(id(module))
+        if names is None:
+            names = tuple(inspect.signature(module.forward).parameters)
+            self._signatures[id(module)] = names
+        return names
+
+    def _positional_names(self, module: nn.Module, n: int) -> set[str]:
+        """The parameter names ``n`` positional arguments of a call of ``module`` fill."""
+        return set(self._param_names(module)[:n])
 
     # -- hooks: an encoder-decoder's encoder, when run by itself (generate) -------------------------------
     def _on_encoder_start(self, module, args, kwargs):
