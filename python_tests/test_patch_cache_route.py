@@ -233,3 +233,30 @@ def test_cache_route_under_gradient_checkpointing_equals_without(model_type, map
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
     assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules())
     pm.detach()
+
+
+def test_beam_search_on_the_cache_route_both_ways():
+    """Beam search reorders generate's cache: with the prompts in it (grown) and with every step
+    recomputed (an empty cache carried between steps), the same beams and scores."""
+    model = build_tiny("gpt_neo", "causal-lm").eval()
+    ids = tiny_inputs(model, "causal-lm", batch=2, length=5, seed=8)["input_ids"]
+    pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=3))
+    with torch.no_grad():
+        pm.method.embedding.weight.normal_()
+    kw = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=4,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    grown = pm.generate(input_ids=ids, **kw)
+    assert pm._cache_route_exact is True
+    pm.cache_prompts = False
+    recomputed = pm.generate(input_ids=ids, **kw)
+    assert torch.equal(grown.sequences, recomputed.sequences)
+    torch.testing.assert_close(grown.sequences_scores, recomputed.sequences_scores, rtol=1e-4, atol=1e-5)
+    pm.detach()

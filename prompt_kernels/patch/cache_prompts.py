@@ -90,9 +90,18 @@ def cache_route_is_exact(pm, new_generation) -> bool:
         return False  # the cache route does not run on this model: the prompts stay out of the cache
     finally:
         pm._generation = saved
-    tol = 1e-4 if pm.info.dtype == torch.float32 else 2e-2
+    return _same_logits(ours, ref, pm.info.dtype)
+
+
+def _same_logits(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Finite and equal within the model dtype's rounding (relative to the largest logit)."""
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     scale = max(float(ref.abs().max()), 1.0)
-    return bool(torch.isfinite(ours).all()) and bool((ours - ref).abs().max() <= tol * scale)
+    return (
+        ours.shape == ref.shape
+        and bool(torch.isfinite(ours).all())
+        and bool((ours - ref).abs().max() <= tol * scale)
+    )
 
 
 def cache_route_grows_exactly(pm, new_generation) -> bool:
@@ -128,11 +137,4 @@ def cache_route_grows_exactly(pm, new_generation) -> bool:
         return False
     finally:
         pm._generation = saved
-    ours, ref = logits[True], logits[False]
-    tol = 1e-4 if pm.info.dtype == torch.float32 else 2e-2
-    scale = max(float(ref.abs().max()), 1.0)
-    return (
-        ours.shape == ref.shape
-        and bool(torch.isfinite(ours).all())
-        and bool((ours - ref).abs().max() <= tol * scale)
-    )
+    return _same_logits(logits[True], logits[False], pm.info.dtype)

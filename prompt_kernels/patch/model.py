@@ -1047,10 +1047,13 @@ class PromptedModel(nn.Module):
                 and not gen.cache_grows
                 and isinstance(output, dict)
             ):
-                # The cache of this step holds the prompts: generate must not hand it to the next step.
+                # The cache of this step holds the prompts: generate must not hand it to the next step. An
+                # empty one takes its place (beam search reorders it; the next step drops it again).
+                from transformers import DynamicCache
+
                 for name in CACHE_KWARGS:
                     if output.get(name) is not None:
-                        output[name] = None
+                        output[name] = DynamicCache()
         if not aux or ctx.labels is None:
             return None
         total = sum(aux.values())
