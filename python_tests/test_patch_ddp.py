@@ -6,12 +6,10 @@ both ranks and equal the mean of the single-process gradients of the two batches
 
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from patch_helpers import batch, tiny_model
+from process_helpers import arm_hang_dump, finish_worker, spawn
 
 import prompt_kernels as pk
 
@@ -32,6 +30,7 @@ def _batches(rank, step):
 
 
 def _worker(rank, port, out_path):
+    arm_hang_dump()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -50,23 +49,15 @@ def _worker(rank, port, out_path):
         torch.save(
             {"grads": grads, "final": pm.method.embedding.weight.detach().clone()}, f"{out_path}.{rank}"
         )
-        # Let every outstanding gloo work finish (its completion may need the GIL) before the
-        # process group is destroyed: its destructor joins the gloo threads while holding the GIL,
-        # which deadlocked about one run in eight without this.
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        raise
+    finish_worker()
 
 
 def test_ddp_two_gloo_processes_same_gradients(tmp_path):
     out = str(tmp_path / "ddp")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    spawn(_worker, lambda port: (port, out), WORLD)
     results = [torch.load(f"{out}.{r}") for r in range(WORLD)]
     for step in range(STEPS):
         assert torch.equal(results[0]["grads"][step], results[1]["grads"][step])

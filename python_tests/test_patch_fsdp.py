@@ -14,13 +14,12 @@ loaded onto it from the folder gives its outputs).
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from patch_helpers import batch, one_thread, tiny_model  # noqa: F401  (autouse fixture)
+from process_helpers import arm_hang_dump, finish_worker, spawn
 from safetensors.torch import load_file
 
 import prompt_kernels as pk
@@ -98,6 +97,7 @@ def _frozen_name(pm):
 def _worker(rank, port, case, out):
     from torch.distributed.tensor import DTensor
 
+    arm_hang_dump()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -145,21 +145,16 @@ def _worker(rank, port, case, out):
             },
             f"{out}/rank{rank}.pt",
         )
-        dist.barrier()  # see test_patch_ddp.py: let gloo's work finish before the group is destroyed
-    finally:
+    except BaseException:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        raise
+    finish_worker()
 
 
 @pytest.mark.filterwarnings("ignore:InfoPrompt. a training forward without class labels")
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp2_sharded_base_replicated_prompts_match_one_process(case, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), case, str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, lambda port: (port, case, str(tmp_path)), WORLD)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
 
     # Replicas: the same start (rank 0's), the same averaged gradients, the same prompts.

@@ -12,14 +12,13 @@ frozen base model is unchanged.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
+import shutil
 import sys
 
 import pytest
 import torch
 from patch_helpers import one_thread, tiny_model  # noqa: F401  (autouse fixture)
+from process_helpers import free_port, run_launcher
 from trainer_distributed_run import build, main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,33 +26,16 @@ SCRIPT = os.path.join(HERE, "trainer_distributed_run.py")
 BIN = os.path.dirname(sys.executable)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd, out, case, *extra):
+def _run(make_cmd, out, case, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=HERE)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    # Its own process group, so that a hung run's workers are killed with the launcher.
-    proc = subprocess.Popen(
-        [*cmd, SCRIPT, case, str(out), *extra],
-        env=env,
-        cwd=HERE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{cmd[0]} timed out:\n{stdout[-3000:]}{stderr[-6000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+
+    def command():  # per try: a fresh port, and nothing left by a hung try
+        shutil.rmtree(out, ignore_errors=True)
+        return [*make_cmd(), SCRIPT, case, str(out), *extra]
+
+    run_launcher(command, out.parent / "logs", env, HERE)
 
 
 LAUNCHERS = {
@@ -71,7 +53,7 @@ LAUNCHERS = {
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
     ],
 }
 
@@ -88,7 +70,7 @@ LAUNCHERS = {
 def test_trainer_two_processes_match_one_process(launcher, case, fsdp, tmp_path):
     from safetensors.torch import load_file
 
-    _run(LAUNCHERS[launcher](), tmp_path / "ddp", case, *(["--fsdp"] if fsdp else []))
+    _run(LAUNCHERS[launcher], tmp_path / "ddp", case, *(["--fsdp"] if fsdp else []))
     main(case, str(tmp_path / "one"))  # the same run in this process, on the whole batches
     r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(2))
     one = torch.load(tmp_path / "one" / "rank0.pt")

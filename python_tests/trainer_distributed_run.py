@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 from patch_helpers import tiny_model
+from process_helpers import arm_hang_dump, finish_worker
 
 import prompt_kernels as pk
 
@@ -69,6 +70,7 @@ def _full(t):
 def main(case: str, out: str, fsdp: bool = False) -> None:
     from transformers import Trainer, TrainingArguments
 
+    arm_hang_dump()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     pm = build(case)
@@ -118,14 +120,8 @@ def main(case: str, out: str, fsdp: bool = False) -> None:
         },
         os.path.join(out, f"rank{args.process_index}.pt"),
     )
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        # As in test_patch_ddp.py: let gloo's outstanding work finish, then tear the group down before the
-        # interpreter exits (left to exit, a worker aborted once: "terminate called without an active
-        # exception", SIGABRT after a finished run).
-        dist.barrier()
-        dist.destroy_process_group()
+    if world > 1:
+        finish_worker()
 
 
 if __name__ == "__main__":
