@@ -45,7 +45,6 @@ EXCLUDED: dict[tuple[str, str], str] = {
             "nystromformer",
             "openai-gpt",
             "squeezebert",
-            "tapas",
             "xlm",
             "xlnet",
             "yoso",

@@ -61,11 +61,13 @@ def test_cache_route_refuses_what_it_cannot_do():
     assert pm._cache_route_exact is False
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta"])
-def test_cache_handed_to_the_base_model_equals_the_interface_route(monkeypatch, model_type):
-    """A classification head that does not pass a cache on: the cache goes to its base model. Forced onto
-    a model that also has the interface route, both give the same loss, logits and prompt gradients (the
-    prompts are keys/values in front, the tokens keep their positions and padding mask)."""
+@pytest.mark.parametrize("model_type,target", [("bert", "base"), ("roberta", "base"), ("bert", "encoder")])
+def test_cache_handed_to_the_base_model_equals_the_interface_route(monkeypatch, model_type, target):
+    """A classification head that does not pass a cache on: the cache goes to its base model (or, where
+    the base model takes none either, as TAPAS's, to the encoder below it). Forced onto a model that also
+    has the interface route, both give the same loss, logits and prompt gradients (the prompts are
+    keys/values in front, the tokens keep their positions and padding mask)."""
+    import prompt_kernels.patch.discovery as discovery
     import prompt_kernels.patch.model as patch_model
     from prompt_kernels.patch.discovery import NoAttentionInterface
 
@@ -91,8 +93,15 @@ def test_cache_handed_to_the_base_model_equals_the_interface_route(monkeypatch, 
         raise NoAttentionInterface("forced")
 
     monkeypatch.setattr(patch_model, "discover", no_interface)
+    expected = model.base_model
+    if target == "encoder":
+        keyword = discovery.cache_keyword
+        monkeypatch.setattr(
+            discovery, "cache_keyword", lambda m: None if m is model.base_model else keyword(m)
+        )
+        expected = model.base_model.encoder
     pm = pk.attach(model, config)
-    assert pm.info.layout.kind == "cache" and pm.info.layout.cache_module is model.base_model
+    assert pm.info.layout.kind == "cache" and pm.info.layout.cache_module is expected
     pm.method.load_state_dict(state)
     got = run(pm)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
@@ -135,6 +144,40 @@ def test_cache_handed_to_the_base_model_of_a_model_without_the_interface():
         plain = base(**inputs).logits
     torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out.logits, plain, atol=1e-3)
+
+
+def test_cache_handed_to_the_encoder_of_a_base_model_without_one():
+    """TAPAS: neither the head nor the base model takes a cache, its encoder does. Prompts reach every
+    layer there (the logits move with them, and equal the model whose encoder is given the cache by
+    hand, with the padding mask widened by the prompt columns)."""
+    from transformers import DynamicCache
+
+    model = build_tiny("tapas", "seq-cls").eval()
+    inputs = tiny_inputs(model, "seq-cls", batch=2, length=6, padding="right", seed=2)
+    pm = pk.attach(model, pk.PrefixTuningConfig(prompt_length=4))
+    assert pm.info.layout.kind == "cache" and pm.info.layout.cache_module is model.tapas.encoder
+    torch.manual_seed(0)
+    with torch.no_grad():
+        pm.method.embedding.weight.normal_()
+        out = pm(**inputs)
+        B = inputs["input_ids"].shape[0]
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(pm.method.all_key_values()):
+            cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), i)
+        mask = torch.cat(
+            [torch.ones(B, 4, dtype=inputs["attention_mask"].dtype), inputs["attention_mask"]], 1
+        )
+        base = pm.detach()
+        hook = base.tapas.encoder.register_forward_pre_hook(
+            lambda m, args, kwargs: (args, {**kwargs, "cache": cache}), with_kwargs=True
+        )
+        try:
+            ref = base(**{**inputs, "attention_mask": mask}).logits
+        finally:
+            hook.remove()
+        plain = base(**inputs).logits
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+    assert (out.logits - plain).abs().max() > 1e-4  # TAPAS's tiny classifier gives logits of about 0.05
 
 
 @pytest.mark.parametrize(

@@ -366,17 +366,28 @@ def cache_keyword(model: nn.Module) -> str | None:
 
 def cache_target(model: nn.Module) -> tuple[str | None, nn.Module | None]:
     """``(keyword, module)``: where a key/value cache of prompts enters the model. ``module`` None: the
-    model's own forward names the keyword; else the base model does and the task head in front of it
-    does not (BERT-era classification heads call their base model without any cache), so the cache is
-    handed to the base model's forward. ``(None, None)`` when neither takes a cache."""
+    model's own forward names the keyword. Else the outermost module below it that does, and that holds
+    every module taking a cache (the base model of a BERT-era classification head, which calls it
+    without any cache; TAPAS's encoder, whose base model takes none): the cache is handed to that
+    module's forward. ``(None, None)`` when none does."""
     kw = cache_keyword(model)
     if kw is not None:
         return kw, None
-    base = getattr(model, "base_model", model)
-    if base is not model and isinstance(base, nn.Module):
-        kw = cache_keyword(base)
-        if kw is not None:
-            return kw, base
+    takers = {}
+    for name, m in model.named_modules():
+        if m is model:
+            continue
+        try:
+            found = cache_keyword(m)
+        except (TypeError, ValueError):
+            continue
+        if found is not None:
+            takers[name] = (found, m)
+    if not takers:
+        return None, None
+    outer = min(takers, key=lambda n: n.count("."))
+    if all(n == outer or n.startswith(outer + ".") for n in takers):
+        return takers[outer]
     return None, None
 
 
