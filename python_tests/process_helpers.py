@@ -44,7 +44,8 @@ def finish_worker() -> None:
     destructors. Freeing a DistributedDataParallel's reducer joins the gloo threads while holding the
     GIL, and a gloo thread freeing a finished work item waits for the GIL: a deadlock seen about one
     run in thirty (py-spy: ``~ProcessGroupGloo`` in ``std::thread::join`` under ``~Reducer``; a gloo
-    thread in ``gil_scoped_acquire`` under ``~AsyncAllgatherWork``), ``destroy_process_group`` or not."""
+    thread in ``gil_scoped_acquire`` under ``~AsyncAllgatherWork``), ``destroy_process_group`` or not.
+    Upstream: pytorch/pytorch#56297 (blocking ``~ProcessGroupGloo`` bound without releasing the GIL)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
