@@ -15,6 +15,10 @@
   as a keyword argument) and a forward hook on the layers of sequence style (rewrites / strips the
   rows).
 
+The cache route's hooks (models whose own attention code reads a key/value cache) are in
+``patch/cache_route_hooks.py``, a mixin of PromptedModel; what attach changes on the model and restores
+in ``patch/model_state.py``; the checks input-style prompts need in ``patch/input_checks.py``.
+
 The per-forward data path reads top to bottom: model pre-hook (context, input style) -> host
 pre-hook (prompts of the host's sites) -> ``prompt_kernels_attention`` -> ``ops.gated_prefix_attention``
 (or the concatenation route). ``detach()`` undoes all of it. Per-forward state lives in a stack of
@@ -26,7 +30,6 @@ recomputation replays the layer's keyword arguments, prompts included.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import itertools
 import os
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 
 from prompt_kernels.configs import PromptConfig
-from prompt_kernels.methods.base import PrefixKV, PromptMethod, build_method, method_class
+from prompt_kernels.methods.base import PrefixKV, PromptMethod, build_method
 from prompt_kernels.patch import io
 from prompt_kernels.patch import sequence as seq
 from prompt_kernels.patch.attention import (
@@ -53,10 +56,22 @@ from prompt_kernels.patch.attention import (
     model_eager_function,
 )
 from prompt_kernels.patch.cache_prompts import cache_route_grows_exactly, cache_route_is_exact
-from prompt_kernels.patch.context import CACHE_KWARGS, ForwardContext, cache_argument
+from prompt_kernels.patch.cache_route_hooks import CacheRouteHooks
+from prompt_kernels.patch.context import CACHE_KWARGS, ForwardContext
 from prompt_kernels.patch.discovery import Layout, NoAttentionInterface, discover, discover_cache
 from prompt_kernels.patch.info import ModelInfo
-from prompt_kernels.patch.prompt_cache import prompt_cache
+from prompt_kernels.patch.input_checks import (
+    embeddings_seq_first,
+    refuse_layer_prompts,
+    refuse_other_per_token_inputs,
+)
+from prompt_kernels.patch.model_state import (
+    checkpointing_layers,
+    isolate_configs,
+    param_index,
+    restore_configs,
+    restore_flags,
+)
 
 ROUTES = ("auto", "concat")
 
@@ -86,44 +101,6 @@ PEFT_ONLY = {
 }
 
 
-def _param_index(fn, name: str) -> int | None:
-    """Position of parameter ``name`` among the positional parameters of ``fn`` (bound method)."""
-    for i, prm in enumerate(inspect.signature(fn).parameters.values()):
-        if prm.kind not in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD):
-            return None
-        if prm.name == name:
-            return i
-    return None
-
-
-def _isolate_configs(model: nn.Module) -> list[tuple[nn.Module, object]]:
-    """Give ``model`` (and each of its modules holding a config) a private deep copy of its config.
-
-    Returns ``[(module, original config)]`` for :func:`_restore_configs`. Sub-configs keep their
-    identity relations (one ``deepcopy`` memo), so a layer holding ``config.text_config`` gets the
-    copy's ``text_config``.
-    """
-    from transformers import PretrainedConfig
-
-    memo: dict[int, object] = {}
-    top = copy.deepcopy(model.config, memo)
-    swaps = []
-    for m in model.modules():
-        cfg = m.__dict__.get("config")
-        if isinstance(cfg, PretrainedConfig):
-            new = top if cfg is model.config else memo.get(id(cfg))
-            if new is None:
-                new = memo[id(cfg)] = copy.deepcopy(cfg, memo)
-            m.__dict__["config"] = new
-            swaps.append((m, cfg))
-    return swaps
-
-
-def _restore_configs(swaps) -> None:
-    for m, cfg in swaps:
-        m.__dict__["config"] = cfg
-
-
 _PROMPTED_CLASSES: dict[type, type] = {}
 
 
@@ -145,102 +122,6 @@ def _prompted_class(model_class: type, params: list[inspect.Parameter]) -> type:
     return cls
 
 
-def _checkpointing_layers(model: nn.Module) -> list[nn.Module]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def _set_flags(modules: list[nn.Module], name: str, value) -> list:
-    """Sets instance attribute ``name`` on each module; returns what ``_restore_flags`` needs."""
-    saved = [(m, name, m.__dict__.get(name, _MISSING)) for m in modules]
-    for m in modules:
-        setattr(m, name, value)
-    return saved
-
-
-def _restore_flags(saved: list) -> None:
-    for m, name, old in saved:
-        if old is _MISSING:
-            m.__dict__.pop(name, None)
-        else:
-            setattr(m, name, old)
-
-
-_MISSING = object()
-
-
-def _refuse_layer_prompts(config: PromptConfig, model: nn.Module, reason: str) -> None:
-    """On a model whose layers no prompt can reach, only input-style methods (prompts prepended to the
-    input embeddings) run: ValueError for a method that puts prompts into the layers."""
-    cls = method_class(config)
-    if cls.prefix is not PromptMethod.prefix or cls.sequence_layer is not None:
-        raise ValueError(
-            f"{type(config).__name__} puts prompts into the model's layers, which prompt_kernels cannot reach "
-            f"in {type(model).__name__}: {reason}. Methods that only prepend prompts to the input embeddings "
-            "(prompt tuning, VIP, InfoPrompt) work on it."
-        )
-
-
-def _embeddings_seq_first(model: nn.Module, embeddings: nn.Module) -> bool:
-    """Whether ``model`` looks its ``[B, T]`` ids up transposed (``[T, B]``): one no-grad probe forward of
-    a batch of one with three tokens (False when the probe does not run)."""
-    from prompt_kernels.patch.discovery import probe_inputs
-
-    shapes = []
-    handle = embeddings.register_forward_hook(
-        lambda m, args, out: shapes.append(tuple(args[0].shape) if args else ())
-    )
-    try:
-        with torch.no_grad():
-            model(**probe_inputs(model))
-    except Exception:
-        return False
-    finally:
-        handle.remove()
-    return bool(shapes) and shapes[0] == (3, 1)
-
-
-# Per-token arguments input-style prompts extend (the rest of a [B, T, ...] tensor's kind is unknown).
-_PER_TOKEN_KNOWN = frozenset(
-    {
-        "input_ids",
-        "inputs_embeds",
-        "attention_mask",
-        "token_type_ids",
-        "position_ids",
-        "labels",
-        "cache_position",
-    }
-)
-
-
-def _refuse_other_per_token_inputs(
-    kwargs: dict, B: int, T: int, encoder_decoder: bool, generating: bool
-) -> None:
-    """NotImplementedError for a per-token argument ``[B, T, ...]`` input-style prompts would need rows
-    of but prompt_kernels cannot fill (XLM's ``langs``, XLNet's ``perm_mask``, LayoutLM's ``bbox``)."""
-    for name, value in kwargs.items():
-        if (
-            name in _PER_TOKEN_KNOWN
-            or (encoder_decoder and name.startswith("decoder_"))
-            or name.startswith("encoder_")  # another sequence's (cross-attention inputs)
-            or not torch.is_tensor(value)
-            or not 2 <= value.dim() <= 3  # not images or video ([B, C, H, W, ...])
-            or tuple(value.shape[:2]) != (B, T)
-        ):
-            continue
-        what = (
-            "generate() with input-style prompts is not supported on this model (its generate passes it)"
-            if generating
-            else f"call without {name!r}"
-        )
-        raise NotImplementedError(
-            f"input-style prompts put rows in front of the {T} tokens, and the per-token argument {name!r} "
-            f"{list(value.shape)} would need entries for them too, which prompt_kernels cannot choose: {what}"
-        )
-
-
 class _Generation:
     """Prompts computed on the first forward of a ``generate`` call, reused for every new token."""
 
@@ -255,7 +136,7 @@ class _Generation:
         self.cache_rows = 0
 
 
-class PromptedModel(nn.Module):
+class PromptedModel(CacheRouteHooks, nn.Module):
     """A transformers model with a prompt method attached. Build it with :func:`attach`.
 
     ``forward(**kwargs)`` takes the model's own arguments and returns its own output type (plus the
@@ -285,7 +166,7 @@ class PromptedModel(nn.Module):
         self._route = attention_route
         self._handles: list = []
         self._bound: list[nn.Module] = []
-        self._configs = _isolate_configs(model)
+        self._configs = isolate_configs(model)
         try:
             model.set_attn_implementation(IMPLEMENTATION)
             if model.config._attn_implementation != IMPLEMENTATION:
@@ -296,7 +177,7 @@ class PromptedModel(nn.Module):
                 )
             layout = discover(model, PREFIX_KWARG, inner)
         except NoAttentionInterface as exc:
-            _restore_configs(self._configs)
+            restore_configs(self._configs)
             self._configs = []
             try:
                 layout = discover_cache(model, str(exc))
@@ -304,27 +185,27 @@ class PromptedModel(nn.Module):
                 enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
                 layout = Layout([], encoder_decoder=enc_dec, kind="input", reason=str(no_cache))
         except BaseException:
-            _restore_configs(self._configs)
+            restore_configs(self._configs)
             raise
         info = ModelInfo(model, layout)
         if config.trainable_head and not info.head_parameters():
-            _restore_configs(self._configs)
+            restore_configs(self._configs)
             raise ValueError(
                 f"trainable_head=True but {type(model).__name__} has no task head outside its backbone"
             )
 
         if layout.kind == "input":
-            _refuse_layer_prompts(config, model, layout.reason)
+            refuse_layer_prompts(config, model, layout.reason)
         self.model = model
         self.info = info
         self.prompt_config = config
         # Models that run sequence-first look their ids up as [T, B] (XLNet): found by a probe, since a
         # check per forward would read the data (and break torch.compile's graph).
-        self._seq_first = layout.kind == "input" and _embeddings_seq_first(model, info.input_embeddings)
+        self._seq_first = layout.kind == "input" and embeddings_seq_first(model, info.input_embeddings)
         try:
             self.method: PromptMethod = build_method(config, info, **options)
         except BaseException:
-            _restore_configs(self._configs)
+            restore_configs(self._configs)
             raise
         self.method.to(info.device)
         # Further named prompt sets on the same frozen model (add_prompt_set), chosen per batch row.
@@ -343,7 +224,7 @@ class PromptedModel(nn.Module):
         self._cache_route_exact: bool | None = None
         # The cache route under gradient checkpointing: transformers' checkpointed layers drop a cache
         # unless the layer says it only reads it, which the prompt cache's layers make true (prompt_cache.py).
-        self._checkpoint_layers = _checkpointing_layers(model) if info.layout.kind == "cache" else []
+        self._checkpoint_layers = checkpointing_layers(model) if info.layout.kind == "cache" else []
         self._signatures: dict[int, tuple[str, ...]] = {}
         self._cached_input_prompt = 0  # input-style rows in the key/value cache of the last prefill
         self._detached = False
@@ -501,7 +382,7 @@ class PromptedModel(nn.Module):
             self._host_sites.setdefault((id(s.host), s.host_call), []).append(s.index)
         self._mask_index: dict[int, int | None] = {}
         for host in info.layout.hosts:
-            self._mask_index[id(host)] = _param_index(host.forward, "attention_mask")
+            self._mask_index[id(host)] = param_index(host.forward, "attention_mask")
             h.append(host.register_forward_pre_hook(self._host_start_hook(host), with_kwargs=True))
         if self._sequence_layer is not None:
             for s in info.sites[self._sequence_layer :]:
@@ -516,7 +397,7 @@ class PromptedModel(nn.Module):
             if hasattr(m, BINDING_ATTR):
                 delattr(m, BINDING_ATTR)
         self._bound = []
-        _restore_configs(self._configs)
+        restore_configs(self._configs)
         self._configs = []
         for n, p in self.model.named_parameters(remove_duplicate=False):
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
@@ -798,80 +679,6 @@ class PromptedModel(nn.Module):
                 kwargs["use_cache"] = False
         return (), kwargs
 
-    def _apply_cache_prompts(self, ctx: ForwardContext, kwargs: dict) -> dict:
-        """The cache route (models without the attention interface): every layer's prompt keys/values
-        become a pre-filled ``DynamicCache`` the model's own attention reads, the 2D attention mask gets
-        ``p`` ones in front, and the tokens keep the positions they have without prompts."""
-        from transformers import DynamicCache
-
-        past = cache_argument(kwargs)
-        gen = self._generation if ctx.depth == 0 else None
-        growing = None  # generate's own cache, which takes the prompts at the prefill and keeps them
-        n = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
-        if past is not None:
-            if gen is not None and gen.cache_grows and type(past) is DynamicCache:
-                growing = past
-            elif n == 0 and kwargs.get("use_cache") is False:
-                # generate(use_cache=False) still hands an empty cache to every step: ours takes its place.
-                kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
-            else:
-                raise NotImplementedError(
-                    f"{type(self.model).__name__} does not use transformers' attention interface; its prompts "
-                    "travel in the key/value cache, so a forward with a cache of its own (decoding) is not supported"
-                )
-        prompts = [self._layer_prefix(ctx, i) for i in range(self.info.num_layers)]
-        if all(p is None for p in prompts):
-            return kwargs
-        if any(p is None or not p.gate_is_one for p in prompts):
-            raise NotImplementedError(
-                f"{type(self.model).__name__} does not use transformers' attention interface: prompts reach it only "
-                "as a key/value cache, which needs ungated prompts at every layer (prefix tuning, prompt tuning)"
-            )
-        B = ctx.batch_size
-        P = prompts[0].key.shape[2]
-        rows = [(p.key.expand(B, -1, -1, -1), p.value.expand(B, -1, -1, -1)) for p in prompts]
-        if growing is not None:
-            if gen.cache_rows == 0:  # the prefill: the prompts go into the front of generate's cache
-                if n:
-                    raise NotImplementedError(
-                        "generate() on the cache route needs an empty cache to start from"
-                    )
-                for i, (key, value) in enumerate(rows):
-                    growing.update(key, value, i)
-                gen.cache_rows = P
-            else:
-                ctx.tokens_past = n - gen.cache_rows
-        else:
-            cache = prompt_cache(rows, self.info.layout.cache_wrap == "encoder_decoder")
-            if self._checkpoint_layers and self.model.training and torch.is_grad_enabled():
-                ctx.checkpoint_flags = _set_flags(self._checkpoint_layers, "_can_checkpoint_with_cache", True)
-            if self.info.layout.cache_module is None:
-                kwargs[self.info.layout.cache_kwarg] = cache
-            else:
-                ctx.prompt_cache = cache  # handed to the base model by _on_cache_module_start
-        # The prompts sit in the (decoder's) self-attention: its 2D mask gets them in front.
-        mask_name = "decoder_attention_mask" if self.info.encoder_decoder else "attention_mask"
-        mask = kwargs.get(mask_name)
-        if mask is not None:
-            if mask.dim() != 2:
-                raise ValueError(f"prompts on the cache route need a 2D {mask_name} [B, T] (or none)")
-            kwargs[mask_name] = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
-        ctx.prompt_cache_length = P
-        if self.info.encoder_decoder:
-            return kwargs
-        # The tokens keep the positions they have without prompts: given where the forward takes them (and
-        # counted from 0 by the embeddings that read the cache length, _on_position_module_start).
-        if "position_ids" in self._accepts and kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = self._token_positions(ctx, kwargs)
-        return kwargs
-
-    def _token_positions(self, ctx: ForwardContext, kwargs: dict) -> torch.Tensor:
-        """``[B, T]``: the positions the model gives its tokens behind ``ctx.tokens_past`` cached tokens
-        and no prompts (RoBERTa's too)."""
-        ids = kwargs.get("input_ids")
-        T = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
-        return self.info.positions.default_ids(ids, T, ctx.tokens_past, ctx.device).expand(ctx.batch_size, -1)
-
     def _row_sets(self, names, B: int, device) -> dict[str, torch.Tensor] | None:
         """``prompt_set`` of a call -> {set name: its rows} (None when every row uses the default set)."""
         if isinstance(names, str):
@@ -950,57 +757,6 @@ class PromptedModel(nn.Module):
                 kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
         return kwargs
 
-    # -- hooks: the base model of a head that does not pass a cache on (the cache route) ----------------
-    def _on_cache_module_start(self, module, args, kwargs):
-        """Hands the forward's cache of prompts to the base model (once: a head calling its base model
-        again within one forward gets no prompts there), with the tokens' own positions."""
-        ctx = self._current()
-        cache = getattr(ctx, "prompt_cache", None)
-        if cache is None:
-            return None
-        ctx.prompt_cache = None
-        kw = self.info.layout.cache_kwarg
-        positional = self._positional_names(module, len(args))
-        if kwargs.get(kw) is not None or kw in positional:
-            raise NotImplementedError(
-                f"{type(module).__name__} was called with a key/value cache of its own; its prompts travel in "
-                "that argument, so this is not supported"
-            )
-        kwargs = {**kwargs, kw: cache}
-        if (
-            not self.info.encoder_decoder
-            and "position_ids" in self._param_names(module)
-            and "position_ids" not in positional
-            and kwargs.get("position_ids") is None
-            and (kwargs.get("input_ids") is not None or kwargs.get("inputs_embeds") is not None)
-        ):
-            kwargs["position_ids"] = self._token_positions(ctx, kwargs)
-        return args, kwargs
-
-    def _on_position_module_start(self, module, args, kwargs):
-        """The cache route: an embedding module counts the tokens' positions from the tokens already in
-        the cache (``ctx.tokens_past``, 0 outside decoding), not from the prompt rows in front of them."""
-        ctx = self._current()
-        if not getattr(ctx, "prompt_cache_length", 0):
-            return None
-        past = ctx.tokens_past
-        if "cache_length" in self._positional_names(module, len(args)):
-            names = self._param_names(module)
-            return tuple(past if n == "cache_length" else a for n, a in zip(names, args)), kwargs
-        return args, {**kwargs, "cache_length": past}
-
-    def _param_names(self, module: nn.Module) -> tuple[str, ...]:
-        """``module.forward``'s parameter names, read once per module (hooks run on every forward)."""
-        names = self._signatures.get(id(module))
-        if names is None:
-            names = tuple(inspect.signature(module.forward).parameters)
-            self._signatures[id(module)] = names
-        return names
-
-    def _positional_names(self, module: nn.Module, n: int) -> set[str]:
-        """The parameter names ``n`` positional arguments of a call of ``module`` fill."""
-        return set(self._param_names(module)[:n])
-
     # -- hooks: an encoder-decoder's encoder, when run by itself (generate) -------------------------------
     def _on_encoder_start(self, module, args, kwargs):
         pushed = not (self._stack or self._disabled or self._detached)
@@ -1037,7 +793,7 @@ class PromptedModel(nn.Module):
             if self._stack:
                 self._stack.pop()
             if ctx is not None and ctx.checkpoint_flags:
-                _restore_flags(ctx.checkpoint_flags)
+                restore_flags(ctx.checkpoint_flags)
         if ctx.depth == 0:
             self.last_aux_losses = dict(aux)
             gen = self._generation
@@ -1092,7 +848,7 @@ class PromptedModel(nn.Module):
                 f"input_prompts must have shape [B={B} or 1, p, d={info.hidden_size}], got {tuple(prompts.shape)}"
             )
         p = prompts.shape[1]
-        _refuse_other_per_token_inputs(kwargs, B, T, info.encoder_decoder, self._generation is not None)
+        refuse_other_per_token_inputs(kwargs, B, T, info.encoder_decoder, self._generation is not None)
         ctx.input_prompt_length = p
         if ctx.depth == 0:
             self._cached_input_prompt = p
