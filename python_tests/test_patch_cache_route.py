@@ -146,6 +146,42 @@ def test_cache_handed_to_the_base_model_of_a_model_without_the_interface():
     assert not torch.allclose(out.logits, plain, atol=1e-3)
 
 
+def test_cache_target_is_the_outermost_module_holding_every_cache_taker():
+    """Where neither the model nor its base model takes a cache, the cache goes to the outermost module
+    that does, only if every module taking one lies inside it (one stack of layers): never to one of two
+    stacks, nor to a single layer."""
+    from torch import nn
+
+    from prompt_kernels.patch.discovery import cache_target
+
+    class Layer(nn.Module):
+        def forward(self, x, cache=None):
+            return x
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer(), Layer()])
+
+        def forward(self, x, past_key_values=None):
+            return x
+
+    class Model(nn.Module):
+        def __init__(self, stacks):
+            super().__init__()
+            self.stacks = nn.ModuleList([Stack() for _ in range(stacks)])
+
+        def forward(self, x):
+            return x
+
+    one = Model(1)
+    assert cache_target(one) == ("past_key_values", one.stacks[0])
+    assert cache_target(Model(2)) == (None, None)  # two stacks: which one the prompts belong to is unknown
+    layers_only = Model(1)
+    layers_only.stacks[0].forward = lambda x: x  # the stack takes no cache, its two layers do
+    assert cache_target(layers_only) == (None, None)
+
+
 def test_cache_handed_to_the_encoder_of_a_base_model_without_one():
     """TAPAS: neither the head nor the base model takes a cache, its encoder does. Prompts reach every
     layer there (the logits move with them, and equal the model whose encoder is given the cache by
