@@ -22,7 +22,7 @@ The run folder (``--out``) is a checkpoint, rewritten every ``--save-every`` ste
 
 A checkpoint is written whole into ``--out/.staging/``, marked complete, then its files are moved into
 place with ``os.replace``; a crash before the mark leaves the previous checkpoint untouched, a crash
-after it is finished by the next reader (:func:`recover_checkpoint`). ``--resume DIR`` restores all of
+after it is finished by the next reader (``checkpoint_files.recover_checkpoint``). ``--resume DIR`` restores all of
 it, so an interrupted run resumed ends bit for bit where the uninterrupted run would have (on the same
 machine and thread count).
 """
@@ -35,7 +35,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prompt_kernels.batch_order import SeededEpochs
+from prompt_kernels.checkpoint_files import recover_checkpoint, write_checkpoint
 
 DEFAULT_LR = {
     "prompt-tuning": 3e-2,
@@ -88,8 +88,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.pt"
 METRICS_FILE = "metrics.json"
 SPT_SEARCH_FILE = "spt_search.json"  # prompt_kernels.methods.spt.SEARCH_FILE
-STAGING_DIR = ".staging"
-COMPLETE_MARK = "COMPLETE"
 
 
 def build_config(method: str, prompt_length: int):
@@ -170,70 +168,6 @@ def _logits(pm, head, tok, texts, max_length, batch_size=64) -> torch.Tensor:
 def evaluate(pm, head, tok, texts, labels, max_length, batch_size=64) -> float:
     pred = _logits(pm, head, tok, texts, max_length, batch_size).argmax(-1)
     return (pred == torch.tensor(labels, dtype=torch.long)).sum().item() / max(1, len(texts))
-
-
-# -- checkpoint files -------------------------------------------------------------------------------
-def _fsync(path: str) -> None:
-    with contextlib.suppress(OSError):  # directories cannot be opened everywhere (Windows)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _commit(out: str) -> None:
-    staging = os.path.join(out, STAGING_DIR)
-    with open(os.path.join(staging, COMPLETE_MARK)) as f:
-        mark = json.load(f)
-    for name in mark["files"]:
-        src = os.path.join(staging, name)
-        if os.path.exists(src):  # else moved before a crash
-            os.replace(src, os.path.join(out, name))
-    for name in mark.get("remove", []):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out, name))
-    _fsync(out)
-    shutil.rmtree(staging)
-
-
-def recover_checkpoint(out: str) -> None:
-    """Finish moving a checkpoint that was completely written into ``out/.staging`` (a crash while its
-    files were being moved into place), or drop one that was not (a crash while it was written)."""
-    staging = os.path.join(out, STAGING_DIR)
-    if not os.path.isdir(staging):
-        return
-    if os.path.exists(os.path.join(staging, COMPLETE_MARK)):
-        _commit(out)
-    else:
-        shutil.rmtree(staging)
-
-
-def write_checkpoint(out: str, writers: dict, remove=()) -> None:
-    """Replace the files named by ``writers`` (name -> ``write(path)``) in ``out`` all together: each is
-    written into ``out/.staging``, the set is marked complete, then moved into place (``os.replace``);
-    ``remove`` names files that no longer belong (deleted after the move)."""
-    os.makedirs(out, exist_ok=True)
-    recover_checkpoint(out)
-    staging = os.path.join(out, STAGING_DIR)
-    os.makedirs(staging)
-    for name, write in writers.items():
-        write(os.path.join(staging, name))
-    # Files a writer added (save_prompts writes config.json next to prompts.safetensors) move first,
-    # the named ones after them in order: the last one named (state.json) is the last to change.
-    names = [n for n in sorted(os.listdir(staging)) if n not in writers] + [
-        n for n in writers if os.path.exists(os.path.join(staging, n))
-    ]
-    for name in names:
-        _fsync(os.path.join(staging, name))
-    mark = os.path.join(staging, COMPLETE_MARK)
-    with open(mark + ".tmp", "w") as f:
-        json.dump({"files": names, "remove": list(remove)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(mark + ".tmp", mark)
-    _fsync(staging)
-    _commit(out)
 
 
 def _write_json(path: str, obj) -> None:
