@@ -465,10 +465,12 @@ def majority_accuracy(task: str, eval_size: int) -> float:
     return max(labels.count(c) for c in set(labels)) / len(labels)
 
 
-def markdown(summary: list[dict], unfinished: list[tuple], baselines: dict | None = None) -> str:
+def markdown(
+    summary: list[dict], unfinished: list[tuple], baselines: dict | None = None, log: str = str(LOG)
+) -> str:
     lines = [
         "Written by `python -m benchmarks.experiment_converged --report` from "
-        "`benchmarks/results/converged_curves.csv` (finished runs only). Final accuracy: the last "
+        f"`{log}` (finished runs only). Final accuracy: the last "
         "evaluation of each seed's run; gain over the last 100 steps (half the "
         "steps in runs under 200): the seeds' mean curve at the last step minus at that many steps before it; steps to 95 %: the first evaluation step (step 0 included) at "
         "which the accuracy reaches 0.95 x the final accuracy, on the seeds' mean curve and per seed; step "
@@ -559,6 +561,13 @@ def plot(summary: list[dict], task: str, path: Path, baseline: float | None = No
     return True
 
 
+def _shown(path) -> str:
+    """``path`` relative to the repository where it lies inside it (as the README cites it)."""
+    path = Path(path).resolve()
+    root = RESULTS.resolve().parent.parent
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def report(log: Path, results: Path, baselines: bool = True) -> str:
     rows = read_log(log)
     summary = summarise(rows)
@@ -574,7 +583,7 @@ def report(log: Path, results: Path, baselines: bool = True) -> str:
     if baselines:
         for task in {s["task"] for s in summary}:
             base[task] = majority_accuracy(task, summary[0]["eval_examples"])
-    text = markdown(summary, unfinished, base)
+    text = markdown(summary, unfinished, base, _shown(log))
     (results / "converged.md").write_text(text)
     for task in sorted({s["task"] for s in summary}):
         plot(summary, task, results / f"converged_{task}.png", base.get(task))
