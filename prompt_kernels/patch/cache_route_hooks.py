@@ -70,7 +70,7 @@ class CacheRouteHooks:
             if self.info.layout.cache_module is None:
                 kwargs[self.info.layout.cache_kwarg] = cache
             else:
-                ctx.prompt_cache = cache  # handed to the base model by _on_cache_module_start
+                ctx.prompt_cache = cache  # handed to layout.cache_module by _on_cache_module_start
         # The prompts sit in the (decoder's) self-attention: its 2D mask gets them in front.
         mask_name = "decoder_attention_mask" if self.info.encoder_decoder else "attention_mask"
         mask = kwargs.get(mask_name)
@@ -94,10 +94,11 @@ class CacheRouteHooks:
         T = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
         return self.info.positions.default_ids(ids, T, ctx.tokens_past, ctx.device).expand(ctx.batch_size, -1)
 
-    # -- hooks: the base model of a head that does not pass a cache on (the cache route) ----------------
+    # -- hooks: the module a cache must be handed to (a head that does not pass one on) -----------------
     def _on_cache_module_start(self, module, args, kwargs):
-        """Hands the forward's cache of prompts to the base model (once: a head calling its base model
-        again within one forward gets no prompts there), with the tokens' own positions."""
+        """Hands the forward's cache of prompts to ``layout.cache_module`` (the base model, or the encoder
+        below it), once: a head calling it again within one forward gets no prompts there; with the
+        tokens' own positions."""
         ctx = self._current()
         cache = getattr(ctx, "prompt_cache", None)
         if cache is None:

@@ -76,8 +76,8 @@ class Layout:
     cache_wrap: str = (
         "dynamic"  # "encoder_decoder": the model keeps its self-attention cache in an EncoderDecoderCache
     )
-    # The module whose forward receives the cache: None = the model's own forward; else its base model
-    # (a task head that neither names nor passes on the cache argument of the base model it calls).
+    # The module whose forward receives the cache: None = the model's own forward; else the outermost
+    # module below it that takes one (its base model, or, as in TAPAS, the encoder below that).
     cache_module: nn.Module | None = None
     # Cache route: embedding modules that count positions from the cache length (``cache_length``); they
     # are given the tokens' count without the prompt rows, so the tokens keep their positions.
@@ -409,7 +409,7 @@ def position_modules(model: nn.Module) -> list[nn.Module]:
 
 def _with_cache(model, module, kw, cache, inputs: dict):
     """``model(**inputs)`` with ``cache`` given under ``kw`` to the model itself or, by a pre-hook for
-    this call only, to ``module`` (a base model its task head calls without a cache)."""
+    this call only, to ``module`` (see :func:`cache_target`)."""
     if module is None:
         return model(**inputs, **{kw: cache})
     handle = module.register_forward_pre_hook(
@@ -427,7 +427,7 @@ def discover_cache(model: nn.Module, reason: str) -> Layout:
     A probe forward with ``use_cache=True``: the cache it returns gives the layers and their key/value
     shapes, and a multi-token forward on top of it checks the route. Encoders that read a cache but
     return none (classification heads of BERT-era models, whose base model takes a cache the head does
-    not pass on: it is handed to the base model) get the shapes of their text config's standard fields
+    not pass on: it is handed to the module :func:`cache_target` finds) get the shapes of their text config's standard fields
     instead (as PEFT takes them), checked by a forward whose output must change with a cache of random
     prompts. Prefix prompts then travel as a pre-filled cache (the route PEFT takes for every model):
     gate 1 only, positions and masks of the model's own cache handling. ValueError with ``reason`` if
