@@ -43,27 +43,28 @@ from prompt_kernels.ops.gated_prefix_attention import (
 from prompt_kernels.ops.gated_prefix_attention import visible_key_pairs as _visible_key_pairs
 from prompt_kernels.ops.reference import gated_prefix_attention as reference
 
-# "triton-long": the Triton backend with the fused backward for short key ranges switched off
-# (``short_path(False)``), so that the three-launch backward for long key ranges is tested on the same
-# small cases (where the Triton backend takes the fused one).
-LONG = "triton-long"
-BACKENDS = [*backends(has_cpp=False), LONG]
+# The Triton backend's three backward paths on the same small cases (where it takes the fused one):
+# "triton-rows" with the fused backward for short key ranges switched off (``short_path(False)``),
+# so the rows backward for short query ranges runs; "triton-long" with both switched off
+# (``rows_path(False)`` too), so the three-launch backward for long ranges runs.
+ROWS, LONG = "triton-rows", "triton-long"
+BACKENDS = [*backends(has_cpp=False), ROWS, LONG]
 
 
 @contextlib.contextmanager
 def use_backend(backend: str):
-    if backend != LONG:
+    if backend not in (ROWS, LONG):
         with _use_backend(backend):
             yield
         return
-    from prompt_kernels.kernels.gated_prefix_attention import short_path
+    from prompt_kernels.kernels.gated_prefix_attention import rows_path, short_path
 
-    with _use_backend("triton"), short_path(False):
+    with _use_backend("triton"), short_path(False), rows_path(backend == ROWS):
         yield
 
 
 def device_for(backend: str) -> str:
-    return _device_for("triton" if backend == LONG else backend)
+    return _device_for("triton" if backend in (ROWS, LONG) else backend)
 
 
 NAMES = ("out", "query", "key", "value", "prompt_key", "prompt_value", "gate")
@@ -71,7 +72,7 @@ NAMES = ("out", "query", "key", "value", "prompt_key", "prompt_value", "gate")
 
 def _blocks(backend: str, small: bool = True):
     """Small blocks for the interpreted kernels (the multi-block loops at tiny sizes)."""
-    if backend in ("triton", LONG) and small and INTERPRET:
+    if backend in ("triton", ROWS, LONG) and small and INTERPRET:
         from prompt_kernels.kernels.gated_prefix_attention import force_blocks
 
         return force_blocks(16, 16)
@@ -136,7 +137,7 @@ def _check_against_reference(
 ):
     grad_out = torch.randn(tensors[0].shape) if grad_out is None else grad_out
     ours = _run_backend(backend, tensors, mask, is_causal, grad_out, small_blocks)
-    m64 = None if mask is None or mask.dtype == torch.bool else mask.double()
+    m64 = None if mask is None else mask if mask.dtype == torch.bool else mask.double()
     ref64 = _run(reference, [t.double() for t in tensors], m64, is_causal, grad_out.double())
     same = _run(reference, tensors, mask, is_causal, grad_out.to(dtype))
     terms = _abs_term_scales(tensors, m64 if m64 is not None else mask, is_causal, grad_out, ref64[0])
@@ -280,6 +281,19 @@ def test_matches_reference_fp32(backend, case):
     _check_against_reference(backend, tensors, m, causal, torch.float32)
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "add_h"])
+def test_reference_check_fails_a_backend_that_drops_the_mask(mask_kind, monkeypatch):
+    """The check itself: an answer computed without the mask fails it, for key-padding (bool) masks as
+    for additive ones. (The float64 reference once ran bool-masked cases without their mask, and the
+    budget, computed against it, swallowed the difference.)"""
+    B, H, Hkv, T, S, P, Dh = 2, 4, 2, 6, 9, 3, 32
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, 1, "head", mask_kind, torch.float32)
+    unmasked = lambda backend, tensors, mask, *a, **k: _run(reference, tensors, None, *a[:2])
+    monkeypatch.setattr(sys.modules[__name__], "_run_backend", unmasked)
+    with pytest.raises(AssertionError):
+        _check_against_reference("torch", tensors, m, False, torch.float32)
+
+
 # (probabilities kept, block elements): the kept path runs in one block whatever the block size.
 CPU_PATHS = [(True, 1 << 18), (False, 1 << 18), (False, 3000), (False, 40)]
 CPU_PATH_IDS = ["saved_probs", "recomputed-one_block", "recomputed-batch_blocks", "recomputed-row_blocks"]
@@ -320,7 +334,7 @@ def test_cpu_path_blocks_fp16(block, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", LOW_CASES, ids=["D64-bool-causal", "D96-add"])
 def test_matches_reference_low_precision(backend, dtype, case):
-    if backend in ("triton", LONG) and INTERPRET and dtype == torch.bfloat16:
+    if backend in ("triton", ROWS, LONG) and INTERPRET and dtype == torch.bfloat16:
         pytest.skip("bf16 under the Triton interpreter is numpy's weak emulation; run on a GPU to test it")
     B, H, Hkv, T, S, P, Dh, Bp, gate, mask, causal = case
     tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, Bp, gate, mask, dtype)
@@ -448,7 +462,7 @@ HF_MASK_DTYPES = [
 HF_MASK_IDS = ["fp32-fp32mask", "fp32-bf16mask", "fp16-fp16mask", "bf16-bf16mask"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "torch_recompute", "triton", LONG])
+@pytest.mark.parametrize("backend", ["torch", "torch_recompute", "triton", ROWS, LONG])
 @pytest.mark.parametrize("dtypes", HF_MASK_DTYPES, ids=HF_MASK_IDS)
 @pytest.mark.parametrize("P,gate", [(0, "head"), (3, "zero"), (3, "mixed")], ids=["P0", "gate0", "mixed"])
 def test_hf_min_mask_fully_masked_rows_backward(backend, dtypes, P, gate, monkeypatch):
@@ -459,7 +473,7 @@ def test_hf_min_mask_fully_masked_rows_backward(backend, dtypes, P, gate, monkey
     positions get), where d out / d gate is 0, not 0 * inf. ``torch_recompute``: the CPU path's
     blockwise backward from the log-sum-exp (what fp16/bf16 and large float32 calls run)."""
     qdt, mdt = dtypes
-    if backend in ("triton", LONG) and INTERPRET and qdt == torch.bfloat16:
+    if backend in ("triton", ROWS, LONG) and INTERPRET and qdt == torch.bfloat16:
         pytest.skip("bf16 under the Triton interpreter is numpy's weak emulation; run on a GPU to test it")
     if backend == "torch_recompute":
         op_module = importlib.import_module("prompt_kernels.ops.gated_prefix_attention")
@@ -610,7 +624,7 @@ def test_cpu_decoding_inference_merges_two_segments(dtype, T, S, P, gate, mask, 
     monkeypatch.setattr(op_module, "_cpu_forward_two_segments", lambda *a: used.append(1) or real(*a))
     with torch.no_grad():
         out = gated_prefix_attention(*tensors, m, is_causal=causal)
-        m64 = None if m is None or m.dtype == torch.bool else m.double()
+        m64 = None if m is None else m if m.dtype == torch.bool else m.double()
         ref64 = reference(*[t.double() for t in tensors], m64, is_causal=causal)
         same = reference(*tensors, m, is_causal=causal)
     assert used == [1]
@@ -742,9 +756,9 @@ class _GridRecorder:
         return lambda *args, **kwargs: self.grids.append((self.name, tuple(grid), kwargs))
 
 
-@pytest.mark.parametrize("short", [True, False], ids=["fused", "three-launch"])
+@pytest.mark.parametrize("path", ["fused", "rows", "three-launch"])
 @pytest.mark.parametrize("heads", [(35_000, 35_000), (70_000, 1)], ids=["H35000-Hkv35000", "H70000-Hkv1"])
-def test_grids_within_cuda_limits(heads, short, monkeypatch):
+def test_grids_within_cuda_limits(heads, path, monkeypatch):
     """B * H = 70,000 (over CUDA's 65,535 on grid axes y and z): every launch of the forward and the
     backward stays within CUDA's grid limits and still has a program for every (query block, batch,
     head) (key block, batch, kv head; the forward: block of the group's packed query rows, batch, kv
@@ -758,9 +772,12 @@ def test_grids_within_cuda_limits(heads, short, monkeypatch):
         "_gpa_bwd_dkdv_kernel",
         "_gpa_bwd_dq_kernel",
         "_gpa_bwd_fused_kernel",
+        "_gpa_bwd_rows_kernel",
     ):
         monkeypatch.setattr(gk, name, _GridRecorder(name, grids))
-    monkeypatch.setattr(gk, "_short_path", short)  # (S = 2, P = 1: the fused backward applies)
+    # (S = 2, P = 1: the fused backward applies; T = 3, a group of 1: the rows backward too)
+    monkeypatch.setattr(gk, "_short_path", path == "fused")
+    monkeypatch.setattr(gk, "_rows_path", path == "rows")
     (H, Hkv), B, T, S, P, Dh = heads, 2, 3, 2, 1, 32
     q = torch.randn(B, H, T, Dh)
     k, v = torch.randn(B, Hkv, S, Dh), torch.randn(B, Hkv, S, Dh)
@@ -768,16 +785,27 @@ def test_grids_within_cuda_limits(heads, short, monkeypatch):
     gate, mask = torch.rand(H), torch.zeros(B, H, T, S)
     out, lse = gk.forward(q, k, v, pk, pv, gate, mask, True, 0.1)
     gk.backward(torch.ones_like(out), q, k, v, pk, pv, gate, mask, out, lse, True, 0.1)
-    assert {g[0] for g in grids} == (
-        {"_gpa_fwd_kernel", "_gpa_bwd_fused_kernel"} if short else
-        {"_gpa_fwd_kernel", "_gpa_bwd_preprocess_kernel", "_gpa_bwd_dkdv_kernel", "_gpa_bwd_dq_kernel"}
-    )  # fmt: skip
+    if path == "rows" and gk.rows_tile(gk.DEFAULT_ARCH, q.dtype, Dh, H // Hkv * T) is None:
+        path = "three-launch"  # (a group of 70,000 heads: its rows fit no block)
+    assert {g[0] for g in grids} == {
+        "fused": {"_gpa_fwd_kernel", "_gpa_bwd_fused_kernel"},
+        "rows": {"_gpa_fwd_kernel", "_gpa_bwd_rows_kernel"},
+        "three-launch": {
+            "_gpa_fwd_kernel",
+            "_gpa_bwd_preprocess_kernel",
+            "_gpa_bwd_dkdv_kernel",
+            "_gpa_bwd_dq_kernel",
+        },
+    }[path]
     for name, grid, kwargs in grids:
         assert 1 <= len(grid) <= 3, (name, grid)
         limits = (2**31 - 1, 65_535, 65_535)
         assert all(0 < n <= lim for n, lim in zip(grid, limits)), f"{name}: grid {grid} over CUDA's limits"
         heads_here = (
-            Hkv if name in ("_gpa_fwd_kernel", "_gpa_bwd_dkdv_kernel", "_gpa_bwd_fused_kernel") else H
+            Hkv
+            if name
+            in ("_gpa_fwd_kernel", "_gpa_bwd_dkdv_kernel", "_gpa_bwd_fused_kernel", "_gpa_bwd_rows_kernel")
+            else H
         )
         assert math.prod(grid) >= B * heads_here, f"{name}: grid {grid} has fewer programs than heads"
         if name == "_gpa_fwd_kernel":  # (blocks of the group's packed query rows, per (b, kv head))
@@ -891,6 +919,7 @@ def test_interpreter_launches_the_first_candidate(dtype, Dh, monkeypatch):
 
     monkeypatch.setattr(gk, "_tuned", {})
     grids = _record_kernels(gk, monkeypatch)
+    monkeypatch.setattr(gk, "_rows_path", False)  # (the three launches' candidates; rows: one tile)
     B, H, Hkv, T, S, P = 2, 4, 2, 40, 70, 19
     q = torch.randn(B, H, T, Dh, dtype=dtype)
     k, v = (torch.randn(B, Hkv, S, Dh, dtype=dtype) for _ in range(2))
@@ -940,6 +969,7 @@ def test_autotuned_launches_are_right_on_every_trial(monkeypatch):
         return [10.0 - len(ran)] * 3  # the last candidate is the fastest
 
     monkeypatch.setattr(gk, "_short_path", False)  # (the fused backward has one tile: never autotuned)
+    monkeypatch.setattr(gk, "_rows_path", False)
     B, H, Hkv, P, Dh = 2, 4, 2, 19, 32
     tensors, _ = make_inputs(B, H, Hkv, 40, 37, P, Dh, 1, "head", "none", torch.float32)
     q, k, v, pk, pv, gate = tensors
@@ -990,6 +1020,7 @@ def test_unmasked_fast_path(T, S, causal, monkeypatch):
     from prompt_kernels.kernels import gated_prefix_attention as gk
 
     monkeypatch.setattr(gk, "_short_path", False)  # (the fast path is the three-launch backward's)
+    monkeypatch.setattr(gk, "_rows_path", False)
     tensors, mask = make_inputs(1, 4, 2, T, S, 5, 32, 1, "head", "none", torch.float32)
     grad_out = torch.randn(tensors[0].shape)
     calls = [0]
@@ -1017,28 +1048,36 @@ def test_unmasked_fast_path(T, S, causal, monkeypatch):
     _check_against_reference("triton", tensors, mask, causal, torch.float32, grad_out=grad_out)
 
 
-# (S, P, dtype, Dh, fused): the fused backward where the keys and the prompt keys fit their blocks
-# (the default row: 64 keys and prompt keys at Dh 32-64, 32 at Dh 80-128), the three launches beyond.
+# (S, P, dtype, Dh, path) for B = 2, H = 4, Hkv = 2, T = 40 (80 packed query rows): the fused
+# backward where the keys and the prompt keys fit their blocks (the default row: 64 keys and prompt
+# keys at Dh 32-64, 32 at Dh 80-128), else the rows backward where the 80 rows fit its block (the
+# default row, sm_80's: 128 rows at Dh 32, 64 at Dh 64-128, fp32 64 at Dh 32, none at Dh 80-128),
+# else the three launches.
 SHORT_PATH_CASES = [
-    (64, 16, torch.float16, 64, True),
-    (1, 1, torch.float16, 64, True),
-    (65, 16, torch.float16, 64, False),
-    (64, 65, torch.float16, 64, False),
-    (32, 5, torch.float16, 80, True),
-    (33, 5, torch.float16, 80, False),
-    (37, 19, torch.float32, 32, True),  # (fp32: the interpreter only; GPUs take the three launches)
-    (70, 0, torch.float32, 32, False),
+    (64, 16, torch.float16, 64, "fused"),
+    (1, 1, torch.float16, 64, "fused"),
+    (65, 16, torch.float16, 64, "three"),
+    (64, 65, torch.float16, 32, "rows"),
+    (200, 3, torch.float16, 32, "rows"),
+    (32, 5, torch.float16, 80, "fused"),
+    (33, 5, torch.float16, 80, "three"),
+    (37, 19, torch.float32, 32, "fused"),  # (fp32: the interpreter only; GPUs take the three launches)
+    (70, 0, torch.float32, 32, "three"),
 ]
+THREE = ["_gpa_bwd_preprocess_kernel", "_gpa_bwd_dkdv_kernel", "_gpa_bwd_dq_kernel"]
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's launch configuration")
-@pytest.mark.parametrize("S,P,dtype,Dh,fused", SHORT_PATH_CASES)
+@pytest.mark.parametrize("S,P,dtype,Dh,path", SHORT_PATH_CASES)
 @pytest.mark.parametrize("Bp", [2, 1], ids=["prompt-per-batch", "prompt-broadcast"])
-def test_short_key_path_is_taken_where_it_applies(S, P, dtype, Dh, fused, Bp, monkeypatch):
+def test_short_path_is_taken_where_it_applies(S, P, dtype, Dh, path, Bp, monkeypatch):
     """The backward is the fused launch (one program per (b, kv head), the key and prompt blocks the
-    next powers of two of S and P, at least 16) exactly where every key fits one block, else the three
-    launches; with ``short_path(False)`` always the three. Its only other device ops: zeroing dgate
-    (added atomically) and, for a broadcast prompt, the two sums over the batch."""
+    next powers of two of S and P, at least 16) exactly where every key fits one block, else the rows
+    launch (one program per (b, kv head), a block of the next power of two of the group's packed
+    query rows, prompt blocks of 16) where those rows fit one block, else the three launches; with
+    ``short_path(False)`` the rows launch where it applies, with ``rows_path(False)`` too always the
+    three. The one-launch paths' only other device ops: zeroing dgate (added atomically) and, for a
+    broadcast prompt, the two sums over the batch."""
     from prompt_kernels.kernels import gated_prefix_attention as gk
 
     grids = _record_kernels(gk, monkeypatch)
@@ -1048,29 +1087,31 @@ def test_short_key_path_is_taken_where_it_applies(S, P, dtype, Dh, fused, Bp, mo
     pk, pv = (torch.randn(Bp, Hkv, P, Dh, dtype=dtype) for _ in range(2))
     gate, out, lse = torch.rand(H), torch.randn(B, H, T, Dh, dtype=dtype), torch.randn(B, H, T)
     grad_out, rec = torch.ones_like(out), _OpRecorder()
+    assert gk._backward_path(gk.DEFAULT_ARCH, dtype, Dh, H // Hkv, T, S, P).startswith(path)
     with rec:
         gk.backward(grad_out, q, k, v, pk, pv, gate, None, out, lse, True, 0.1)
     sums = ["sum", "sum"] if Bp == 1 and P > 0 else []
-    if fused:
-        ((name, grid, kwargs),) = grids
-        assert name == "_gpa_bwd_fused_kernel" and grid == (B * Hkv,)
-        assert kwargs["BLOCK_N"] == max(16, 1 << (S - 1).bit_length())
-        assert kwargs["BLOCK_NP"] == max(16, 1 << (max(P, 1) - 1).bit_length())
-        assert [op for op in rec.ops if op != "fill_"] == ["zero_", *sums], rec.ops
+    if path == "three":
+        assert [g[0] for g in grids] == THREE
     else:
-        assert [g[0] for g in grids] == [
-            "_gpa_bwd_preprocess_kernel",
-            "_gpa_bwd_dkdv_kernel",
-            "_gpa_bwd_dq_kernel",
-        ]
+        ((name, grid, kwargs),) = grids
+        assert name == f"_gpa_bwd_{path}_kernel" and grid == (B * Hkv,)
+        if path == "fused":
+            assert kwargs["BLOCK_N"] == max(16, 1 << (S - 1).bit_length())
+            assert kwargs["BLOCK_NP"] == max(16, 1 << (max(P, 1) - 1).bit_length())
+        else:
+            assert kwargs["BLOCK_M"] == 128  # (the next power of two of the 80 rows)
+            assert kwargs["BLOCK_NP"] == 16
+        assert [op for op in rec.ops if op != "fill_"] == ["zero_", *sums], rec.ops
     grids.clear()
     with gk.short_path(False):
         gk.backward(torch.ones_like(out), q, k, v, pk, pv, gate, None, out, lse, True, 0.1)
-    assert [g[0] for g in grids] == [
-        "_gpa_bwd_preprocess_kernel",
-        "_gpa_bwd_dkdv_kernel",
-        "_gpa_bwd_dq_kernel",
-    ]
+    rows_fit = gk.rows_tile(gk.DEFAULT_ARCH, dtype, Dh, H // Hkv * T) is not None
+    assert [g[0] for g in grids] == (["_gpa_bwd_rows_kernel"] if rows_fit else THREE)
+    grids.clear()
+    with gk.short_path(False), gk.rows_path(False):
+        gk.backward(torch.ones_like(out), q, k, v, pk, pv, gate, None, out, lse, True, 0.1)
+    assert [g[0] for g in grids] == THREE
 
 
 def test_fused_tiles_per_arch():
@@ -1115,6 +1156,59 @@ def test_fused_launcher_blocks(dtype, Dh, S, P):
     _check_against_reference("triton", tensors, m, True, dtype, small_blocks=False)
 
 
+def test_rows_tiles_per_arch():
+    """The rows backward's tiles: every tile the launcher can choose registered as a compile spec (in
+    every variant at Dh 64 for the largest), a block that holds all the group's packed query rows, at
+    least 64 keys or 64 rows on sm_90 at fp16/bf16 (wgmma's 64 rows: HGMMA), 128 rows at Dh 32-64 on
+    sm_90 (a group of 2 at T = 64, or T = 128), fp32 at Dh 80-128 nowhere (every tile spills)."""
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+
+    names = {s.name for s in gk._compile_specs() if s.name.startswith("gpa_bwd_rows[")}
+    for arch in gk.ARCHS:
+        for dtype in gk.DTYPES:
+            ty = gk._TRITON_TYPE[dtype]
+            for Dh in gk.HEAD_DIMS:
+                tiles = gk.rows_tiles(arch, dtype, Dh)
+                if dtype == torch.float32 and Dh > 64:
+                    assert not tiles and gk.rows_tile(arch, dtype, Dh, 1) is None
+                    continue
+                assert tiles, (arch, dtype, Dh)
+                for rows in (1, 2, 31, 32, 33, 64, 65, 100, 128, 129, 1000):
+                    t = gk.rows_tile(arch, dtype, Dh, rows)
+                    assert t is None or (t in tiles and t.kwargs["BLOCK_M"] >= rows), (arch, Dh, rows)
+                for t in tiles:
+                    kw = t.kwargs
+                    if arch >= 90 and dtype != torch.float32:
+                        assert max(kw["BLOCK_N"], kw["BLOCK_M"]) >= 64, (arch, Dh, t)
+                    name = f"gpa_bwd_rows[{ty},Dh={Dh},mask=add,causal=1,BM={kw['BLOCK_M']},BN={kw['BLOCK_N']},BNP={kw['BLOCK_NP']}]"
+                    assert name in names, name
+        for dtype in (torch.float16, torch.bfloat16):
+            if arch >= 90:
+                assert gk.rows_tile(arch, dtype, 64, 128) is not None
+            assert gk.rows_tile(arch, dtype, 32, 128) is not None
+
+
+@pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs the Triton interpreter or a GPU")
+@pytest.mark.parametrize(
+    "dtype,Dh,B,H,Hkv,T,S,P,mask",
+    [
+        (torch.float32, 32, 2, 4, 2, 30, 70, 19, "add_h"),
+        (torch.float32, 64, 1, 3, 1, 9, 100, 0, "add_hf"),
+        (torch.float16, 80, 2, 2, 2, 50, 40, 9, "bool_empty"),
+    ],
+    ids=["fp32-D32-group2", "fp32-D64-group3-P0-hf", "fp16-D80"],
+)
+def test_rows_launcher_blocks(dtype, Dh, B, H, Hkv, T, S, P, mask):
+    """The rows backward with the launcher's own tiles (the group's packed rows in one block, several
+    key blocks and prompt blocks, causal with T < S, per-head masks, Hugging Face's finfo.min rows,
+    a fully padded row), against the reference; the tile is the launcher's (where the rows fit)."""
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+
+    assert gk.rows_tile(gk.DEFAULT_ARCH, dtype, Dh, H // Hkv * T) is not None
+    tensors, m = make_inputs(B, H, Hkv, T, S, P, Dh, 1, "mixed", mask, dtype)
+    _check_against_reference(ROWS, tensors, m, True, dtype, small_blocks=False)
+
+
 # (B, H, Hkv, T, S, P, Dh, prompt batch, gate kind, mask kind, causal): GQA groups of 3 and 4 through the
 # forward's packed rows (query t of the group's head hh at row t * group + hh): blocks that end inside a
 # query's group of rows, gates that differ (and are 0) within one group, per-head masks, T = 1.
@@ -1128,7 +1222,7 @@ GQA_CASES = [
 
 
 @pytest.mark.parametrize("small_blocks", [True, False], ids=["blocks16", "launcher-blocks"])
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", LONG)])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", ROWS, LONG)])
 @pytest.mark.parametrize("case", GQA_CASES, ids=[f"B{c[0]}H{c[1]}kv{c[2]}T{c[3]}-{c[9]}" for c in GQA_CASES])
 def test_gqa_packed_forward_rows(case, backend, small_blocks):
     """The forward packs the query rows of a GQA group into one tile per (b, kv head): value and every

@@ -34,7 +34,7 @@ weight: P = 0 or gate 0) is then softmax over equal logits: uniform over those k
 the biased scores gives in float64. Its log-sum-exp cannot be stored (log(count) vanishes next to
 -FLT_MAX in float32), so the forward stores -FLT_MAX and the backward counts the row's saturated keys.
 
-Backward (three launches; one for short key ranges, see below):
+Backward (three launches; one for short key ranges or short query ranges, see below):
   * preprocess, per query row: ``delta = rowsum(grad_out * out)`` and the row's normaliser in base 2
     as two terms, ``hi`` (lse * log2(e), -FLT_MAX on saturated rows) and ``lo`` (0, log2 of the
     row's count of saturated keys on saturated rows), so that ``p = exp2((s - hi) - lo)``; it also
@@ -57,6 +57,12 @@ and their query blocks, computes delta, hi and lo per block itself (the saturate
 block's logits), and the five products of the floor per segment; dq is complete and written once
 (no dq launch, no atomics), q, grad_out and out are read once; dgate is zeroed by the launcher and
 added to atomically as above. fp16/bf16 on GPUs; fp32 only under the interpreter (see FUSED_TABLE).
+Short query ranges (``rows_tile``: longer key ranges, but the GROUP * T packed query rows of a kv
+head within one block, e.g. T = 128 classifiers, or T = 64 at GQA 2, on sm_90): one launch, one
+program per (b, kv head) holding q, dO and the float32 dq of all its rows (``_gpa_bwd_rows_kernel``),
+looping over the prompt key blocks and the key blocks: each block's five products, its dk and dv
+complete and written once, dq written once at the end; every input read once (see ROWS_TABLE for
+where it applies per architecture).
 The T x (P + S) probability matrix never exists in global memory.
 """
 
@@ -80,6 +86,7 @@ from prompt_kernels.kernels.registry import (
     TunedKernel,
     arch_row,
     autotune_enabled,
+    interpreter_arch,
     launch_arch,
     register_compile_specs,
     register_launch_cases,
@@ -793,6 +800,136 @@ def _gpa_bwd_fused_kernel(
     )
 
 
+@triton.jit
+def _gpa_bwd_rows_kernel(
+    Q, K, V, PK, PV, G, MASK, DO, OUT, LSE, DQ, DK, DV, DPK, DPV, DGATE,
+    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
+    spkb, spkh, spkp, spvb, spvh, spvp,
+    smb, smh, smt, sdob, sdoh, sdot, sob, soh, sot,
+    sdqb, sdqh, sdqt, sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+    sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp, sgb, sgh,
+    H, GROUP, T, S, P, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NP: tl.constexpr,
+):  # fmt: skip
+    """The whole backward of one (b, kv head) whose group's query rows fit one block (GROUP * T <=
+    BLOCK_M, packed query-major as in the forward): the program holds q, dO and the float32 dq of
+    all of them, computes delta, hi and lo per row itself, and loops over the prompt key blocks
+    (BLOCK_NP keys) and then the key blocks (BLOCK_N keys). Each key block's step does the five
+    products of the floor (S = Q K^T, dP = dO V^T, dV = P^T dO, dK = dS^T Q, dQ += dS K), and its dk
+    and dv (or the prompt's) are complete after it and written once; dq is written once at the end.
+    Every input is read once. dgate terms (as in the dk/dv kernel) are summed per query head and
+    added atomically to DGATE (zeroed by the launcher)."""
+    _, _, b, hk = _split_pid(1, H // GROUP)
+    r = tl.arange(0, BLOCK_M)
+    t = r // GROUP
+    r_ok = t < T
+    h = hk * GROUP + (r % GROUP)  # int64 [BLOCK_M]: the query head of each row
+    tt = t.to(tl.int64)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    qo_ok = r_ok[:, None] & d_ok[None, :]
+    q = tl.load(_rows(Q + b * sqb, h * sqh + tt * sqt, 1, offs_d, D_PAD), mask=qo_ok, other=0.0)
+    do = tl.load(_rows(DO + b * sdob, h * sdoh + tt * sdot, 1, offs_d, D_PAD), mask=qo_ok, other=0.0)
+    o = tl.load(_rows(OUT + b * sob, h * soh + tt * sot, 1, offs_d, D_PAD), mask=qo_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    # Rows past T: lse = +inf, hi = +inf, so p = pu = 0 there (q = dO = 0 too).
+    lse = tl.load(LSE + (b * H + h) * T + t, mask=r_ok, other=float("inf"))
+    saturated = lse < _SAT_LSE
+    hi = tl.where(saturated, _NEG_MAX, lse * _LOG2E)
+    if MASK_KIND == 2:  # additive [B, 1 or H, T, S]: each row's own offset (smh = 0 when broadcast)
+        mask_base = (b * smb + h * smh + tt * smt)[:, None]
+    else:  # key padding [B, S] (or none)
+        mask_base = b * smb
+    offs_n = tl.arange(0, BLOCK_N)
+    lo = tl.zeros([BLOCK_M], tl.float32)
+    if MASK_KIND == 2:
+        # Saturated rows (only an additive mask saturates keys) need their count of saturated keys
+        # before any probability: one pass over the mask, only when the block has such a row.
+        n_saturated = tl.sum(saturated.to(tl.int32), 0)
+        count = tl.zeros([BLOCK_M], tl.int32)
+        for start in range(0, tl.where(n_saturated > 0, S, 0), BLOCK_N):
+            cols = start + offs_n
+            c_ok = cols < S
+            s0 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            s0 = _mask_keys(s0, MASK, mask_base, t, cols, r_ok, c_ok, 0, S, T, MASK_KIND, IS_CAUSAL)
+            count += tl.sum((s0 == _NEG_MAX).to(tl.int32), 1)
+        lo = tl.where(saturated, tl.log2(tl.maximum(count, 1).to(tl.float32)), 0.0)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+
+    # Prompt segment: the ungated probability pu (exponent clamped as in the dk/dv kernel),
+    # p = gate * pu, and the dgate terms pu * (dP - delta), finite at gate 0.
+    g = tl.load(G + b * sgb + h * sgh, mask=r_ok, other=0.0)
+    dg = tl.zeros([BLOCK_M], tl.float32)
+    offs_p = tl.arange(0, BLOCK_NP)
+    pk_base = PK + b * spkb + hk * spkh
+    pv_base = PV + b * spvb + hk * spvh
+    for start in range(0, P, BLOCK_NP):
+        cols = start + offs_p
+        c_ok = cols < P
+        kv_ok = c_ok[:, None] & d_ok[None, :]
+        pk = tl.load(_rows(pk_base, cols, spkp, offs_d, D_PAD), mask=kv_ok, other=0.0)
+        pv = tl.load(_rows(pv_base, cols, spvp, offs_d, D_PAD), mask=kv_ok, other=0.0)
+        sp = _dot(q, tl.trans(pk), FP32) * qk_scale
+        sp = tl.where(c_ok[None, :], sp, float("-inf"))
+        pu = tl.exp2(tl.minimum(sp - hi[:, None], _EXP2_CLAMP))
+        pp = pu * g[:, None]
+        dpp = _dot(do, tl.trans(pv), FP32) - delta[:, None]
+        dg += tl.sum(pu * dpp, 1)
+        dsp = pp * dpp
+        dpv = _dot(tl.trans(pp.to(do.dtype)), do, FP32)
+        dpk = _dot(tl.trans(dsp.to(q.dtype)), q, FP32) * sm_scale
+        dq += _dot(dsp.to(pk.dtype), pk, FP32)
+        tl.store(
+            _rows(DPK + b * sdpkb + hk * sdpkh, cols, sdpkp, offs_d, D_PAD),
+            dpk.to(DPK.dtype.element_ty),
+            mask=kv_ok,
+        )
+        tl.store(
+            _rows(DPV + b * sdpvb + hk * sdpvh, cols, sdpvp, offs_d, D_PAD),
+            dpv.to(DPV.dtype.element_ty),
+            mask=kv_ok,
+        )
+    for j in range(0, GROUP):  # one atomic add per query head of the group
+        tl.atomic_add(
+            DGATE + b * sgb + (hk * GROUP + j) * sgh, tl.sum(tl.where((r % GROUP) == j, dg, 0.0), 0)
+        )
+
+    # Key segment.
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    for start in range(0, S, BLOCK_N):
+        cols = start + offs_n
+        c_ok = cols < S
+        kv_ok = c_ok[:, None] & d_ok[None, :]
+        k = tl.load(_rows(k_base, cols, sks, offs_d, D_PAD), mask=kv_ok, other=0.0)
+        v = tl.load(_rows(v_base, cols, svs, offs_d, D_PAD), mask=kv_ok, other=0.0)
+        s = _dot(q, tl.trans(k), FP32) * qk_scale
+        s = _mask_keys(s, MASK, mask_base, t, cols, r_ok, c_ok, 0, S, T, MASK_KIND, IS_CAUSAL)
+        if MASK_KIND == 2:
+            p = tl.exp2(s - hi[:, None] - lo[:, None])
+        else:
+            p = tl.exp2(s - hi[:, None])
+        ds = p * (_dot(do, tl.trans(v), FP32) - delta[:, None])
+        dv = _dot(tl.trans(p.to(do.dtype)), do, FP32)
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, FP32) * sm_scale
+        dq += _dot(ds.to(k.dtype), k, FP32)
+        tl.store(
+            _rows(DK + b * sdkb + hk * sdkh, cols, sdks, offs_d, D_PAD),
+            dk.to(DK.dtype.element_ty),
+            mask=kv_ok,
+        )
+        tl.store(
+            _rows(DV + b * sdvb + hk * sdvh, cols, sdvs, offs_d, D_PAD),
+            dv.to(DV.dtype.element_ty),
+            mask=kv_ok,
+        )
+    dq = dq * sm_scale
+    tl.store(
+        _rows(DQ + b * sdqb, h * sdqh + tt * sdqt, 1, offs_d, D_PAD), dq.to(DQ.dtype.element_ty), mask=qo_ok
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Configurations: per-architecture tile tables (the launchers choose among exactly these; the
 # compile specs register exactly these)
@@ -983,6 +1120,16 @@ def fused_tiles(arch: int, dtype: torch.dtype, head_dim: int) -> tuple[TileConfi
     )
 
 
+def _backward_path(arch: int, dtype: torch.dtype, head_dim: int, group: int, T: int, S: int, P: int) -> str:
+    """Which backward ``arch``'s tables choose: ``fused`` (short key ranges), ``rows`` (short query
+    ranges) or ``three launches``."""
+    if fused_tile(arch, dtype, head_dim, S, P) is not None:
+        return "fused"
+    if rows_tile(arch, dtype, head_dim, group * T) is not None:
+        return "rows"
+    return "three launches"
+
+
 def _fused_launch_tile(device, dtype: torch.dtype, head_dim: int, S: int, P: int) -> TileConfig | None:
     if not _short_path:
         return None
@@ -990,6 +1137,77 @@ def _fused_launch_tile(device, dtype: torch.dtype, head_dim: int, S: int, P: int
     if tile is None or _override_blocks is None:
         return tile
     return TileConfig.of(tile.num_warps, tile.num_stages, **{**tile.kwargs, "BLOCK_M": _override_blocks[0]})
+
+
+# The rows backward (_gpa_bwd_rows_kernel: one launch, one program per (b, kv head) holding all the
+# group's query rows) where the S keys do not fit the fused backward's one block but the GROUP * T
+# packed query rows fit one block of rows: per architecture and padded head size (fewest and most
+# rows BLOCK_M, BLOCK_N, num_warps, num_stages). The launch takes BLOCK_M = next_power_of_2(GROUP * T)
+# (at least the fewest) and prompt blocks of ROWS_BLOCK_NP keys (P is often small: 5-20). Chosen with
+# the compile check (``rows_tiles`` are its specs; ``compile_check --filter gpa_bwd_rows``): the
+# largest rows that compile without spills, unpipelined. The program holds q, dO (as both operands of
+# the products) and the float32 dq: sm_80 at Dh 64 reaches 64 rows on 4 warps only (128 rows spill
+# 20-64 B on 8 warps, 700+ B on 16; 64 rows on 8 warps spill 24 B); sm_90 128 rows (HGMMA: 64 keys
+# make wgmma's 64 rows in the dk/dv products); at Dh 80-128 64 rows (64 keys spill 124 B, and 32
+# rows would run HMMA only). fp32 (IEEE dots on the FMA units) to 64 rows at Dh 32 and 32 at Dh 64;
+# every fp32 tile at Dh 80-128 spills (970-1070 B at 32 x 16): those take the three launches.
+ROWS_BLOCK_NP = 16
+_ROWS_LOWP_80 = {32: (32, 128, 64, 8, 1), 64: (32, 64, 32, 4, 1), 128: (32, 64, 32, 8, 1)}
+_ROWS_LOWP_90 = {32: (32, 128, 64, 8, 1), 64: (32, 128, 64, 8, 1), 128: (64, 64, 32, 8, 1)}
+_ROWS_FP32 = {32: (32, 64, 32, 4, 1), 64: (32, 32, 16, 4, 1)}
+ROWS_TABLE = {
+    80: {"lowp": _ROWS_LOWP_80, "fp32": _ROWS_FP32},
+    90: {"lowp": _ROWS_LOWP_90, "fp32": _ROWS_FP32},
+    DEFAULT_ARCH: {"lowp": _ROWS_LOWP_80, "fp32": _ROWS_FP32},
+}
+_rows_path = True
+
+
+@contextlib.contextmanager
+def rows_path(enabled: bool):
+    """Tests only: with ``False`` the backward never takes the rows path (short query ranges)."""
+    global _rows_path
+    old, _rows_path = _rows_path, bool(enabled)
+    try:
+        yield
+    finally:
+        _rows_path = old
+
+
+def _rows_row(arch: int, dtype: torch.dtype, head_dim: int):
+    cls = "fp32" if dtype == torch.float32 else "lowp"
+    return arch_row(ROWS_TABLE, arch)[cls].get(max(32, d_pad(head_dim)))
+
+
+def rows_tile(arch: int, dtype: torch.dtype, head_dim: int, rows: int) -> TileConfig | None:
+    """The rows backward's tile for ``rows`` = GROUP * T packed query rows on ``arch``, or None where
+    they do not fit one block (or the table has no row for the dtype and head size)."""
+    row = _rows_row(arch, dtype, head_dim)
+    if row is None:
+        return None
+    fewest, most, bn, warps, stages = row
+    bm = max(fewest, triton.next_power_of_2(max(int(rows), 1)))
+    if bm > most:
+        return None
+    return TileConfig.of(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_NP=ROWS_BLOCK_NP)
+
+
+def rows_tiles(arch: int, dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, ...]:
+    """Every tile the rows backward can launch with on ``arch`` (the compile specs), the largest first."""
+    row = _rows_row(arch, dtype, head_dim)
+    if row is None:
+        return ()
+    return tuple(rows_tile(arch, dtype, head_dim, n) for n in (128, 64, 32) if row[0] <= n <= row[1])
+
+
+def _rows_launch_tile(device, dtype: torch.dtype, head_dim: int, rows: int) -> TileConfig | None:
+    if not _rows_path:
+        return None
+    tile = rows_tile(launch_arch(device), dtype, head_dim, rows)
+    if tile is None or _override_blocks is None:
+        return tile
+    kw = {**tile.kwargs, "BLOCK_N": _override_blocks[1] or tile.kwargs["BLOCK_N"]}
+    return TileConfig.of(tile.num_warps, tile.num_stages, **kw)
 
 
 # Autotuning on GPUs (registry.TunedKernel; never under the interpreter or the compile check, which
@@ -1010,6 +1228,7 @@ _TUNE_KEYS = {
     "dkdv": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL", "GROUP"],
     "dq": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL"],
     "fused": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL", "GROUP"],
+    "rows": ["HEAD_DIM", "MASK_KIND", "IS_CAUSAL", "GROUP"],
 }
 _KERNEL_NAMES = {
     "fwd": "_gpa_fwd_kernel",
@@ -1018,7 +1237,7 @@ _KERNEL_NAMES = {
     "dq": "_gpa_bwd_dq_kernel",
 }
 # (the fused backward's tiles come from FUSED_TABLE by S and P, not from ``candidates``)
-_ALL_KERNEL_NAMES = {**_KERNEL_NAMES, "fused": "_gpa_bwd_fused_kernel"}
+_ALL_KERNEL_NAMES = {**_KERNEL_NAMES, "fused": "_gpa_bwd_fused_kernel", "rows": "_gpa_bwd_rows_kernel"}
 _RESET_TO_ZERO = {"dkdv": ["DGATE"]}
 _tuned: dict[tuple, TunedKernel] = {}
 _do_bench = None  # None: Triton's timer (the GPU's); tests pass a stand-in
@@ -1176,8 +1395,12 @@ def backward(
     group = H // Hkv
     common = dict(HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), device=dev)
 
-    # Short key ranges (every key of a (b, kv head) in one block): the fused backward, one launch.
-    fused = _fused_launch_tile(dev, dt, Dh, S, P)
+    # Short key ranges (every key of a (b, kv head) in one block): the fused backward, one launch;
+    # else short query ranges (the group's GROUP * T query rows in one block): the rows backward,
+    # one launch. Both take the same arguments.
+    one, fused = "fused", _fused_launch_tile(dev, dt, Dh, S, P)
+    if fused is None:
+        one, fused = "rows", _rows_launch_tile(dev, dt, Dh, group * T)
     if fused is None:
         # delta = rowsum(grad_out * out), the rows' normalisers in base 2 as hi + lo (module
         # docstring), dgate zeroed for the dk/dv launch's atomic adds
@@ -1200,9 +1423,9 @@ def backward(
     else:
         dpk, dpv = (_alloc.empty(pk.shape, dtype=dt, device=dev) for _ in range(2))
     if fused is not None:
-        dgate.zero_()  # (the fused programs add their dgate terms atomically)
+        dgate.zero_()  # (the fused and rows programs add their dgate terms atomically)
         _launch(
-            "fused",
+            one,
             lambda meta: _grid(1, B * Hkv),
             (fused,),
             q, k, v, pk, pv, g, m, do, o, lse, dq, dk, dv, dpk, dpv, dgate,
@@ -1310,6 +1533,7 @@ _SPEC_KERNELS = {
     "pre": ("gpa_bwd_preprocess", _PRE_ARGS, False),
     "dq": ("gpa_bwd_dq", _DQ_ARGS, True),
     "fused": ("gpa_bwd_fused", _FUSED_ARGS, True),
+    "rows": ("gpa_bwd_rows", _FUSED_ARGS, True),
 }
 
 
@@ -1322,17 +1546,17 @@ def _spec(
     types = {n: f"*{ty}" for n in ("Q", "K", "V", "PK", "PV", "OUT", "DO", "DQ", "DK", "DV")}
     types |= {n: "*fp32" for n in ("G", "LSE", "HI", "LO", "DELTA", "DGATE")}
     types |= {"qk_scale": "fp32", "sm_scale": "fp32", "MASK": "*u8" if kind == MASK_BOOL else f"*{ty}"}
-    if kernel in ("dkdv", "fused"):
+    if kernel in ("dkdv", "fused", "rows"):
         types |= dprompt_ty(dtype, kind)
     consts = dict(HEAD_DIM=hd, D_PAD=d_pad(hd), MASK_KIND=kind, IS_CAUSAL=causal)
-    if kernel == "fused":
+    if kernel in ("fused", "rows"):
         consts |= dict(FP32=dtype == torch.float32)
     elif kernel != "pre":
         consts |= dict(FAST=True, FP32=dtype == torch.float32)
     consts |= tile.kwargs
     tag = f"{ty},Dh={hd},mask={('none', 'bool', 'add')[kind]},causal={int(causal)}"
     name = f"{prefix}[{tag},BM={tile.kwargs['BLOCK_M']},BN={tile.kwargs['BLOCK_N']}"
-    if kernel == "fused":
+    if kernel in ("fused", "rows"):
         name += f",BNP={tile.kwargs['BLOCK_NP']}"
     name += f",w={tile.num_warps},s={tile.num_stages}]" if extra else "]"
     return CompileSpec(
@@ -1380,6 +1604,19 @@ def _compile_specs() -> list[CompileSpec]:
                             False,
                         )
                     )
+            # the rows backward: every BLOCK_M its launcher can choose, heaviest variant; the largest
+            # tile in every variant at head size 64
+            by_rows: dict[TileConfig, list[int]] = {}
+            for arch in ARCHS:
+                for tile in rows_tiles(arch, dtype, hd):
+                    by_rows.setdefault(tile, []).append(arch)
+            for tile, archs in by_rows.items():
+                largest = tile in {
+                    rows_tiles(arch, dtype, hd)[0] for arch in ARCHS if rows_tiles(arch, dtype, hd)
+                }
+                arch_sel = None if len(archs) == len(ARCHS) else tuple(archs)
+                for kind, causal in _variants(hd, largest):
+                    specs.append(_spec("rows", dtype, hd, kind, causal, tile, arch_sel, False))
     return specs
 
 
@@ -1427,9 +1664,12 @@ def _launch_cases() -> list[LaunchCase]:
         (2, 4, 2, 64, 64, 16, 64, torch.float16, 1, MASK_BOOL, False),
         (1, 2, 2, 48, 80, 8, 32, torch.float32, 1, MASK_NONE, True),
         (1, 2, 1, 32, 32, 5, 80, torch.float16, 1, MASK_ADDITIVE, False),
-        # the first case with 128 keys: past the fused backward's one key block, the three launches
-        # (also the fp16 launch the compile check specialises their specs with)
+        # 128 keys: past the fused backward's one key block; the group's 128 query rows fit the rows
+        # backward's block on sm_90, not on sm_80 (64 rows at Dh 64: the three launches)
         (2, 4, 2, 64, 128, 16, 64, torch.float16, 1, MASK_BOOL, False),
+        # 192 query rows and 192 keys: the three launches on every architecture (also the fp16 launch
+        # the compile check specialises their specs with)
+        (1, 4, 2, 96, 192, 16, 64, torch.float16, 1, MASK_BOOL, False),
     ]
     for B, H, Hkv, T, S, P, Dh, dtype, Bp, kind, causal in shapes:
         ins = _case_inputs(B, H, Hkv, T, S, P, Dh, dtype, Bp, kind)
@@ -1472,4 +1712,23 @@ def _launch_cases() -> list[LaunchCase]:
                 note,
             )
         )
+        if _backward_path(90, dtype, Dh, H // Hkv, T, S, P) != _backward_path(
+            DEFAULT_ARCH, dtype, Dh, H // Hkv, T, S, P
+        ):
+
+            def bwd90(bwd=bwd):
+                with interpreter_arch(90):
+                    return bwd()
+
+            cases.append(
+                LaunchCase(
+                    f"{OP} bwd {desc} (sm_90 tiles: {_backward_path(90, dtype, Dh, H // Hkv, T, S, P)})",
+                    OP,
+                    "backward",
+                    bwd90,
+                    fl["backward"]["bytes"],
+                    fl["backward"]["flops"],
+                    note,
+                )
+            )
     return cases

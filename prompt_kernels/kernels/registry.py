@@ -19,6 +19,7 @@ the launcher passes none (Triton's default, 3 on CUDA).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -194,13 +195,30 @@ def compile_only() -> bool:
     return bool(active is not None and getattr(active, "compile_only", False))
 
 
+_interpreter_arch: int | None = None
+
+
+@contextlib.contextmanager
+def interpreter_arch(arch: int):
+    """Under the Triton interpreter, launch with ``arch``'s table rows instead of ``DEFAULT_ARCH``'s:
+    a launch case (the traffic meter's) that shows what that architecture's tiles issue. No effect
+    on GPUs or under the compile check, which launch their own architecture's rows."""
+    global _interpreter_arch
+    old, _interpreter_arch = _interpreter_arch, int(arch)
+    try:
+        yield
+    finally:
+        _interpreter_arch = old
+
+
 def launch_arch(device=None) -> int:
-    """The row of the tile tables a launch uses: ``DEFAULT_ARCH`` under the Triton interpreter, the
-    checked architecture under the compile check, the device's compute capability on a GPU."""
+    """The row of the tile tables a launch uses: ``DEFAULT_ARCH`` under the Triton interpreter (or
+    the one ``interpreter_arch`` sets), the checked architecture under the compile check, the
+    device's compute capability on a GPU."""
     from prompt_kernels.kernels import interpreting
 
     if interpreting():
-        return DEFAULT_ARCH
+        return DEFAULT_ARCH if _interpreter_arch is None else _interpreter_arch
     if device is not None and getattr(device, "type", "cuda") != "cuda":
         device = None
     return target_arch(device)
