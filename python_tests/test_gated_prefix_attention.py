@@ -680,6 +680,7 @@ _TTIR_KERNELS = [
     "gpa_bwd_dkdv[fp16,Dh=64,mask=add,causal=1",
     "gpa_bwd_dq[fp16,Dh=64,mask=add,causal=1",
     "gpa_bwd_fused[fp16,Dh=64,mask=add,causal=1",
+    "gpa_bwd_rows[fp16,Dh=64,mask=add,causal=1",
 ]
 _SSA = re.compile(r"^\s*(%[\w.]+)(?::\d+)? = ([\w.]+) (.*)$")
 
@@ -1049,8 +1050,8 @@ def test_unmasked_fast_path(T, S, causal, monkeypatch):
 
 
 # (S, P, dtype, Dh, path) for B = 2, H = 4, Hkv = 2, T = 40 (80 packed query rows): the fused
-# backward where the keys and the prompt keys fit their blocks (the default row: 64 keys and prompt
-# keys at Dh 32-64, 32 at Dh 80-128), else the rows backward where the 80 rows fit its block (the
+# backward where the keys and the prompt keys fit their blocks (the default row: 64 keys and 32 prompt
+# keys at Dh 32-64, 32 and 32 at Dh 80-128), else the rows backward where the 80 rows fit its block (the
 # default row, sm_80's: 128 rows at Dh 32, 64 at Dh 64-128, fp32 64 at Dh 32, none at Dh 80-128),
 # else the three launches.
 SHORT_PATH_CASES = [
@@ -1058,6 +1059,7 @@ SHORT_PATH_CASES = [
     (1, 1, torch.float16, 64, "fused"),
     (65, 16, torch.float16, 64, "three"),
     (64, 65, torch.float16, 32, "rows"),
+    (64, 33, torch.float16, 64, "three"),  # (33 prompt keys: not fused; 80 rows: more than 64 at Dh 64)
     (200, 3, torch.float16, 32, "rows"),
     (32, 5, torch.float16, 80, "fused"),
     (33, 5, torch.float16, 80, "three"),
@@ -1097,7 +1099,7 @@ def test_short_path_is_taken_where_it_applies(S, P, dtype, Dh, path, Bp, monkeyp
         ((name, grid, kwargs),) = grids
         assert name == f"_gpa_bwd_{path}_kernel" and grid == (B * Hkv,)
         if path == "fused":
-            assert kwargs["BLOCK_N"] == max(16, 1 << (S - 1).bit_length())
+            assert kwargs["BLOCK_N"] == max(32, 1 << (S - 1).bit_length())  # (the row's fewest: 32)
             assert kwargs["BLOCK_NP"] == max(16, 1 << (max(P, 1) - 1).bit_length())
         else:
             assert kwargs["BLOCK_M"] == 128  # (the next power of two of the 80 rows)

@@ -136,6 +136,17 @@ def _rows(base, rows, stride, offs_d, D_PAD: tl.constexpr):
 
 
 @triton.jit
+def _head_ok(offs_d, HEAD_DIM, D_PAD: tl.constexpr, EVEN_D: tl.constexpr):
+    """Which of the D_PAD columns are inside the head. HEAD_DIM is a runtime argument, so head sizes
+    that pad alike (80, 96: 128) share one compile; where it equals D_PAD (EVEN_D) the mask is the
+    constant True, as a constexpr head size gave."""
+    if EVEN_D:
+        return offs_d < D_PAD
+    else:
+        return offs_d < HEAD_DIM
+
+
+@triton.jit
 def _load_rows(ptrs, r_ok, d_ok, ROWS_OK: tl.constexpr, EVEN_D: tl.constexpr):
     """A [rows, D_PAD] tile: no mask where every row is in range (ROWS_OK) and the head size is a
     power of two (EVEN_D); else masked loads with zeros."""
@@ -253,7 +264,7 @@ _QK_CHUNK = tl.constexpr(FP32_QK_CHUNK)
 
 @triton.jit
 def _qk_chunked(
-    q_base, rows, sqt, r_ok, k_base, cols, sks, c_ok, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    q_base, rows, sqt, r_ok, k_base, cols, sks, c_ok, HEAD_DIM, D_PAD: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """fp32 q @ k^T [BLOCK_M, BLOCK_N] (unscaled) of the query rows ``rows`` of q_base and the key
@@ -264,7 +275,7 @@ def _qk_chunked(
     s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for d0 in tl.static_range(0, D_PAD, _QK_CHUNK):
         offs = d0 + tl.arange(0, _QK_CHUNK)
-        dc_ok = offs < HEAD_DIM
+        dc_ok = _head_ok(offs, HEAD_DIM, D_PAD, EVEN_D)
         qc = tl.load(
             _rows(q_base, rows, sqt, offs, _QK_CHUNK), mask=r_ok[:, None] & dc_ok[None, :], other=0.0
         )
@@ -286,7 +297,7 @@ def _gpa_fwd_kernel(
     spkb, spkh, spkp, spvb, spvh, spvp,
     smb, smh, smt, sob, soh, sot, sgb, sgh,
     H, GROUP, T, S, P, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HEAD_DIM, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One program per (BLOCK_M packed rows, b, kv head): packed row r is query t = r // GROUP of the
@@ -301,7 +312,7 @@ def _gpa_fwd_kernel(
     h = hk * GROUP + (r % GROUP)  # int64 [BLOCK_M]: the query head of each row
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
+    d_ok = _head_ok(offs_d, HEAD_DIM, D_PAD, EVEN_D)
     t_lo = pid_m * BLOCK_M // GROUP  # the block's first and last query (rows past T aside)
     t_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, T - 1)
 
@@ -330,7 +341,7 @@ def _gpa_fwd_kernel(
         v = tl.load(_rows(pv_base, cols, spvp, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         if FP32 and D_PAD > _QK_SPLIT_ABOVE:
             s = _qk_chunked(
-                q_base, q_off, 1, r_ok, pk_base, cols, spkp, c_ok, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N
+                q_base, q_off, 1, r_ok, pk_base, cols, spkp, c_ok, HEAD_DIM, D_PAD, EVEN_D, BLOCK_M, BLOCK_N
             )
         else:
             k = tl.load(
@@ -361,13 +372,25 @@ def _gpa_fwd_kernel(
             mid = S // BLOCK_N * BLOCK_N
         for start in range(0, mid, BLOCK_N):
             cols = start + offs_n
-            v = _load_rows(_rows(v_base, cols, svs, offs_d, D_PAD), r_ok, d_ok, True, HEAD_DIM == D_PAD)
+            v = _load_rows(_rows(v_base, cols, svs, offs_d, D_PAD), r_ok, d_ok, True, EVEN_D)
             if FP32 and D_PAD > _QK_SPLIT_ABOVE:
                 s = _qk_chunked(
-                    q_base, q_off, 1, r_ok, k_base, cols, sks, cols < S, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N
+                    q_base,
+                    q_off,
+                    1,
+                    r_ok,
+                    k_base,
+                    cols,
+                    sks,
+                    cols < S,
+                    HEAD_DIM,
+                    D_PAD,
+                    EVEN_D,
+                    BLOCK_M,
+                    BLOCK_N,
                 )
             else:
-                k = _load_rows(_rows(k_base, cols, sks, offs_d, D_PAD), r_ok, d_ok, True, HEAD_DIM == D_PAD)
+                k = _load_rows(_rows(k_base, cols, sks, offs_d, D_PAD), r_ok, d_ok, True, EVEN_D)
                 s = _dot(q, tl.trans(k), FP32)
             s = s * qk_scale
             m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, FP32)
@@ -377,7 +400,7 @@ def _gpa_fwd_kernel(
         v = tl.load(_rows(v_base, cols, svs, offs_d, D_PAD), mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         if FP32 and D_PAD > _QK_SPLIT_ABOVE:
             s = _qk_chunked(
-                q_base, q_off, 1, r_ok, k_base, cols, sks, c_ok, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N
+                q_base, q_off, 1, r_ok, k_base, cols, sks, c_ok, HEAD_DIM, D_PAD, EVEN_D, BLOCK_M, BLOCK_N
             )
         else:
             k = tl.load(
@@ -412,7 +435,7 @@ def _gpa_fwd_kernel(
 def _gpa_bwd_preprocess_kernel(
     OUT, DO, LSE, MASK, DELTA, HI, LO, DGATE,
     sob, soh, sot, sdob, sdoh, sdot, smb, smh, smt, sgb, sgh, H, T, S,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HEAD_DIM, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Per query row: delta = sum_d grad_out * out, and the normaliser in base 2 as hi + lo (float32):
@@ -422,7 +445,7 @@ def _gpa_bwd_preprocess_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     r_ok = rows < T
-    ok = r_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    ok = r_ok[:, None] & _head_ok(offs_d, HEAD_DIM, D_PAD, EVEN_D)[None, :]
     o = tl.load(_rows(OUT + b * sob + h * soh, rows, sot, offs_d, D_PAD), mask=ok, other=0.0)
     do = tl.load(_rows(DO + b * sdob + h * sdoh, rows, sdot, offs_d, D_PAD), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -504,7 +527,7 @@ def _dkdv_block(
     smb, smh, smt, sdob, sdoh, sdot,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
     sgb, sgh, H, GROUP, T, S, N, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HEAD_DIM, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     IS_PROMPT: tl.constexpr, FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -514,7 +537,7 @@ def _dkdv_block(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
+    d_ok = _head_ok(offs_d, HEAD_DIM, D_PAD, EVEN_D)
     c_ok = cols < N
     kv_ok = c_ok[:, None] & d_ok[None, :]
     k = tl.load(_rows(K + b * skb + hk * skh, cols, sks, offs_d, D_PAD), mask=kv_ok, other=0.0)
@@ -584,7 +607,7 @@ def _gpa_bwd_dkdv_kernel(
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
     sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp, sgb, sgh,
     H, GROUP, T, S, P, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HEAD_DIM, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_NP: tl.constexpr,
 ):  # fmt: skip
@@ -598,14 +621,14 @@ def _gpa_bwd_dkdv_kernel(
             Q, PK, PV, G, MASK, DO, HI, LO, DELTA, DPK, DPV, DGATE, b, hk, pid_n,
             sqb, sqh, sqt, spkb, spkh, spkp, spvb, spvh, spvp, 0, 0, 0, sdob, sdoh, sdot,
             sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp, sgb, sgh, H, GROUP, T, S, P, qk_scale, sm_scale,
-            HEAD_DIM, D_PAD, 0, False, True, FAST, FP32, BLOCK_M, BLOCK_NP,
+            HEAD_DIM, D_PAD, EVEN_D, 0, False, True, FAST, FP32, BLOCK_M, BLOCK_NP,
         )  # fmt: skip
     else:
         _dkdv_block(
             Q, K, V, G, MASK, DO, HI, LO, DELTA, DK, DV, DGATE, b, hk, pid_n - n_p,
             sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, smb, smh, smt, sdob, sdoh, sdot,
             sdkb, sdkh, sdks, sdvb, sdvh, sdvs, sgb, sgh, H, GROUP, T, S, S, qk_scale, sm_scale,
-            HEAD_DIM, D_PAD, MASK_KIND, IS_CAUSAL, False, FAST, FP32, BLOCK_M, BLOCK_N,
+            HEAD_DIM, D_PAD, EVEN_D, MASK_KIND, IS_CAUSAL, False, FAST, FP32, BLOCK_M, BLOCK_N,
         )  # fmt: skip
 
 
@@ -616,7 +639,7 @@ def _gpa_bwd_dq_kernel(
     spkb, spkh, spkp, spvb, spvh, spvp,
     smb, smh, smt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, sgb, sgh,
     H, GROUP, T, S, P, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HEAD_DIM, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FAST: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh, b, h = _split_pid(tl.cdiv(T, BLOCK_M), H)
@@ -624,7 +647,7 @@ def _gpa_bwd_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
+    d_ok = _head_ok(offs_d, HEAD_DIM, D_PAD, EVEN_D)
     r_ok = rows < T
     qo_ok = r_ok[:, None] & d_ok[None, :]
     q = tl.load(_rows(Q + b * sqb + h * sqh, rows, sqt, offs_d, D_PAD), mask=qo_ok, other=0.0)
@@ -663,8 +686,8 @@ def _gpa_bwd_dq_kernel(
         mid = _unmasked_key_end(pid_m, S, T, BLOCK_M, BLOCK_N, IS_CAUSAL)
         for start in range(0, mid, BLOCK_N):
             cols = start + offs_n
-            k = _load_rows(_rows(k_base, cols, sks, offs_d, D_PAD), r_ok, d_ok, True, HEAD_DIM == D_PAD)
-            v = _load_rows(_rows(v_base, cols, svs, offs_d, D_PAD), r_ok, d_ok, True, HEAD_DIM == D_PAD)
+            k = _load_rows(_rows(k_base, cols, sks, offs_d, D_PAD), r_ok, d_ok, True, EVEN_D)
+            v = _load_rows(_rows(v_base, cols, svs, offs_d, D_PAD), r_ok, d_ok, True, EVEN_D)
             s = _dot(q, tl.trans(k), FP32) * qk_scale
             p = tl.exp2(s - hi[:, None])
             ds = p * (_dot(do, tl.trans(v), FP32) - delta[:, None])
@@ -698,7 +721,7 @@ def _gpa_bwd_fused_kernel(
     sdqb, sdqh, sdqt, sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
     sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp, sgb, sgh,
     H, GROUP, T, S, P, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HEAD_DIM, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NP: tl.constexpr,
 ):  # fmt: skip
     """The whole backward of one (b, kv head) whose keys fit one block each (S <= BLOCK_N keys,
@@ -712,7 +735,7 @@ def _gpa_bwd_fused_kernel(
     _, _, b, hk = _split_pid(1, H // GROUP)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
+    d_ok = _head_ok(offs_d, HEAD_DIM, D_PAD, EVEN_D)
     cols = tl.arange(0, BLOCK_N)
     c_ok = cols < S
     kv_ok = c_ok[:, None] & d_ok[None, :]
@@ -809,7 +832,7 @@ def _gpa_bwd_rows_kernel(
     sdqb, sdqh, sdqt, sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
     sdpkb, sdpkh, sdpkp, sdpvb, sdpvh, sdpvp, sgb, sgh,
     H, GROUP, T, S, P, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HEAD_DIM, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NP: tl.constexpr,
 ):  # fmt: skip
     """The whole backward of one (b, kv head) whose group's query rows fit one block (GROUP * T <=
@@ -827,7 +850,7 @@ def _gpa_bwd_rows_kernel(
     h = hk * GROUP + (r % GROUP)  # int64 [BLOCK_M]: the query head of each row
     tt = t.to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
+    d_ok = _head_ok(offs_d, HEAD_DIM, D_PAD, EVEN_D)
     qo_ok = r_ok[:, None] & d_ok[None, :]
     q = tl.load(_rows(Q + b * sqb, h * sqh + tt * sqt, 1, offs_d, D_PAD), mask=qo_ok, other=0.0)
     do = tl.load(_rows(DO + b * sdob, h * sdoh + tt * sdot, 1, offs_d, D_PAD), mask=qo_ok, other=0.0)
@@ -967,6 +990,14 @@ def d_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def even_d(head_dim: int) -> bool:
+    """EVEN_D: the head fills its padded width, so no column mask. The head sizes padded to 128 (80,
+    96 and 128) all take the masked code, so that the three share one compile per tile (HEAD_DIM is a
+    runtime argument; divisible by 16, its column mask is constant over 16 columns and the loads stay
+    16-byte vectors: the same ld.global.v4 and cp.async counts as with a constexpr head size)."""
+    return head_dim == d_pad(head_dim) < 128
+
+
 KERNELS = ("fwd", "pre", "dkdv", "dq")
 PROMPT_BLOCK_N = 64  # the dk/dv launch's prompt key blocks: at most this many keys (P is often small)
 ARCHS = TABLE_ARCHS  # (80, 90): the architectures with their own rows (the compile check's)
@@ -1069,9 +1100,12 @@ def _launch_candidates(kernel: str, device, dtype: torch.dtype, head_dim: int) -
 # prompt blocks of 16 (32 spills 24 B). sm_80 at Dh 80-128: up to 32 keys (64 spill 108 B at 16
 # queries). fp16/bf16 only on GPUs: fp32 IEEE dots on the FMA units keep their operands in registers
 # and spill 100 B to 3 KB at every tile tried (Dh 32-64, 16-64 keys); the interpreter (the CPU tests'
-# dtype) runs fp32 with the default row's tiles, the same kernel code as fp16.
-_FUSED_LOWP_80 = {32: (16, 16, 64, 64, 4, 1), 64: (32, 16, 64, 64, 8, 1), 128: (16, 16, 32, 32, 8, 1)}
-_FUSED_LOWP_90 = {32: (16, 64, 64, 64, 4, 1), 64: (32, 64, 64, 64, 8, 1), 128: (16, 64, 64, 16, 8, 1)}
+# dtype) runs fp32 with the default row's tiles, the same kernel code as fp16. At least 32 keys and
+# at most 32 prompt keys (16- and 64-wide blocks compiled clean too): each (BLOCK_N, BLOCK_NP) is a
+# compile of the check's, whose cold run must stay under 3 minutes; 16 keys saved flops only on
+# sequences of 16 tokens or fewer, and 33-64 prompt keys take the rows backward or the three launches.
+_FUSED_LOWP_80 = {32: (16, 32, 64, 32, 4, 1), 64: (32, 32, 64, 32, 8, 1), 128: (16, 32, 32, 32, 8, 1)}
+_FUSED_LOWP_90 = {32: (16, 64, 64, 32, 4, 1), 64: (32, 64, 64, 32, 8, 1), 128: (16, 64, 64, 16, 8, 1)}
 FUSED_TABLE = {80: _FUSED_LOWP_80, 90: _FUSED_LOWP_90, DEFAULT_ARCH: _FUSED_LOWP_80}
 _short_path = True
 
@@ -1151,9 +1185,11 @@ def _fused_launch_tile(device, dtype: torch.dtype, head_dim: int, S: int, P: int
 # make wgmma's 64 rows in the dk/dv products); at Dh 80-128 64 rows (64 keys spill 124 B, and 32
 # rows would run HMMA only). fp32 (IEEE dots on the FMA units) to 64 rows at Dh 32 and 32 at Dh 64;
 # every fp32 tile at Dh 80-128 spills (970-1070 B at 32 x 16): those take the three launches.
+# At fp16/bf16 at least 64 rows (32-row tiles compile clean too, but each tile is a compile of the
+# check's: fewer than 64 rows with more keys than the fused backward takes are rare).
 ROWS_BLOCK_NP = 16
-_ROWS_LOWP_80 = {32: (32, 128, 64, 8, 1), 64: (32, 64, 32, 4, 1), 128: (32, 64, 32, 8, 1)}
-_ROWS_LOWP_90 = {32: (32, 128, 64, 8, 1), 64: (32, 128, 64, 8, 1), 128: (64, 64, 32, 8, 1)}
+_ROWS_LOWP_80 = {32: (64, 128, 64, 8, 1), 64: (64, 64, 32, 4, 1), 128: (64, 64, 32, 8, 1)}
+_ROWS_LOWP_90 = {32: (64, 128, 64, 8, 1), 64: (64, 128, 64, 8, 1), 128: (64, 64, 32, 8, 1)}
 _ROWS_FP32 = {32: (32, 64, 32, 4, 1), 64: (32, 32, 16, 4, 1)}
 ROWS_TABLE = {
     80: {"lowp": _ROWS_LOWP_80, "fp32": _ROWS_FP32},
@@ -1361,7 +1397,7 @@ def forward(query, key, value, prompt_key, prompt_value, gate, attention_mask, i
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(pk), *_strides3(pv),
         *ms, *_strides3(out), *gs,
         H, group, T, S, P, scale * LOG2E,
-        HEAD_DIM=Dh, D_PAD=d_pad(Dh), MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path,
+        HEAD_DIM=Dh, D_PAD=d_pad(Dh), EVEN_D=even_d(Dh), MASK_KIND=kind, IS_CAUSAL=bool(is_causal), FAST=_fast_path,
         FP32=q.dtype == torch.float32, device=q.device, bucket=_length_bucket(group * T, S, P, B * Hkv),
     )  # fmt: skip
     return out, lse
@@ -1393,7 +1429,9 @@ def backward(
     kind, m, ms = _prepare_mask(attention_mask, q, H)
     dp_, fp32 = d_pad(Dh), dt == torch.float32
     group = H // Hkv
-    common = dict(HEAD_DIM=Dh, D_PAD=dp_, MASK_KIND=kind, IS_CAUSAL=bool(is_causal), device=dev)
+    common = dict(
+        HEAD_DIM=Dh, D_PAD=dp_, EVEN_D=even_d(Dh), MASK_KIND=kind, IS_CAUSAL=bool(is_causal), device=dev
+    )
 
     # Short key ranges (every key of a (b, kv head) in one block): the fused backward, one launch;
     # else short query ranges (the group's GROUP * T query rows in one block): the rows backward,
@@ -1479,23 +1517,23 @@ def _sig(names: str, types: dict[str, str]) -> dict[str, str]:
 
 _FWD_ARGS = (
     "Q K V PK PV G MASK OUT LSE sqb sqh sqt skb skh sks svb svh svs spkb spkh spkp spvb spvh spvp "
-    "smb smh smt sob soh sot sgb sgh H GROUP T S P qk_scale"
+    "smb smh smt sob soh sot sgb sgh H GROUP T S P qk_scale HEAD_DIM"
 )
-_PRE_ARGS = "OUT DO LSE MASK DELTA HI LO DGATE sob soh sot sdob sdoh sdot smb smh smt sgb sgh H T S"
+_PRE_ARGS = "OUT DO LSE MASK DELTA HI LO DGATE sob soh sot sdob sdoh sdot smb smh smt sgb sgh H T S HEAD_DIM"
 _DKDV_ARGS = (
     "Q K V PK PV G MASK DO HI LO DELTA DK DV DPK DPV DGATE sqb sqh sqt skb skh sks svb svh svs "
     "spkb spkh spkp spvb spvh spvp smb smh smt sdob sdoh sdot sdkb sdkh sdks sdvb sdvh sdvs "
-    "sdpkb sdpkh sdpkp sdpvb sdpvh sdpvp sgb sgh H GROUP T S P qk_scale sm_scale"
+    "sdpkb sdpkh sdpkp sdpvb sdpvh sdpvp sgb sgh H GROUP T S P qk_scale sm_scale HEAD_DIM"
 )
 _DQ_ARGS = (
     "Q K V PK PV G MASK DO HI LO DELTA DQ sqb sqh sqt skb skh sks svb svh svs spkb spkh spkp spvb spvh spvp "
-    "smb smh smt sdob sdoh sdot sdqb sdqh sdqt sgb sgh H GROUP T S P qk_scale sm_scale"
+    "smb smh smt sdob sdoh sdot sdqb sdqh sdqt sgb sgh H GROUP T S P qk_scale sm_scale HEAD_DIM"
 )
 
 _FUSED_ARGS = (
     "Q K V PK PV G MASK DO OUT LSE DQ DK DV DPK DPV DGATE sqb sqh sqt skb skh sks svb svh svs "
     "spkb spkh spkp spvb spvh spvp smb smh smt sdob sdoh sdot sob soh sot sdqb sdqh sdqt "
-    "sdkb sdkh sdks sdvb sdvh sdvs sdpkb sdpkh sdpkp sdpvb sdpvh sdpvp sgb sgh H GROUP T S P qk_scale sm_scale"
+    "sdkb sdkh sdks sdvb sdvh sdvs sdpkb sdpkh sdpkp sdpvb sdpvh sdpvp sgb sgh H GROUP T S P qk_scale sm_scale HEAD_DIM"
 )
 
 
@@ -1548,7 +1586,7 @@ def _spec(
     types |= {"qk_scale": "fp32", "sm_scale": "fp32", "MASK": "*u8" if kind == MASK_BOOL else f"*{ty}"}
     if kernel in ("dkdv", "fused", "rows"):
         types |= dprompt_ty(dtype, kind)
-    consts = dict(HEAD_DIM=hd, D_PAD=d_pad(hd), MASK_KIND=kind, IS_CAUSAL=causal)
+    consts = dict(D_PAD=d_pad(hd), EVEN_D=even_d(hd), MASK_KIND=kind, IS_CAUSAL=causal)
     if kernel in ("fused", "rows"):
         consts |= dict(FP32=dtype == torch.float32)
     elif kernel != "pre":
