@@ -713,6 +713,31 @@ def _gpa_bwd_dq_kernel(
 
 
 @triton.jit
+def _key_block_probs(do, v, s, hi, lo, delta, MASK_KIND: tl.constexpr, FP32: tl.constexpr):
+    """P [M, N] and dS = P * (dP - delta) of one key block, from its masked base-2 logits s [M, N],
+    the rows' dO [M, D], normaliser hi + lo and delta, and the keys' values v [N, D]."""
+    if MASK_KIND == 2:  # (lo is 0 unless an additive mask saturates the row)
+        p = tl.exp2(s - hi[:, None] - lo[:, None])
+    else:
+        p = tl.exp2(s - hi[:, None])
+    return p, p * (_dot(do, tl.trans(v), FP32) - delta[:, None])
+
+
+@triton.jit
+def _prompt_block_probs(q, do, pk, pv, c_ok, hi, delta, g, qk_scale, FP32: tl.constexpr):
+    """P = g * pu [M, N] and dS of one prompt block (keys pk, pv [N, D], c_ok: the ones that exist)
+    at gate g (a scalar, or [M, 1] per row), and the rows' dgate terms pu * (dP - delta) [M]: pu is the
+    ungated probability, its exponent clamped as in the dk/dv kernel, so the terms are finite at
+    gate 0."""
+    sp = _dot(q, tl.trans(pk), FP32) * qk_scale
+    sp = tl.where(c_ok[None, :], sp, float("-inf"))
+    pu = tl.exp2(tl.minimum(sp - hi[:, None], _EXP2_CLAMP))
+    pp = pu * g
+    dpp = _dot(do, tl.trans(pv), FP32) - delta[:, None]
+    return pp, pp * dpp, tl.sum(pu * dpp, 1)
+
+
+@triton.jit
 def _gpa_bwd_fused_kernel(
     Q, K, V, PK, PV, G, MASK, DO, OUT, LSE, DQ, DK, DV, DPK, DPV, DGATE,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
@@ -776,27 +801,19 @@ def _gpa_bwd_fused_kernel(
             # Key segment.
             s = _dot(q, tl.trans(k), FP32) * qk_scale
             s = _mask_keys(s, MASK, mask_base, rows, cols, r_ok, c_ok, smt, S, T, MASK_KIND, IS_CAUSAL)
+            lo = hi  # (read only with an additive mask)
             if MASK_KIND == 2:
                 # A saturated key's logit is -FLT_MAX exactly (module docstring); hidden keys are -inf.
                 count = tl.sum((s == _NEG_MAX).to(tl.int32), 1)
                 lo = tl.where(saturated, tl.log2(tl.maximum(count, 1).to(tl.float32)), 0.0)
-                p = tl.exp2(s - hi[:, None] - lo[:, None])
-            else:
-                p = tl.exp2(s - hi[:, None])
-            ds = p * (_dot(do, tl.trans(v), FP32) - delta[:, None])
+            p, ds = _key_block_probs(do, v, s, hi, lo, delta, MASK_KIND, FP32)
             dv += _dot(tl.trans(p.to(do.dtype)), do, FP32)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32)
             dq = _dot(ds.to(k.dtype), k, FP32)
 
-            # Prompt segment: the ungated probability pu (exponent clamped as in the dk/dv kernel),
-            # p = gate * pu, and the dgate terms pu * (dP - delta), finite at gate 0.
-            sp = _dot(q, tl.trans(pk), FP32) * qk_scale
-            sp = tl.where(pc_ok[None, :], sp, float("-inf"))
-            pu = tl.exp2(tl.minimum(sp - hi[:, None], _EXP2_CLAMP))
-            pp = pu * g
-            dpp = _dot(do, tl.trans(pv), FP32) - delta[:, None]
-            dg += tl.sum(pu * dpp, 1)
-            dsp = pp * dpp
+            # Prompt segment.
+            pp, dsp, dg_t = _prompt_block_probs(q, do, pk, pv, pc_ok, hi, delta, g, qk_scale, FP32)
+            dg += dg_t
             dpv += _dot(tl.trans(pp.to(do.dtype)), do, FP32)
             dpk += _dot(tl.trans(dsp.to(q.dtype)), q, FP32)
             dq += _dot(dsp.to(pk.dtype), pk, FP32)
@@ -893,13 +910,8 @@ def _gpa_bwd_rows_kernel(
         kv_ok = c_ok[:, None] & d_ok[None, :]
         pk = tl.load(_rows(pk_base, cols, spkp, offs_d, D_PAD), mask=kv_ok, other=0.0)
         pv = tl.load(_rows(pv_base, cols, spvp, offs_d, D_PAD), mask=kv_ok, other=0.0)
-        sp = _dot(q, tl.trans(pk), FP32) * qk_scale
-        sp = tl.where(c_ok[None, :], sp, float("-inf"))
-        pu = tl.exp2(tl.minimum(sp - hi[:, None], _EXP2_CLAMP))
-        pp = pu * g[:, None]
-        dpp = _dot(do, tl.trans(pv), FP32) - delta[:, None]
-        dg += tl.sum(pu * dpp, 1)
-        dsp = pp * dpp
+        pp, dsp, dg_t = _prompt_block_probs(q, do, pk, pv, c_ok, hi, delta, g[:, None], qk_scale, FP32)
+        dg += dg_t
         dpv = _dot(tl.trans(pp.to(do.dtype)), do, FP32)
         dpk = _dot(tl.trans(dsp.to(q.dtype)), q, FP32) * sm_scale
         dq += _dot(dsp.to(pk.dtype), pk, FP32)
@@ -929,11 +941,7 @@ def _gpa_bwd_rows_kernel(
         v = tl.load(_rows(v_base, cols, svs, offs_d, D_PAD), mask=kv_ok, other=0.0)
         s = _dot(q, tl.trans(k), FP32) * qk_scale
         s = _mask_keys(s, MASK, mask_base, t, cols, r_ok, c_ok, 0, S, T, MASK_KIND, IS_CAUSAL)
-        if MASK_KIND == 2:
-            p = tl.exp2(s - hi[:, None] - lo[:, None])
-        else:
-            p = tl.exp2(s - hi[:, None])
-        ds = p * (_dot(do, tl.trans(v), FP32) - delta[:, None])
+        p, ds = _key_block_probs(do, v, s, hi, lo, delta, MASK_KIND, FP32)
         dv = _dot(tl.trans(p.to(do.dtype)), do, FP32)
         dk = _dot(tl.trans(ds.to(q.dtype)), q, FP32) * sm_scale
         dq += _dot(ds.to(k.dtype), k, FP32)
@@ -962,15 +970,19 @@ _fast_path = True
 
 
 @contextlib.contextmanager
-def fast_path(enabled: bool):
-    """Tests only: with ``False`` every key block takes the masked path (the ``FAST`` constexpr), to
-    compare the unmasked fast path of the blocks below the causal diagonal with it."""
-    global _fast_path
-    old, _fast_path = _fast_path, bool(enabled)
+def _switched(flag: str, enabled: bool):
+    """Set the module flag ``flag`` to ``enabled`` for the block (the test switches below)."""
+    old, globals()[flag] = globals()[flag], bool(enabled)
     try:
         yield
     finally:
-        _fast_path = old
+        globals()[flag] = old
+
+
+def fast_path(enabled: bool):
+    """Tests only: with ``False`` every key block takes the masked path (the ``FAST`` constexpr), to
+    compare the unmasked fast path of the blocks below the causal diagonal with it."""
+    return _switched("_fast_path", enabled)
 
 
 @contextlib.contextmanager
@@ -1110,15 +1122,9 @@ FUSED_TABLE = {80: _FUSED_LOWP_80, 90: _FUSED_LOWP_90, DEFAULT_ARCH: _FUSED_LOWP
 _short_path = True
 
 
-@contextlib.contextmanager
 def short_path(enabled: bool):
     """Tests only: with ``False`` the backward never takes the fused short-key-range path."""
-    global _short_path
-    old, _short_path = _short_path, bool(enabled)
-    try:
-        yield
-    finally:
-        _short_path = old
+    return _switched("_short_path", enabled)
 
 
 def _fused_row(arch: int, dtype: torch.dtype, head_dim: int):
@@ -1199,15 +1205,9 @@ ROWS_TABLE = {
 _rows_path = True
 
 
-@contextlib.contextmanager
 def rows_path(enabled: bool):
     """Tests only: with ``False`` the backward never takes the rows path (short query ranges)."""
-    global _rows_path
-    old, _rows_path = _rows_path, bool(enabled)
-    try:
-        yield
-    finally:
-        _rows_path = old
+    return _switched("_rows_path", enabled)
 
 
 def _rows_row(arch: int, dtype: torch.dtype, head_dim: int):
