@@ -1161,7 +1161,7 @@ def test_fused_launcher_blocks(dtype, Dh, S, P):
 def test_rows_tiles_per_arch():
     """The rows backward's tiles: every tile the launcher can choose registered as a compile spec (in
     every variant at Dh 64 for the largest), a block that holds all the group's packed query rows, at
-    least 64 keys or 64 rows on sm_90 at fp16/bf16 (wgmma's 64 rows: HGMMA), 128 rows at Dh 32-64 on
+    least 64 keys and 64 rows on sm_90 at fp16/bf16 (wgmma's 64 rows: HGMMA), 128 rows at Dh 32-64 on
     sm_90 (a group of 2 at T = 64, or T = 128), fp32 at Dh 80-128 nowhere (every tile spills)."""
     from prompt_kernels.kernels import gated_prefix_attention as gk
 
@@ -1180,8 +1180,8 @@ def test_rows_tiles_per_arch():
                     assert t is None or (t in tiles and t.kwargs["BLOCK_M"] >= rows), (arch, Dh, rows)
                 for t in tiles:
                     kw = t.kwargs
-                    if arch >= 90 and dtype != torch.float32:
-                        assert max(kw["BLOCK_N"], kw["BLOCK_M"]) >= 64, (arch, Dh, t)
+                    if arch >= 90 and dtype != torch.float32:  # (dk/dv tiles of 64 keys: HGMMA)
+                        assert kw["BLOCK_N"] >= 64 and kw["BLOCK_M"] >= 64, (arch, Dh, t)
                     name = f"gpa_bwd_rows[{ty},Dh={Dh},mask=add,causal=1,BM={kw['BLOCK_M']},BN={kw['BLOCK_N']},BNP={kw['BLOCK_NP']}]"
                     assert name in names, name
         for dtype in (torch.float16, torch.bfloat16):

@@ -1185,17 +1185,18 @@ def _fused_launch_tile(device, dtype: torch.dtype, head_dim: int, S: int, P: int
 # rows BLOCK_M, BLOCK_N, num_warps, num_stages). The launch takes BLOCK_M = next_power_of_2(GROUP * T)
 # (at least the fewest) and prompt blocks of ROWS_BLOCK_NP keys (P is often small: 5-20). Chosen with
 # the compile check (``rows_tiles`` are its specs; ``compile_check --filter gpa_bwd_rows``): the
-# largest rows that compile without spills, unpipelined. The program holds q, dO (as both operands of
-# the products) and the float32 dq: sm_80 at Dh 64 reaches 64 rows on 4 warps only (128 rows spill
-# 20-64 B on 8 warps, 700+ B on 16; 64 rows on 8 warps spill 24 B); sm_90 128 rows (HGMMA: 64 keys
-# make wgmma's 64 rows in the dk/dv products); at Dh 80-128 64 rows (64 keys spill 124 B, and 32
-# rows would run HMMA only). fp32 (IEEE dots on the FMA units) to 64 rows at Dh 32 and 32 at Dh 64;
-# every fp32 tile at Dh 80-128 spills (970-1070 B at 32 x 16): those take the three launches.
-# At fp16/bf16 at least 64 rows (32-row tiles compile clean too, but each tile is a compile of the
-# check's: fewer than 64 rows with more keys than the fused backward takes are rare).
+# largest rows that compile without spills; the key loop pipelined at 2 stages (cp.async), which also
+# lowered registers (sm_80 Dh 32 at 128 rows 255 -> 187) and let sm_90 take 64 keys at Dh 80-128
+# (1 stage spilled 124 B). The program holds q, dO (as both operands of the products) and the float32
+# dq: sm_80 at Dh 64 reaches 64 rows on 4 warps only (128 rows spill 20-356 B at 1 or 2 stages, 32 or
+# 64 keys, 8 or 16 warps); sm_90 128 rows at Dh 32-64, 64 keys everywhere (wgmma's 64 rows are the
+# keys in the dk/dv products: HGMMA). fp32 (IEEE dots on the FMA units, 1 stage) to 64 rows at Dh 32
+# and 32 at Dh 64; every fp32 tile at Dh 80-128 spills (970-1070 B at 32 x 16): those take the three
+# launches. At fp16/bf16 at least 64 rows (32-row tiles compile clean too, but each tile is a compile
+# of the check's: fewer than 64 rows with more keys than the fused backward takes are rare).
 ROWS_BLOCK_NP = 16
-_ROWS_LOWP_80 = {32: (64, 128, 64, 8, 1), 64: (64, 64, 32, 4, 1), 128: (64, 64, 32, 8, 1)}
-_ROWS_LOWP_90 = {32: (64, 128, 64, 8, 1), 64: (64, 128, 64, 8, 1), 128: (64, 64, 32, 8, 1)}
+_ROWS_LOWP_80 = {32: (64, 128, 64, 8, 2), 64: (64, 64, 32, 4, 2), 128: (64, 64, 32, 8, 2)}
+_ROWS_LOWP_90 = {32: (64, 128, 64, 8, 2), 64: (64, 128, 64, 8, 2), 128: (64, 64, 64, 8, 2)}
 _ROWS_FP32 = {32: (32, 64, 32, 4, 1), 64: (32, 32, 16, 4, 1)}
 ROWS_TABLE = {
     80: {"lowp": _ROWS_LOWP_80, "fp32": _ROWS_FP32},
