@@ -3,13 +3,16 @@
 causal (decoder), and in bf16 with the padding mask. The gate is one learnable scalar per layer
 (SPT style), the prompt is shared by the batch.
 
-Providers: ``prompt_kernels`` (the default backend: the fused CPU path on CPU, Triton on CUDA),
+Providers: ``prompt_kernels`` (the default backend: the fused CPU path on CPU, Triton on CUDA;
+there, forward+backward also as ``prompt_kernels (three launches)``, the one-launch backwards off),
 ``torch_reference`` (the plain-PyTorch specification) and ``cat+sdpa`` (what an eager
 implementation does: ``torch.cat`` the prompt in front of the keys/values, ``log(gate)`` and the
 masks as an additive bias, ``F.scaled_dot_product_attention``, autograd for the backward).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,17 @@ def _inputs(B, H, T, S, P, Dh, dtype, device, seed=0):
 PROVIDERS = {"prompt_kernels": gated_prefix_attention, "torch_reference": reference, "cat+sdpa": cat_sdpa}
 
 
+@contextlib.contextmanager
+def three_launches():
+    """The Triton backward's one-launch paths (fused short keys, rows short queries) switched off for
+    the block, which must hold the backward too: on CUDA the first GPU run compares the two designs
+    side by side."""
+    from prompt_kernels.kernels.gated_prefix_attention import rows_path, short_path
+
+    with short_path(False), rows_path(False):
+        yield
+
+
 def cases(quick: bool) -> list[Case]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     B, H, T, S, P, Dh = 8, 12, 128, 128, 16, 64
@@ -72,11 +86,14 @@ def cases(quick: bool) -> list[Case]:
             out.append(Case(KERNEL, name, "forward", size, fwd, measure_memory=True))
         leaves = [t.clone().requires_grad_() for t in tensors]
         grad_out = torch.randn(B, H, T, Dh, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-        for name, fn in PROVIDERS.items():
+        providers = {name: (fn, contextlib.nullcontext) for name, fn in PROVIDERS.items()}
+        if device == "cuda":  # (on CPU the default backend has no Triton launches to choose between)
+            providers["prompt_kernels (three launches)"] = (gated_prefix_attention, three_launches)
+        for name, (fn, context) in providers.items():
 
-            def step(fn=fn, mask=mask, causal=causal, leaves=leaves, grad_out=grad_out):
-                grads = torch.autograd.grad(fn(*leaves, mask, causal), leaves, grad_out)
-                return grads
+            def step(fn=fn, context=context, mask=mask, causal=causal, leaves=leaves, grad_out=grad_out):
+                with context():
+                    return torch.autograd.grad(fn(*leaves, mask, causal), leaves, grad_out)
 
             out.append(Case(KERNEL, name, "forward+backward", size, step, measure_memory=True))
     return out

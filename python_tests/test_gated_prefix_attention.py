@@ -1116,6 +1116,29 @@ def test_short_path_is_taken_where_it_applies(S, P, dtype, Dh, path, Bp, monkeyp
     assert [g[0] for g in grids] == THREE
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's launch configuration")
+def test_benchmark_three_launch_provider_takes_the_three_launches(monkeypatch):
+    """The GPU benchmark's ``prompt_kernels (three launches)`` provider really runs the three-launch
+    backward where the default takes a one-launch path (here the fused one), with the same values."""
+    from benchmarks.bench_gated_prefix_attention import three_launches
+    from prompt_kernels.kernels import gated_prefix_attention as gk
+
+    used = []
+    real = gk._launch
+    monkeypatch.setattr(gk, "_launch", lambda kernel, *a, **k: used.append(kernel) or real(kernel, *a, **k))
+    tensors, m = make_inputs(1, 2, 2, 5, 7, 3, 32, 1, "head", "bool", torch.float32)
+    grad_out = torch.randn(1, 2, 5, 32)
+    with _use_backend("triton"):
+        default = _run(gated_prefix_attention, tensors, m, False, grad_out)
+        assert used == ["fwd", "fused"]
+        used.clear()
+        with three_launches():
+            three = _run(gated_prefix_attention, tensors, m, False, grad_out)
+    assert used == ["fwd", "pre", "dkdv", "dq"]
+    for name, a, b in zip(NAMES, default, three):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_fused_tiles_per_arch():
     """The fused backward's tiles: fp16/bf16 only on sm_80 and sm_90 (fp32 takes the three launches
     there), at least 64 keys on sm_90 (wgmma's 64 rows: the dk/dv products' M dimension), every tile
