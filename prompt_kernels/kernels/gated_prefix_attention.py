@@ -138,8 +138,8 @@ def _rows(base, rows, stride, offs_d, D_PAD: tl.constexpr):
 @triton.jit
 def _head_ok(offs_d, HEAD_DIM, D_PAD: tl.constexpr, EVEN_D: tl.constexpr):
     """Which of the D_PAD columns are inside the head. HEAD_DIM is a runtime argument, so head sizes
-    that pad alike (80, 96: 128) share one compile; where it equals D_PAD (EVEN_D) the mask is the
-    constant True, as a constexpr head size gave."""
+    that pad alike share one compile (80, 96 and 128: ``even_d``); with EVEN_D (the head fills D_PAD)
+    the mask is the constant True, as a constexpr head size gave."""
     if EVEN_D:
         return offs_d < D_PAD
     else:
